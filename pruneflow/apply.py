@@ -1,0 +1,95 @@
+"""Apply a PrunePlan: physically slice every block's projections so the model is genuinely smaller."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pruneflow import arch as A
+from pruneflow.arch import ArchSpec
+from pruneflow.errors import PruneflowError
+from pruneflow.modeling_pruneflow import resize_block
+from pruneflow.plan import LayerPlan, LayerShape, PrunePlan
+from pruneflow.scores import Scores
+
+
+def layer_shapes(model: nn.Module, spec: ArchSpec) -> list[LayerShape]:
+    """Widths and exact per-unit parameter costs (biases included) of every block."""
+    geo = A.geometry(model.config)
+    shapes = []
+    for block, w in zip(A.blocks(model, spec), A.layer_widths(model, spec)):
+        bias = {name: int(A.get(block, path).bias is not None)
+                for name, path in (("q", spec.q), ("k", spec.k), ("gate", spec.gate), ("up", spec.up)) if path}
+        in_rows = 2 if spec.gate else 1
+        shapes.append(LayerShape(
+            heads=w["heads"], kv_heads=w["kv_heads"], channels=w["channels"], hidden=geo.hidden,
+            head_cost=geo.head_dim * (2 * geo.hidden + bias["q"]),
+            kv_cost=2 * geo.head_dim * (geo.hidden + bias["k"]),
+            channel_cost=in_rows * geo.hidden + bias["up"] + bias.get("gate", 0) + geo.hidden,
+            o_bias=w["o_bias"], down_bias=w["down_bias"]))
+    return shapes
+
+
+def _check(plan: PrunePlan, shapes: list[LayerShape]) -> None:
+    if len(plan.layers) != len(shapes):
+        raise PruneflowError(f"plan has {len(plan.layers)} layers, the model has {len(shapes)}")
+    for i, (layer, shape) in enumerate(zip(plan.layers, shapes)):
+        heads, kv = len(layer.kept_heads), len(layer.kept_kv_heads)
+        if not heads or not kv or not layer.kept_channels:
+            raise PruneflowError(f"plan empties layer {i}'s attention or MLP")
+        if heads % kv or any(h // shape.group_size not in layer.kept_kv_heads for h in layer.kept_heads):
+            raise PruneflowError(f"plan layer {i}: kept query heads do not form equal groups of kept KV heads")
+        if max(layer.kept_channels) >= shape.channels or max(layer.kept_heads) >= shape.heads:
+            raise PruneflowError(f"plan layer {i} keeps units the model does not have")
+
+
+def _compensation(weight: torch.Tensor, kept: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Bias replacing removed input channels by their mean contribution: W[:, removed] @ mean[removed]."""
+    removed = torch.ones(weight.shape[1], dtype=torch.bool)
+    removed[kept] = False
+    return weight[:, removed].double() @ mean[removed].double().to(weight.device)
+
+
+@torch.no_grad()
+def _apply_block(block: nn.Module, spec: ArchSpec, layer: LayerPlan, head_dim: int, group_size: int,
+                 attn_mean: torch.Tensor | None, mlp_mean: torch.Tensor | None) -> None:
+    old = {name: A.get(block, path) for name, path in spec.to_dict().items()
+           if name in ("q", "k", "v", "o", "gate", "up", "down") and path}
+    q_rows = A.head_rows(layer.kept_heads, head_dim)
+    kv_rows = A.head_rows(layer.kept_kv_heads, head_dim)
+    channels = torch.tensor(layer.kept_channels, dtype=torch.long)
+    o_extra = _compensation(old["o"].weight, q_rows, attn_mean) if attn_mean is not None else None
+    down_extra = _compensation(old["down"].weight, channels, mlp_mean) if mlp_mean is not None else None
+    widths = {"heads": len(layer.kept_heads), "kv_heads": len(layer.kept_kv_heads), "channels": len(channels),
+              "o_bias": old["o"].bias is not None or o_extra is not None,
+              "down_bias": old["down"].bias is not None or down_extra is not None}
+    resize_block(block, spec.to_dict(), widths, head_dim)
+    rows = {"q": q_rows, "k": kv_rows, "v": kv_rows, "gate": channels, "up": channels}
+    for name, index in rows.items():
+        if name in old:
+            new = A.get(block, getattr(spec, name))
+            new.weight.copy_(old[name].weight[index])
+            if new.bias is not None:
+                new.bias.copy_(old[name].bias[index])
+    for name, index, extra in (("o", q_rows, o_extra), ("down", channels, down_extra)):
+        new = A.get(block, getattr(spec, name))
+        new.weight.copy_(old[name].weight[:, index])
+        if new.bias is not None:
+            bias = old[name].bias.double() if old[name].bias is not None else torch.zeros(new.out_features, dtype=torch.float64)
+            new.bias.copy_(bias + (extra if extra is not None else 0))
+
+
+def apply(model: nn.Module, plan: PrunePlan, spec: ArchSpec, scores: Scores | None = None) -> nn.Module:
+    """Slice the model in place to what ``plan`` keeps; with ``plan.compensate``, add FLAP bias compensation."""
+    shapes = layer_shapes(model, spec)
+    _check(plan, shapes)
+    if plan.compensate and (scores is None or scores.attn_mean is None):
+        raise PruneflowError(f"method {plan.method!r} provides no activation means for bias compensation")
+    geo = A.geometry(model.config)
+    for i, (block, layer, shape) in enumerate(zip(A.blocks(model, spec), plan.layers, shapes)):
+        heads_cut = len(layer.kept_heads) < shape.heads
+        channels_cut = len(layer.kept_channels) < shape.channels
+        _apply_block(block, spec, layer, geo.head_dim, shape.group_size,
+                     scores.attn_mean[i] if plan.compensate and heads_cut else None,
+                     scores.mlp_mean[i] if plan.compensate and channels_cut else None)
+    return model

@@ -1,0 +1,131 @@
+"""Architectures as data: where each prunable projection lives, keyed by ``config.model_type``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from pruneflow.errors import PruneflowError
+from pruneflow.modeling_pruneflow import head_dim_of
+
+PRUNED_PREFIX = "pruneflow_"
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Module paths, relative to the model root (``layers``) or to one block (the rest)."""
+
+    layers: str
+    q: str
+    k: str
+    v: str
+    o: str
+    up: str
+    down: str
+    gate: str | None = None  # None for a plain 2-layer MLP (BERT)
+    causal_lm: bool = True  # loaded with AutoModelForCausalLM, else AutoModel
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+LLAMA = ArchSpec(layers="model.layers", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+                 o="self_attn.o_proj", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj")
+BERT = ArchSpec(layers="encoder.layer", q="attention.self.query", k="attention.self.key",
+                v="attention.self.value", o="attention.output.dense", up="intermediate.dense",
+                down="output.dense", causal_lm=False)
+
+# qwen2 adds q/k/v biases and qwen3 per-head q/k RMSNorms of size head_dim: both are sliced (biases) or
+# shared across heads (norms) by the same rules, so they reuse the Llama layout.
+ARCHS: dict[str, ArchSpec] = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA, "bert": BERT}
+
+
+def base_model_type(model_type: str) -> str:
+    return model_type.removeprefix(PRUNED_PREFIX)
+
+
+def arch_for(model_type: str) -> ArchSpec:
+    """The ArchSpec for a ``config.model_type``, or a clear error listing what is supported."""
+    model_type = base_model_type(model_type or "")
+    if model_type not in ARCHS:
+        raise PruneflowError(f"unsupported model type {model_type!r}; supported: {', '.join(sorted(ARCHS))}")
+    return ARCHS[model_type]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Attention geometry shared by every layer of a model family."""
+
+    hidden: int
+    head_dim: int
+    num_heads: int  # query heads of the unpruned config
+    num_kv_heads: int
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+def geometry(config) -> Geometry:
+    num_heads = config.num_attention_heads
+    head_dim = head_dim_of(config)
+    num_kv = getattr(config, "num_key_value_heads", None) or num_heads
+    return Geometry(hidden=config.hidden_size, head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv)
+
+
+def get(module: nn.Module, path: str) -> nn.Module:
+    return module.get_submodule(path)
+
+
+def put(module: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(module.get_submodule(parent) if parent else module, name, new)
+
+
+def blocks(model: nn.Module, arch: ArchSpec) -> nn.ModuleList:
+    return get(model, arch.layers)
+
+
+def attention_module(block: nn.Module, arch: ArchSpec) -> nn.Module:
+    return get(block, arch.q.rpartition(".")[0])
+
+
+def layer_widths(model: nn.Module, arch: ArchSpec) -> list[dict]:
+    """Per layer: query heads, KV heads, MLP channels and whether o/down carry a bias."""
+    geo = geometry(model.config)
+    widths = []
+    for block in blocks(model, arch):
+        widths.append({
+            "heads": get(block, arch.q).out_features // geo.head_dim,
+            "kv_heads": get(block, arch.k).out_features // geo.head_dim,
+            "channels": get(block, arch.up).out_features,
+            "o_bias": get(block, arch.o).bias is not None,
+            "down_bias": get(block, arch.down).bias is not None,
+        })
+    return widths
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Total and non-embedding parameters (embeddings, position embeddings and an untied LM head excluded)."""
+    seen: set[int] = set()
+    total = embedding = 0
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embedding_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    if output is not None:
+        embedding_ids |= {id(p) for p in output.parameters()}
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if id(p) in embedding_ids:
+            embedding += p.numel()
+    return {"total": total, "non_embedding": total - embedding}
+
+
+def head_rows(heads: list[int] | torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Row (or column) indices of whole heads in a fused projection."""
+    heads = torch.as_tensor(heads, dtype=torch.long)
+    return (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)

@@ -1,0 +1,124 @@
+"""Calibration data: N seeded windows of ``seqlen`` tokens from a named text source, with a manifest.
+
+Sources: ``corpus`` (the packaged corpus, train split; ``corpus:validation`` etc. for another split), a local
+``.txt`` file (blank lines separate documents) or ``.jsonl`` file (a ``text`` field per line), or
+``hf:NAME[:CONFIG]`` for a ``datasets`` dataset available locally (train split).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pruneflow import corpus
+from pruneflow.errors import PruneflowError
+
+
+@dataclass(frozen=True)
+class CalibrationManifest:
+    source: str
+    source_digest: str
+    n_windows: int
+    seqlen: int
+    seed: int
+    stream_tokens: int
+    tokenizer_digest: str
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    docs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            docs.append(json.loads(line)["text"])
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise PruneflowError(f"{path}:{number}: expected a JSON object with a 'text' field ({err})") from err
+    return docs
+
+
+def read_source(source: str) -> tuple[list[str], str]:
+    """The documents of a calibration source and a digest identifying their content."""
+    if source == "corpus" or source.startswith("corpus:"):
+        split = source.partition(":")[2] or "train"
+        try:
+            return corpus.load_split(split), f"corpus:{split}:{corpus.digest()}"
+        except corpus.CorpusError as err:
+            raise PruneflowError(str(err)) from err
+    if source.startswith("hf:"):
+        return _read_datasets(source[3:])
+    path = Path(source)
+    if not path.is_file():
+        raise PruneflowError(f"calibration source {source!r} not found (expected 'corpus', a .txt/.jsonl file "
+                             f"or hf:NAME)")
+    if path.suffix == ".jsonl":
+        docs = _read_jsonl(path)
+    else:
+        docs = [d for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+    return docs, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _read_datasets(name: str) -> tuple[list[str], str]:
+    try:
+        import datasets
+    except ImportError as err:
+        raise PruneflowError("calibration source hf:... needs the `datasets` package") from err
+    path, _, config = name.partition(":")
+    try:
+        data = datasets.load_dataset(path, config or None, split="train")
+    except Exception as err:  # datasets raises many types for "not available offline"
+        raise PruneflowError(f"dataset {name!r} is not available: {str(err).splitlines()[0][:200]}") from err
+    return [row["text"] for row in data if row.get("text")], f"hf:{name}:{data._fingerprint}"
+
+
+def token_stream(tokenizer, documents: list[str]) -> torch.Tensor:
+    """Documents tokenized and joined by the EOS (or SEP) token into one 1-D stream."""
+    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    ids: list[int] = []
+    for start in range(0, len(documents), 256):
+        batch = tokenizer(documents[start:start + 256], add_special_tokens=False, verbose=False)["input_ids"]
+        for doc in batch:
+            ids.extend(doc)
+            if separator is not None:
+                ids.append(separator)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def tokenizer_digest(tokenizer) -> str:
+    return hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare(tokenizer, source: str, n_windows: int, seqlen: int, seed: int,
+            max_positions: int | None = None) -> tuple[torch.Tensor, CalibrationManifest]:
+    """``(n_windows, seqlen)`` token windows at seeded random offsets of the source's token stream."""
+    if n_windows < 1 or seqlen < 2:
+        raise PruneflowError(f"calibration needs n_windows >= 1 and seqlen >= 2, got {n_windows}, {seqlen}")
+    if max_positions is not None and seqlen > max_positions:
+        raise PruneflowError(f"calibration seqlen {seqlen} exceeds the model's max positions ({max_positions})")
+    documents, digest = read_source(source)
+    stream = token_stream(tokenizer, documents)
+    if len(stream) < seqlen:
+        raise PruneflowError(f"calibration source {source!r} has {len(stream)} tokens, fewer than one "
+                             f"{seqlen}-token window")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(stream) - seqlen + 1, (n_windows,), generator=gen)
+    windows = torch.stack([stream[s:s + seqlen] for s in starts.tolist()])
+    manifest = CalibrationManifest(source=source, source_digest=digest, n_windows=n_windows, seqlen=seqlen,
+                                   seed=seed, stream_tokens=len(stream), tokenizer_digest=tokenizer_digest(tokenizer))
+    return windows, manifest
+
+
+def save(windows: torch.Tensor, manifest: CalibrationManifest, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({"input_ids": windows.contiguous()}, out_dir / "calibration.safetensors")
+    (out_dir / "manifest.json").write_text(json.dumps(asdict(manifest), indent=1) + "\n")
+
+
+def load(out_dir: Path) -> tuple[torch.Tensor, CalibrationManifest]:
+    manifest = CalibrationManifest(**json.loads((out_dir / "manifest.json").read_text()))
+    return load_file(out_dir / "calibration.safetensors")["input_ids"], manifest

@@ -1,0 +1,182 @@
+"""Checkpoints: safetensors + config + plan, loadable with ``from_pretrained``.
+
+A plan whose widths are the same in every layer, and that a stock config can describe, is saved with a
+vanilla config (plain ``AutoModelForCausalLM.from_pretrained(dir)``). Anything else — per-layer widths, a
+FLAP bias on o_proj/down_proj alone, a head count the config validation rejects — gets a
+``pruneflow_<type>`` config with per-layer widths and ``modeling_pruneflow.py`` beside it, loaded by
+``from_pretrained(dir, trust_remote_code=True)`` or, without remote code, by :func:`load`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from huggingface_hub.errors import StrictDataclassError
+from torch import nn
+
+from pruneflow import arch as A
+from pruneflow import modeling_pruneflow
+from pruneflow.arch import ArchSpec
+from pruneflow.errors import PruneflowError
+
+log = logging.getLogger(__name__)
+
+PRUNEFLOW_KEYS = ("pruneflow_layers", "pruneflow_arch", "auto_map")
+
+
+def _stock_classes(model: nn.Module, model_type: str):
+    """The stock transformers config and model classes behind a (possibly pruned) model."""
+    config_cls, _, _ = modeling_pruneflow.CLASSES[model_type]
+    stock_model = next(c for c in type(model).__mro__ if c.__module__.startswith("transformers."))
+    return config_cls.__mro__[1], stock_model
+
+
+def _base_dict(config) -> dict:
+    data = config.to_dict()
+    for key in PRUNEFLOW_KEYS + ("architectures", "transformers_version", "model_type"):
+        data.pop(key, None)
+    return data
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple]:
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def vanilla_config(model: nn.Module, spec: ArchSpec):
+    """A stock config that builds exactly this model's shapes, or None if none can."""
+    widths = A.layer_widths(model, spec)
+    if any(w != widths[0] for w in widths):
+        return None
+    model_type = A.base_model_type(model.config.model_type)
+    config_cls, model_cls = _stock_classes(model, model_type)
+    data = _base_dict(model.config)
+    data.update(num_attention_heads=widths[0]["heads"], intermediate_size=widths[0]["channels"])
+    if "num_key_value_heads" in data:
+        data["num_key_value_heads"] = widths[0]["kv_heads"]
+    data["head_dim"] = A.geometry(model.config).head_dim  # explicit: a stock config may not carry it (qwen2)
+    try:
+        candidate = config_cls(**data)
+        with torch.device("meta"):
+            reference = model_cls(candidate)
+    except (ValueError, TypeError, StrictDataclassError) as err:  # the config's own validation said no
+        log.info("no vanilla config for this plan (%s); using the per-layer loader", err)
+        return None
+    return candidate if _shapes(reference) == _shapes(model) else None
+
+
+def pruned_config(model: nn.Module, spec: ArchSpec):
+    """A ``pruneflow_<type>`` config: the dense base config plus per-layer widths and module paths."""
+    model_type = A.base_model_type(model.config.model_type)
+    config_cls, model_cls, auto_key = modeling_pruneflow.CLASSES[model_type]
+    config = config_cls(**_base_dict(model.config), pruneflow_layers=A.layer_widths(model, spec),
+                        pruneflow_arch=spec.to_dict())
+    config.auto_map = {"AutoConfig": f"modeling_pruneflow.{config_cls.__name__}",
+                       auto_key: f"modeling_pruneflow.{model_cls.__name__}"}
+    config.architectures = [model_cls.__name__]
+    return config
+
+
+def save(model: nn.Module, tokenizer, out_dir: Path, spec: ArchSpec, extra_files: dict[str, str] | None = None,
+         overwrite: bool = False) -> dict:
+    """Write the checkpoint atomically: everything goes to a temp dir renamed to ``out_dir`` at the end."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise PruneflowError(f"output directory {out_dir} already exists; choose another or pass --force")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    config = vanilla_config(model, spec)
+    vanilla = config is not None
+    config = config if vanilla else pruned_config(model, spec)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        original = model.config
+        model.config = config
+        try:
+            model.save_pretrained(tmp)
+        finally:
+            model.config = original
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if not vanilla:
+            shutil.copy(Path(modeling_pruneflow.__file__), tmp / "modeling_pruneflow.py")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        info = {"vanilla": vanilla, "loader": "from_pretrained(dir)" if vanilla else
+                "from_pretrained(dir, trust_remote_code=True) or pruneflow.load(dir)"}
+        (tmp / "pruneflow.json").write_text(json.dumps(info, indent=1) + "\n")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old)
+    else:
+        new.rename(target)
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_dir():
+        raise PruneflowError(f"checkpoint directory {path} does not exist")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise PruneflowError(f"{path} has no config.json; not a transformers checkpoint")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise PruneflowError(f"{config_file} is not valid JSON: {err}") from err
+
+
+def _check_weights(path: Path) -> None:
+    weight_files = sorted(path.glob("*.safetensors"))
+    if not weight_files:
+        raise PruneflowError(f"{path} has no *.safetensors weights (only safetensors checkpoints are loaded)")
+    for weights in weight_files:
+        try:
+            with safe_open(weights, framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as err:
+            raise PruneflowError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {err}") from err
+
+
+def load(path: Path | str, with_tokenizer: bool = True):
+    """Load any checkpoint pruneflow can prune or has written, without remote code.
+
+    Returns ``(model, tokenizer, spec)``; the model is in eval mode, float32.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    model_type = _read_config(path).get("model_type", "")
+    spec = A.arch_for(model_type)
+    _check_weights(path)
+    try:
+        if model_type.startswith(A.PRUNED_PREFIX):
+            config_cls, model_cls, _ = modeling_pruneflow.CLASSES[A.base_model_type(model_type)]
+            model = model_cls.from_pretrained(path, dtype=torch.float32)
+        else:
+            auto = AutoModelForCausalLM if spec.causal_lm else AutoModel
+            model = auto.from_pretrained(path, config=AutoConfig.from_pretrained(path), dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise PruneflowError(f"cannot load checkpoint {path}: {str(err).splitlines()[0][:300]}") from err
+    for name, tensor in model.state_dict().items():
+        if not torch.isfinite(tensor).all():
+            raise PruneflowError(f"checkpoint {path}: weight {name} contains NaN or Inf")
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path) if with_tokenizer else None
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise PruneflowError(f"checkpoint {path}: tokenizer has {len(tokenizer)} tokens but the model's "
+                             f"embedding only {model.get_input_embeddings().num_embeddings}")
+    return model, tokenizer, spec

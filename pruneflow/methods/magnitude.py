@@ -1,0 +1,24 @@
+"""Data-free baseline: the L2 norm of all weights a unit owns (q rows + o columns; gate/up rows + down column)."""
+
+from __future__ import annotations
+
+import torch
+
+from pruneflow import arch as A
+from pruneflow.scores import Scores
+
+
+@torch.no_grad()
+def score(model, spec, windows=None, seed: int = 0, **_) -> Scores:
+    geo = A.geometry(model.config)
+    heads, channels = [], []
+    for block in A.blocks(model, spec):
+        q = A.get(block, spec.q).weight.float()  # (H·d, hidden)
+        o = A.get(block, spec.o).weight.float()  # (hidden, H·d)
+        head_sq = q.pow(2).sum(1).reshape(-1, geo.head_dim).sum(1) + o.pow(2).sum(0).reshape(-1, geo.head_dim).sum(1)
+        heads.append(head_sq.sqrt())
+        channel_sq = A.get(block, spec.up).weight.float().pow(2).sum(1) + A.get(block, spec.down).weight.float().pow(2).sum(0)
+        if spec.gate:
+            channel_sq = channel_sq + A.get(block, spec.gate).weight.float().pow(2).sum(1)
+        channels.append(channel_sq.sqrt())
+    return Scores(heads=heads, channels=channels)

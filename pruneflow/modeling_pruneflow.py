@@ -1,0 +1,84 @@
+"""Loader for pruned checkpoints whose layers have different widths (a non-uniform plan).
+
+This file is copied next to such checkpoints so ``from_pretrained(dir, trust_remote_code=True)`` works
+anywhere transformers does. It depends on torch and transformers only. Each class subclasses the stock
+transformers class and, after the stock ``__init__``, resizes every block's projections to the widths in
+``config.pruneflow_layers`` using the module paths in ``config.pruneflow_arch``. No modeling code is copied.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import (BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+
+def set_head_counts(attn: nn.Module, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    """Update an attention module's cached head counts to the widths of its projections."""
+    counts = {"num_heads": num_heads, "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
+              "num_key_value_groups": num_heads // max(1, num_kv_heads), "all_head_size": num_heads * head_dim}
+    for name, value in counts.items():
+        if hasattr(attn, name):
+            setattr(attn, name, value)
+
+
+def _replace(block: nn.Module, path: str, in_features: int, out_features: int, bias: bool) -> nn.Linear:
+    old = block.get_submodule(path)
+    new = nn.Linear(in_features, out_features, bias=bias, device=old.weight.device, dtype=old.weight.dtype)
+    parent, _, name = path.rpartition(".")
+    setattr(block.get_submodule(parent) if parent else block, name, new)
+    return new
+
+
+def resize_block(block: nn.Module, arch: dict, widths: dict, head_dim: int) -> None:
+    """Give one block's projections the widths of ``widths`` (heads, kv_heads, channels, o/down bias)."""
+    hidden = block.get_submodule(arch["q"]).in_features
+    q_dim, kv_dim = widths["heads"] * head_dim, widths["kv_heads"] * head_dim
+    for path, out_features in ((arch["q"], q_dim), (arch["k"], kv_dim), (arch["v"], kv_dim)):
+        _replace(block, path, hidden, out_features, block.get_submodule(path).bias is not None)
+    _replace(block, arch["o"], q_dim, hidden, widths["o_bias"])
+    for path in (arch["gate"], arch["up"]):
+        if path:
+            _replace(block, path, hidden, widths["channels"], block.get_submodule(path).bias is not None)
+    _replace(block, arch["down"], widths["channels"], hidden, widths["down_bias"])
+    set_head_counts(block.get_submodule(arch["q"].rpartition(".")[0]), widths["heads"], widths["kv_heads"], head_dim)
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _pruned(config_cls, model_cls, model_type: str):
+    class PrunedConfig(config_cls):
+        pass
+
+    PrunedConfig.model_type = model_type
+
+    class PrunedModel(model_cls):
+        config_class = PrunedConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            arch = config.pruneflow_arch
+            for block, widths in zip(self.get_submodule(arch["layers"]), config.pruneflow_layers):
+                resize_block(block, arch, widths, head_dim_of(config))
+
+    PrunedConfig.__name__ = PrunedConfig.__qualname__ = f"Pruned{config_cls.__name__}"
+    PrunedModel.__name__ = PrunedModel.__qualname__ = f"Pruned{model_cls.__name__}"
+    return PrunedConfig, PrunedModel
+
+
+PrunedLlamaConfig, PrunedLlamaForCausalLM = _pruned(LlamaConfig, LlamaForCausalLM, "pruneflow_llama")
+PrunedMistralConfig, PrunedMistralForCausalLM = _pruned(MistralConfig, MistralForCausalLM, "pruneflow_mistral")
+PrunedQwen2Config, PrunedQwen2ForCausalLM = _pruned(Qwen2Config, Qwen2ForCausalLM, "pruneflow_qwen2")
+PrunedQwen3Config, PrunedQwen3ForCausalLM = _pruned(Qwen3Config, Qwen3ForCausalLM, "pruneflow_qwen3")
+PrunedBertConfig, PrunedBertModel = _pruned(BertConfig, BertModel, "pruneflow_bert")
+
+# model_type of the base model → (config class, model class, auto class key) for the auto_map
+CLASSES = {
+    "llama": (PrunedLlamaConfig, PrunedLlamaForCausalLM, "AutoModelForCausalLM"),
+    "mistral": (PrunedMistralConfig, PrunedMistralForCausalLM, "AutoModelForCausalLM"),
+    "qwen2": (PrunedQwen2Config, PrunedQwen2ForCausalLM, "AutoModelForCausalLM"),
+    "qwen3": (PrunedQwen3Config, PrunedQwen3ForCausalLM, "AutoModelForCausalLM"),
+    "bert": (PrunedBertConfig, PrunedBertModel, "AutoModel"),
+}

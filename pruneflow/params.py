@@ -1,0 +1,119 @@
+"""The one parameter tree: ``params.yaml`` loads into :class:`Params` (extra keys forbidden)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pruneflow.errors import PruneflowError
+
+UNITS = ("mlp", "heads")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class CalibrateParams(_Section):
+    source: str = Field("corpus", description="'corpus', a .txt/.jsonl path, or hf:NAME")
+    n_windows: int = Field(64, ge=1, description="calibration windows")
+    seqlen: int = Field(256, ge=2, description="tokens per window")
+    seed: int = 0
+
+
+class ScoreParams(_Section):
+    method: str = Field("flap", description="importance method (see `pruneflow methods`)")
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        from pruneflow.methods import SCORERS
+
+        if value not in SCORERS:
+            raise ValueError(f"unknown method {value!r}; available: {', '.join(sorted(SCORERS))}")
+        return value
+
+
+class PruneParams(_Section):
+    ratio: float = Field(0.3, gt=0, lt=1, description="fraction of non-embedding parameters to remove")
+    allocation: Literal["uniform", "global"] = "global"
+    units: list[str] = Field(default_factory=lambda: list(UNITS))
+    head_mode: Literal["query", "group"] = "query"
+    round_to: int = Field(1, ge=1, description="keep MLP widths a multiple of this")
+    compensate: bool = Field(True, description="add bias compensation when the method provides it (flap)")
+
+    @field_validator("units")
+    @classmethod
+    def _units(cls, value: list[str]) -> list[str]:
+        unknown = [u for u in value if u not in UNITS]
+        if unknown or not value:
+            raise ValueError(f"units must be a non-empty subset of {list(UNITS)}, got {value}")
+        return list(dict.fromkeys(value))
+
+
+class EvaluateParams(_Section):
+    ppl_seqlen: int = Field(256, ge=2, description="window length of the perplexity protocol")
+    max_windows: int | None = Field(None, ge=1, description="cap on test windows (None: the whole split)")
+    speed: bool = True
+    decode_tokens: int = Field(64, ge=1)
+
+
+class Params(_Section):
+    model: str = "models/reference"
+    calibrate: CalibrateParams = Field(default_factory=CalibrateParams)
+    score: ScoreParams = Field(default_factory=ScoreParams)
+    prune: PruneParams = Field(default_factory=PruneParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(part) for part in (prefix, *e["loc"]) if part != "")
+        got = f", got {e['input']!r}" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
+        lines.append(f"{key or '(root)'}: {e['msg'].removeprefix('Value error, ')}{got}")
+    return "; ".join(lines)
+
+
+def validate(model_cls: type[BaseModel], data: dict, prefix: str = ""):
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as err:
+        raise PruneflowError(format_validation_error(err, prefix)) from None
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise PruneflowError(f"--set {dotted}: {part} is not a section")
+    node[leaf] = value
+
+
+def load_params(path: Path | None = None, overrides: list[str] = (), updates: dict | None = None) -> Params:
+    """Params from a YAML file (or defaults), then ``key.sub=value`` overrides (values parsed as YAML) and
+    ``updates`` (dotted key → Python value) applied, validated as one tree."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise PruneflowError(f"params file {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise PruneflowError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise PruneflowError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise PruneflowError(f"--set {item!r}: expected KEY=VALUE")
+        _set(data, key.strip(), yaml.safe_load(value))
+    for key, value in (updates or {}).items():
+        _set(data, key, value)
+    return validate(Params, data)

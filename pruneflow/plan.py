@@ -1,0 +1,254 @@
+"""Selection: scores → a JSON-serialisable PrunePlan of what every layer keeps.
+
+Units are MLP channels and attention heads. With GQA, heads are removed either as whole KV groups
+(``head_mode="group"``) or as query heads within groups, the same number from every group of a layer
+(``head_mode="query"``), so each layer keeps equal group sizes. Parameter accounting is exact (biases
+included) and the removal target is a fraction of the non-embedding parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from pruneflow.errors import PruneflowError
+from pruneflow.scores import Scores
+
+
+@dataclass
+class LayerPlan:
+    kept_heads: list[int]
+    kept_kv_heads: list[int]
+    kept_channels: list[int]
+
+
+@dataclass
+class PrunePlan:
+    method: str
+    ratio: float
+    allocation: str
+    head_mode: str
+    units: list[str]
+    round_to: int
+    compensate: bool
+    seed: int
+    layers: list[LayerPlan]
+    params: dict = field(default_factory=dict)  # before/after/achieved ratio, filled by select
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PrunePlan":
+        data = dict(data)
+        data["layers"] = [LayerPlan(**layer) for layer in data["layers"]]
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: Path) -> "PrunePlan":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What selection needs to know of one layer: widths and the parameter cost of each unit."""
+
+    heads: int
+    kv_heads: int
+    channels: int
+    head_cost: int  # one query head: its q rows (+bias) and o columns
+    kv_cost: int  # one KV head: its k and v rows (+biases)
+    channel_cost: int  # one MLP channel: gate/up rows (+biases) and the down column
+    hidden: int
+    o_bias: bool
+    down_bias: bool
+
+    @property
+    def group_size(self) -> int:
+        return self.heads // self.kv_heads
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    ratio: float
+    allocation: str = "global"  # "uniform" | "global"
+    units: tuple[str, ...] = ("mlp", "heads")
+    head_mode: str = "query"  # "query" | "group"
+    round_to: int = 1
+    compensate: bool = False
+
+
+@dataclass
+class _Unit:
+    layer: int
+    kind: str  # "channel" | "group" | "slice"
+    index: int
+    score: float
+    cost: int
+
+
+def _units(scores: Scores, shapes: list[LayerShape], cfg: SelectConfig) -> list[_Unit]:
+    units: list[_Unit] = []
+    for layer, shape in enumerate(shapes):
+        if "mlp" in cfg.units:
+            units += [_Unit(layer, "channel", j, float(s), shape.channel_cost)
+                      for j, s in enumerate(scores.channels[layer].tolist())]
+        if "heads" in cfg.units:
+            per_group = scores.heads[layer].reshape(shape.kv_heads, shape.group_size)  # (G, heads per group)
+            if cfg.head_mode == "group" or shape.group_size == 1:
+                cost = shape.kv_cost + shape.group_size * shape.head_cost
+                units += [_Unit(layer, "group", g, float(s), cost) for g, s in enumerate(per_group.mean(1).tolist())]
+            else:  # slice r removes the r-th weakest query head of every group
+                ranked = per_group.sort(dim=1).values.mean(0)  # (heads per group,)
+                units += [_Unit(layer, "slice", r, float(s), shape.kv_heads * shape.head_cost)
+                          for r, s in enumerate(ranked.tolist())]
+    return units
+
+
+def _standardize(units: list[_Unit]) -> None:
+    """Z-score within each (layer, kind) so scores compare across layers and module types (FLAP's AL-AM)."""
+    groups: dict[tuple[int, str], list[_Unit]] = {}
+    for u in units:
+        groups.setdefault((u.layer, "heads" if u.kind != "channel" else "mlp"), []).append(u)
+    for members in groups.values():
+        values = torch.tensor([u.score for u in members], dtype=torch.float64)
+        std = values.std() if len(values) > 1 else torch.tensor(0.0)
+        for u, v in zip(members, values):
+            u.score = float((v - values.mean()) / std) if std > 0 else 0.0
+
+
+def _capacity(kind: str, shape: LayerShape) -> int:
+    """How many units of a kind may go before the module would be empty."""
+    return {"channel": shape.channels, "group": shape.kv_heads, "slice": shape.group_size}[kind] - 1
+
+
+def _removal_target(shapes: list[LayerShape], non_embedding: int, cfg: SelectConfig) -> int:
+    """Parameters to remove so that, after any compensation biases are added, ``ratio`` is met."""
+    added = 0
+    if cfg.compensate:
+        added = sum(s.hidden * (("heads" in cfg.units and not s.o_bias) + ("mlp" in cfg.units and not s.down_bias))
+                    for s in shapes)
+    return round(cfg.ratio * non_embedding) + added
+
+
+def _select_global(units: list[_Unit], shapes: list[LayerShape], target: int) -> dict:
+    removed: dict[tuple[int, str], list[int]] = {}
+    total = 0
+    slack = min(u.cost for u in units) / 2
+    for unit in sorted(units, key=lambda u: (u.score, u.layer, u.index)):
+        if total >= target:
+            break
+        taken = removed.setdefault((unit.layer, unit.kind), [])
+        if len(taken) >= _capacity(unit.kind, shapes[unit.layer]):
+            continue  # never empty a module; the next unit elsewhere is taken instead
+        if total + unit.cost > target + slack:
+            continue  # a coarse unit (a head slice) would overshoot; finer units fill the rest
+        taken.append(len(taken) if unit.kind == "slice" else unit.index)
+        total += unit.cost
+    return removed
+
+
+def _select_uniform(units: list[_Unit], shapes: list[LayerShape], target: int, cfg: SelectConfig) -> dict:
+    by_key: dict[tuple[int, str], list[_Unit]] = {}
+    for unit in units:
+        by_key.setdefault((unit.layer, unit.kind), []).append(unit)
+    prunable = sum(u.cost for u in units)
+    fraction = target / prunable
+    removed: dict[tuple[int, str], list[int]] = {}
+    heads_removed = 0
+    for (layer, kind), members in by_key.items():
+        if kind == "channel":
+            continue
+        count = round(fraction * len(members))
+        _refuse_empty(kind, layer, count, shapes[layer], cfg)
+        chosen = sorted(members, key=lambda u: (u.score, u.index))[:count]
+        removed[(layer, kind)] = list(range(count)) if kind == "slice" else [u.index for u in chosen]
+        heads_removed += sum(u.cost for u in chosen)
+    channel_keys = [key for key in by_key if key[1] == "channel"]
+    if channel_keys:
+        channel_params = sum(u.cost for key in channel_keys for u in by_key[key])
+        share = max(0, target - heads_removed) / channel_params
+        for key in channel_keys:
+            count = round(share * len(by_key[key]))
+            _refuse_empty("channel", key[0], count, shapes[key[0]], cfg)
+            removed[key] = [u.index for u in sorted(by_key[key], key=lambda u: (u.score, u.index))[:count]]
+    return removed
+
+
+def _refuse_empty(kind: str, layer: int, count: int, shape: LayerShape, cfg: SelectConfig) -> None:
+    if count > _capacity(kind, shape):
+        what = "MLP channels" if kind == "channel" else "attention heads"
+        raise PruneflowError(
+            f"prune.ratio={cfg.ratio} with allocation=uniform would remove all {what} of layer {layer}; "
+            f"lower the ratio, prune fewer unit types, or use allocation=global")
+
+
+def _round_channels(removed: list[int], scores: torch.Tensor, shape: LayerShape, round_to: int,
+                    layer: int) -> list[int]:
+    """Re-pick removed channels so the kept width is a multiple of ``round_to`` (nearest, at least one)."""
+    if round_to <= 1:
+        return removed
+    if round_to > shape.channels:
+        raise PruneflowError(f"prune.round_to={round_to} is larger than layer {layer}'s MLP width "
+                             f"({shape.channels} channels)")
+    kept = max(round_to, round((shape.channels - len(removed)) / round_to) * round_to)
+    order = sorted(range(shape.channels), key=lambda j: (float(scores[j]), j))
+    return order[: shape.channels - kept]
+
+
+def _layer_plan(layer: int, shape: LayerShape, removed: dict, scores: Scores, cfg: SelectConfig) -> LayerPlan:
+    gone_channels = set(_round_channels(removed.get((layer, "channel"), []), scores.channels[layer], shape,
+                                        cfg.round_to, layer) if "mlp" in cfg.units else [])
+    gone_groups = set(removed.get((layer, "group"), []))
+    slices = len(removed.get((layer, "slice"), []))
+    per_group = scores.heads[layer].reshape(shape.kv_heads, shape.group_size)
+    kept_heads: list[int] = []
+    kept_kv = [g for g in range(shape.kv_heads) if g not in gone_groups]
+    for g in kept_kv:
+        strongest = per_group[g].argsort(descending=True, stable=True)[: shape.group_size - slices]
+        kept_heads += sorted(g * shape.group_size + int(h) for h in strongest)
+    return LayerPlan(kept_heads=kept_heads, kept_kv_heads=kept_kv,
+                     kept_channels=[j for j in range(shape.channels) if j not in gone_channels])
+
+
+def removed_parameters(plan: PrunePlan, shapes: list[LayerShape]) -> int:
+    """Exact parameters a plan removes (net of compensation biases it adds)."""
+    total = 0
+    for layer, shape in zip(plan.layers, shapes):
+        lost_heads = shape.heads - len(layer.kept_heads)
+        lost_channels = shape.channels - len(layer.kept_channels)
+        total += lost_heads * shape.head_cost + (shape.kv_heads - len(layer.kept_kv_heads)) * shape.kv_cost
+        total += lost_channels * shape.channel_cost
+        if plan.compensate:
+            total -= shape.hidden * ((lost_heads > 0 and not shape.o_bias) + (lost_channels > 0 and not shape.down_bias))
+    return total
+
+
+def select(scores: Scores, shapes: list[LayerShape], params: dict[str, int], cfg: SelectConfig,
+           method: str = "", seed: int = 0) -> PrunePlan:
+    """Choose what to keep so that ``cfg.ratio`` of the non-embedding parameters are removed."""
+    if not 0 < cfg.ratio < 1 or math.isnan(cfg.ratio):
+        raise PruneflowError(f"prune.ratio: must be in (0, 1), got {cfg.ratio}")
+    units = _units(scores, shapes, cfg)
+    if not units:
+        raise PruneflowError(f"prune.units: nothing to prune in {list(cfg.units)}")
+    target = _removal_target(shapes, params["non_embedding"], cfg)
+    if cfg.allocation == "global":
+        if not scores.comparable:
+            _standardize(units)
+        removed = _select_global(units, shapes, target)
+    else:
+        removed = _select_uniform(units, shapes, target, cfg)
+    plan = PrunePlan(method=method, ratio=cfg.ratio, allocation=cfg.allocation, head_mode=cfg.head_mode,
+                     units=list(cfg.units), round_to=cfg.round_to, compensate=cfg.compensate, seed=seed,
+                     layers=[_layer_plan(i, s, removed, scores, cfg) for i, s in enumerate(shapes)])
+    gone = removed_parameters(plan, shapes)
+    plan.params = {"total_before": params["total"], "total_after": params["total"] - gone,
+                   "non_embedding_before": params["non_embedding"],
+                   "non_embedding_after": params["non_embedding"] - gone,
+                   "achieved_ratio": gone / params["non_embedding"]}
+    return plan

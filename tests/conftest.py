@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny models built in seconds (never the reference model, never a hub)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+torch.set_num_threads(1)  # 2 contended threads are far slower than 1 for tiny models
+
+TINY = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128)
+
+
+def tiny_causal_lm(kind: str = "llama", vocab_size: int = 256, seed: int = 0, **overrides):
+    """A randomly initialised tiny GQA causal LM of one supported family."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+               "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+    config_cls, model_cls = classes[kind]
+    torch.manual_seed(seed)
+    kwargs = {**TINY, "vocab_size": vocab_size, "tie_word_embeddings": kind == "qwen2", **overrides}
+    if kind == "qwen3":
+        kwargs.setdefault("head_dim", 16)
+    model = model_cls(config_cls(**kwargs)).eval()
+    _randomize_norms(model)
+    return model
+
+
+def tiny_bert(vocab_size: int = 256, seed: int = 0):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=128)
+    return BertModel(config, add_pooling_layer=False).eval()
+
+
+def _randomize_norms(model) -> None:
+    """Give RMSNorm weights non-trivial values so head/channel slicing errors show up in the logits."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from pruneflow import corpus
+    from pruneflow.reference import train_tokenizer
+
+    return train_tokenizer(corpus.load_split("validation")[:200], vocab_size=300)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_tokenizer):
+    """A saved tiny GQA Llama with a tokenizer, as a user's checkpoint directory."""
+    path = tmp_path_factory.mktemp("tiny") / "llama"
+    model = tiny_causal_lm("llama", vocab_size=len(tiny_tokenizer))
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def calibration_txt(tmp_path_factory):
+    from pruneflow import corpus
+
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text("\n\n".join(corpus.load_split("validation")[:40]))
+    return path

@@ -1,0 +1,149 @@
+"""The `pruneflow` command: the prune contract, and bad input → clear error, exit ≠ 0, nothing written."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from pruneflow.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def prune_args(model, out, calib, *extra):
+    return ("prune", model, "--out", out, "--calibration", calib, "--n-calibration", 4, "--seqlen", 32, *extra)
+
+
+def test_prune_writes_a_checkpoint_and_prints_the_table(tiny_checkpoint, calibration_txt, tmp_path):
+    out = tmp_path / "pruned"
+    result = run(*prune_args(tiny_checkpoint, out, calibration_txt, "--method", "wanda_sp", "--ratio", 0.3,
+                             "--units", "mlp,heads", "--allocation", "uniform", "--round-to", 4, "--seed", 1))
+    assert result.exit_code == 0, result.output
+    for name in ("config.json", "model.safetensors", "plan.json", "calibration.json", "tokenizer.json"):
+        assert (out / name).exists(), name
+    assert "achieved ratio" in result.output and "non-embedding" in result.output
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["method"] == "wanda_sp" and plan["round_to"] == 4 and plan["seed"] == 1
+    assert abs(plan["params"]["achieved_ratio"] - 0.3) < 0.02
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert calibration["source"] == str(calibration_txt) and calibration["n_windows"] == 4
+
+
+def test_console_script_runs_as_a_process(tiny_checkpoint, calibration_txt, tmp_path):
+    exe = shutil.which("pruneflow") or str((__import__("pathlib").Path(sys.executable).parent / "pruneflow"))
+    out = tmp_path / "pruned"
+    proc = subprocess.run([exe, *map(str, prune_args(tiny_checkpoint, out, calibration_txt, "--ratio", "0.2"))],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "model.safetensors").exists()
+
+
+def _unsupported(tmp_path):
+    path = tmp_path / "gpt2"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (path / "model.safetensors").write_bytes(b"")
+    return path
+
+
+def _truncated(tmp_path, tiny_checkpoint):
+    path = tmp_path / "truncated"
+    shutil.copytree(tiny_checkpoint, path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return path
+
+
+def _no_weights(tmp_path, tiny_checkpoint):
+    path = tmp_path / "noweights"
+    shutil.copytree(tiny_checkpoint, path)
+    (path / "model.safetensors").unlink()
+    return path
+
+
+def _nan_weights(tmp_path, tiny_checkpoint):
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "nan"
+    shutil.copytree(tiny_checkpoint, path)
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.0.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+BAD = {
+    "ratio above 1": (lambda t, c: [], ["--ratio", 1.2], "prune.ratio: Input should be less than 1"),
+    "ratio zero": (lambda t, c: [], ["--ratio", 0], "prune.ratio: Input should be greater than 0"),
+    "ratio NaN": (lambda t, c: [], ["--ratio", "nan"], "prune.ratio: Input should be a finite number"),
+    "unknown method": (lambda t, c: [], ["--method", "obs"], "score.method: unknown method 'obs'"),
+    "unknown unit": (lambda t, c: [], ["--units", "mlp,layers"], "prune.units"),
+    "bad allocation": (lambda t, c: [], ["--allocation", "greedy"], "prune.allocation"),
+    "round-to too large": (lambda t, c: [], ["--round-to", 512], "prune.round_to=512 is larger than layer 0"),
+    "empties attention": (lambda t, c: [], ["--ratio", 0.9, "--allocation", "uniform", "--units", "heads"],
+                          "would remove all attention heads of layer 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_options_fail_cleanly(case, tiny_checkpoint, calibration_txt, tmp_path):
+    _, extra, message = BAD[case]
+    out = tmp_path / "pruned"
+    result = run(*prune_args(tiny_checkpoint, out, calibration_txt, *map(str, extra)))
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "checkpoint directory .* does not exist"),
+    ("unsupported", "unsupported model type 'gpt2'; supported: bert, llama, mistral, qwen2, qwen3"),
+    ("truncated", "model.safetensors is not a readable safetensors file"),
+    ("no weights", "has no \\*.safetensors weights"),
+    ("nan", "weight model.layers.0.mlp.down_proj.weight contains NaN or Inf"),
+])
+def test_bad_checkpoints_fail_cleanly(case, message, tiny_checkpoint, calibration_txt, tmp_path):
+    import re
+
+    makers = {"missing": lambda: tmp_path / "nope", "unsupported": lambda: _unsupported(tmp_path),
+              "truncated": lambda: _truncated(tmp_path, tiny_checkpoint),
+              "no weights": lambda: _no_weights(tmp_path, tiny_checkpoint),
+              "nan": lambda: _nan_weights(tmp_path, tiny_checkpoint)}
+    model = makers[case]()
+    out = tmp_path / "pruned"
+    result = run(*prune_args(model, out, calibration_txt))
+    assert result.exit_code == 2
+    assert re.search(message, " ".join(result.output.split())), result.output
+    assert not out.exists()
+
+
+def test_calibration_source_too_short(tiny_checkpoint, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words")
+    result = run(*prune_args(tiny_checkpoint, tmp_path / "pruned", short))
+    assert result.exit_code == 2 and "fewer than one 32-token window" in result.output
+    assert not (tmp_path / "pruned").exists()
+
+
+def test_existing_output_is_kept(tiny_checkpoint, calibration_txt, tmp_path):
+    out = tmp_path / "pruned"
+    out.mkdir()
+    (out / "notes.txt").write_text("user data")
+    result = run(*prune_args(tiny_checkpoint, out, calibration_txt))
+    assert result.exit_code == 2 and "already exists" in result.output
+    assert (out / "notes.txt").read_text() == "user data"
+
+
+def test_output_location_that_is_not_a_directory(tiny_checkpoint, calibration_txt, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = run(*prune_args(tiny_checkpoint, blocker / "pruned", calibration_txt))
+    assert result.exit_code == 2 and "is not a writable directory" in result.output
+    assert blocker.read_text() == "not a directory"

@@ -1,0 +1,45 @@
+from pathlib import Path
+
+import pytest
+
+from pruneflow.errors import PruneflowError
+from pruneflow.params import Params, load_params
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_shipped_params_yaml_loads():
+    for path in ROOT.glob("*.yaml"):
+        if path.name == "params.yaml":
+            assert isinstance(load_params(path), Params)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("prune.ratio=1.2", "prune.ratio: Input should be less than 1"),
+    ("prune.ratio=0", "prune.ratio: Input should be greater than 0"),
+    ("prune.ratio=-0.5", "prune.ratio: Input should be greater than 0"),
+    ("prune.ratio=.nan", "prune.ratio: Input should be a finite number"),
+    ("prune.ratio=abc", "prune.ratio: Input should be a valid number"),
+    ("prune.allocation=random", "prune.allocation: Input should be 'uniform' or 'global'"),
+    ("prune.units=[mlp, layers]", "prune.units: units must be a non-empty subset"),
+    ("prune.rato=0.3", "prune.rato: Extra inputs are not permitted"),
+    ("score.method=obs", "score.method: unknown method 'obs'; available: flap, magnitude, random, wanda_sp"),
+    ("calibrate.n_windows=0", "calibrate.n_windows: Input should be greater than or equal to 1"),
+    ("prune.round_to=0", "prune.round_to: Input should be greater than or equal to 1"),
+])
+def test_bad_params_name_the_key(override, message):
+    with pytest.raises(PruneflowError) as err:
+        load_params(ROOT / "params.yaml", [override])
+    assert message in str(err.value)
+
+
+def test_params_file_that_is_not_yaml(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("prune: [ratio: 0.3\n")
+    with pytest.raises(PruneflowError, match="is not valid YAML"):
+        load_params(bad)
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(PruneflowError, match="params file .* not found"):
+        load_params(tmp_path / "nope.yaml")

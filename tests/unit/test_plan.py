@@ -1,0 +1,141 @@
+import json
+import math
+
+import pytest
+import torch
+
+from pruneflow.errors import PruneflowError
+from pruneflow.plan import LayerShape, PrunePlan, SelectConfig, removed_parameters, select
+from pruneflow.scores import Scores
+
+HIDDEN, HEAD_DIM = 64, 16
+
+
+def shapes(layers=3, heads=8, kv=4, channels=200, q_bias=0):
+    return [LayerShape(heads=heads, kv_heads=kv, channels=channels, hidden=HIDDEN,
+                       head_cost=HEAD_DIM * (2 * HIDDEN + q_bias), kv_cost=2 * HEAD_DIM * (HIDDEN + q_bias),
+                       channel_cost=3 * HIDDEN, o_bias=False, down_bias=False) for _ in range(layers)]
+
+
+def counts(layer_shapes):
+    per_layer = [s.heads * s.head_cost + s.kv_heads * s.kv_cost + s.channels * s.channel_cost + 2 * HIDDEN
+                 for s in layer_shapes]  # + two norms
+    non_embedding = sum(per_layer)
+    return {"total": non_embedding + 1000, "non_embedding": non_embedding}
+
+
+def scores(layer_shapes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return Scores(heads=[torch.rand(s.heads, generator=gen) for s in layer_shapes],
+                  channels=[torch.rand(s.channels, generator=gen) for s in layer_shapes])
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+@pytest.mark.parametrize("head_mode", ["query", "group"])
+@pytest.mark.parametrize("ratio", [0.2, 0.5])
+def test_selection_hits_the_ratio_exactly_up_to_one_channel(allocation, head_mode, ratio):
+    layer_shapes = shapes()
+    params = counts(layer_shapes)
+    plan = select(scores(layer_shapes), layer_shapes, params,
+                  SelectConfig(ratio=ratio, allocation=allocation, head_mode=head_mode))
+    channel_fraction = 3 * HIDDEN / params["non_embedding"]
+    assert abs(plan.params["achieved_ratio"] - ratio) <= len(layer_shapes) * channel_fraction
+    assert plan.params["non_embedding_after"] == params["non_embedding"] - removed_parameters(plan, layer_shapes)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_query_mode_keeps_equal_group_sizes(allocation):
+    layer_shapes = shapes()
+    plan = select(scores(layer_shapes), layer_shapes, counts(layer_shapes),
+                  SelectConfig(ratio=0.5, allocation=allocation, head_mode="query"))
+    for layer in plan.layers:
+        groups = [h // 2 for h in layer.kept_heads]
+        assert layer.kept_kv_heads == list(range(4))  # query mode never drops a KV head
+        assert len({groups.count(g) for g in layer.kept_kv_heads}) == 1
+
+
+def test_group_mode_removes_whole_groups_with_their_query_heads():
+    layer_shapes = shapes()
+    plan = select(scores(layer_shapes), layer_shapes, counts(layer_shapes),
+                  SelectConfig(ratio=0.5, allocation="uniform", head_mode="group"))
+    for layer in plan.layers:
+        assert len(layer.kept_kv_heads) == 2  # round(0.5 · 4)
+        assert sorted({h // 2 for h in layer.kept_heads}) == layer.kept_kv_heads
+        assert len(layer.kept_heads) == 2 * len(layer.kept_kv_heads)
+
+
+def test_selection_removes_the_lowest_scored_channels():
+    layer_shapes = shapes(layers=1)
+    s = scores(layer_shapes)
+    plan = select(s, layer_shapes, counts(layer_shapes), SelectConfig(ratio=0.3, units=("mlp",), allocation="uniform"))
+    kept = set(plan.layers[0].kept_channels)
+    removed = [j for j in range(200) if j not in kept]
+    assert max(s.channels[0][removed]) < min(s.channels[0][list(kept)])
+
+
+def test_global_allocation_follows_scores_across_layers():
+    layer_shapes = shapes(layers=2)
+    s = scores(layer_shapes)
+    s.channels[1] += 10.0  # layer 1's channels all matter more
+    s.comparable = True
+    plan = select(s, layer_shapes, counts(layer_shapes), SelectConfig(ratio=0.3, units=("mlp",)))
+    assert len(plan.layers[1].kept_channels) == 200
+    assert len(plan.layers[0].kept_channels) < 200
+
+
+def test_global_allocation_never_empties_a_module():
+    layer_shapes = shapes(layers=2)
+    s = scores(layer_shapes)
+    s.channels[0] -= 100.0
+    s.comparable = True
+    plan = select(s, layer_shapes, counts(layer_shapes), SelectConfig(ratio=0.6, units=("mlp",)))
+    assert len(plan.layers[0].kept_channels) == 1
+
+
+def test_uniform_refuses_to_empty_a_layers_attention():
+    layer_shapes = shapes(layers=2)
+    with pytest.raises(PruneflowError, match="would remove all attention heads of layer 0"):
+        select(scores(layer_shapes), layer_shapes, counts(layer_shapes),
+               SelectConfig(ratio=0.5, allocation="uniform", units=("heads",), head_mode="group"))
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_round_to_keeps_multiples(allocation):
+    layer_shapes = shapes()
+    plan = select(scores(layer_shapes), layer_shapes, counts(layer_shapes),
+                  SelectConfig(ratio=0.3, allocation=allocation, round_to=16))
+    assert all(len(layer.kept_channels) % 16 == 0 for layer in plan.layers)
+
+
+def test_round_to_larger_than_a_layer_is_an_error():
+    layer_shapes = shapes()
+    with pytest.raises(PruneflowError, match="round_to=256 is larger than layer 0's MLP width"):
+        select(scores(layer_shapes), layer_shapes, counts(layer_shapes), SelectConfig(ratio=0.3, round_to=256))
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5, math.nan])
+def test_ratio_outside_open_interval_is_refused(ratio):
+    layer_shapes = shapes()
+    with pytest.raises(PruneflowError, match=r"prune.ratio: must be in \(0, 1\)"):
+        select(scores(layer_shapes), layer_shapes, counts(layer_shapes), SelectConfig(ratio=ratio))
+
+
+def test_compensation_biases_are_counted():
+    layer_shapes = shapes()
+    params = counts(layer_shapes)
+    plan = select(scores(layer_shapes), layer_shapes, params, SelectConfig(ratio=0.3, compensate=True))
+    s = layer_shapes[0]
+    expected = 0
+    for layer in plan.layers:
+        lost_heads, lost_channels = s.heads - len(layer.kept_heads), s.channels - len(layer.kept_channels)
+        expected += lost_heads * s.head_cost + lost_channels * s.channel_cost
+        expected -= HIDDEN * ((lost_heads > 0) + (lost_channels > 0))  # the o / down biases it adds
+    assert removed_parameters(plan, layer_shapes) == expected
+    assert abs(plan.params["achieved_ratio"] - 0.3) <= 3 * s.channel_cost / params["non_embedding"]
+
+
+def test_plan_round_trips_through_json():
+    layer_shapes = shapes()
+    plan = select(scores(layer_shapes), layer_shapes, counts(layer_shapes), SelectConfig(ratio=0.3))
+    again = PrunePlan.from_dict(json.loads(plan.to_json()))
+    assert again == plan
