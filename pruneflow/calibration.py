@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -113,10 +115,18 @@ def prepare(tokenizer, source: str, n_windows: int, seqlen: int, seed: int,
     return windows, manifest
 
 
-def save(windows: torch.Tensor, manifest: CalibrationManifest, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({"input_ids": windows.contiguous()}, out_dir / "calibration.safetensors")
-    (out_dir / "manifest.json").write_text(json.dumps(asdict(manifest), indent=1) + "\n")
+def save(windows: torch.Tensor, manifest: CalibrationManifest, out_dir: Path, overwrite: bool = False) -> None:
+    """Write windows + manifest to a temp dir renamed to ``out_dir`` at the end."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise PruneflowError(f"output directory {out_dir} already exists")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    save_file({"input_ids": windows.contiguous()}, tmp / "calibration.safetensors")
+    (tmp / "manifest.json").write_text(json.dumps(asdict(manifest), indent=1) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
 
 
 def load(out_dir: Path) -> tuple[torch.Tensor, CalibrationManifest]:

@@ -142,6 +142,39 @@ def _prune(params, out: Path, force: bool) -> dict[str, dict]:
 
 
 @app.command()
+def calibrate(
+    model_dir: Path = typer.Argument(..., help="checkpoint whose tokenizer encodes the windows"),
+    out: Path = typer.Option(..., "--out", help="directory for calibration.safetensors + manifest.json"),
+    source: Optional[str] = typer.Option(None, help="'corpus', a .txt/.jsonl file, or hf:NAME"),
+    n_windows: Optional[int] = typer.Option(None, help="calibration windows"),
+    seqlen: Optional[int] = typer.Option(None, help="tokens per window"),
+    seed: Optional[int] = typer.Option(None, help="sampling seed"),
+    params_file: Optional[Path] = typer.Option(None, "--params", help="params.yaml for defaults"),
+    force: bool = typer.Option(False, help="replace OUT if it exists"),
+) -> None:
+    """Sample seeded calibration windows from a text source and save them with a manifest."""
+    from transformers import AutoTokenizer
+
+    from pruneflow import calibration as C
+    from pruneflow.params import load_params
+
+    options = {"calibrate.source": source, "calibrate.n_windows": n_windows, "calibrate.seqlen": seqlen,
+               "calibrate.seed": seed}
+    try:
+        c = load_params(params_file, updates={k: v for k, v in options.items() if v is not None}).calibrate
+        _check_out_dir(out, force)
+        _quiet_libraries()
+        if not (model_dir / "tokenizer_config.json").exists():
+            raise PruneflowError(f"{model_dir} has no tokenizer (tokenizer_config.json)")
+        windows, manifest = C.prepare(AutoTokenizer.from_pretrained(model_dir), c.source, c.n_windows, c.seqlen,
+                                      c.seed)
+        C.save(windows, manifest, out, overwrite=force)
+    except PruneflowError as err:
+        _fail(err)
+    typer.echo(json.dumps(manifest.__dict__, indent=1))
+
+
+@app.command()
 def evaluate(
     models: list[Path] = typer.Argument(..., help="checkpoints to compare (the first is the reference for fidelity)"),
     max_windows: Optional[int] = typer.Option(None, help="cap on perplexity windows"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from tqdm import tqdm
 
 PPL_SEQLEN = 256
 
@@ -26,7 +27,7 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int = PPL_SEQLEN, batch_s
     windows = token_ids[: n_windows * seqlen].view(n_windows, seqlen)
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
-    for start in range(0, n_windows, batch_size):
+    for start in tqdm(range(0, n_windows, batch_size), desc="perplexity", unit="batch", leave=False):
         batch = windows[start:start + batch_size].to(device)
         logits = model(input_ids=batch).logits.float()
         nll = torch.nn.functional.cross_entropy(

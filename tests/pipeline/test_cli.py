@@ -147,3 +147,16 @@ def test_output_location_that_is_not_a_directory(tiny_checkpoint, calibration_tx
     result = run(*prune_args(tiny_checkpoint, blocker / "pruned", calibration_txt))
     assert result.exit_code == 2 and "is not a writable directory" in result.output
     assert blocker.read_text() == "not a directory"
+
+
+def test_calibrate_saves_windows_and_manifest(tiny_checkpoint, calibration_txt, tmp_path):
+    from pruneflow import calibration as C
+
+    out = tmp_path / "calib"
+    result = run("calibrate", tiny_checkpoint, "--out", out, "--source", calibration_txt, "--n-windows", 3,
+                 "--seqlen", 16, "--seed", 5)
+    assert result.exit_code == 0, result.output
+    windows, manifest = C.load(out)
+    assert windows.shape == (3, 16) and manifest.seed == 5 and manifest.source == str(calibration_txt)
+    again = run("calibrate", tiny_checkpoint, "--out", out, "--source", calibration_txt)
+    assert again.exit_code == 2 and "already exists" in again.output
