@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -86,3 +87,22 @@ def collect_input_stats(model: nn.Module, spec: ArchSpec, windows: torch.Tensor,
 def per_head(channel_scores: torch.Tensor, head_dim: int) -> torch.Tensor:
     """(H·d,) per o_proj input channel → (H,) per head, the mean over the head's dimensions."""
     return channel_scores.reshape(-1, head_dim).mean(1)
+
+
+def from_input_channels(model: nn.Module, spec: ArchSpec, windows: torch.Tensor,
+                        importance: Callable[[torch.Tensor, InputStats], torch.Tensor],
+                        with_means: bool = False) -> Scores:
+    """Scores from a per-input-channel importance of o_proj (averaged per head) and down_proj.
+
+    ``importance(weight (out, in), stats of the layer's input)`` returns an (in,) tensor.
+    """
+    head_dim = A.geometry(model.config).head_dim
+    attn_stats, mlp_stats = collect_input_stats(model, spec, windows)
+    heads, channels = [], []
+    for block, attn, mlp in zip(A.blocks(model, spec), attn_stats, mlp_stats):
+        heads.append(per_head(importance(A.get(block, spec.o).weight, attn), head_dim).float())
+        channels.append(importance(A.get(block, spec.down).weight, mlp).float())
+    if not with_means:
+        return Scores(heads=heads, channels=channels)
+    return Scores(heads=heads, channels=channels, attn_mean=[s.mean.float() for s in attn_stats],
+                  mlp_mean=[s.mean.float() for s in mlp_stats])

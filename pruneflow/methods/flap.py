@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from pruneflow import arch as A
-from pruneflow.scores import Scores, collect_input_stats, per_head
+from pruneflow.scores import Scores, from_input_channels
 
 
 def fluctuation(weight: torch.Tensor, input_var: torch.Tensor) -> torch.Tensor:
@@ -20,11 +19,5 @@ def fluctuation(weight: torch.Tensor, input_var: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def score(model, spec, windows, **_) -> Scores:
-    geo = A.geometry(model.config)
-    attn_stats, mlp_stats = collect_input_stats(model, spec, windows)
-    heads, channels = [], []
-    for block, attn, mlp in zip(A.blocks(model, spec), attn_stats, mlp_stats):
-        heads.append(per_head(fluctuation(A.get(block, spec.o).weight, attn.var), geo.head_dim).float())
-        channels.append(fluctuation(A.get(block, spec.down).weight, mlp.var).float())
-    return Scores(heads=heads, channels=channels,
-                  attn_mean=[s.mean.float() for s in attn_stats], mlp_mean=[s.mean.float() for s in mlp_stats])
+    return from_input_channels(model, spec, windows, lambda weight, stats: fluctuation(weight, stats.var),
+                               with_means=True)

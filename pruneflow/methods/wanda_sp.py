@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from pruneflow import arch as A
-from pruneflow.scores import Scores, collect_input_stats, per_head
+from pruneflow.scores import Scores, from_input_channels
 
 
 def channel_importance(weight: torch.Tensor, input_l2: torch.Tensor) -> torch.Tensor:
@@ -18,10 +17,5 @@ def channel_importance(weight: torch.Tensor, input_l2: torch.Tensor) -> torch.Te
 
 @torch.no_grad()
 def score(model, spec, windows, **_) -> Scores:
-    geo = A.geometry(model.config)
-    attn_stats, mlp_stats = collect_input_stats(model, spec, windows)
-    heads, channels = [], []
-    for block, attn, mlp in zip(A.blocks(model, spec), attn_stats, mlp_stats):
-        heads.append(per_head(channel_importance(A.get(block, spec.o).weight, attn.l2), geo.head_dim).float())
-        channels.append(channel_importance(A.get(block, spec.down).weight, mlp.l2).float())
-    return Scores(heads=heads, channels=channels)
+    return from_input_channels(model, spec, windows,
+                               lambda weight, stats: channel_importance(weight, stats.l2))
