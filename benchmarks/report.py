@@ -8,13 +8,17 @@ from collections import defaultdict
 from pathlib import Path
 
 
+def _name(row: dict) -> str:
+    return row["method"] + ("" if row.get("compensate", True) or row["method"] != "flap" else " (no bias comp.)")
+
+
 def _aggregate(rows: list[dict]) -> list[dict]:
     """Average the seeds of each (method, ratio, allocation); keep the spread of perplexity."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
-        groups[(row["method"], row["ratio"], row["allocation"])].append(row)
+        groups[(_name(row), row["ratio"], row["allocation"], row["model"])].append(row)
     out = []
-    for (method, ratio, allocation), members in groups.items():
+    for (name, ratio, allocation, _), members in groups.items():
         merged = {k: v for k, v in members[0].items()}
         for key in ("test_ppl", "fidelity", "score_seconds", "decode_tok_s", "prefill_ms", "peak_rss_mb",
                     "achieved_ratio"):
@@ -23,6 +27,7 @@ def _aggregate(rows: list[dict]) -> list[dict]:
                 merged[key] = statistics.mean(values)
                 merged[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else None
         merged["seeds"] = len(members)
+        merged["name"] = name
         out.append(merged)
     return out
 
@@ -36,7 +41,7 @@ def _lm_table(rows: list[dict], dense: dict) -> str:
         spread = f" ± {r['test_ppl_sd']:.1f}" if r.get("test_ppl_sd") else ""
         seeds = f" ({r['seeds']} seeds)" if r["seeds"] > 1 else ""
         lines.append(
-            f"| {r['method']}{seeds} | {r['allocation']} | {r['ratio']:.0%} | {r['achieved_ratio']:.1%} | "
+            f"| {r['name']}{seeds} | {r['allocation']} | {r['ratio']:.0%} | {r['achieved_ratio']:.1%} | "
             f"{r['non_embedding_params']:,} | {r['test_ppl']:.2f}{spread} | {r['score_seconds']:.1f} | "
             f"{r['peak_rss_mb']:.0f} | {r['prefill_ms']:.1f} | {r['decode_tok_s']:.0f} "
             f"({r['decode_tok_s'] / dense['decode_tok_s']:.2f}) |")
@@ -46,7 +51,7 @@ def _lm_table(rows: list[dict], dense: dict) -> str:
 def _encoder_table(rows: list[dict]) -> str:
     lines = ["| method | target | achieved | non-emb params | cosine to dense |", "|---|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["ratio"], -r["fidelity"])):
-        lines.append(f"| {r['method']} | {r['ratio']:.0%} | {r['achieved_ratio']:.1%} | "
+        lines.append(f"| {r['name']} | {r['ratio']:.0%} | {r['achieved_ratio']:.1%} | "
                      f"{r['non_embedding_params']:,} | {r['fidelity']:.4f} |")
     return "\n".join(lines)
 
@@ -60,7 +65,7 @@ def _plot(rows: list[dict], dense: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     series: dict[str, list] = defaultdict(list)
     for r in rows:
-        series[f"{r['method']} ({r['allocation']})"].append(
+        series[f"{r['name']} ({r['allocation']})"].append(
             (r["non_embedding_params"] / dense["non_embedding_params"], r["test_ppl"]))
     for name, points in sorted(series.items()):
         points = sorted(points + [(1.0, dense["test_ppl"])])

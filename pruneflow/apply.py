@@ -51,7 +51,7 @@ def _compensation(weight: torch.Tensor, kept: torch.Tensor, mean: torch.Tensor) 
 
 
 @torch.no_grad()
-def _apply_block(block: nn.Module, spec: ArchSpec, layer: LayerPlan, head_dim: int, group_size: int,
+def _apply_block(block: nn.Module, spec: ArchSpec, layer: LayerPlan, head_dim: int,
                  attn_mean: torch.Tensor | None, mlp_mean: torch.Tensor | None) -> None:
     old = {name: A.get(block, path) for name, path in spec.to_dict().items()
            if name in ("q", "k", "v", "o", "gate", "up", "down") and path}
@@ -89,7 +89,7 @@ def apply(model: nn.Module, plan: PrunePlan, spec: ArchSpec, scores: Scores | No
     for i, (block, layer, shape) in enumerate(zip(A.blocks(model, spec), plan.layers, shapes)):
         heads_cut = len(layer.kept_heads) < shape.heads
         channels_cut = len(layer.kept_channels) < shape.channels
-        _apply_block(block, spec, layer, geo.head_dim, shape.group_size,
+        _apply_block(block, spec, layer, geo.head_dim,
                      scores.attn_mean[i] if plan.compensate and heads_cut else None,
                      scores.mlp_mean[i] if plan.compensate and channels_cut else None)
     return model

@@ -82,7 +82,7 @@ def prune(
     calibration: Optional[str] = typer.Option(None, help="'corpus', a .txt/.jsonl file, or hf:NAME"),
     units: Optional[str] = typer.Option(None, help="comma-separated: mlp,heads"),
     allocation: Optional[str] = typer.Option(None, help="uniform | global"),
-    head_mode: Optional[str] = typer.Option(None, help="query (heads within KV groups) | group (whole KV groups)"),
+    head_mode: Optional[str] = typer.Option(None, help="auto | query (a head from every KV group) | group (whole KV groups)"),
     round_to: Optional[int] = typer.Option(None, help="keep MLP widths a multiple of N"),
     seed: Optional[int] = typer.Option(None, help="seed for calibration sampling and random scores"),
     n_calibration: Optional[int] = typer.Option(None, help="calibration windows"),

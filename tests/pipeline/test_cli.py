@@ -160,3 +160,18 @@ def test_calibrate_saves_windows_and_manifest(tiny_checkpoint, calibration_txt, 
     assert windows.shape == (3, 16) and manifest.seed == 5 and manifest.source == str(calibration_txt)
     again = run("calibrate", tiny_checkpoint, "--out", out, "--source", calibration_txt)
     assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_params_file_with_unknown_key_names_it(tiny_checkpoint, calibration_txt, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("prune:\n  ratio: 0.3\n  ratoi: 0.5\n")
+    out = tmp_path / "pruned"
+    result = run(*prune_args(tiny_checkpoint, out, calibration_txt, "--params", params))
+    assert result.exit_code == 2 and "prune.ratoi: Extra inputs are not permitted" in result.output
+    assert not out.exists()
+
+
+def test_demo_rejects_a_bad_override_before_any_work(tmp_path):
+    result = run("demo", "--set", "prune.ratio=2", "--out", tmp_path / "demo")
+    assert result.exit_code == 2 and "prune.ratio: Input should be less than 1" in result.output
+    assert not (tmp_path / "demo").exists()

@@ -70,3 +70,12 @@ def test_bad_jsonl_line_is_named(tiny_tokenizer, tmp_path):
 def test_seqlen_above_max_positions(tiny_tokenizer):
     with pytest.raises(PruneflowError, match="exceeds the model's max positions"):
         C.prepare(tiny_tokenizer, "corpus:validation", 2, 512, seed=0, max_positions=128)
+
+
+def test_datasets_source_without_the_package_is_a_clear_error(tiny_tokenizer):
+    import importlib.util
+
+    if importlib.util.find_spec("datasets") is not None:
+        pytest.skip("datasets is installed here; the offline-hub case is covered by its own error")
+    with pytest.raises(PruneflowError, match="needs the `datasets` package"):
+        C.prepare(tiny_tokenizer, "hf:wikitext:wikitext-2-raw-v1", 2, 16, seed=0)

@@ -129,9 +129,23 @@ def test_compensation_biases_are_counted():
     for layer in plan.layers:
         lost_heads, lost_channels = s.heads - len(layer.kept_heads), s.channels - len(layer.kept_channels)
         expected += lost_heads * s.head_cost + lost_channels * s.channel_cost
+        expected += (s.kv_heads - len(layer.kept_kv_heads)) * s.kv_cost
         expected -= HIDDEN * ((lost_heads > 0) + (lost_channels > 0))  # the o / down biases it adds
     assert removed_parameters(plan, layer_shapes) == expected
     assert abs(plan.params["achieved_ratio"] - 0.3) <= 3 * s.channel_cost / params["non_embedding"]
+
+
+@pytest.mark.parametrize("heads,kv,expected", [(8, 4, "group"), (16, 2, "query"), (4, 4, "group")])
+def test_auto_head_mode_picks_the_finer_unit(heads, kv, expected):
+    """8 heads / 4 KV: a group is 2 heads + 1 KV head, finer than 4 heads (one per group); 16/2 the reverse."""
+    layer_shapes = shapes(heads=heads, kv=kv)
+    plan = select(scores(layer_shapes), layer_shapes, counts(layer_shapes),
+                  SelectConfig(ratio=0.4, allocation="uniform", head_mode="auto"))
+    layer = plan.layers[0]
+    if expected == "group":
+        assert len(layer.kept_kv_heads) < kv and len(layer.kept_heads) == len(layer.kept_kv_heads) * heads // kv
+    else:
+        assert len(layer.kept_kv_heads) == kv and len(layer.kept_heads) < heads
 
 
 def test_plan_round_trips_through_json():

@@ -31,3 +31,12 @@ def test_input_stats_match_direct_moments():
 def test_per_head_averages_each_heads_dimensions():
     scores = torch.tensor([1.0, 3.0, 10.0, 20.0])
     assert_close(per_head(scores, head_dim=2), torch.tensor([2.0, 15.0]))
+
+
+def test_zscore_standardizes_and_handles_no_spread():
+    from pruneflow.scores import zscore
+
+    z = zscore(torch.tensor([1.0, 2.0, 3.0]))
+    assert_close(z, torch.tensor([-1.0, 0.0, 1.0]))
+    assert torch.equal(zscore(torch.tensor([5.0, 5.0])), torch.zeros(2))
+    assert torch.equal(zscore(torch.tensor([5.0])), torch.zeros(1))
