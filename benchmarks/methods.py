@@ -45,6 +45,10 @@ def run_one(job: dict) -> dict:
     test_docs = corpus.load_split("test")
     if spec.causal_lm:
         row.update(measure(model, tokenizer, spec, None, C.token_stream(tokenizer, test_docs)))
+        if job["method"] != "dense":  # speed of the dense model in this same process, right after
+            dense, _, _ = checkpoint.load(job["model"], with_tokenizer=False)
+            speed = measure(dense, tokenizer, spec, None, None)
+            row.update(dense_prefill_ms=speed["prefill_ms"], dense_decode_tok_s=speed["decode_tok_s"])
     else:
         dense, _, _ = checkpoint.load(job["model"])
         sentences = [s for doc in test_docs[:100] for s in doc.split(". ")[:4]]

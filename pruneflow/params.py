@@ -39,12 +39,13 @@ class ScoreParams(_Section):
 
 class PruneParams(_Section):
     ratio: float = Field(0.3, gt=0, lt=1, description="fraction of non-embedding parameters to remove")
-    allocation: Literal["uniform", "global"] = "global"
+    allocation: Literal["uniform", "global"] = Field(
+        "uniform", description="same share from every layer, or ranked across layers (non-uniform widths)")
     units: list[str] = Field(default_factory=lambda: list(UNITS))
     head_mode: Literal["auto", "query", "group"] = Field(
         "auto", description="GQA head unit: a query head from every group, a whole KV group, or the finer")
     round_to: int = Field(1, ge=1, description="keep MLP widths a multiple of this")
-    compensate: bool = Field(True, description="add bias compensation when the method provides it (flap)")
+    compensate: bool = Field(False, description="add bias compensation when the method provides it (flap)")
 
     @field_validator("units")
     @classmethod
