@@ -65,7 +65,8 @@ def vanilla_config(model: nn.Module, spec: ArchSpec):
         with torch.device("meta"):
             reference = model_cls(candidate)
     except (ValueError, TypeError, StrictDataclassError) as err:  # the config's own validation said no
-        log.info("no vanilla config for this plan (%s); using the per-layer loader", err)
+        reason = str(getattr(err, "__cause__", None) or err).strip().splitlines()[-1].strip()
+        log.info("no stock config describes this plan (%s): saving with the per-layer loader", reason)
         return None
     return candidate if _shapes(reference) == _shapes(model) else None
 
@@ -175,7 +176,10 @@ def load(path: Path | str, with_tokenizer: bool = True):
         if not torch.isfinite(tensor).all():
             raise PruneflowError(f"checkpoint {path}: weight {name} contains NaN or Inf")
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path) if with_tokenizer else None
+    # passing the loaded config keeps AutoTokenizer from reading config.json's auto_map and asking
+    # interactively whether to run remote code
+    tokenizer = (AutoTokenizer.from_pretrained(path, config=model.config, trust_remote_code=False)
+                 if with_tokenizer else None)
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise PruneflowError(f"checkpoint {path}: tokenizer has {len(tokenizer)} tokens but the model's "
                              f"embedding only {model.get_input_embeddings().num_embeddings}")

@@ -39,17 +39,18 @@ def _step(text: str) -> None:
     typer.secho(f"» {text}", fg=typer.colors.CYAN, err=True)
 
 
-def _table(title: str, rows: dict[str, dict]) -> None:
+def _table(title: str, columns: dict[str, dict]) -> None:
+    """One column per model (or before/after), one row per metric: stays readable in 80 columns."""
     from rich.console import Console
     from rich.table import Table
 
-    columns = list(dict.fromkeys(k for row in rows.values() for k in row))
+    metrics = list(dict.fromkeys(k for column in columns.values() for k in column))
     table = Table(title=title)
     table.add_column("")
-    for column in columns:
-        table.add_column(column, justify="right")
-    for name, row in rows.items():
-        table.add_row(name, *(_fmt(row.get(c)) for c in columns))
+    for name in columns:
+        table.add_column(name, justify="right")
+    for metric in metrics:
+        table.add_row(metric, *(_fmt(column.get(metric)) for column in columns.values()))
     Console().print(table)
 
 
@@ -131,13 +132,11 @@ def _prune(params, out: Path, force: bool) -> dict[str, dict]:
         "params.json": params.model_dump_json(indent=1)})
     p = result.plan.params
     return {
-        "parameters": {"before": p["total_before"], "after": p["total_after"]},
-        "non-embedding": {"before": p["non_embedding_before"], "after": p["non_embedding_after"]},
-        "achieved ratio": {"before": None, "after": p["achieved_ratio"]},
-        "seconds": {"before": None, "after": time.perf_counter() - started},
-        "score seconds": {"before": None, "after": result.seconds["score"]},
-        "loader": {"before": None, "after": "vanilla" if info["vanilla"] else "pruneflow (remote code)"},
-        "save seconds": {"before": None, "after": time.perf_counter() - saving},
+        "before": {"parameters": p["total_before"], "non-embedding": p["non_embedding_before"]},
+        "after": {"parameters": p["total_after"], "non-embedding": p["non_embedding_after"],
+                  "achieved ratio": p["achieved_ratio"], "seconds": time.perf_counter() - started,
+                  "score seconds": result.seconds["score"], "save seconds": time.perf_counter() - saving,
+                  "loader": "vanilla" if info["vanilla"] else "per-layer (remote code)"},
     }
 
 
@@ -230,7 +229,7 @@ def demo(
         rows = _evaluate_dirs([Path(params.model), out / "pruned"], ev.max_windows, ev.speed, None)
     except PruneflowError as err:
         _fail(err)
-    names = dict(zip(rows, ("dense", f"pruned ({params.score.method}, {params.prune.ratio:.0%})")))
+    names = dict(zip(rows, ("dense", f"{params.score.method} −{params.prune.ratio:.0%}")))
     rows = {names[k]: v for k, v in rows.items()}
     (out / "metrics.json").write_text(json.dumps(rows, indent=1) + "\n")
     _table("dense vs pruned (packaged corpus test split)", rows)

@@ -175,3 +175,15 @@ def test_demo_rejects_a_bad_override_before_any_work(tmp_path):
     result = run("demo", "--set", "prune.ratio=2", "--out", tmp_path / "demo")
     assert result.exit_code == 2 and "prune.ratio: Input should be less than 1" in result.output
     assert not (tmp_path / "demo").exists()
+
+
+def test_loading_a_per_layer_checkpoint_never_prompts_for_remote_code(tiny_checkpoint, calibration_txt, tmp_path):
+    out = tmp_path / "pruned"
+    assert run(*prune_args(tiny_checkpoint, out, calibration_txt, "--allocation", "global")).exit_code == 0
+    assert json.loads((out / "pruneflow.json").read_text())["vanilla"] is False
+    code = f"import pruneflow; m, t, s = pruneflow.load({str(out)!r}); print(type(m).__name__, len(t))"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # stdin left open: a prompt would hang
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "PrunedLlamaForCausalLM" in output and "custom code" not in output
