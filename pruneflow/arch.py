@@ -79,17 +79,8 @@ def get(module: nn.Module, path: str) -> nn.Module:
     return module.get_submodule(path)
 
 
-def put(module: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(module.get_submodule(parent) if parent else module, name, new)
-
-
 def blocks(model: nn.Module, arch: ArchSpec) -> nn.ModuleList:
     return get(model, arch.layers)
-
-
-def attention_module(block: nn.Module, arch: ArchSpec) -> nn.Module:
-    return get(block, arch.q.rpartition(".")[0])
 
 
 def layer_widths(model: nn.Module, arch: ArchSpec) -> list[dict]:
