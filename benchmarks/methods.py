@@ -27,7 +27,7 @@ def run_one(job: dict) -> dict:
 
     from pruneflow import calibration as C
     from pruneflow import checkpoint, corpus
-    from pruneflow.evaluate import embedding_fidelity, measure
+    from pruneflow.evaluate import compare_speed, embedding_fidelity, measure
     from pruneflow.params import PruneParams
     from pruneflow.prune import prune
 
@@ -44,11 +44,14 @@ def run_one(job: dict) -> dict:
                    achieved_ratio=result.plan.params["achieved_ratio"])
     test_docs = corpus.load_split("test")
     if spec.causal_lm:
-        row.update(measure(model, tokenizer, spec, None, C.token_stream(tokenizer, test_docs)))
-        if job["method"] != "dense":  # speed of the dense model in this same process, right after
+        row.update(measure(model, tokenizer, spec, None, C.token_stream(tokenizer, test_docs), speed=False))
+        if job["method"] == "dense":
+            row.update(compare_speed([model], True)[0])
+        else:  # the dense model in this same process, round-robin with the pruned one
             dense, _, _ = checkpoint.load(job["model"], with_tokenizer=False)
-            speed = measure(dense, tokenizer, spec, None, None)
-            row.update(dense_prefill_ms=speed["prefill_ms"], dense_decode_tok_s=speed["decode_tok_s"])
+            pruned_speed, dense_speed = compare_speed([model, dense], True)
+            row.update(pruned_speed, dense_prefill_ms=dense_speed["prefill_ms"],
+                       dense_decode_tok_s=dense_speed["decode_tok_s"])
     else:
         dense, _, _ = checkpoint.load(job["model"])
         sentences = [s for doc in test_docs[:100] for s in doc.split(". ")[:4]]

@@ -181,20 +181,23 @@ def evaluate(
     threads: Optional[int] = typer.Option(None, help="torch threads for the speed measurement"),
 ) -> None:
     """Measure parameters, size, test perplexity and speed of several checkpoints in one process."""
+    from pruneflow.params import EvaluateParams, validate
+
     try:
+        ev = validate(EvaluateParams, {"max_windows": max_windows, "speed": speed}, prefix="evaluate")
         _quiet_libraries()
-        rows = _evaluate_dirs(models, max_windows, speed, threads)
+        rows = _evaluate_dirs(models, ev, threads)
     except PruneflowError as err:
         _fail(err)
     _table("evaluation (packaged corpus test split)", rows)
 
 
-def _evaluate_dirs(dirs: list[Path], max_windows: int | None, speed: bool, threads: int | None) -> dict:
+def _evaluate_dirs(dirs: list[Path], ev, threads: int | None = None) -> dict:
     import torch
 
     from pruneflow import calibration as C
     from pruneflow import checkpoint, corpus
-    from pruneflow.evaluate import embedding_fidelity, measure
+    from pruneflow.evaluate import compare_speed, embedding_fidelity, measure
 
     if threads:
         torch.set_num_threads(threads)
@@ -204,10 +207,16 @@ def _evaluate_dirs(dirs: list[Path], max_windows: int | None, speed: bool, threa
     for d, (model, tokenizer, spec) in zip(dirs, loaded):
         _step(f"evaluating {d}")
         stream = C.token_stream(tokenizer, test_docs) if spec.causal_lm else None
-        rows[str(d)] = measure(model, tokenizer, spec, d, stream, max_windows=max_windows, speed=speed)
+        rows[str(d)] = measure(model, tokenizer, spec, d, stream, ev.ppl_seqlen, ev.max_windows, speed=False)
         if not spec.causal_lm:
             sentences = [s for doc in test_docs[:64] for s in doc.split(". ")[:4]]
             rows[str(d)]["cosine_to_first"] = embedding_fidelity(loaded[0][0], model, tokenizer, sentences)
+    if ev.speed:
+        _step("speed: prefill and decode, all models round-robin")
+        causal = all(spec.causal_lm for _, _, spec in loaded)
+        for row, speed in zip(rows.values(), compare_speed([m for m, _, _ in loaded], causal, ev.ppl_seqlen,
+                                                           ev.decode_tokens)):
+            row.update(speed)
     return rows
 
 
@@ -225,8 +234,7 @@ def demo(
         _check_out_dir(out / "pruned", force=True)
         _quiet_libraries()
         _table("prune", _prune(params, out / "pruned", force=True))
-        ev = params.evaluate
-        rows = _evaluate_dirs([Path(params.model), out / "pruned"], ev.max_windows, ev.speed, None)
+        rows = _evaluate_dirs([Path(params.model), out / "pruned"], params.evaluate)
     except PruneflowError as err:
         _fail(err)
     names = dict(zip(rows, ("dense", f"{params.score.method} −{params.prune.ratio:.0%}")))

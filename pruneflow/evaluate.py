@@ -116,8 +116,28 @@ def measure(model, tokenizer, spec, checkpoint_dir=None, test_stream: torch.Tens
     if spec.causal_lm and test_stream is not None:
         row["test_ppl"] = perplexity(model, test_stream, ppl_seqlen, max_windows=max_windows)
     if speed:
-        vocab = model.get_input_embeddings().num_embeddings
-        row["prefill_ms"] = prefill_latency(model, vocab, tokens=ppl_seqlen) * 1e3
-        if spec.causal_lm:
-            row["decode_tok_s"] = decode_tokens_per_second(model, vocab, new_tokens=decode_tokens)
+        row.update(compare_speed([model], spec.causal_lm, ppl_seqlen, decode_tokens)[0])
     return row
+
+
+@torch.no_grad()
+def compare_speed(models: list, causal_lm: bool, tokens: int = PPL_SEQLEN, decode_tokens: int = 64,
+                  rounds: int = 5) -> list[dict]:
+    """Prefill latency and decode speed of several models, measured round-robin so that machine noise
+    (other processes, frequency changes) falls on all of them alike. Medians over ``rounds``."""
+    prefill = [[] for _ in models]
+    decode = [[] for _ in models]
+    for round_ in range(rounds + 1):  # round 0 warms up
+        for i, model in enumerate(models):
+            vocab = model.get_input_embeddings().num_embeddings
+            seconds = prefill_latency(model, vocab, tokens=tokens, repeats=1, warmup=0)
+            rate = decode_tokens_per_second(model, vocab, new_tokens=decode_tokens, repeats=1, warmup=0) \
+                if causal_lm else None
+            if round_:
+                prefill[i].append(seconds * 1e3)
+                decode[i].append(rate)
+    rows = [{"prefill_ms": _median(p)} for p in prefill]
+    if causal_lm:
+        for row, rates in zip(rows, decode):
+            row["decode_tok_s"] = _median(rates)
+    return rows

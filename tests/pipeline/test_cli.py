@@ -187,3 +187,14 @@ def test_loading_a_per_layer_checkpoint_never_prompts_for_remote_code(tiny_check
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
     assert "PrunedLlamaForCausalLM" in output and "custom code" not in output
+
+
+def test_evaluate_compares_checkpoints_in_one_table(tiny_checkpoint, calibration_txt, tmp_path):
+    out = tmp_path / "pruned"
+    assert run(*prune_args(tiny_checkpoint, out, calibration_txt, "--ratio", 0.5)).exit_code == 0
+    result = run("evaluate", tiny_checkpoint, out, "--max-windows", 4, "--threads", 1)
+    assert result.exit_code == 0, result.output
+    for metric in ("test_ppl", "prefill_ms", "decode_tok_s", "size_mb", "non_embedding_params"):
+        assert metric in result.output
+    bad = run("evaluate", tiny_checkpoint, "--max-windows", 0)
+    assert bad.exit_code == 2 and "evaluate.max_windows: Input should be greater than or equal to 1" in bad.output
