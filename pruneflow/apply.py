@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -21,12 +23,14 @@ def layer_shapes(model: nn.Module, spec: ArchSpec) -> list[LayerShape]:
         bias = {name: int(A.get(block, path).bias is not None)
                 for name, path in (("q", spec.q), ("k", spec.k), ("gate", spec.gate), ("up", spec.up)) if path}
         in_rows = 2 if spec.gate else 1
-        shapes.append(LayerShape(
+        shape = LayerShape(
             heads=w["heads"], kv_heads=w["kv_heads"], channels=w["channels"], hidden=geo.hidden,
             head_cost=geo.head_dim * (2 * geo.hidden + bias["q"]),
             kv_cost=2 * geo.head_dim * (geo.hidden + bias["k"]),
             channel_cost=in_rows * geo.hidden + bias["up"] + bias.get("gate", 0) + geo.hidden,
-            o_bias=w["o_bias"], down_bias=w["down_bias"]))
+            o_bias=w["o_bias"], down_bias=w["down_bias"])
+        block_params = sum(p.numel() for p in block.parameters())
+        shapes.append(replace(shape, fixed_cost=block_params - shape.block_cost))
     return shapes
 
 
@@ -92,4 +96,23 @@ def apply(model: nn.Module, plan: PrunePlan, spec: ArchSpec, scores: Scores | No
         _apply_block(block, spec, layer, geo.head_dim,
                      scores.attn_mean[i] if plan.compensate and heads_cut else None,
                      scores.mlp_mean[i] if plan.compensate and channels_cut else None)
+    if plan.kept_layers is not None and len(plan.kept_layers) < len(shapes):
+        remove_layers(model, spec, plan.kept_layers)
     return model
+
+
+def remove_layers(model: nn.Module, spec: ArchSpec, kept: list[int]) -> None:
+    """Drop whole blocks, renumber ``layer_idx`` (KV-cache slots) and shorten the config's per-layer lists."""
+    old_count = len(A.blocks(model, spec))
+    blocks = nn.ModuleList(A.blocks(model, spec)[i] for i in kept)
+    parent, _, name = spec.layers.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, blocks)
+    for new_index, block in enumerate(blocks):
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_index
+    config = model.config
+    config.num_hidden_layers = len(kept)
+    for key, value in list(vars(config).items()):
+        if isinstance(value, list) and len(value) == old_count and key != "pruneflow_layers":
+            setattr(config, key, [value[i] for i in kept])  # e.g. layer_types

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pruneflow.errors import PruneflowError
 
-UNITS = ("mlp", "heads")
+UNITS = ("mlp", "heads", "layers")
 
 
 class _Section(BaseModel):
@@ -41,7 +41,7 @@ class PruneParams(_Section):
     ratio: float = Field(0.3, gt=0, lt=1, description="fraction of non-embedding parameters to remove")
     allocation: Literal["uniform", "global"] = Field(
         "uniform", description="same share from every layer, or ranked across layers (non-uniform widths)")
-    units: list[str] = Field(default_factory=lambda: list(UNITS))
+    units: list[str] = Field(default_factory=lambda: ["mlp", "heads"])
     head_mode: Literal["auto", "query", "group"] = Field(
         "auto", description="GQA head unit: a query head from every group, a whole KV group, or the finer")
     round_to: int = Field(1, ge=1, description="keep MLP widths a multiple of this")

@@ -38,6 +38,7 @@ class PrunePlan:
     seed: int
     layers: list[LayerPlan]
     params: dict = field(default_factory=dict)  # before/after/achieved ratio, filled by select
+    kept_layers: list[int] | None = None  # blocks kept (None: all); ``layers`` still has one entry per block
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -66,6 +67,12 @@ class LayerShape:
     hidden: int
     o_bias: bool
     down_bias: bool
+    fixed_cost: int = 0  # parameters of the block outside any width unit (norms, o/down biases)
+
+    @property
+    def block_cost(self) -> int:
+        return (self.heads * self.head_cost + self.kv_heads * self.kv_cost + self.channels * self.channel_cost
+                + self.fixed_cost)
 
     @property
     def group_size(self) -> int:
@@ -93,7 +100,17 @@ class _Unit:
 
 def _units(scores: Scores, shapes: list[LayerShape], cfg: SelectConfig) -> list[_Unit]:
     units: list[_Unit] = []
-    for layer, shape in enumerate(shapes):
+    if "layers" in cfg.units:
+        if scores.layers is None:
+            raise PruneflowError("prune.units: 'layers' needs a depth method (block_influence, angular)")
+        units += [_Unit(layer, "layer", 0, float(s), shape.block_cost)
+                  for layer, (shape, s) in enumerate(zip(shapes, scores.layers.tolist()))]
+    width = [u for u in cfg.units if u != "layers"]
+    if width and not scores.heads:
+        raise PruneflowError(f"prune.units: this method scores whole layers only; use units [layers], not {width}")
+    if width and "layers" in cfg.units and not scores.comparable:
+        raise PruneflowError("prune.units: combining layers with heads/mlp needs scores on one scale")
+    for layer, shape in enumerate(shapes if width else []):
         if "mlp" in cfg.units:
             units += [_Unit(layer, "channel", j, float(s), shape.channel_cost)
                       for j, s in enumerate(scores.channels[layer].tolist())]
@@ -128,6 +145,8 @@ def _head_mode(cfg: SelectConfig, shape: LayerShape) -> str:
 
 def _capacity(kind: str, shape: LayerShape) -> int:
     """How many units of a kind may go before the module would be empty."""
+    if kind == "layer":
+        return 1  # a block goes at most once; keeping one block overall is checked by the caller
     return {"channel": shape.channels, "group": shape.kv_heads, "slice": shape.group_size}[kind] - 1
 
 
@@ -148,8 +167,10 @@ def _select_global(units: list[_Unit], shapes: list[LayerShape], target: int) ->
         if total >= target:
             break
         taken = removed.setdefault((unit.layer, unit.kind), [])
-        if len(taken) >= _capacity(unit.kind, shapes[unit.layer]):
+        if len(taken) >= _capacity(unit.kind, shapes[unit.layer]) or removed.get((unit.layer, "layer")):
             continue  # never empty a module; the next unit elsewhere is taken instead
+        if unit.kind == "layer" and sum(bool(removed.get((l, "layer"))) for l in range(len(shapes))) == len(shapes) - 1:
+            continue  # keep at least one block
         if total + unit.cost > target + slack:
             continue  # a coarse unit (a head slice) would overshoot; finer units fill the rest
         taken.append(len(taken) if unit.kind == "slice" else unit.index)
@@ -158,6 +179,8 @@ def _select_global(units: list[_Unit], shapes: list[LayerShape], target: int) ->
 
 
 def _select_uniform(units: list[_Unit], shapes: list[LayerShape], target: int, cfg: SelectConfig) -> dict:
+    if any(u.kind == "layer" for u in units):  # depth has no per-layer share: whole blocks are ranked
+        return _select_global(units, shapes, target)
     by_key: dict[tuple[int, str], list[_Unit]] = {}
     for unit in units:
         by_key.setdefault((unit.layer, unit.kind), []).append(unit)
@@ -208,6 +231,9 @@ def _round_channels(removed: list[int], scores: torch.Tensor, shape: LayerShape,
 def _layer_plan(layer: int, shape: LayerShape, removed: dict, scores: Scores, cfg: SelectConfig) -> LayerPlan:
     gone_channels = set(_round_channels(removed.get((layer, "channel"), []), scores.channels[layer], shape,
                                         cfg.round_to, layer) if "mlp" in cfg.units else [])
+    if not scores.heads:  # depth-only plan: every kept block keeps its full width
+        return LayerPlan(kept_heads=list(range(shape.heads)), kept_kv_heads=list(range(shape.kv_heads)),
+                         kept_channels=list(range(shape.channels)))
     gone_groups = set(removed.get((layer, "group"), []))
     slices = len(removed.get((layer, "slice"), []))
     per_group = scores.heads[layer].reshape(shape.kv_heads, shape.group_size)
@@ -223,7 +249,11 @@ def _layer_plan(layer: int, shape: LayerShape, removed: dict, scores: Scores, cf
 def removed_parameters(plan: PrunePlan, shapes: list[LayerShape]) -> int:
     """Exact parameters a plan removes (net of compensation biases it adds)."""
     total = 0
-    for layer, shape in zip(plan.layers, shapes):
+    kept_blocks = set(range(len(shapes)) if plan.kept_layers is None else plan.kept_layers)
+    for index, (layer, shape) in enumerate(zip(plan.layers, shapes)):
+        if index not in kept_blocks:
+            total += shape.block_cost
+            continue
         lost_heads = shape.heads - len(layer.kept_heads)
         lost_channels = shape.channels - len(layer.kept_channels)
         total += lost_heads * shape.head_cost + (shape.kv_heads - len(layer.kept_kv_heads)) * shape.kv_cost
@@ -251,6 +281,8 @@ def select(scores: Scores, shapes: list[LayerShape], params: dict[str, int], cfg
     plan = PrunePlan(method=method, ratio=cfg.ratio, allocation=cfg.allocation, head_mode=cfg.head_mode,
                      units=list(cfg.units), round_to=cfg.round_to, compensate=cfg.compensate, seed=seed,
                      layers=[_layer_plan(i, s, removed, scores, cfg) for i, s in enumerate(shapes)])
+    if "layers" in cfg.units:
+        plan.kept_layers = [i for i in range(len(shapes)) if not removed.get((i, "layer"))]
     gone = removed_parameters(plan, shapes)
     plan.params = {"total_before": params["total"], "total_after": params["total"] - gone,
                    "non_embedding_before": params["non_embedding"],

@@ -27,16 +27,19 @@ class PruneResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def score(model: nn.Module, spec: ArchSpec, method: str, windows: torch.Tensor | None, seed: int = 0) -> Scores:
+def score(model: nn.Module, spec: ArchSpec, method: str, windows: torch.Tensor | None, seed: int = 0,
+          ratio: float | None = None) -> Scores:
+    """Run a registered scorer. ``ratio`` is passed for methods whose choice depends on the target
+    (``angular`` picks the contiguous block whose size meets it)."""
     model.eval()
-    return SCORERS[method](model, spec, windows=windows, seed=seed)
+    return SCORERS[method](model, spec, windows=windows, seed=seed, ratio=ratio)
 
 
 def prune(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, windows: torch.Tensor | None,
           seed: int = 0) -> PruneResult:
     """Prune ``model`` in place; returns the plan (with exact parameter accounting) and timings."""
     started = time.perf_counter()
-    scores = score(model, spec, method, windows, seed)
+    scores = score(model, spec, method, windows, seed, cfg.ratio)
     scored = time.perf_counter()
     plan = select(scores, layer_shapes(model, spec), A.count_parameters(model),
                   SelectConfig(ratio=cfg.ratio, allocation=cfg.allocation, units=tuple(cfg.units),

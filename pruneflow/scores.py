@@ -17,7 +17,8 @@ from pruneflow.arch import ArchSpec
 class Scores:
     """Per-unit importance, higher = keep.
 
-    ``heads[l]``: (H_l,) per query head; ``channels[l]``: (I_l,) per MLP channel. ``comparable`` says the
+    ``heads[l]``: (H_l,) per query head; ``channels[l]``: (I_l,) per MLP channel; ``layers``: (L,) per block
+    (depth methods fill only this). ``comparable`` says the
     values share one scale across layers and module types (e.g. loss deltas); otherwise global allocation
     standardizes them per layer and module first. ``attn_mean``/``mlp_mean`` (per input channel of o/down)
     enable bias compensation.
@@ -26,6 +27,7 @@ class Scores:
     heads: list[torch.Tensor]
     channels: list[torch.Tensor]
     comparable: bool = False
+    layers: torch.Tensor | None = None  # (L,) per whole block, for depth pruning
     attn_mean: list[torch.Tensor] | None = None
     mlp_mean: list[torch.Tensor] | None = None
     extra: dict = field(default_factory=dict)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from pruneflow.methods import flap, magnitude, random_, wanda_sp
+from pruneflow.methods import angular, block_influence, flap, magnitude, random_, wanda_sp
 
 SCORERS = {
     "magnitude": magnitude.score,
     "random": random_.score,
     "wanda_sp": wanda_sp.score,
     "flap": flap.score,
+    "block_influence": block_influence.score,
+    "angular": angular.score,
 }
+
+# Methods that score whole blocks (use them with ``prune.units: [layers]``).
+DEPTH_METHODS = frozenset({"block_influence", "angular"})

@@ -84,7 +84,7 @@ BAD = {
     "ratio zero": (lambda t, c: [], ["--ratio", 0], "prune.ratio: Input should be greater than 0"),
     "ratio NaN": (lambda t, c: [], ["--ratio", "nan"], "prune.ratio: Input should be a finite number"),
     "unknown method": (lambda t, c: [], ["--method", "obs"], "score.method: unknown method 'obs'"),
-    "unknown unit": (lambda t, c: [], ["--units", "mlp,layers"], "prune.units"),
+    "unknown unit": (lambda t, c: [], ["--units", "mlp,blocks"], "prune.units"),
     "bad allocation": (lambda t, c: [], ["--allocation", "greedy"], "prune.allocation"),
     "round-to too large": (lambda t, c: [], ["--round-to", 512], "prune.round_to=512 is larger than layer 0"),
     "empties attention": (lambda t, c: [], ["--ratio", 0.9, "--allocation", "uniform", "--units", "heads"],

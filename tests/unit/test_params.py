@@ -21,9 +21,9 @@ def test_every_shipped_params_yaml_loads():
     ("prune.ratio=.nan", "prune.ratio: Input should be a finite number"),
     ("prune.ratio=abc", "prune.ratio: Input should be a valid number"),
     ("prune.allocation=random", "prune.allocation: Input should be 'uniform' or 'global'"),
-    ("prune.units=[mlp, layers]", "prune.units: units must be a non-empty subset"),
+    ("prune.units=[mlp, blocks]", "prune.units: units must be a non-empty subset"),
     ("prune.rato=0.3", "prune.rato: Extra inputs are not permitted"),
-    ("score.method=obs", "score.method: unknown method 'obs'; available: flap, magnitude, random, wanda_sp"),
+    ("score.method=obs", "score.method: unknown method 'obs'; available: angular, block_influence, flap, magnitude, random, wanda_sp"),
     ("calibrate.n_windows=0", "calibrate.n_windows: Input should be greater than or equal to 1"),
     ("prune.round_to=0", "prune.round_to: Input should be greater than or equal to 1"),
 ])
@@ -43,3 +43,8 @@ def test_params_file_that_is_not_yaml(tmp_path):
 def test_missing_params_file(tmp_path):
     with pytest.raises(PruneflowError, match="params file .* not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_shipped_params_yaml_equals_the_model_defaults():
+    """`pruneflow prune` without --params uses the model's defaults; they must be what params.yaml says."""
+    assert load_params(ROOT / "params.yaml") == Params()

@@ -153,3 +153,19 @@ def test_plan_round_trips_through_json():
     plan = select(scores(layer_shapes), layer_shapes, counts(layer_shapes), SelectConfig(ratio=0.3))
     again = PrunePlan.from_dict(json.loads(plan.to_json()))
     assert again == plan
+
+
+def test_width_and_depth_combine_in_one_plan_with_exact_accounting():
+    layer_shapes = [LayerShape(**{**vars(s), "fixed_cost": 2 * HIDDEN}) for s in shapes(layers=4)]
+    s = scores(layer_shapes)
+    s.comparable = True
+    s.layers = torch.tensor([0.9, -5.0, 0.8, 0.7])  # block 1 is by far the least important
+    params = counts(layer_shapes)
+    plan = select(s, layer_shapes, params, SelectConfig(ratio=0.4, units=("layers", "mlp", "heads")))
+    assert plan.kept_layers == [0, 2, 3]
+    assert any(len(plan.layers[i].kept_channels) < 200 for i in plan.kept_layers)
+    removed = layer_shapes[1].block_cost + sum(
+        (200 - len(plan.layers[i].kept_channels)) * 3 * HIDDEN + (8 - len(plan.layers[i].kept_heads)) * 2048
+        + (4 - len(plan.layers[i].kept_kv_heads)) * 2048 for i in plan.kept_layers)
+    assert removed_parameters(plan, layer_shapes) == removed
+    assert abs(plan.params["achieved_ratio"] - 0.4) <= 3 * HIDDEN / params["non_embedding"]

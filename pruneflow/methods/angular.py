@@ -1,0 +1,42 @@
+"""Angular distance (Gromov et al.): remove the contiguous run of n blocks whose input and output are closest,
+d(l, n) = mean over tokens of arccos(cos(h_l, h_{l+n})) / π, with n the number of blocks that meets the ratio.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pruneflow import arch as A
+from pruneflow.errors import PruneflowError
+from pruneflow.methods._hidden import boundary_states, cosine
+from pruneflow.scores import Scores
+
+
+def blocks_for_ratio(block_params: list[int], non_embedding: int, ratio: float) -> int:
+    """How many (average-sized) blocks come closest to removing ``ratio`` of the non-embedding parameters."""
+    mean_block = sum(block_params) / len(block_params)
+    return min(len(block_params) - 1, max(1, round(ratio * non_embedding / mean_block)))
+
+
+@torch.no_grad()
+def score(model, spec, windows, ratio: float | None = None, **_) -> Scores:
+    if ratio is None:
+        raise PruneflowError("method angular needs the target ratio to size its contiguous block")
+    blocks = A.blocks(model, spec)
+    n = blocks_for_ratio([sum(p.numel() for p in b.parameters()) for b in blocks],
+                         A.count_parameters(model)["non_embedding"], ratio)
+    starts = len(blocks) - n + 1
+    total = torch.zeros(starts, dtype=torch.float64)
+    tokens = 0
+    for states in boundary_states(model, spec, windows):
+        for start in range(starts):
+            total[start] += (cosine(states[start], states[start + n]).acos() / math.pi).sum()
+        tokens += states[0].shape[0] * states[0].shape[1]
+    distance = total / tokens  # (starts,)
+    best = int(distance.argmin())
+    layers = torch.ones(len(blocks), dtype=torch.float64)
+    layers[best:best + n] = -1.0  # the chosen run goes first, in order
+    return Scores(heads=[], channels=[], layers=layers + torch.arange(len(blocks)) * 1e-6, comparable=True,
+                  extra={"block_size": n, "start": best, "distance": distance.tolist()})
