@@ -67,9 +67,11 @@ def _plot(rows: list[dict], dense: dict, path: Path) -> None:
     for r in rows:
         series[f"{r['name']} ({r['allocation']})"].append(
             (r["non_embedding_params"] / dense["non_embedding_params"], r["test_ppl"]))
-    for name, points in sorted(series.items()):
+    colors = plt.get_cmap("tab20").colors
+    for i, (name, points) in enumerate(sorted(series.items())):
         points = sorted(points + [(1.0, dense["test_ppl"])])
-        ax.plot(*zip(*points), marker="o", label=name, linestyle="--" if "uniform" in name else "-")
+        ax.plot(*zip(*points), marker="o", label=name, color=colors[i % len(colors)],
+                linestyle="--" if "uniform" in name else "-")
     ax.set_xlabel("non-embedding parameters kept (fraction of dense)")
     ax.set_ylabel("test perplexity (log)")
     ax.set_yscale("log")

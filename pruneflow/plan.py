@@ -103,7 +103,7 @@ def _units(scores: Scores, shapes: list[LayerShape], cfg: SelectConfig) -> list[
     if "layers" in cfg.units:
         if scores.layers is None:
             raise PruneflowError("prune.units: 'layers' needs a depth method (block_influence, angular)")
-        units += [_Unit(layer, "layer", 0, float(s), shape.block_cost)
+        units += [_Unit(layer, "layer", 0, float(s), _unit_cost("layer", shape))
                   for layer, (shape, s) in enumerate(zip(shapes, scores.layers.tolist()))]
     width = [u for u in cfg.units if u != "layers"]
     if width and not scores.heads:
@@ -112,16 +112,16 @@ def _units(scores: Scores, shapes: list[LayerShape], cfg: SelectConfig) -> list[
         raise PruneflowError("prune.units: combining layers with heads/mlp needs scores on one scale")
     for layer, shape in enumerate(shapes if width else []):
         if "mlp" in cfg.units:
-            units += [_Unit(layer, "channel", j, float(s), shape.channel_cost)
+            units += [_Unit(layer, "channel", j, float(s), _unit_cost("channel", shape))
                       for j, s in enumerate(scores.channels[layer].tolist())]
         if "heads" in cfg.units:
             per_group = scores.heads[layer].reshape(shape.kv_heads, shape.group_size)  # (G, heads per group)
             if _head_mode(cfg, shape) == "group":
-                cost = shape.kv_cost + shape.group_size * shape.head_cost
-                units += [_Unit(layer, "group", g, float(s), cost) for g, s in enumerate(per_group.mean(1).tolist())]
+                units += [_Unit(layer, "group", g, float(s), _unit_cost("group", shape))
+                          for g, s in enumerate(per_group.mean(1).tolist())]
             else:  # slice r removes the r-th weakest query head of every group
                 ranked = per_group.sort(dim=1).values.mean(0)  # (heads per group,)
-                units += [_Unit(layer, "slice", r, float(s), shape.kv_heads * shape.head_cost)
+                units += [_Unit(layer, "slice", r, float(s), _unit_cost("slice", shape))
                           for r, s in enumerate(ranked.tolist())]
     return units
 
@@ -138,9 +138,13 @@ def _head_mode(cfg: SelectConfig, shape: LayerShape) -> str:
         return "group"
     if cfg.head_mode != "auto":
         return cfg.head_mode
-    slice_cost = shape.kv_heads * shape.head_cost
-    group_cost = shape.kv_cost + shape.group_size * shape.head_cost
-    return "query" if slice_cost < group_cost else "group"
+    return "query" if _unit_cost("slice", shape) < _unit_cost("group", shape) else "group"
+
+
+def _unit_cost(kind: str, shape: LayerShape) -> int:
+    """Parameters one unit removes: a channel, a head slice (one query head per group), a KV group, a block."""
+    return {"channel": shape.channel_cost, "slice": shape.kv_heads * shape.head_cost,
+            "group": shape.kv_cost + shape.group_size * shape.head_cost, "layer": shape.block_cost}[kind]
 
 
 def _capacity(kind: str, shape: LayerShape) -> int:
@@ -169,12 +173,16 @@ def _select_global(units: list[_Unit], shapes: list[LayerShape], target: int) ->
         taken = removed.setdefault((unit.layer, unit.kind), [])
         if len(taken) >= _capacity(unit.kind, shapes[unit.layer]) or removed.get((unit.layer, "layer")):
             continue  # never empty a module; the next unit elsewhere is taken instead
-        if unit.kind == "layer" and sum(bool(removed.get((l, "layer"))) for l in range(len(shapes))) == len(shapes) - 1:
-            continue  # keep at least one block
-        if total + unit.cost > target + slack:
-            continue  # a coarse unit (a head slice) would overshoot; finer units fill the rest
+        cost = unit.cost
+        if unit.kind == "layer":
+            if sum(bool(removed.get((i, "layer"))) for i in range(len(shapes))) == len(shapes) - 1:
+                continue  # keep at least one block
+            cost -= sum(len(done) * _unit_cost(kind, shapes[unit.layer])  # width units already taken in it
+                        for (layer, kind), done in removed.items() if layer == unit.layer and kind != "layer")
+        if total + cost > target + slack:
+            continue  # a coarse unit (a head slice, a block) would overshoot; finer units fill the rest
         taken.append(len(taken) if unit.kind == "slice" else unit.index)
-        total += unit.cost
+        total += cost
     return removed
 
 

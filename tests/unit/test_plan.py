@@ -169,3 +169,15 @@ def test_width_and_depth_combine_in_one_plan_with_exact_accounting():
         + (4 - len(plan.layers[i].kept_kv_heads)) * 2048 for i in plan.kept_layers)
     assert removed_parameters(plan, layer_shapes) == removed
     assert abs(plan.params["achieved_ratio"] - 0.4) <= 3 * HIDDEN / params["non_embedding"]
+
+
+def test_width_units_taken_before_their_block_is_removed_are_not_counted_twice():
+    layer_shapes = [LayerShape(**{**vars(s), "fixed_cost": 2 * HIDDEN}) for s in shapes(layers=4)]
+    s = scores(layer_shapes)
+    s.comparable = True
+    s.channels[1] -= 100.0  # block 1's channels go first ...
+    s.layers = torch.tensor([0.9, -5.0, 0.8, 0.7])  # ... and then block 1 itself
+    params = counts(layer_shapes)
+    plan = select(s, layer_shapes, params, SelectConfig(ratio=0.4, units=("layers", "mlp", "heads")))
+    assert plan.kept_layers == [0, 2, 3]
+    assert abs(plan.params["achieved_ratio"] - 0.4) <= 3 * HIDDEN / params["non_embedding"]
