@@ -90,17 +90,23 @@ def jobs(args) -> list[dict]:
     return out
 
 
+def _key(job: dict) -> tuple:
+    return (job["model"], job["method"], job["ratio"], job["allocation"], job["seed"], job.get("compensate", True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--methods", nargs="+",
-                        default=["flap", "wanda_sp", "magnitude", "random", "block_influence", "angular"])
+                        default=["flap", "wanda_sp", "magnitude", "random", "block_influence", "angular", "sleb"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.5])
     parser.add_argument("--allocations", nargs="+", default=["global", "uniform"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-encoder", dest="encoder", action="store_false")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.json")
+    parser.add_argument("--merge", action="store_true",
+                        help="add/replace these configurations in an existing results file (keeps its dense row)")
     args = parser.parse_args()
     if args.one:
         print("RESULT " + json.dumps(run_one(json.loads(args.one))))
@@ -108,6 +114,12 @@ def main() -> None:
     rows = []
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     todo = jobs(args)
+    kept: list[dict] = []
+    if args.merge and args.out.exists():
+        kept = json.loads(args.out.read_text())["rows"]
+        todo = [job for job in todo if job["method"] != "dense"]
+        new_keys = {_key(job) for job in todo}
+        kept = [row for row in kept if _key(row) not in new_keys]
     for i, job in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {job['method']} {job['ratio']} {job['allocation']} seed={job['seed']} "
               f"{Path(job['model']).name}", file=sys.stderr, flush=True)
@@ -119,7 +131,7 @@ def main() -> None:
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpus": os.cpu_count(), "threads": args.threads, "python": platform.python_version(),
                "torch": __import__("torch").__version__, "date": time.strftime("%Y-%m-%d")}
-    args.out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
+    args.out.write_text(json.dumps({"machine": machine, "rows": kept + rows}, indent=1) + "\n")
     from benchmarks.report import write_report
 
     write_report(args.out, ROOT / "BENCHMARKS.md")

@@ -102,7 +102,7 @@ def _units(scores: Scores, shapes: list[LayerShape], cfg: SelectConfig) -> list[
     units: list[_Unit] = []
     if "layers" in cfg.units:
         if scores.layers is None:
-            raise PruneflowError("prune.units: 'layers' needs a depth method (block_influence, angular)")
+            raise PruneflowError("prune.units: 'layers' needs a depth method (block_influence, angular, sleb)")
         units += [_Unit(layer, "layer", 0, float(s), _unit_cost("layer", shape))
                   for layer, (shape, s) in enumerate(zip(shapes, scores.layers.tolist()))]
     width = [u for u in cfg.units if u != "layers"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pruneflow.methods import angular, block_influence, flap, magnitude, random_, wanda_sp
+from pruneflow.methods import angular, block_influence, flap, magnitude, random_, sleb, wanda_sp
 
 SCORERS = {
     "magnitude": magnitude.score,
@@ -11,7 +11,8 @@ SCORERS = {
     "flap": flap.score,
     "block_influence": block_influence.score,
     "angular": angular.score,
+    "sleb": sleb.score,
 }
 
 # Methods that score whole blocks (use them with ``prune.units: [layers]``).
-DEPTH_METHODS = frozenset({"block_influence", "angular"})
+DEPTH_METHODS = frozenset({"block_influence", "angular", "sleb"})
