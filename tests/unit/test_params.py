@@ -23,7 +23,7 @@ def test_every_shipped_params_yaml_loads():
     ("prune.allocation=random", "prune.allocation: Input should be 'uniform' or 'global'"),
     ("prune.units=[mlp, blocks]", "prune.units: units must be a non-empty subset"),
     ("prune.rato=0.3", "prune.rato: Extra inputs are not permitted"),
-    ("score.method=obs", "score.method: unknown method 'obs'; available: angular, block_influence, flap, magnitude, random, sleb, wanda_sp"),
+    ("score.method=obs", "score.method: unknown method 'obs'; available: angular, block_influence, flap, magnitude, random, sleb, taylor, wanda_sp"),
     ("calibrate.n_windows=0", "calibrate.n_windows: Input should be greater than or equal to 1"),
     ("prune.round_to=0", "prune.round_to: Input should be greater than or equal to 1"),
 ])

@@ -40,3 +40,17 @@ def test_zscore_standardizes_and_handles_no_spread():
     assert_close(z, torch.tensor([-1.0, 0.0, 1.0]))
     assert torch.equal(zscore(torch.tensor([5.0, 5.0])), torch.zeros(2))
     assert torch.equal(zscore(torch.tensor([5.0])), torch.zeros(1))
+
+
+def test_taylor_saliency_matches_a_hand_computed_value():
+    """One linear layer, L = sum(W x): ∂L/∂W[i, j] = x_j, so row i's saliency is Σ_j |W[i, j] · x_j|."""
+    from pruneflow.methods.taylor import _column_saliency, _row_saliency
+
+    layer = torch.nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]]))
+    x = torch.tensor([2.0, 1.0, -4.0])
+    layer(x).sum().backward()
+    # |W ⊙ g| = [[2, 2, 2], [0, 3, 4]]
+    assert_close(_row_saliency(layer), torch.tensor([6.0, 7.0], dtype=torch.float64))
+    assert_close(_column_saliency(layer), torch.tensor([2.0, 5.0, 6.0], dtype=torch.float64))
