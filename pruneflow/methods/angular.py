@@ -14,9 +14,11 @@ from pruneflow.methods._hidden import boundary_states, cosine
 from pruneflow.scores import Scores
 
 
-def blocks_for_ratio(block_params: list[int], non_embedding: int, ratio: float) -> int:
+def blocks_for_ratio(model, spec, ratio: float) -> int:
     """How many (average-sized) blocks come closest to removing ``ratio`` of the non-embedding parameters."""
+    block_params = [sum(p.numel() for p in block.parameters()) for block in A.blocks(model, spec)]
     mean_block = sum(block_params) / len(block_params)
+    non_embedding = A.count_parameters(model)["non_embedding"]
     return min(len(block_params) - 1, max(1, round(ratio * non_embedding / mean_block)))
 
 
@@ -25,8 +27,7 @@ def score(model, spec, windows, ratio: float | None = None, **_) -> Scores:
     if ratio is None:
         raise PruneflowError("method angular needs the target ratio to size its contiguous block")
     blocks = A.blocks(model, spec)
-    n = blocks_for_ratio([sum(p.numel() for p in b.parameters()) for b in blocks],
-                         A.count_parameters(model)["non_embedding"], ratio)
+    n = blocks_for_ratio(model, spec, ratio)
     starts = len(blocks) - n + 1
     total = torch.zeros(starts, dtype=torch.float64)
     tokens = 0

@@ -7,6 +7,7 @@ passes only: rounds × blocks passes over the calibration set. Scores rank block
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import torch
@@ -14,6 +15,7 @@ from tqdm import tqdm
 
 from pruneflow import arch as A
 from pruneflow.errors import PruneflowError
+from pruneflow.evaluate import perplexity
 from pruneflow.methods.angular import blocks_for_ratio
 from pruneflow.scores import Scores
 
@@ -32,15 +34,9 @@ def skipped(blocks, indices: set[int]):
             handle.remove()
 
 
-@torch.no_grad()
-def calibration_loss(model, windows: torch.Tensor, batch_size: int = 8) -> float:
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(windows), batch_size):
-        batch = windows[start:start + batch_size].to(device)
-        total += model(input_ids=batch, labels=batch, use_cache=False).loss.item() * len(batch)
-        count += len(batch)
-    return total / count
+def calibration_loss(model, windows: torch.Tensor) -> float:
+    """Mean next-token loss over the calibration windows (the perplexity protocol on exactly these windows)."""
+    return math.log(perplexity(model, windows.reshape(-1), windows.shape[1]))
 
 
 @torch.no_grad()
@@ -50,8 +46,7 @@ def score(model, spec, windows, ratio: float | None = None, **_) -> Scores:
     if not spec.causal_lm:
         raise PruneflowError("method sleb scores by next-token loss and needs a causal LM")
     blocks = A.blocks(model, spec)
-    rounds = blocks_for_ratio([sum(p.numel() for p in b.parameters()) for b in blocks],
-                              A.count_parameters(model)["non_embedding"], ratio)
+    rounds = blocks_for_ratio(model, spec, ratio)
     removed: list[int] = []
     losses: list[float] = []
     for _ in tqdm(range(rounds), desc="sleb rounds", leave=False):
