@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pruneflow import corpus
+from pruneflow.atomic import atomic_dir
 from pruneflow.errors import PruneflowError
 
 
@@ -117,16 +116,9 @@ def prepare(tokenizer, source: str, n_windows: int, seqlen: int, seed: int,
 
 def save(windows: torch.Tensor, manifest: CalibrationManifest, out_dir: Path, overwrite: bool = False) -> None:
     """Write windows + manifest to a temp dir renamed to ``out_dir`` at the end."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise PruneflowError(f"output directory {out_dir} already exists")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    save_file({"input_ids": windows.contiguous()}, tmp / "calibration.safetensors")
-    (tmp / "manifest.json").write_text(json.dumps(asdict(manifest), indent=1) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with atomic_dir(out_dir, overwrite) as tmp:
+        save_file({"input_ids": windows.contiguous()}, tmp / "calibration.safetensors")
+        (tmp / "manifest.json").write_text(json.dumps(asdict(manifest), indent=1) + "\n")
 
 
 def load(out_dir: Path) -> tuple[torch.Tensor, CalibrationManifest]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from torch import nn
 from pruneflow import arch as A
 from pruneflow import modeling_pruneflow
 from pruneflow.arch import ArchSpec
+from pruneflow.atomic import atomic_dir
 from pruneflow.errors import PruneflowError
 
 log = logging.getLogger(__name__)
@@ -86,15 +86,10 @@ def pruned_config(model: nn.Module, spec: ArchSpec):
 def save(model: nn.Module, tokenizer, out_dir: Path, spec: ArchSpec, extra_files: dict[str, str] | None = None,
          overwrite: bool = False) -> dict:
     """Write the checkpoint atomically: everything goes to a temp dir renamed to ``out_dir`` at the end."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise PruneflowError(f"output directory {out_dir} already exists; choose another or pass --force")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     config = vanilla_config(model, spec)
     vanilla = config is not None
     config = config if vanilla else pruned_config(model, spec)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, overwrite) as tmp:
         original = model.config
         model.config = config
         try:
@@ -110,22 +105,7 @@ def save(model: nn.Module, tokenizer, out_dir: Path, spec: ArchSpec, extra_files
         info = {"vanilla": vanilla, "loader": "from_pretrained(dir)" if vanilla else
                 "from_pretrained(dir, trust_remote_code=True) or pruneflow.load(dir)"}
         (tmp / "pruneflow.json").write_text(json.dumps(info, indent=1) + "\n")
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-        new.rename(target)
-        shutil.rmtree(old)
-    else:
-        new.rename(target)
 
 
 def _read_config(path: Path) -> dict:
@@ -157,7 +137,7 @@ def load(path: Path | str, with_tokenizer: bool = True):
 
     Returns ``(model, tokenizer, spec)``; the model is in eval mode, float32.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     path = Path(path)
     model_type = _read_config(path).get("model_type", "")
@@ -176,11 +156,30 @@ def load(path: Path | str, with_tokenizer: bool = True):
         if not torch.isfinite(tensor).all():
             raise PruneflowError(f"checkpoint {path}: weight {name} contains NaN or Inf")
     model.eval()
-    # passing the loaded config keeps AutoTokenizer from reading config.json's auto_map and asking
-    # interactively whether to run remote code
-    tokenizer = (AutoTokenizer.from_pretrained(path, config=model.config, trust_remote_code=False)
-                 if with_tokenizer else None)
+    tokenizer = load_tokenizer(path, model.config) if with_tokenizer else None
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise PruneflowError(f"checkpoint {path}: tokenizer has {len(tokenizer)} tokens but the model's "
                              f"embedding only {model.get_input_embeddings().num_embeddings}")
     return model, tokenizer, spec
+
+
+def load_tokenizer(path: Path | str, config=None):
+    """A checkpoint's tokenizer, without remote code.
+
+    The config is passed explicitly (read with pruneflow's own classes for per-layer checkpoints): otherwise
+    AutoTokenizer reads config.json's ``auto_map`` and asks interactively whether to run remote code.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(path)
+    if config is None:
+        model_type = _read_config(path).get("model_type", "")
+        A.arch_for(model_type)
+        if model_type.startswith(A.PRUNED_PREFIX):
+            config = modeling_pruneflow.CLASSES[A.base_model_type(model_type)][0].from_pretrained(path)
+        else:
+            config = AutoConfig.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path, config=config, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise PruneflowError(f"cannot load the tokenizer of {path}: {str(err).splitlines()[0][:300]}") from err

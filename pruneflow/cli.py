@@ -152,9 +152,8 @@ def calibrate(
     force: bool = typer.Option(False, help="replace OUT if it exists"),
 ) -> None:
     """Sample seeded calibration windows from a text source and save them with a manifest."""
-    from transformers import AutoTokenizer
-
     from pruneflow import calibration as C
+    from pruneflow.checkpoint import load_tokenizer
     from pruneflow.params import load_params
 
     options = {"calibrate.source": source, "calibrate.n_windows": n_windows, "calibrate.seqlen": seqlen,
@@ -165,8 +164,7 @@ def calibrate(
         _quiet_libraries()
         if not (model_dir / "tokenizer_config.json").exists():
             raise PruneflowError(f"{model_dir} has no tokenizer (tokenizer_config.json)")
-        windows, manifest = C.prepare(AutoTokenizer.from_pretrained(model_dir), c.source, c.n_windows, c.seqlen,
-                                      c.seed)
+        windows, manifest = C.prepare(load_tokenizer(model_dir), c.source, c.n_windows, c.seqlen, c.seed)
         C.save(windows, manifest, out, overwrite=force)
     except PruneflowError as err:
         _fail(err)

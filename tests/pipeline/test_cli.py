@@ -183,7 +183,7 @@ def test_loading_a_per_layer_checkpoint_never_prompts_for_remote_code(tiny_check
     assert json.loads((out / "pruneflow.json").read_text())["vanilla"] is False
     code = f"import pruneflow; m, t, s = pruneflow.load({str(out)!r}); print(type(m).__name__, len(t))"
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # stdin left open: a prompt would hang
+                            stderr=subprocess.STDOUT, text=True)  # a prompt would read stdin
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
     assert "PrunedLlamaForCausalLM" in output and "custom code" not in output
@@ -198,3 +198,16 @@ def test_evaluate_compares_checkpoints_in_one_table(tiny_checkpoint, calibration
         assert metric in result.output
     bad = run("evaluate", tiny_checkpoint, "--max-windows", 0)
     assert bad.exit_code == 2 and "evaluate.max_windows: Input should be greater than or equal to 1" in bad.output
+
+
+def test_calibrate_from_a_per_layer_checkpoint_never_prompts(tiny_checkpoint, calibration_txt, tmp_path):
+    out = tmp_path / "pruned"
+    assert run(*prune_args(tiny_checkpoint, out, calibration_txt, "--allocation", "global")).exit_code == 0
+    assert json.loads((out / "pruneflow.json").read_text())["vanilla"] is False  # config.json has an auto_map
+    code = (f"import sys; from pruneflow.cli import app; sys.argv = ['pruneflow', 'calibrate', {str(out)!r}, "
+            f"'--out', {str(tmp_path / 'calib')!r}, '--source', {str(calibration_txt)!r}, '--seqlen', '16']; app()")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # a prompt would read stdin
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "custom code" not in output and (tmp_path / "calib" / "manifest.json").exists()
