@@ -1,5 +1,5 @@
-"""Benchmark: every width method × {20%, 50%} × {global, uniform} and every depth method × {20%, 50%} on the
-reference model, plus the width methods on the packaged encoder.
+"""Benchmark: every width method × {20%, 50%} × {global, uniform}, Bonsai × {20%, 50%} × 3 sampling seeds and
+every depth method × {20%, 50%} on the reference model, plus the width methods on the packaged encoder.
 
 Each configuration runs in its own process so peak RSS is its own. Writes benchmarks/results.json,
 benchmarks/ppl_vs_params.png and the tables of BENCHMARKS.md. Not a test: run it by hand,
@@ -29,19 +29,21 @@ def run_one(job: dict) -> dict:
     from pruneflow import calibration as C
     from pruneflow import checkpoint, corpus
     from pruneflow.evaluate import compare_speed, embedding_fidelity, measure
-    from pruneflow.params import PruneParams
+    from pruneflow.params import BonsaiParams, PruneParams
     from pruneflow.prune import prune
 
     torch.set_num_threads(job["threads"])
     model, tokenizer, spec = checkpoint.load(job["model"])
     row = dict(job)
     if job["method"] != "dense":
-        windows, _ = C.prepare(tokenizer, "corpus", job["n_windows"], job["seqlen"], job["seed"],
+        # one calibration set for every row; the seed varies only a method's own randomness
+        windows, _ = C.prepare(tokenizer, "corpus", job["n_windows"], job["seqlen"], 0,
                                getattr(model.config, "max_position_embeddings", None))
         started = time.perf_counter()
         cfg = PruneParams(ratio=job["ratio"], allocation=job["allocation"], compensate=job["compensate"],
                           units=job["units"])
-        result = prune(model, spec, job["method"], cfg, windows, seed=job["seed"])
+        result = prune(model, spec, job["method"], cfg, windows, seed=job["seed"],
+                       bonsai=BonsaiParams(**job.get("bonsai", {})))
         row.update(prune_seconds=time.perf_counter() - started, score_seconds=result.seconds["score"],
                    achieved_ratio=result.plan.params["achieved_ratio"])
     test_docs = corpus.load_split("test")
@@ -74,6 +76,11 @@ def jobs(args) -> list[dict]:
             out += [{**base, "method": method, "ratio": r, "allocation": "global", "seed": 0, "units": ["layers"]}
                     for r in args.ratios]
             continue
+        if method == "bonsai":  # global by construction; seeds vary its sampling
+            options = dict(item.split("=", 1) for item in args.bonsai)
+            out += [{**base, "method": method, "ratio": r, "allocation": "global", "seed": seed, "bonsai": options}
+                    for r in args.ratios for seed in args.seeds]
+            continue
         for ratio in args.ratios:
             for allocation in args.allocations:
                 for seed in (args.seeds if method == "random" else args.seeds[:1]):
@@ -92,17 +99,21 @@ def jobs(args) -> list[dict]:
 
 
 def _key(job: dict) -> tuple:
-    return (job["model"], job["method"], job["ratio"], job["allocation"], job["seed"], job.get("compensate", True))
+    return (job["model"], job["method"], job["ratio"], job["allocation"], job["seed"], job.get("compensate", True),
+            json.dumps(job.get("bonsai", {}), sort_keys=True))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--methods", nargs="+",
-                        default=["flap", "wanda_sp", "taylor", "magnitude", "random", "block_influence", "angular", "sleb"])
+                        default=["flap", "wanda_sp", "taylor", "bonsai", "magnitude", "random", "block_influence",
+                                 "angular", "sleb"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.5])
     parser.add_argument("--allocations", nargs="+", default=["global", "uniform"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--bonsai", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="score.bonsai options for the bonsai rows, e.g. preset=fast")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-encoder", dest="encoder", action="store_false")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.json")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 
 def _name(row: dict) -> str:
+    if row.get("bonsai"):
+        return "bonsai (" + ", ".join(f"{k}={v}" for k, v in sorted(row["bonsai"].items())) + ")"
     return row["method"] + ("" if row.get("compensate", True) or row["method"] != "flap" else " (no bias comp.)")
 
 

@@ -90,6 +90,9 @@ def prune(
     seqlen: Optional[int] = typer.Option(None, help="calibration window length"),
     compensate: Optional[bool] = typer.Option(None, "--compensate/--no-compensate", help="bias compensation"),
     params_file: Optional[Path] = typer.Option(None, "--params", help="params.yaml for defaults"),
+    overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE params override, e.g. score.bonsai.preset=fast"),
+    state_dir: Optional[Path] = typer.Option(
+        None, help="iterative methods: where completed iterations are kept for resume (default: .OUT.state beside OUT)"),
     force: bool = typer.Option(False, help="replace OUT if it exists"),
 ) -> None:
     """Prune MODEL_DIR and write a smaller checkpoint to OUT, then print a summary table."""
@@ -100,17 +103,17 @@ def prune(
                "prune.units": units and units.split(","), "prune.allocation": allocation,
                "prune.head_mode": head_mode, "prune.round_to": round_to, "prune.compensate": compensate}
     try:
-        params = load_params(params_file, updates={k: v for k, v in options.items() if v is not None})
+        params = load_params(params_file, overrides, updates={k: v for k, v in options.items() if v is not None})
         params.model = str(model_dir)
         _check_out_dir(out, force)
         _quiet_libraries()
-        summary = _prune(params, out, force)
+        summary = _prune(params, out, force, state_dir or out.parent / f".{out.name}.state")
     except PruneflowError as err:
         _fail(err)
     _table(f"pruned {model_dir} → {out}", summary)
 
 
-def _prune(params, out: Path, force: bool) -> dict[str, dict]:
+def _prune(params, out: Path, force: bool, state_dir: Path | None = None) -> dict[str, dict]:
     from pruneflow import calibration as C
     from pruneflow import checkpoint
     from pruneflow.prune import prune as run_prune
@@ -123,19 +126,22 @@ def _prune(params, out: Path, force: bool) -> dict[str, dict]:
     windows, manifest = C.prepare(tokenizer, c.source, c.n_windows, c.seqlen, c.seed,
                                   getattr(model.config, "max_position_embeddings", None))
     _step(f"scoring with {params.score.method}, removing {params.prune.ratio:.0%} ({params.prune.allocation})")
-    result = run_prune(model, spec, params.score.method, params.prune, windows, seed=c.seed)
+    result = run_prune(model, spec, params.score.method, params.prune, windows, seed=c.seed,
+                       bonsai=params.score.bonsai, state_dir=state_dir)
     _step(f"saving {out}")
     saving = time.perf_counter()
-    info = checkpoint.save(model, tokenizer, out, spec, overwrite=force, extra_files={
-        "plan.json": result.plan.to_json(),
-        "calibration.json": json.dumps(manifest.__dict__, indent=1),
-        "params.json": params.model_dump_json(indent=1)})
+    extra = {"plan.json": result.plan.to_json(), "calibration.json": json.dumps(manifest.__dict__, indent=1),
+             "params.json": params.model_dump_json(indent=1)}
+    if result.iterations:
+        extra["iterations.json"] = json.dumps(result.iterations, indent=1)
+    info = checkpoint.save(model, tokenizer, out, spec, overwrite=force, extra_files=extra)
     p = result.plan.params
     return {
         "before": {"parameters": p["total_before"], "non-embedding": p["non_embedding_before"]},
         "after": {"parameters": p["total_after"], "non-embedding": p["non_embedding_after"],
                   "achieved ratio": p["achieved_ratio"], "seconds": time.perf_counter() - started,
                   "score seconds": result.seconds["score"], "save seconds": time.perf_counter() - saving,
+                  **({"iterations": len(result.iterations)} if result.iterations else {}),
                   "loader": "vanilla" if info["vanilla"] else "per-layer (remote code)"},
     }
 
@@ -184,38 +190,12 @@ def evaluate(
     try:
         ev = validate(EvaluateParams, {"max_windows": max_windows, "speed": speed}, prefix="evaluate")
         _quiet_libraries()
-        rows = _evaluate_dirs(models, ev, threads)
+        from pruneflow.evaluate import evaluate_dirs
+
+        rows = evaluate_dirs(models, ev, threads)
     except PruneflowError as err:
         _fail(err)
     _table("evaluation (packaged corpus test split)", rows)
-
-
-def _evaluate_dirs(dirs: list[Path], ev, threads: int | None = None) -> dict:
-    import torch
-
-    from pruneflow import calibration as C
-    from pruneflow import checkpoint, corpus
-    from pruneflow.evaluate import compare_speed, embedding_fidelity, measure
-
-    if threads:
-        torch.set_num_threads(threads)
-    loaded = [checkpoint.load(d) for d in dirs]
-    rows = {}
-    test_docs = corpus.load_split("test")
-    for d, (model, tokenizer, spec) in zip(dirs, loaded):
-        _step(f"evaluating {d}")
-        stream = C.token_stream(tokenizer, test_docs) if spec.causal_lm else None
-        rows[str(d)] = measure(model, tokenizer, spec, d, stream, ev.ppl_seqlen, ev.max_windows, speed=False)
-        if not spec.causal_lm:
-            sentences = [s for doc in test_docs[:64] for s in doc.split(". ")[:4]]
-            rows[str(d)]["cosine_to_first"] = embedding_fidelity(loaded[0][0], model, tokenizer, sentences)
-    if ev.speed:
-        _step("speed: prefill and decode, all models round-robin")
-        causal = all(spec.causal_lm for _, _, spec in loaded)
-        for row, speed in zip(rows.values(), compare_speed([m for m, _, _ in loaded], causal, ev.ppl_seqlen,
-                                                           ev.decode_tokens)):
-            row.update(speed)
-    return rows
 
 
 @app.command()
@@ -232,13 +212,39 @@ def demo(
         _check_out_dir(out / "pruned", force=True)
         _quiet_libraries()
         _table("prune", _prune(params, out / "pruned", force=True))
-        rows = _evaluate_dirs([Path(params.model), out / "pruned"], params.evaluate)
+        from pruneflow.evaluate import evaluate_dirs
+
+        rows = evaluate_dirs([Path(params.model), out / "pruned"], params.evaluate)
     except PruneflowError as err:
         _fail(err)
     names = dict(zip(rows, ("dense", f"{params.score.method} −{params.prune.ratio:.0%}")))
     rows = {names[k]: v for k, v in rows.items()}
     (out / "metrics.json").write_text(json.dumps(rows, indent=1) + "\n")
     _table("dense vs pruned (packaged corpus test split)", rows)
+
+
+@app.command()
+def stage(
+    name: str = typer.Argument(..., help="calibrate | score | prune | evaluate"),
+    params_file: Path = typer.Option(Path("params.yaml"), "--params", help="parameters"),
+    overrides: list[str] = typer.Option([], "--set", help="override a parameter: section.key=value"),
+    artifacts: Path = typer.Option(Path("artifacts"), help="the artifacts directory stages read and write"),
+) -> None:
+    """Run one pipeline stage (as dvc.yaml declares them) on its fixed inputs and outputs under ARTIFACTS."""
+    from pruneflow import stages
+    from pruneflow.params import load_params
+
+    try:
+        if name not in stages.STAGES:
+            raise PruneflowError(f"unknown stage {name!r}; stages: {', '.join(stages.STAGES)}")
+        params = load_params(params_file, overrides)
+        _quiet_libraries()
+        _step(f"stage {name}")
+        started = time.perf_counter()
+        out = stages.run(name, params, artifacts)
+    except PruneflowError as err:
+        _fail(err)
+    _step(f"stage {name} wrote {out} in {time.perf_counter() - started:.1f} s")
 
 
 @app.command()

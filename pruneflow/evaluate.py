@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from tqdm import tqdm
+
+log = logging.getLogger(__name__)
 
 PPL_SEQLEN = 256
 
@@ -140,4 +143,31 @@ def compare_speed(models: list, causal_lm: bool, tokens: int = PPL_SEQLEN, decod
     if causal_lm:
         for row, rates in zip(rows, decode):
             row["decode_tok_s"] = _median(rates)
+    return rows
+
+
+def evaluate_dirs(dirs: list, ev, threads: int | None = None) -> dict:
+    """Parameters, size, test perplexity (and, with ``ev.speed``, round-robin speed) of several checkpoints
+    in one process, keyed by directory; encoders get cosine fidelity to the first."""
+    from pruneflow import calibration as C
+    from pruneflow import checkpoint, corpus
+
+    if threads:
+        torch.set_num_threads(threads)
+    loaded = [checkpoint.load(d) for d in dirs]
+    rows = {}
+    test_docs = corpus.load_split("test")
+    for d, (model, tokenizer, spec) in zip(dirs, loaded):
+        log.info("evaluating %s", d)
+        stream = C.token_stream(tokenizer, test_docs) if spec.causal_lm else None
+        rows[str(d)] = measure(model, tokenizer, spec, d, stream, ev.ppl_seqlen, ev.max_windows, speed=False)
+        if not spec.causal_lm:
+            sentences = [s for doc in test_docs[:64] for s in doc.split(". ")[:4]]
+            rows[str(d)]["cosine_to_first"] = embedding_fidelity(loaded[0][0], model, tokenizer, sentences)
+    if ev.speed:
+        log.info("speed: prefill and decode, all models round-robin")
+        causal = all(spec.causal_lm for _, _, spec in loaded)
+        for row, speed in zip(rows.values(), compare_speed([m for m, _, _ in loaded], causal, ev.ppl_seqlen,
+                                                           ev.decode_tokens)):
+            row.update(speed)
     return rows

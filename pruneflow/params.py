@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pruneflow.errors import PruneflowError
 
@@ -24,8 +24,44 @@ class CalibrateParams(_Section):
     seed: int = 0
 
 
+# The paper's defaults, and ``fast``: sized for a CPU (minutes for the reference model, see BENCHMARKS.md).
+BONSAI_PRESETS = {
+    "paper": {"prune_frac": 0.05, "sub_models": 200, "n_windows": 32, "rows_per_forward": 32},
+    "fast": {"prune_frac": 0.05, "sub_models": 64, "n_windows": 8, "rows_per_forward": 8},
+}
+
+
+class BonsaiParams(_Section):
+    """Bonsai's hyper-parameters; ``preset`` fills the ones not given explicitly."""
+
+    preset: Literal["paper", "fast"] = Field(
+        "paper", description="defaults for prune_frac, sub_models, n_windows, rows_per_forward")
+    prune_frac: float = Field(0.05, gt=0, lt=0.5, description="fraction of the original parameters per iteration")
+    sub_models: int = Field(200, ge=4, multiple_of=2, description="sub-models per iteration (draw/complement pairs)")
+    n_windows: int = Field(32, ge=1, description="calibration windows each sub-model is scored on")
+    prior: Literal["wanda_sp", "magnitude", "random"] = Field("wanda_sp", description="prior for sampling")
+    objective: Literal["ppl", "loss"] = Field("ppl", description="sub-model score: −perplexity (paper) or −loss")
+    drop_count: Literal["fixed", "varied"] = Field(
+        "varied", description="candidates a module drops per draw: int(f·n)+1 (paper) or uniform in 0..all")
+    per_parameter: bool = Field(True, description="rank units by importance per parameter removed")
+    shrink_to: Literal["zero", "prior"] = Field(
+        "prior", description="the lasso shrinks importances towards 0 (paper) or towards the scaled prior")
+    cv_folds: int = Field(5, ge=2, description="folds choosing the lasso penalty (Kendall τ)")
+    tolerance: float = Field(0.02, ge=0, lt=1, description="stop when the achieved ratio is this close")
+    rows_per_forward: int = Field(32, ge=1, description="(sub-model, window) rows per forward pass")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data):
+        if isinstance(data, dict):
+            preset = BONSAI_PRESETS.get(data.get("preset", "paper"), {})
+            data = {**preset, **data}
+        return data
+
+
 class ScoreParams(_Section):
     method: str = Field("flap", description="importance method (see `pruneflow methods`)")
+    bonsai: BonsaiParams = Field(default_factory=BonsaiParams)
 
     @field_validator("method")
     @classmethod
@@ -69,6 +105,13 @@ class Params(_Section):
     score: ScoreParams = Field(default_factory=ScoreParams)
     prune: PruneParams = Field(default_factory=PruneParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+
+    @model_validator(mode="after")
+    def _bonsai_windows(self):
+        if self.score.method == "bonsai" and self.score.bonsai.n_windows > self.calibrate.n_windows:
+            raise ValueError(f"score.bonsai.n_windows={self.score.bonsai.n_windows} exceeds "
+                             f"calibrate.n_windows={self.calibrate.n_windows}")
+        return self
 
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:

@@ -103,7 +103,7 @@ def _units(scores: Scores, shapes: list[LayerShape], cfg: SelectConfig) -> list[
     if "layers" in cfg.units:
         if scores.layers is None:
             raise PruneflowError("prune.units: 'layers' needs a depth method (block_influence, angular, sleb)")
-        units += [_Unit(layer, "layer", 0, float(s), _unit_cost("layer", shape))
+        units += [_Unit(layer, "layer", 0, float(s), unit_cost("layer", shape))
                   for layer, (shape, s) in enumerate(zip(shapes, scores.layers.tolist()))]
     width = [u for u in cfg.units if u != "layers"]
     if width and not scores.heads:
@@ -112,16 +112,16 @@ def _units(scores: Scores, shapes: list[LayerShape], cfg: SelectConfig) -> list[
         raise PruneflowError("prune.units: combining layers with heads/mlp needs scores on one scale")
     for layer, shape in enumerate(shapes if width else []):
         if "mlp" in cfg.units:
-            units += [_Unit(layer, "channel", j, float(s), _unit_cost("channel", shape))
+            units += [_Unit(layer, "channel", j, float(s), unit_cost("channel", shape))
                       for j, s in enumerate(scores.channels[layer].tolist())]
         if "heads" in cfg.units:
             per_group = scores.heads[layer].reshape(shape.kv_heads, shape.group_size)  # (G, heads per group)
-            if _head_mode(cfg, shape) == "group":
-                units += [_Unit(layer, "group", g, float(s), _unit_cost("group", shape))
+            if head_unit(cfg.head_mode, shape) == "group":
+                units += [_Unit(layer, "group", g, float(s), unit_cost("group", shape))
                           for g, s in enumerate(per_group.mean(1).tolist())]
             else:  # slice r removes the r-th weakest query head of every group
                 ranked = per_group.sort(dim=1).values.mean(0)  # (heads per group,)
-                units += [_Unit(layer, "slice", r, float(s), _unit_cost("slice", shape))
+                units += [_Unit(layer, "slice", r, float(s), unit_cost("slice", shape))
                           for r, s in enumerate(ranked.tolist())]
     return units
 
@@ -132,16 +132,17 @@ def _standardize(scores: Scores) -> Scores:
                    channels=[zscore(c.double()) for c in scores.channels], comparable=True)
 
 
-def _head_mode(cfg: SelectConfig, shape: LayerShape) -> str:
-    """``auto`` picks the finer head unit: a whole KV group, or one query head from every group."""
+def head_unit(head_mode: str, shape: LayerShape) -> str:
+    """The head unit of a layer, "group" or "query"; ``auto`` picks the finer: a whole KV group, or one query
+    head from every group."""
     if shape.group_size == 1:
         return "group"
-    if cfg.head_mode != "auto":
-        return cfg.head_mode
-    return "query" if _unit_cost("slice", shape) < _unit_cost("group", shape) else "group"
+    if head_mode != "auto":
+        return head_mode
+    return "query" if unit_cost("slice", shape) < unit_cost("group", shape) else "group"
 
 
-def _unit_cost(kind: str, shape: LayerShape) -> int:
+def unit_cost(kind: str, shape: LayerShape) -> int:
     """Parameters one unit removes: a channel, a head slice (one query head per group), a KV group, a block."""
     return {"channel": shape.channel_cost, "slice": shape.kv_heads * shape.head_cost,
             "group": shape.kv_cost + shape.group_size * shape.head_cost, "layer": shape.block_cost}[kind]
@@ -168,7 +169,7 @@ def _select_global(units: list[_Unit], shapes: list[LayerShape], target: int) ->
     total = 0
     slack = min(u.cost for u in units) / 2
     for unit in sorted(units, key=lambda u: (u.score, u.layer, u.index)):
-        if total >= target:
+        if total >= target or unit.score == math.inf:  # +inf: a unit the scorer keeps this round
             break
         taken = removed.setdefault((unit.layer, unit.kind), [])
         if len(taken) >= _capacity(unit.kind, shapes[unit.layer]) or removed.get((unit.layer, "layer")):
@@ -177,7 +178,7 @@ def _select_global(units: list[_Unit], shapes: list[LayerShape], target: int) ->
         if unit.kind == "layer":
             if sum(bool(removed.get((i, "layer"))) for i in range(len(shapes))) == len(shapes) - 1:
                 continue  # keep at least one block
-            cost -= sum(len(done) * _unit_cost(kind, shapes[unit.layer])  # width units already taken in it
+            cost -= sum(len(done) * unit_cost(kind, shapes[unit.layer])  # width units already taken in it
                         for (layer, kind), done in removed.items() if layer == unit.layer and kind != "layer")
         if total + cost > target + slack:
             continue  # a coarse unit (a head slice, a block) would overshoot; finer units fill the rest

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -12,9 +13,11 @@ from torch import nn
 from pruneflow import arch as A
 from pruneflow.apply import apply, layer_shapes
 from pruneflow.arch import ArchSpec
-from pruneflow.methods import SCORERS
-from pruneflow.params import PruneParams
-from pruneflow.plan import PrunePlan, SelectConfig, select
+from pruneflow.errors import PruneflowError
+from pruneflow.iterations import IterationStore, compose, fingerprint
+from pruneflow.methods import ITERATIVE, SCORERS
+from pruneflow.params import BonsaiParams, PruneParams
+from pruneflow.plan import LayerPlan, PrunePlan, SelectConfig, removed_parameters, select
 from pruneflow.scores import Scores
 
 log = logging.getLogger(__name__)
@@ -25,19 +28,26 @@ class PruneResult:
     plan: PrunePlan
     scores: Scores
     seconds: dict[str, float] = field(default_factory=dict)
+    iterations: list[dict] = field(default_factory=list)  # iterative methods: one summary per iteration
 
 
 def score(model: nn.Module, spec: ArchSpec, method: str, windows: torch.Tensor | None, seed: int = 0,
-          ratio: float | None = None) -> Scores:
+          ratio: float | None = None, **options) -> Scores:
     """Run a registered scorer. ``ratio`` is passed for methods whose choice depends on the target
-    (``angular`` picks the contiguous block whose size meets it)."""
+    (``angular`` picks the contiguous block whose size meets it); ``options`` are method-specific."""
     model.eval()
-    return SCORERS[method](model, spec, windows=windows, seed=seed, ratio=ratio)
+    return SCORERS[method](model, spec, windows=windows, seed=seed, ratio=ratio, **options)
 
 
 def prune(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, windows: torch.Tensor | None,
-          seed: int = 0) -> PruneResult:
-    """Prune ``model`` in place; returns the plan (with exact parameter accounting) and timings."""
+          seed: int = 0, bonsai: BonsaiParams | None = None, state_dir: Path | None = None) -> PruneResult:
+    """Prune ``model`` in place; returns the plan (with exact parameter accounting) and timings.
+
+    Iterative methods (bonsai) take their ``bonsai`` parameters and, with ``state_dir``, save every
+    completed iteration there and resume from it.
+    """
+    if method in ITERATIVE:
+        return prune_iteratively(model, spec, method, cfg, windows, seed, bonsai or BonsaiParams(), state_dir)
     started = time.perf_counter()
     scores = score(model, spec, method, windows, seed, cfg.ratio)
     scored = time.perf_counter()
@@ -56,3 +66,68 @@ def prune(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, windo
                     plan.params["achieved_ratio"], cfg.ratio)
     return PruneResult(plan=plan, scores=scores,
                        seconds={"score": scored - started, "select_apply": time.perf_counter() - scored})
+
+
+def prune_iteratively(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, windows: torch.Tensor,
+                      seed: int, options: BonsaiParams, state_dir: Path | None = None) -> PruneResult:
+    """Repeat score → select → apply, each step removing ``prune_frac`` of the original non-embedding
+    parameters (the last one what remains), until the achieved ratio is within ``tolerance`` of the target."""
+    if cfg.allocation != "global":
+        raise PruneflowError(f"prune.allocation: {method} removes units globally across layers and modules; "
+                             f"set prune.allocation: global (got {cfg.allocation})")
+    started = time.perf_counter()
+    shapes, params = layer_shapes(model, spec), A.count_parameters(model)
+    original = params["non_embedding"]
+    store = None
+    if state_dir is not None:
+        key = fingerprint(model, windows, {"method": method, "seed": seed, "prune": cfg.model_dump(),
+                                           "options": options.model_dump()})
+        store = IterationStore(state_dir, key)
+        if store.completed():
+            log.info("resuming %s at iteration %d from %s", method, store.completed(), store.dir)
+    steps, summaries, scores = [], [], None
+    while (removed := original - A.count_parameters(model)["non_embedding"]) < (cfg.ratio - options.tolerance) * original:
+        k, current = len(steps), A.count_parameters(model)
+        if store is not None and k < store.completed():
+            plan, summary = store.load(k)
+        else:
+            step = min(options.prune_frac * original, cfg.ratio * original - removed)
+            scores, plan, summary = _iteration(model, spec, method, cfg, windows, seed, options, k, step)
+            if store is not None:
+                store.save(k, plan, summary, {name: value for name, value in scores.extra[method].items()
+                                              if isinstance(value, torch.Tensor)})
+        if plan.params["non_embedding_after"] == current["non_embedding"]:
+            raise PruneflowError(f"{method} iteration {k} removed nothing: every remaining unit is protected; "
+                                 f"lower prune.ratio or allow more unit types")
+        apply(model, plan, spec)
+        summary["achieved_ratio"] = (original - A.count_parameters(model)["non_embedding"]) / original
+        steps.append(plan)
+        summaries.append(summary)
+    plan = PrunePlan(method=method, ratio=cfg.ratio, allocation="global", head_mode=cfg.head_mode,
+                     units=list(cfg.units), round_to=cfg.round_to, compensate=False, seed=seed,
+                     layers=[LayerPlan(**kept) for kept in compose(shapes, steps)])
+    gone = removed_parameters(plan, shapes)
+    plan.params = {"total_before": params["total"], "total_after": params["total"] - gone,
+                   "non_embedding_before": original, "non_embedding_after": original - gone,
+                   "achieved_ratio": gone / original}
+    if A.count_parameters(model)["non_embedding"] != plan.params["non_embedding_after"]:
+        raise RuntimeError("parameter accounting is off: the composed plan does not match the pruned model")
+    return PruneResult(plan=plan, scores=scores, iterations=summaries,
+                       seconds={"score": time.perf_counter() - started, "select_apply": 0.0})
+
+
+def _iteration(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, windows: torch.Tensor, seed: int,
+               options: BonsaiParams, k: int, step: float) -> tuple[Scores, PrunePlan, dict]:
+    """Score the current model and select ``step`` parameters to remove (global allocation)."""
+    began = time.perf_counter()
+    scores = score(model, spec, method, windows, seed, cfg.ratio, config=options, iteration=k,
+                   units=tuple(cfg.units), head_mode=cfg.head_mode)
+    current = A.count_parameters(model)
+    plan = select(scores, layer_shapes(model, spec), current,
+                  SelectConfig(ratio=step / current["non_embedding"], allocation="global", units=tuple(cfg.units),
+                               head_mode=cfg.head_mode, round_to=cfg.round_to), method=method, seed=seed)
+    record = scores.extra[method]
+    summary = {"iteration": k, "seconds": time.perf_counter() - began, "sub_models": len(record["losses"]),
+               "loss_min": float(record["losses"].min()), "loss_max": float(record["losses"].max()),
+               "cv_tau": record["cv_tau"], "penalty": record["penalty"]}
+    return scores, plan, summary

@@ -9,14 +9,15 @@ from torch.testing import assert_close
 from conftest import tiny_bert, tiny_causal_lm
 from pruneflow import arch as A
 from pruneflow import checkpoint
-from pruneflow.evaluate import embedding_fidelity
-from pruneflow.methods import DEPTH_METHODS, SCORERS
-from pruneflow.params import PruneParams
+from pruneflow.errors import PruneflowError
+from pruneflow.methods import DEPTH_METHODS, ITERATIVE, SCORERS
+from pruneflow.params import BonsaiParams, PruneParams
 from pruneflow.prune import prune
 
 WINDOWS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
 IDS = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
 TOLERANCE = 0.01
+BONSAI = BonsaiParams(preset="fast", sub_models=8, n_windows=4, rows_per_forward=8, tolerance=0.005)
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
@@ -26,7 +27,12 @@ def test_every_width_method_prunes_30_percent_and_round_trips(kind, method, allo
     model = tiny_causal_lm(kind)
     spec = A.arch_for(model.config.model_type)
     dense = A.count_parameters(model)
-    result = prune(model, spec, method, PruneParams(ratio=0.3, allocation=allocation), WINDOWS)
+    cfg = PruneParams(ratio=0.3, allocation=allocation)
+    if method in ITERATIVE and allocation == "uniform":
+        with pytest.raises(PruneflowError, match="prune.allocation: bonsai removes units globally"):
+            prune(model, spec, method, cfg, WINDOWS, bonsai=BONSAI)
+        return
+    result = prune(model, spec, method, cfg, WINDOWS, bonsai=BONSAI)
     after = A.count_parameters(model)
     achieved = 1 - after["non_embedding"] / dense["non_embedding"]
     assert achieved == pytest.approx(result.plan.params["achieved_ratio"])

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from pruneflow import arch as A
 from pruneflow import calibration as C
 from pruneflow import checkpoint, corpus
 from pruneflow.evaluate import PPL_SEQLEN, embedding_fidelity, perplexity

@@ -30,14 +30,26 @@ def test_modeling_file_shipped_with_checkpoints_depends_on_torch_and_transformer
 def test_dvc_stages_are_real_cli_commands_with_real_params():
     from typer.main import get_command
 
+    from pruneflow import stages as S
     from pruneflow.cli import app
-    from pruneflow.params import Params
+    from pruneflow.params import load_params
 
     commands = get_command(app).commands
+    params = load_params(ROOT / "params.yaml").model_dump()
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert stages
+    assert list(stages) == list(S.STAGES)  # one graph: the library's stages, in order
+    upstream: set[str] = set()
     for name, stage in stages.items():
         argv = stage["cmd"].split()
-        assert argv[0] == "pruneflow" and argv[1] in commands, f"stage {name}: {stage['cmd']}"
+        assert argv[:3] == ["pruneflow", "stage", name] and "stage" in commands, f"stage {name}: {stage['cmd']}"
         for key in stage.get("params", []):
-            assert key in Params.model_fields, f"stage {name}: unknown params key {key}"
+            node = params
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"stage {name}: unknown params key {key}"
+                node = node[part]
+        for dep in stage["deps"]:
+            path = params["model"] if dep == "${model}" else dep
+            assert path in upstream or (ROOT / path).exists(), f"stage {name}: dependency {dep} does not exist"
+        outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", []) + stage.get("metrics", [])]
+        assert outs == [f"artifacts/{S.OUTPUTS[name]}"], f"stage {name} writes {S.OUTPUTS[name]}"
+        upstream.update(outs)

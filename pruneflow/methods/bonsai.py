@@ -1,0 +1,230 @@
+"""Bonsai (Dery et al., "Everybody Prune Now"): unit importance from the losses of perturbed sub-models.
+
+One call scores one iteration (``pruneflow.prune`` repeats it, slicing in between):
+1. a prior per unit from calibration activations (``wanda_sp`` by default);
+2. per module (a layer's heads or its MLP channels) the top (1 − 2f) units by prior are safe; the rest are
+   candidates, drawn with probability ∝ (module max prior − prior);
+3. ``sub_models`` virtual sub-models, in pairs: a draw drops some candidates of every module, its complement
+   drops the module's other candidates; masks act on o_proj/down_proj inputs (``pruneflow.masking``), several
+   sub-models per forward pass (masks in the batch dimension), no gradients, no weight copies;
+4. each sub-model's score is −perplexity (or −loss) on the scoring windows;
+5. a lasso y ≈ w·keep_mask + b, its penalty chosen by k-fold cross-validated Kendall τ; w is the importance.
+
+Head units are whole KV groups or single query heads, whichever selection removes (``plan.head_unit``).
+Deviations from the reference code, each a parameter: a module with fewer than 2·k candidates gets more
+(with 4 KV groups and f = 0.05 the paper's rule leaves one candidate per layer, which every draw drops and
+every complement keeps, so those columns are identical across layers and their weights tie);
+``drop_count: varied`` draws how many candidates a module drops (the paper's fixed count makes each module's
+dropped total constant, so a module's overall level is confounded with the intercept); ``per_parameter``
+ranks units by importance per parameter they remove (a KV group costs as much as ~64 MLP channels);
+``shrink_to: prior`` makes the lasso estimate each unit's departure from its prior (scaled to the objective's
+units per unit type), so units the sub-models cannot resolve keep the prior's order instead of tying at 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pruneflow import arch as A
+from pruneflow.apply import layer_shapes
+from pruneflow.errors import PruneflowError
+from pruneflow.lasso import fit_cv
+from pruneflow.masking import unit_masks
+from pruneflow.plan import head_unit, unit_cost
+from pruneflow.scores import Scores
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Module:
+    """A contiguous run of units in the flat unit vector: one layer's heads or its MLP channels."""
+
+    layer: int
+    kind: str  # "heads" | "channels"
+    start: int
+    count: int
+    cost: int  # parameters one unit removes
+    repeat: int  # query heads per unit (the group size for KV-group units), 1 for channels
+
+    @property
+    def span(self) -> slice:
+        return slice(self.start, self.start + self.count)
+
+
+def layout(model, spec, units: tuple[str, ...], head_mode: str) -> list[Module]:
+    """The units Bonsai scores, in the order of the flat mask vector."""
+    modules, start = [], 0
+    for layer, shape in enumerate(layer_shapes(model, spec)):
+        if "heads" in units:
+            group = head_unit(head_mode, shape) == "group"
+            count = shape.kv_heads if group else shape.heads
+            cost = unit_cost("group", shape) if group else shape.head_cost
+            modules.append(Module(layer, "heads", start, count, cost, shape.group_size if group else 1))
+            start += count
+        if "mlp" in units:
+            modules.append(Module(layer, "channels", start, shape.channels, shape.channel_cost, 1))
+            start += shape.channels
+    if not modules:
+        raise PruneflowError("method bonsai scores heads and MLP channels: prune.units needs mlp or heads")
+    return modules
+
+
+def unit_priors(model, spec, windows, modules: list[Module], prior: str, seed: int) -> torch.Tensor:
+    """(N,) prior per unit from a one-shot method (a KV group's prior is its heads' mean)."""
+    from pruneflow.methods import SCORERS
+
+    scores = SCORERS[prior](model, spec, windows=windows, seed=seed)
+    values = []
+    for module in modules:
+        if module.kind == "heads":
+            values.append(scores.heads[module.layer].double().reshape(module.count, module.repeat).mean(1))
+        else:
+            values.append(scores.channels[module.layer].double())
+    return torch.cat(values)
+
+
+def candidate_count(count: int, prune_frac: float) -> tuple[int, int]:
+    """(candidates, units a draw drops) in a module of ``count`` units; at least 2 candidates when possible."""
+    drop = int(prune_frac * count) + 1
+    safe = int((1 - 2 * prune_frac) * count)
+    candidates = min(count - 1, max(count - safe, 2 * drop))
+    return candidates, min(drop, candidates)
+
+
+def sample_masks(modules: list[Module], priors: torch.Tensor, prune_frac: float, sub_models: int,
+                 drop_count: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep masks (M, N) bool for ``sub_models`` sub-models in draw/complement pairs, and the (N,) candidates."""
+    total = modules[-1].start + modules[-1].count
+    candidates = torch.zeros(total, dtype=torch.bool)
+    pools = []
+    for module in modules:
+        count, drop = candidate_count(module.count, prune_frac)
+        prior = priors[module.span]
+        if count == 0:  # a module down to one unit is never perturbed
+            continue
+        pool = module.start + prior.argsort(stable=True)[:count]  # lowest priors
+        weights = prior.max() - priors[pool]
+        weights = weights + 1e-6 * float(weights.max()) + 1e-12  # the top candidate still has a chance
+        candidates[pool] = True
+        pools.append((pool, weights, drop))
+    keep = torch.ones(sub_models, total, dtype=torch.bool)
+    for pair in range(sub_models // 2):
+        for pool, weights, drop in pools:
+            n_drop = int(torch.randint(0, len(pool) + 1, (), generator=generator)) if drop_count == "varied" else drop
+            dropped = torch.zeros(len(pool), dtype=torch.bool)
+            if n_drop:
+                dropped[torch.multinomial(weights, n_drop, replacement=False, generator=generator)] = True
+            keep[2 * pair, pool[dropped]] = False
+            keep[2 * pair + 1, pool[~dropped]] = False
+    return keep, candidates
+
+
+def layer_masks(modules: list[Module], keep: torch.Tensor, n_layers: int):
+    """(B, N) keep rows → per-layer (B, H_l) head masks and (B, I_l) channel masks (None for a unit type not
+    scored)."""
+    heads: list[torch.Tensor | None] = [None] * n_layers
+    channels: list[torch.Tensor | None] = [None] * n_layers
+    for module in modules:
+        rows = keep[:, module.span].float()
+        if module.kind == "heads":
+            heads[module.layer] = rows.repeat_interleave(module.repeat, dim=1)
+        else:
+            channels[module.layer] = rows
+    return (heads if heads[0] is not None else None), (channels if channels[0] is not None else None)
+
+
+@torch.no_grad()
+def submodel_losses(model, spec, modules: list[Module], keep: torch.Tensor, windows: torch.Tensor,
+                    rows_per_forward: int, desc: str = "sub-models") -> torch.Tensor:
+    """(M,) mean next-token loss of each sub-model over ``windows`` (n, T).
+
+    Rows of a forward pass are (sub-model, window) pairs, each computed with its own sub-model's masks;
+    ``rows_per_forward = n`` is the naive one-sub-model-per-forward loop.
+    """
+    n, length = windows.shape
+    n_models = keep.shape[0]
+    device = next(model.parameters()).device
+    nll = torch.zeros(n_models, dtype=torch.float64)
+    n_layers = len(A.blocks(model, spec))
+    for start in tqdm(range(0, n_models * n, rows_per_forward), desc=desc, unit="batch", leave=False):
+        rows = torch.arange(start, min(start + rows_per_forward, n_models * n))
+        owner = rows // n  # (B,) sub-model of each row
+        batch = windows[rows % n].to(device)  # (B, T)
+        heads, channels = layer_masks(modules, keep[owner].to(device), n_layers)
+        with unit_masks(model, spec, heads, channels):
+            logits = model(input_ids=batch).logits.float()  # (B, T, V)
+        row_nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1),
+                                  reduction="none").view(len(rows), length - 1).sum(1)
+        nll.index_add_(0, owner, row_nll.double().cpu())
+    return nll / (n * (length - 1))
+
+
+def score(model, spec, windows, seed: int = 0, config=None, iteration: int = 0,
+          units: tuple[str, ...] = ("mlp", "heads"), head_mode: str = "auto", **_) -> Scores:
+    """One Bonsai iteration: importance of every candidate unit (+inf for this round's safe units)."""
+    from pruneflow.params import BonsaiParams
+
+    config = config or BonsaiParams()
+    if not spec.causal_lm:
+        raise PruneflowError("method bonsai scores sub-models by next-token loss and needs a causal LM")
+    if len(windows) < config.n_windows:
+        raise PruneflowError(f"score.bonsai.n_windows={config.n_windows} but the calibration set has "
+                             f"{len(windows)} windows; raise calibrate.n_windows or lower it")
+    modules = layout(model, spec, units, head_mode)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + iteration)
+    priors = unit_priors(model, spec, windows, modules, config.prior, seed * 1_000_003 + iteration)
+    keep, candidates = sample_masks(modules, priors, config.prune_frac, config.sub_models, config.drop_count,
+                                    generator)
+    losses = submodel_losses(model, spec, modules, keep, windows[: config.n_windows], config.rows_per_forward,
+                             desc=f"bonsai iteration {iteration}")
+    targets = -losses.clamp(max=math.log(1e8)).exp() if config.objective == "ppl" else -losses
+    x = keep[:, candidates].double()
+    offset = prior_baseline(modules, candidates, priors, x, targets) if config.shrink_to == "prior" else None
+    fit = fit_cv(x, targets, folds=config.cv_folds, seed=seed + iteration, offset=offset)
+    importance = torch.full((len(priors),), math.inf, dtype=torch.float64)
+    importance[candidates] = fit.weights
+    costs = torch.cat([torch.full((m.count,), float(m.cost), dtype=torch.float64) for m in modules])
+    ranked = importance / costs if config.per_parameter else importance
+    log.info("bonsai iteration %d: %d sub-models, loss %.4f–%.4f, held-out τ %.3f (penalty %.3g)", iteration,
+             len(losses), float(losses.min()), float(losses.max()), fit.cv_tau, fit.penalty)
+    return _scores(model, spec, modules, ranked, record={
+        "keep": keep.to(torch.uint8), "losses": losses, "priors": priors, "importance": importance,
+        "candidates": candidates.to(torch.uint8), "penalty": fit.penalty, "cv_tau": fit.cv_tau,
+        "cv_table": fit.cv_table})
+
+
+def prior_baseline(modules: list[Module], candidates: torch.Tensor, priors: torch.Tensor, x: torch.Tensor,
+                   targets: torch.Tensor) -> torch.Tensor:
+    """(P,) the candidates' priors in the objective's units: one non-negative scale per unit type (heads,
+    channels), fitted by least squares of the targets on Σ prior of the units each sub-model keeps."""
+    kinds = torch.cat([torch.full((m.count,), m.kind == "heads", dtype=torch.bool) for m in modules])[candidates]
+    prior = priors[candidates].double()
+    types = [t for t in (kinds, ~kinds) if t.any()]
+    basis = torch.stack([x[:, t] @ prior[t] for t in types], 1)  # (M, types)
+    basis, centred = basis - basis.mean(0), targets - targets.mean()
+    scale = torch.linalg.lstsq(basis, centred[:, None]).solution[:, 0].clamp(min=0)  # (types,)
+    baseline = torch.zeros_like(prior)
+    for t, s in zip(types, scale):
+        baseline[t] = prior[t] * s
+    return baseline
+
+
+def _scores(model, spec, modules: list[Module], ranked: torch.Tensor, record: dict) -> Scores:
+    """Per-unit values → the per-query-head / per-channel Scores selection reads (one scale: comparable)."""
+    widths = A.layer_widths(model, spec)
+    heads = [torch.full((w["heads"],), math.inf) for w in widths]
+    channels = [torch.full((w["channels"],), math.inf) for w in widths]
+    for module in modules:
+        values = ranked[module.span].float()
+        if module.kind == "heads":
+            heads[module.layer] = values.repeat_interleave(module.repeat)
+        else:
+            channels[module.layer] = values
+    return Scores(heads=heads, channels=channels, comparable=True, extra={"bonsai": record})

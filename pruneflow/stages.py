@@ -1,0 +1,152 @@
+"""The pipeline's stages as library functions over one artifacts directory.
+
+``pruneflow stage NAME`` runs one; ``dvc.yaml`` declares them (deps, params, outs) and is the only stage graph.
+Each stage reads the params tree and the previous stages' fixed outputs and writes its own output atomically
+(a temp sibling renamed into place), so an interrupted stage never leaves a partial output behind.
+
+    calibrate  model tokenizer + calibrate.*          → artifacts/calibration/  (windows + manifest)
+    score      model + calibration + score.*, prune.* → artifacts/scores/       (scores, or an iterative plan)
+    prune      model + scores + prune.*               → artifacts/model/        (checkpoint + plan.json)
+    evaluate   model + artifacts/model + evaluate.*   → artifacts/metrics.json  (dense vs pruned)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pruneflow import calibration as C
+from pruneflow import checkpoint
+from pruneflow.atomic import atomic_dir
+from pruneflow.errors import PruneflowError
+from pruneflow.params import Params
+from pruneflow.scores import Scores
+
+log = logging.getLogger(__name__)
+
+STAGES = ("calibrate", "score", "prune", "evaluate")
+OUTPUTS = {"calibrate": "calibration", "score": "scores", "prune": "model", "evaluate": "metrics.json"}
+
+
+def run(name: str, params: Params, root: Path = Path("artifacts")) -> Path:
+    """Run stage ``name``; returns the path of its output."""
+    if name not in STAGES:
+        raise PruneflowError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    return {"calibrate": calibrate, "score": score, "prune": prune, "evaluate": evaluate}[name](params, Path(root))
+
+
+def _needs(path: Path, stage: str) -> Path:
+    if not path.exists():
+        raise PruneflowError(f"{path} is missing: run the {stage} stage first (`pruneflow stage {stage}`)")
+    return path
+
+
+def calibrate(params: Params, root: Path) -> Path:
+    c = params.calibrate
+    tokenizer = checkpoint.load_tokenizer(params.model)
+    max_positions = json.loads((Path(params.model) / "config.json").read_text()).get("max_position_embeddings")
+    windows, manifest = C.prepare(tokenizer, c.source, c.n_windows, c.seqlen, c.seed, max_positions)
+    C.save(windows, manifest, root / OUTPUTS["calibrate"], overwrite=True)
+    return root / OUTPUTS["calibrate"]
+
+
+def save_scores(scores: Scores, out_dir: Path) -> None:
+    """Scores as safetensors (one tensor per layer and kind) + scores.json (flags)."""
+    tensors = {f"heads.{i}": t for i, t in enumerate(scores.heads)}
+    tensors |= {f"channels.{i}": t for i, t in enumerate(scores.channels)}
+    for kind in ("attn_mean", "mlp_mean"):
+        tensors |= {f"{kind}.{i}": t for i, t in enumerate(getattr(scores, kind) or [])}
+    if scores.layers is not None:
+        tensors["layers"] = scores.layers
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(out_dir / "scores.safetensors"))
+
+
+def load_scores(out_dir: Path) -> Scores:
+    tensors = load_file(str(out_dir / "scores.safetensors"))
+    meta = json.loads((out_dir / "scores.json").read_text())
+
+    def series(kind: str) -> list[torch.Tensor]:
+        return [tensors[f"{kind}.{i}"] for i in range(sum(k.startswith(f"{kind}.") for k in tensors))]
+
+    return Scores(heads=series("heads"), channels=series("channels"), comparable=meta["comparable"],
+                  layers=tensors.get("layers"), attn_mean=series("attn_mean") or None,
+                  mlp_mean=series("mlp_mean") or None)
+
+
+def score(params: Params, root: Path) -> Path:
+    from pruneflow.methods import ITERATIVE
+    from pruneflow.prune import prune_iteratively
+    from pruneflow.prune import score as run_scorer
+
+    model, _, spec = checkpoint.load(params.model, with_tokenizer=False)
+    windows, manifest = C.load(_needs(root / OUTPUTS["calibrate"], "calibrate"))
+    method, seed = params.score.method, params.calibrate.seed
+    started = time.perf_counter()
+    meta = {"method": method, "calibration_digest": manifest.source_digest}
+    with atomic_dir(root / OUTPUTS["score"], overwrite=True) as tmp:
+        if method in ITERATIVE:  # the plan is the score: it comes out of the score → select → apply loop
+            result = prune_iteratively(model, spec, method, params.prune, windows, seed, params.score.bonsai,
+                                       state_dir=root / ".state")
+            (tmp / "plan.json").write_text(result.plan.to_json() + "\n")
+            (tmp / "iterations.json").write_text(json.dumps(result.iterations, indent=1) + "\n")
+            meta["comparable"] = True
+        else:
+            scores = run_scorer(model, spec, method, windows, seed, params.prune.ratio)
+            save_scores(scores, tmp)
+            meta["comparable"] = scores.comparable
+        meta["seconds"] = time.perf_counter() - started
+        (tmp / "scores.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return root / OUTPUTS["score"]
+
+
+def prune(params: Params, root: Path) -> Path:
+    from pruneflow import arch as A
+    from pruneflow.apply import apply, layer_shapes
+    from pruneflow.plan import PrunePlan, SelectConfig, select
+
+    scores_dir = _needs(root / OUTPUTS["score"], "score")
+    meta = json.loads((scores_dir / "scores.json").read_text())
+    if meta["method"] != params.score.method:
+        raise PruneflowError(f"{scores_dir} holds {meta['method']} scores but score.method is "
+                             f"{params.score.method}; run the score stage again")
+    model, tokenizer, spec = checkpoint.load(params.model)
+    p = params.prune
+    scores = None
+    if (scores_dir / "plan.json").exists():
+        plan = PrunePlan.load(scores_dir / "plan.json")
+    else:
+        scores = load_scores(scores_dir)
+        plan = select(scores, layer_shapes(model, spec), A.count_parameters(model),
+                      SelectConfig(ratio=p.ratio, allocation=p.allocation, units=tuple(p.units),
+                                   head_mode=p.head_mode, round_to=p.round_to,
+                                   compensate=p.compensate and scores.attn_mean is not None),
+                      method=meta["method"], seed=params.calibrate.seed)
+    apply(model, plan, spec, scores)
+    out = root / OUTPUTS["prune"]
+    checkpoint.save(model, tokenizer, out, spec, overwrite=True, extra_files={
+        "plan.json": plan.to_json(), "params.json": params.model_dump_json(indent=1)})
+    return out
+
+
+def evaluate(params: Params, root: Path) -> Path:
+    from pruneflow.evaluate import evaluate_dirs
+
+    pruned = _needs(root / OUTPUTS["prune"], "prune")
+    rows = evaluate_dirs([Path(params.model), pruned], params.evaluate)
+    plan = json.loads((pruned / "plan.json").read_text())
+    dense, after = rows[str(params.model)], rows[str(pruned)]
+    metrics = {"dense": dense, "pruned": after, "achieved_ratio": plan["params"]["achieved_ratio"],
+               "method": plan["method"]}
+    if "test_ppl" in dense:
+        metrics["ppl_ratio"] = after["test_ppl"] / dense["test_ppl"]
+    out = root / OUTPUTS["evaluate"]
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(metrics, indent=1) + "\n")
+    os.replace(tmp, out)
+    return out

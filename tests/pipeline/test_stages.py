@@ -1,0 +1,66 @@
+"""`pruneflow stage NAME`: the dvc.yaml stages on a tiny model, their fixed outputs and their errors."""
+
+import json
+
+import pytest
+import yaml
+
+from pruneflow import checkpoint
+from tests.pipeline.test_cli import run
+
+
+@pytest.fixture
+def params_file(tiny_checkpoint, calibration_txt, tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": str(tiny_checkpoint),
+        "calibrate": {"source": str(calibration_txt), "n_windows": 4, "seqlen": 32},
+        "score": {"method": "wanda_sp"},
+        "prune": {"ratio": 0.25, "allocation": "global"},
+        "evaluate": {"max_windows": 4, "speed": False}}))
+    return path
+
+
+def stage(name, params_file, artifacts, *extra):
+    return run("stage", name, "--params", params_file, "--artifacts", artifacts, *extra)
+
+
+def test_the_four_stages_run_in_order_and_write_their_outputs(params_file, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    for name in ("calibrate", "score", "prune", "evaluate"):
+        result = stage(name, params_file, artifacts)
+        assert result.exit_code == 0, result.output
+    assert (artifacts / "calibration" / "manifest.json").exists()
+    assert json.loads((artifacts / "scores" / "scores.json").read_text())["method"] == "wanda_sp"
+    model, _, _ = checkpoint.load(artifacts / "model")
+    metrics = json.loads((artifacts / "metrics.json").read_text())
+    assert metrics["achieved_ratio"] == pytest.approx(0.25, abs=0.02)
+    assert metrics["pruned"]["non_embedding_params"] < metrics["dense"]["non_embedding_params"]
+    assert metrics["ppl_ratio"] == pytest.approx(metrics["pruned"]["test_ppl"] / metrics["dense"]["test_ppl"])
+    assert sorted(p.name for p in artifacts.iterdir()) == ["calibration", "metrics.json", "model", "scores"]
+
+
+def test_an_iterative_method_scores_to_a_plan_that_prune_applies(params_file, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    bonsai = ["--set", "score.method=bonsai", "--set", "score.bonsai.preset=fast", "--set", "prune.ratio=0.1",
+              "--set", "score.bonsai.sub_models=8", "--set", "score.bonsai.n_windows=4"]
+    for name in ("calibrate", "score", "prune"):
+        result = stage(name, params_file, artifacts, *bonsai)
+        assert result.exit_code == 0, result.output
+    plan = json.loads((artifacts / "scores" / "plan.json").read_text())
+    assert json.loads((artifacts / "model" / "plan.json").read_text()) == plan
+    assert len(json.loads((artifacts / "scores" / "iterations.json").read_text())) == 2
+
+
+def test_stages_fail_clearly_without_their_inputs_or_with_stale_ones(params_file, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    result = stage("score", params_file, artifacts)
+    assert result.exit_code == 2 and "calibration is missing: run the calibrate stage first" in result.output
+    assert not (artifacts / "scores").exists()
+    assert stage("calibrate", params_file, artifacts).exit_code == 0
+    assert stage("score", params_file, artifacts).exit_code == 0
+    stale = stage("prune", params_file, artifacts, "--set", "score.method=flap")
+    assert stale.exit_code == 2 and "holds wanda_sp scores but score.method is flap" in stale.output
+    assert not (artifacts / "model").exists()
+    unknown = stage("distill", params_file, artifacts)
+    assert unknown.exit_code == 2 and "unknown stage 'distill'" in unknown.output
