@@ -247,6 +247,32 @@ def stage(
     _step(f"stage {name} wrote {out} in {time.perf_counter() - started:.1f} s")
 
 
+@app.command("run")
+def run_pipeline(
+    params_file: Path = typer.Option(Path("params.yaml"), "--params", help="parameters"),
+    overrides: list[str] = typer.Option([], "--set", help="override a parameter: section.key=value"),
+    name: Optional[str] = typer.Option(None, help="run (and DVC experiment) name"),
+) -> None:
+    """Run the pipeline flow (dvc.yaml's stages as Prefect tasks). Params equal to params.yaml run in place;
+    others run in an isolated worktree and are saved as a DVC experiment."""
+    from flows.pipeline import pipeline
+    from pruneflow.params import load_params
+    from tasks.stage import StageFailed
+    from tasks.workspace import repo_root
+
+    try:
+        params = load_params(params_file, overrides)
+        _quiet_libraries()
+        result = pipeline(params=params, repo=str(repo_root(params_file.resolve().parent)), run_name=name)
+    except (PruneflowError, StageFailed) as err:
+        _fail(err)
+    stages = ", ".join(f"{s['stage']} ({'cached' if s['cached'] else 'ran'})" for s in result["stages"])
+    _step(f"{result['run']}: {stages}" + (f"; saved as DVC experiment {result['experiment']}"
+                                          if result["experiment"] else ""))
+    m = result["metrics"]
+    _table(f"{m['method']} −{m['achieved_ratio']:.1%}", {"dense": m["dense"], "pruned": m["pruned"]})
+
+
 @app.command()
 def methods() -> None:
     """List the importance methods."""

@@ -1,0 +1,1 @@
+"""Prefect flows: composition of the dvc.yaml stages, nothing else."""

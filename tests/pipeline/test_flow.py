@@ -1,0 +1,118 @@
+"""The Prefect flow over dvc.yaml's stages, against a real (test-harness) Prefect API and real DVC/git."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.pipeline.test_cli import run
+
+ROOT = Path(__file__).resolve().parents[2]
+GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@example.com"}
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _sh(args, cwd):
+    import os
+
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env={**os.environ, **GIT_ENV})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.fixture
+def project(tmp_path, tiny_checkpoint, calibration_txt):
+    """A user's checkout of the project, with the tiny model as its `model` and a committed HEAD."""
+    from pruneflow.params import Params
+    from tasks.stage import dvc_env
+
+    repo = tmp_path / "project"
+    repo.mkdir()
+    shutil.copy(ROOT / "dvc.yaml", repo)
+    shutil.copytree(ROOT / "pruneflow", repo / "pruneflow", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "data" / "corpus", repo / "data" / "corpus")
+    shutil.copytree(tiny_checkpoint, repo / "models" / "tiny")
+    shutil.copy(calibration_txt, repo / "calib.txt")
+    params = Params.model_validate({
+        "model": "models/tiny", "calibrate": {"source": "calib.txt", "n_windows": 4, "seqlen": 32},
+        "score": {"method": "wanda_sp"}, "prune": {"ratio": 0.25, "allocation": "global"},
+        "evaluate": {"max_windows": 4, "speed": False}})
+    (repo / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
+    dvc = str(Path(dvc_env()["PATH"].split(":")[0]) / "dvc")
+    _sh(["git", "init", "-q"], repo)
+    _sh([dvc, "init", "-q"], repo)
+    _sh([dvc, "config", "core.analytics", "false"], repo)
+    _sh(["git", "add", "-A"], repo)
+    _sh(["git", "commit", "-q", "-m", "project"], repo)
+    return repo
+
+
+def test_flow_runs_the_stages_then_serves_them_from_cache_and_isolates_overrides(prefect_api, project):
+    from flows.pipeline import pipeline
+    from pruneflow.params import load_params
+    from tasks.stage import dvc_env
+
+    params = load_params(project / "params.yaml")
+    first = pipeline(params=params, repo=str(project), run_name="first")
+    assert [(s["stage"], s["cached"]) for s in first["stages"]] == [
+        ("calibrate", False), ("score", False), ("prune", False), ("evaluate", False)]
+    assert first["experiment"] is None and first["metrics"]["achieved_ratio"] == pytest.approx(0.25, abs=0.02)
+    assert all(s["outs"] for s in first["stages"][:3])  # dvc.lock hashes of every output
+
+    second = pipeline(params=params, repo=str(project), run_name="second")
+    assert [s["cached"] for s in second["stages"]] == [True, True, True, True]
+
+    users_files = {p: p.read_bytes() for p in (project / "params.yaml", project / "dvc.lock",
+                                                 project / "artifacts" / "metrics.json")}
+    fewer = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"max_windows": 2})})
+    third = pipeline(params=fewer, repo=str(project), run_name="fewer-windows")
+    assert [s["cached"] for s in third["stages"]] == [True, True, True, False]  # only evaluate re-ran
+    assert third["experiment"] == "fewer-windows"
+    assert {p: p.read_bytes() for p in users_files} == users_files  # the checkout is untouched
+    dvc = str(Path(dvc_env()["PATH"].split(":")[0]) / "dvc")
+    experiment = _find(json.loads(_sh([dvc, "exp", "show", "--json"], project)), "fewer-windows")
+    assert experiment is not None, "the override run is not in `dvc exp show`"
+    assert _values(experiment, "max_windows") == [2]  # its params
+    assert _values(experiment, "achieved_ratio") == [pytest.approx(0.25, abs=0.02)]  # its metrics
+    assert _sh(["git", "worktree", "list"], project).count("\n") == 1  # the run's worktree is gone
+
+
+def _find(tree, name):
+    """The `dvc exp show --json` entry named ``name``."""
+    if isinstance(tree, dict):
+        if tree.get("name") == name:
+            return tree
+        tree = list(tree.values())
+    if isinstance(tree, list):
+        for item in tree:
+            found = _find(item, name)
+            if found is not None:
+                return found
+    return None
+
+
+def _values(tree, key):
+    if isinstance(tree, dict):
+        return [tree[key]] if key in tree else [v for item in tree.values() for v in _values(item, key)]
+    if isinstance(tree, list):
+        return [v for item in tree for v in _values(item, key)]
+    return []
+
+
+def test_a_failing_stage_fails_the_run_with_its_own_message(prefect_api, project):
+    result = run("run", "--params", project / "params.yaml", "--set", "calibrate.source=missing.txt")
+    assert result.exit_code == 2
+    assert "stage calibrate failed" in result.output and "missing.txt" in result.output
+    assert not (project / "artifacts").exists()
+    assert _sh(["git", "worktree", "list"], project).count("\n") == 1
