@@ -145,8 +145,12 @@ def main() -> None:
                "torch": __import__("torch").__version__, "date": time.strftime("%Y-%m-%d")}
     args.out.write_text(json.dumps({"machine": machine, "rows": kept + rows}, indent=1) + "\n")
     from benchmarks.report import write_report
+    from benchmarks.tracking import log_benchmark
 
     write_report(args.out, ROOT / "BENCHMARKS.md")
+    run_id = log_benchmark(args.out, [args.out, ROOT / "BENCHMARKS.md", args.out.parent / "ppl_vs_params.png"])
+    if run_id:
+        print(f"logged to MLflow run {run_id}", file=sys.stderr)
 
 
 if __name__ == "__main__":

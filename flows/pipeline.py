@@ -7,6 +7,7 @@ per-stage states, retries, schedules) and chooses where the run happens (tasks.w
 from __future__ import annotations
 
 import json
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from pruneflow.params import Params, load_params
+from tasks import tracking
 from tasks.stage import run_stage
 from tasks.workspace import close_workspace, code_version, exclusive, open_workspace, save_experiment
 
@@ -28,17 +30,29 @@ def pipeline(params: Params = Params(), repo: str = ".", run_name: str | None = 
     """Prune with ``params``: calibrate → score → prune → evaluate, unchanged stages served from DVC's cache."""
     run_name = run_name or f"run-{flow_run.get_name() or 'local'}"
     repo_path = Path(repo).resolve()
+    version = code_version(repo_path)
     in_place = load_params(repo_path / "params.yaml") == params
-    with exclusive(repo_path) if in_place else nullcontext():
+    run_id = tracking.start_run(str(repo_path), params.model_dump(), run_name, {
+        "pruneflow.code_version": version, "prefect.flow_run_id": str(flow_run.get_id() or "")})
+    status = "FAILED"
+    with exclusive(repo_path) if in_place else nullcontext(), tracking.system_metrics(str(repo_path), run_id):
         workspace = open_workspace(str(repo_path), params, run_name)
         try:
             path = Path(workspace["path"])
             stage = run_stage.with_options()
-            stage.version = code_version(repo_path)  # the commit the stage code comes from (no with_options key)
-            stages = [stage(name, str(path), return_state=True).result() for name in stage_names(path)]
+            stage.version = version  # the commit the stage code comes from (no with_options key for it)
+            stages = []
+            for name in stage_names(path):
+                started = time.perf_counter()
+                stages.append(stage(name, str(path), return_state=True).result())
+                tracking.log_stage(str(repo_path), run_id, stages[-1], str(path), time.perf_counter() - started)
             metrics = json.loads((path / "artifacts" / "metrics.json").read_text())
+            model = tracking.register_model(str(repo_path), run_id, str(path), f"{Path(params.model).name}-pruned")
             experiment = save_experiment(workspace, run_name) if workspace["isolated"] else None
+            status = "FINISHED"
         finally:
             close_workspace(str(repo_path), workspace)
+            tracking.finish(str(repo_path), run_id, status)
     return {"run": run_name, "workspace": "isolated" if workspace["isolated"] else str(repo_path),
-            "experiment": experiment, "stages": stages, "metrics": metrics}
+            "experiment": experiment, "stages": stages, "metrics": metrics, "mlflow_run_id": run_id,
+            "model": model}

@@ -97,6 +97,8 @@ class EvaluateParams(_Section):
     max_windows: int | None = Field(None, ge=1, description="cap on test windows (None: the whole split)")
     speed: bool = True
     decode_tokens: int = Field(64, ge=1)
+    max_ppl_ratio: float = Field(1.5, gt=1, description="quality gate: pruned test ppl / dense test ppl at most")
+    ratio_tolerance: float = Field(0.02, ge=0, lt=1, description="quality gate: |achieved − prune.ratio| at most")
 
 
 class Params(_Section):

@@ -134,6 +134,17 @@ def prune(params: Params, root: Path) -> Path:
     return out
 
 
+def gates(metrics: dict, params: Params) -> dict[str, dict]:
+    """Quality gates: each {value, limit, passed}; a model is promoted only when all pass."""
+    e = params.evaluate
+    out = {"achieved_ratio": {"value": metrics["achieved_ratio"], "limit": f"{params.prune.ratio} ± {e.ratio_tolerance}",
+                              "passed": abs(metrics["achieved_ratio"] - params.prune.ratio) <= e.ratio_tolerance}}
+    if "ppl_ratio" in metrics:
+        out["ppl_ratio"] = {"value": metrics["ppl_ratio"], "limit": e.max_ppl_ratio,
+                            "passed": metrics["ppl_ratio"] <= e.max_ppl_ratio}
+    return out
+
+
 def evaluate(params: Params, root: Path) -> Path:
     from pruneflow.evaluate import evaluate_dirs
 
@@ -145,6 +156,8 @@ def evaluate(params: Params, root: Path) -> Path:
                "method": plan["method"]}
     if "test_ppl" in dense:
         metrics["ppl_ratio"] = after["test_ppl"] / dense["test_ppl"]
+    metrics["gates"] = gates(metrics, params)
+    metrics["gates_passed"] = all(g["passed"] for g in metrics["gates"].values())
     out = root / OUTPUTS["evaluate"]
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(metrics, indent=1) + "\n")

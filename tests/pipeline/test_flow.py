@@ -70,6 +70,8 @@ def test_flow_runs_the_stages_then_serves_them_from_cache_and_isolates_overrides
     assert first["experiment"] is None and first["metrics"]["achieved_ratio"] == pytest.approx(0.25, abs=0.02)
     assert all(s["outs"] for s in first["stages"][:3])  # dvc.lock hashes of every output
 
+    _check_tracking(project, first)
+
     second = pipeline(params=params, repo=str(project), run_name="second")
     assert [s["cached"] for s in second["stages"]] == [True, True, True, True]
 
@@ -86,6 +88,30 @@ def test_flow_runs_the_stages_then_serves_them_from_cache_and_isolates_overrides
     assert _values(experiment, "max_windows") == [2]  # its params
     assert _values(experiment, "achieved_ratio") == [pytest.approx(0.25, abs=0.02)]  # its metrics
     assert _sh(["git", "worktree", "list"], project).count("\n") == 1  # the run's worktree is gone
+
+
+def _check_tracking(project, result):
+    """MLflow (local SQLite store in the checkout): parent run, a nested run per stage, the model registered."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    parent = client.get_run(result["mlflow_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.params["prune.ratio"] == "0.25"
+    assert parent.data.tags["pruneflow.code_version"] and parent.data.tags["prefect.flow_run_id"]
+    assert parent.data.metrics["achieved_ratio"] == pytest.approx(result["metrics"]["achieved_ratio"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.info.run_name for r in children) == ["calibrate", "evaluate", "prune", "score"]
+    prune_run = next(r for r in children if r.info.run_name == "prune")
+    assert any(k.startswith("dvc.out.artifacts/model") for k in prune_run.data.tags)
+    model = result["model"]
+    vanilla = json.loads((project / "artifacts" / "model" / "pruneflow.json").read_text())["vanilla"]
+    assert model["flavor"] == ("transformers" if vanilla else "artifacts")
+    assert str(client.get_model_version_by_alias(model["name"], "candidate").version) == model["version"]
+    if result["metrics"]["gates_passed"]:
+        assert str(client.get_model_version_by_alias(model["name"], "champion").version) == model["version"]
+    else:
+        assert not model["champion"]
 
 
 def _find(tree, name):

@@ -38,6 +38,20 @@ def test_the_four_stages_run_in_order_and_write_their_outputs(params_file, tmp_p
     assert metrics["pruned"]["non_embedding_params"] < metrics["dense"]["non_embedding_params"]
     assert metrics["ppl_ratio"] == pytest.approx(metrics["pruned"]["test_ppl"] / metrics["dense"]["test_ppl"])
     assert sorted(p.name for p in artifacts.iterdir()) == ["calibration", "metrics.json", "model", "scores"]
+    assert metrics["gates"]["achieved_ratio"]["passed"] and metrics["gates"]["ppl_ratio"]["limit"] == 1.5
+    assert metrics["gates_passed"] == (metrics["ppl_ratio"] <= 1.5)
+
+
+def test_gates_fail_an_over_pruned_model_and_a_missed_ratio():
+    from pruneflow.params import load_params
+    from pruneflow.stages import gates
+
+    params = load_params(None, ["prune.ratio=0.5"])
+    over_pruned = gates({"achieved_ratio": 0.5, "ppl_ratio": 2.4}, params)
+    assert not over_pruned["ppl_ratio"]["passed"] and over_pruned["achieved_ratio"]["passed"]
+    missed = gates({"achieved_ratio": 0.45, "ppl_ratio": 1.2}, params)
+    assert missed["ppl_ratio"]["passed"] and not missed["achieved_ratio"]["passed"]
+    assert all(g["passed"] for g in gates({"achieved_ratio": 0.51, "ppl_ratio": 1.5}, params).values())
 
 
 def test_an_iterative_method_scores_to_a_plan_that_prune_applies(params_file, tmp_path):

@@ -1,0 +1,150 @@
+"""MLflow tracking of a flow run: one parent run, one nested run per stage, the pruned model registered.
+
+Run ids are passed explicitly (MLflow's active run is thread-local). With ``MLFLOW_TRACKING_URI`` unset the
+store is a SQLite file in the checkout (``mlflow.db``, artifacts under ``mlartifacts/``); set, it is that
+server. The pruned model is registered with alias ``candidate``; ``champion`` moves to it only when every
+quality gate in metrics.json passed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+EXPERIMENT = "pruneflow"
+STAGE_FILES = {"score": ["scores/scores.json", "scores/iterations.json"], "prune": ["model/plan.json"],
+               "evaluate": ["metrics.json"]}
+
+
+def tracking_uri(repo: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(repo).resolve() / 'mlflow.db'}"
+
+
+def _client(repo: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri(repo))
+
+
+def _experiment(client, repo: Path) -> str:
+    found = client.get_experiment_by_name(EXPERIMENT)
+    if found is not None:
+        return found.experiment_id
+    local = None if os.environ.get("MLFLOW_TRACKING_URI") else (Path(repo).resolve() / "mlartifacts").as_uri()
+    return client.create_experiment(EXPERIMENT, artifact_location=local)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{"a": {"b": 1}} → {"a.b": 1}."""
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out |= flatten(value, f"{name}.")
+        else:
+            out[name] = value
+    return out
+
+
+@task(name="track-run", cache_policy=NO_CACHE)
+def start_run(repo: str, params: dict, run_name: str, tags: dict[str, str]) -> str:
+    """The parent run: flattened params, tags (code version, Prefect flow-run id); returns its id."""
+    from mlflow.entities import Param
+
+    client = _client(Path(repo))
+    run = client.create_run(_experiment(client, Path(repo)), run_name=run_name, tags=tags)
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in flatten(params).items()])
+    return run.info.run_id
+
+
+@contextmanager
+def system_metrics(repo: str, run_id: str):
+    """CPU/memory (and GPU where available) sampled into ``run_id`` while the stages run."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(Path(repo)))
+    with mlflow.start_run(run_id=run_id, log_system_metrics=True):
+        yield
+
+
+@task(name="track-stage", cache_policy=NO_CACHE)
+def log_stage(repo: str, parent_id: str, result: dict, workspace: str, seconds: float) -> str:
+    """A nested run for one stage: seconds, cached, dvc.lock output hashes, the stage's small outputs."""
+    from mlflow.entities import Metric
+
+    client = _client(Path(repo))
+    parent = client.get_run(parent_id)
+    tags = {"mlflow.parentRunId": parent_id, "pruneflow.stage": result["stage"],
+            **{f"dvc.out.{path}": md5 for path, md5 in result["outs"].items()}}
+    run = client.create_run(parent.info.experiment_id, run_name=result["stage"], tags=tags)
+    now = int(time.time() * 1000)
+    metrics = {"seconds": seconds, "cached": float(result["cached"])}
+    artifacts = Path(workspace) / "artifacts"
+    if result["stage"] == "evaluate":
+        metrics |= {k: float(v) for k, v in flatten(json.loads((artifacts / "metrics.json").read_text())).items()
+                    if isinstance(v, (int, float))}
+    client.log_batch(run.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+    for name in STAGE_FILES.get(result["stage"], []):
+        if (artifacts / name).exists():
+            client.log_artifact(run.info.run_id, str(artifacts / name))
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+@task(name="register-model", cache_policy=NO_CACHE)
+def register_model(repo: str, run_id: str, workspace: str, name: str) -> dict:
+    """Log the pruned checkpoint (transformers flavor when vanilla-loadable, else the directory as artifacts),
+    register it as ``candidate``, and as ``champion`` when every gate passed."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    logger = get_run_logger()
+    client = _client(Path(repo))
+    artifacts = Path(workspace) / "artifacts"
+    model_dir, metrics = artifacts / "model", json.loads((artifacts / "metrics.json").read_text())
+    client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0)
+                                      for k, v in flatten(metrics).items() if isinstance(v, (int, float))])
+    client.log_artifact(run_id, str(artifacts / "metrics.json"))
+    vanilla = json.loads((model_dir / "pruneflow.json").read_text())["vanilla"]
+    if vanilla:
+        mlflow.set_tracking_uri(tracking_uri(Path(repo)))
+        from pruneflow import load
+
+        # a loaded model, not the directory: MLflow 3.17's from-path mode reads transformers 5's lazy pipeline
+        # registry as classes and fails ('str' object has no attribute '__name__')
+        model, tokenizer, _ = load(model_dir)
+        active = mlflow.active_run()  # the flow's system-metrics context may already hold this run
+        with nullcontext() if active and active.info.run_id == run_id else mlflow.start_run(run_id=run_id):
+            info = mlflow.transformers.log_model(transformers_model={"model": model, "tokenizer": tokenizer},
+                                                 name="model", task="text-generation",
+                                                 pip_requirements=["transformers", "torch", "safetensors"])
+        uri = info.model_uri
+    else:  # per-layer widths: the directory, loadable with pruneflow.load or trust_remote_code
+        client.log_artifacts(run_id, str(model_dir), "model")
+        uri = f"runs:/{run_id}/model"
+    version = mlflow.register_model(uri, name) if vanilla else _register_directory(client, name, uri, run_id)
+    client.set_registered_model_alias(name, "candidate", version.version)
+    promoted = bool(metrics.get("gates_passed"))
+    if promoted:
+        client.set_registered_model_alias(name, "champion", version.version)
+    logger.info("registered %s version %s as candidate%s", name, version.version,
+                " and champion" if promoted else " (gates failed: not promoted)")
+    return {"name": name, "version": str(version.version), "champion": promoted, "flavor":
+            "transformers" if vanilla else "artifacts"}
+
+
+def _register_directory(client, name: str, uri: str, run_id: str):
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name)
+    return client.create_model_version(name, source=client.get_run(run_id).info.artifact_uri + "/model",
+                                       run_id=run_id)
+
+
+def finish(repo: str, run_id: str, status: str) -> None:
+    _client(Path(repo)).set_terminated(run_id, status=status)

@@ -1,0 +1,74 @@
+"""Model registration: transformers flavor for vanilla checkpoints, aliases moved only when gates pass."""
+
+import json
+
+import pytest
+import torch
+
+from pruneflow import arch as A
+from pruneflow import checkpoint
+from pruneflow.params import PruneParams
+from pruneflow.prune import prune
+from tests.conftest import tiny_causal_lm
+
+
+def _workspace(tmp_path, tokenizer, allocation: str):
+    model = tiny_causal_lm(vocab_size=len(tokenizer))
+    spec = A.arch_for("llama")
+    windows = torch.randint(0, len(tokenizer), (4, 16), generator=torch.Generator().manual_seed(0))
+    prune(model, spec, "wanda_sp", PruneParams(ratio=0.3, allocation=allocation, head_mode="group"), windows)
+    info = checkpoint.save(model, tokenizer, tmp_path / "artifacts" / "model", spec)
+    assert info["vanilla"] == (allocation == "uniform")
+    return tmp_path
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_tokenizer):
+    return _workspace(tmp_path, tiny_tokenizer, "uniform")
+
+
+def _metrics(workspace, passed: bool):
+    (workspace / "artifacts" / "metrics.json").write_text(json.dumps(
+        {"achieved_ratio": 0.3, "ppl_ratio": 1.1 if passed else 3.0, "gates_passed": passed}))
+
+
+def test_gates_decide_the_champion_alias(workspace, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+    from prefect.logging import disable_run_logger
+
+    from tasks.tracking import register_model, start_run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    with disable_run_logger():
+        _metrics(workspace, passed=True)
+        first = register_model.fn(str(repo), start_run.fn(str(repo), {"prune": {"ratio": 0.3}}, "a", {}),
+                                  str(workspace), "tiny-pruned")
+        _metrics(workspace, passed=False)
+        second = register_model.fn(str(repo), start_run.fn(str(repo), {"prune": {"ratio": 0.3}}, "b", {}),
+                                   str(workspace), "tiny-pruned")
+    assert first["flavor"] == "transformers" and first["champion"] and not second["champion"]
+    assert str(client.get_model_version_by_alias("tiny-pruned", "candidate").version) == second["version"]
+    assert str(client.get_model_version_by_alias("tiny-pruned", "champion").version) == first["version"]
+
+
+def test_a_per_layer_checkpoint_is_registered_as_its_directory(tmp_path, tiny_tokenizer, monkeypatch):
+    from mlflow import MlflowClient
+    from prefect.logging import disable_run_logger
+
+    from tasks.tracking import register_model, start_run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    workspace = _workspace(tmp_path / "ws", tiny_tokenizer, "global")
+    _metrics(workspace, passed=True)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    with disable_run_logger():
+        result = register_model.fn(str(repo), start_run.fn(str(repo), {}, "a", {}), str(workspace), "tiny-pl")
+    assert result["flavor"] == "artifacts" and result["champion"]
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("tiny-pl", "champion")
+    files = {f.path for f in client.list_artifacts(version.run_id, "model")}
+    assert {"model/config.json", "model/model.safetensors", "model/modeling_pruneflow.py"} <= files
