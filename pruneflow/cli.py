@@ -273,6 +273,53 @@ def run_pipeline(
     _table(f"{m['method']} −{m['achieved_ratio']:.1%}", {"dense": m["dense"], "pruned": m["pruned"]})
 
 
+STACK_DIR = Path(".pruneflow/stack")
+
+
+@app.command()
+def up(
+    run_dir: Path = typer.Option(STACK_DIR, help="data, logs and stack.json of the local stack"),
+    s3_port: int = typer.Option(8333, help="SeaweedFS S3 port"),
+    mlflow_port: int = typer.Option(5000, help="MLflow server port"),
+    prefect_port: int = typer.Option(4200, help="Prefect server port"),
+    timeout: float = typer.Option(120, help="seconds each service may take to answer its health check"),
+) -> None:
+    """Start SeaweedFS (S3, your AWS_* credentials enforced), MLflow and Prefect servers on 127.0.0.1."""
+    from infra import stack
+
+    try:
+        _step(f"starting the local stack in {run_dir}")
+        state = stack.up(run_dir, {"s3": s3_port, "mlflow": mlflow_port, "prefect": prefect_port}, timeout)
+    except PruneflowError as err:
+        _fail(err)
+    _table("local stack", {name: {"url": s["url"], "pid": s["pid"], "log": s["log"]} for name, s in state.items()})
+    typer.echo("use it from this shell:\n" + "\n".join(f"export {k}={v}" for k, v in stack.client_env(state).items()))
+
+
+@app.command()
+def status(run_dir: Path = typer.Option(STACK_DIR, help="the local stack's run directory")) -> None:
+    """Is each service of the local stack alive and answering its health check? Exit 1 if not."""
+    from infra import stack
+
+    state = stack.status(run_dir)
+    if not state:
+        typer.echo(f"no local stack in {run_dir} (`pruneflow up`)")
+        raise typer.Exit(1)
+    _table("local stack", {name: {"url": s["url"], "pid": s["pid"], "healthy": str(s["healthy"])}
+                           for name, s in state.items()})
+    if not all(s["healthy"] for s in state.values()):
+        raise typer.Exit(1)
+
+
+@app.command()
+def down(run_dir: Path = typer.Option(STACK_DIR, help="the local stack's run directory")) -> None:
+    """Stop the local stack (data and logs stay in RUN_DIR)."""
+    from infra import stack
+
+    stopped = stack.down(run_dir)
+    _step(f"stopped {', '.join(stopped)}" if stopped else f"no local stack in {run_dir}")
+
+
 @app.command()
 def methods() -> None:
     """List the importance methods."""

@@ -1,0 +1,222 @@
+"""The local stack, on 127.0.0.1 only: SeaweedFS (S3, credentials enforced), an MLflow server (SQLite, artifacts
+proxied to S3) and a Prefect server (SQLite). `pruneflow up | down | status`.
+
+Everything lives under one run directory: data, logs, and ``stack.json`` (pids, ports, URLs — never
+credentials). The S3 credentials come from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and
+are the only identity SeaweedFS accepts; anonymous and wrong-key requests are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from pruneflow.errors import PruneflowError
+
+HOST = "127.0.0.1"
+BUCKETS = ("dvc", "mlflow")
+DEFAULT_PORTS = {"s3": 8333, "mlflow": 5000, "prefect": 4200}
+# every other listener `weed server -s3` opens gets a free port, so two stacks (or a test) never collide
+SEAWEED_INTERNAL_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+                          "filer.port.grpc", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance")
+
+
+@dataclass
+class Service:
+    name: str
+    port: int
+    command: list[str]
+    env: dict[str, str]
+    health: str  # URL that answers once the service is ready
+
+
+def _bin(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    return str(path) if path.exists() else (shutil.which(name) or name)
+
+
+def credentials() -> tuple[str, str]:
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if not key or not secret:
+        raise PruneflowError("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY: the local S3 accepts exactly "
+                             "these credentials (they are never written to params, logs or MLflow)")
+    return key, secret
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def _check_free(name: str, port: int) -> None:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            raise PruneflowError(f"port {port} ({name}) on {HOST} is already in use; stop what uses it or pick "
+                                 f"another port (--{name}-port)") from None
+
+
+def services(run_dir: Path, ports: dict[str, int]) -> list[Service]:
+    key, secret = credentials()
+    s3_url = f"http://{HOST}:{ports['s3']}"
+    identities = run_dir / "seaweedfs" / "s3.json"
+    identities.parent.mkdir(parents=True, exist_ok=True)
+    identities.touch(mode=0o600)
+    identities.write_text(json.dumps({"identities": [{"name": "pruneflow", "credentials": [
+        {"accessKey": key, "secretKey": secret}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    (run_dir / "seaweedfs" / "data").mkdir(exist_ok=True)
+    base = {**os.environ, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
+    return [
+        Service("s3", ports["s3"], [
+            _bin("weed"), "server", f"-dir={run_dir / 'seaweedfs' / 'data'}", f"-ip={HOST}", f"-ip.bind={HOST}",
+            *[f"-{flag}={_free_port()}" for flag in SEAWEED_INTERNAL_PORTS],
+            "-s3", f"-s3.port={ports['s3']}", f"-s3.config={identities}",
+            # volumes are per bucket; with the default 30 GB size an auto-sized store (free disk / size) runs
+            # out after one or two buckets, so use 1 GB volumes
+            "-volume.max=0", "-master.volumeSizeLimitMB=1024"], base, s3_url),
+        Service("mlflow", ports["mlflow"], [
+            _bin("mlflow"), "server", "--host", HOST, "--port", str(ports["mlflow"]), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{run_dir / 'mlflow' / 'mlflow.db'}",
+            "--artifacts-destination", "s3://mlflow/"],
+            {**base, "MLFLOW_S3_ENDPOINT_URL": s3_url, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+             "MLFLOW_DISABLE_TELEMETRY": "true"}, f"http://{HOST}:{ports['mlflow']}/health"),
+        Service("prefect", ports["prefect"], [
+            _bin("prefect"), "server", "start", "--host", HOST, "--port", str(ports["prefect"])],
+            {**base, "PREFECT_HOME": str(run_dir / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
+            f"http://{HOST}:{ports['prefect']}/api/health"),
+    ]
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True  # it answered (S3 refuses anonymous requests with 403: that is the point)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _wait(service: Service, process: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log.read_text(errors="replace")[-800:] if log.exists() else ""
+            raise PruneflowError(f"{service.name} exited with {process.returncode} while starting; log {log}:\n{tail}")
+        if _answers(service.health):
+            return
+        time.sleep(0.5)
+    raise PruneflowError(f"{service.name} did not answer {service.health} within {timeout:.0f} s; log: {log}")
+
+
+def create_buckets(endpoint: str) -> None:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
+    for bucket in BUCKETS:
+        if bucket not in existing:
+            s3.create_bucket(Bucket=bucket)
+
+
+def up(run_dir: Path, ports: dict[str, int] | None = None, timeout: float = 120) -> dict:
+    """Start the three services (refusing if the stack runs or a port is taken); returns stack.json."""
+    run_dir = Path(run_dir).resolve()
+    ports = {**DEFAULT_PORTS, **(ports or {})}
+    if (run_dir / "stack.json").exists() and any(s["alive"] for s in status(run_dir).values()):
+        raise PruneflowError(f"the stack in {run_dir} is already running (`pruneflow status`, `pruneflow down`)")
+    for name, port in ports.items():
+        _check_free(name, port)
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (run_dir / "mlflow").mkdir(exist_ok=True)
+    state: dict[str, dict] = {}
+    try:
+        for service in services(run_dir, ports):
+            log = run_dir / "logs" / f"{service.name}.log"
+            with open(log, "ab") as out:
+                process = subprocess.Popen(service.command, env=service.env, stdout=out, stderr=subprocess.STDOUT,
+                                           stdin=subprocess.DEVNULL, start_new_session=True, cwd=run_dir)
+            state[service.name] = {"pid": process.pid, "port": service.port, "health": service.health,
+                                   "url": f"http://{HOST}:{service.port}", "log": str(log)}
+            _write_state(run_dir, state)
+            _wait(service, process, log, timeout)
+            if service.name == "s3":
+                create_buckets(state["s3"]["url"])
+    except BaseException:
+        down(run_dir)
+        raise
+    return state
+
+
+def _write_state(run_dir: Path, state: dict) -> None:
+    tmp = run_dir / "stack.json.tmp"
+    tmp.write_text(json.dumps(state, indent=1) + "\n")
+    os.replace(tmp, run_dir / "stack.json")
+
+
+def _alive(pid: int) -> bool:
+    try:  # reap it if it is our own child (a zombie still answers kill 0)
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def status(run_dir: Path) -> dict[str, dict]:
+    """Per service: pid alive, and whether it answers its health URL."""
+    path = Path(run_dir) / "stack.json"
+    if not path.exists():
+        return {}
+    state = json.loads(path.read_text())
+    return {name: {**s, "alive": _alive(s["pid"]), "healthy": _alive(s["pid"]) and _answers(s["health"])}
+            for name, s in state.items()}
+
+
+def down(run_dir: Path, grace: float = 15) -> list[str]:
+    """Stop every service of the stack (SIGTERM to its process group, SIGKILL after ``grace`` seconds)."""
+    path = Path(run_dir) / "stack.json"
+    if not path.exists():
+        return []
+    state = json.loads(path.read_text())
+    for s in state.values():
+        try:
+            os.killpg(s["pid"], signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(s["pid"]) for s in state.values()):
+        time.sleep(0.2)
+    for s in state.values():
+        if _alive(s["pid"]):
+            try:
+                os.killpg(s["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    path.unlink()
+    return list(state)
+
+
+def client_env(state: dict) -> dict[str, str]:
+    """What clients set to use the stack (no credentials: those stay in the user's environment)."""
+    return {"PREFECT_API_URL": f"{state['prefect']['url']}/api", "MLFLOW_TRACKING_URI": state["mlflow"]["url"],
+            "AWS_ENDPOINT_URL": state["s3"]["url"], "MLFLOW_S3_ENDPOINT_URL": state["s3"]["url"]}

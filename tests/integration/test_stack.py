@@ -1,0 +1,89 @@
+"""`pruneflow up | status | down`: the real local stack (SeaweedFS, MLflow server, Prefect server) on free ports."""
+
+import json
+import socket
+import urllib.request
+
+import pytest
+
+from tests.pipeline.test_cli import run
+
+pytestmark = pytest.mark.integration
+KEY, SECRET = "pruneflow-test", "pruneflow-test-secret"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    import os
+
+    os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = KEY, SECRET
+    run_dir = tmp_path_factory.mktemp("stack")
+    ports = {"s3": _free_port(), "mlflow": _free_port(), "prefect": _free_port()}
+    result = run("up", "--run-dir", run_dir, "--s3-port", ports["s3"], "--mlflow-port", ports["mlflow"],
+                 "--prefect-port", ports["prefect"])
+    try:
+        assert result.exit_code == 0, result.output
+        yield run_dir, json.loads((run_dir / "stack.json").read_text())
+    finally:
+        run("down", "--run-dir", run_dir)
+        os.environ.pop("AWS_ACCESS_KEY_ID")
+        os.environ.pop("AWS_SECRET_ACCESS_KEY")
+
+
+def test_status_reports_every_service_healthy_and_nothing_secret_is_written(stack):
+    run_dir, state = stack
+    result = run("status", "--run-dir", run_dir)
+    assert result.exit_code == 0, result.output
+    assert sorted(state) == ["mlflow", "prefect", "s3"]
+    assert all(s["url"].startswith("http://127.0.0.1:") for s in state.values())
+    written = "".join(p.read_text(errors="ignore") for p in run_dir.rglob("*")
+                      if p.is_file() and p.stat().st_size < 5_000_000 and p.name != "s3.json")
+    assert SECRET not in written  # only the identities file (0600) holds it
+    assert oct((run_dir / "seaweedfs" / "s3.json").stat().st_mode)[-3:] == "600"
+
+
+def test_s3_refuses_anonymous_and_wrong_key_requests(stack):
+    import boto3
+    from botocore.exceptions import ClientError
+
+    url = stack[1]["s3"]["url"]
+    good = boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id=KEY,
+                        aws_secret_access_key=SECRET)
+    assert {"dvc", "mlflow"} <= {b["Name"] for b in good.list_buckets()["Buckets"]}
+    good.put_object(Bucket="dvc", Key="probe", Body=b"x")
+    with pytest.raises(urllib.error.HTTPError) as anonymous:
+        urllib.request.urlopen(f"{url}/dvc/probe", timeout=5)
+    assert anonymous.value.code == 403
+    wrong = boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id=KEY,
+                         aws_secret_access_key="not-the-secret")
+    with pytest.raises(ClientError):
+        wrong.list_buckets()
+
+
+def test_mlflow_server_proxies_artifacts_to_s3(stack, tmp_path):
+    import boto3
+    from mlflow import MlflowClient
+
+    state = stack[1]
+    client = MlflowClient(state["mlflow"]["url"])
+    run_ = client.create_run(client.create_experiment("stack-test"))
+    (tmp_path / "note.txt").write_text("hello")
+    client.log_artifact(run_.info.run_id, str(tmp_path / "note.txt"))
+    s3 = boto3.client("s3", endpoint_url=state["s3"]["url"], region_name="us-east-1", aws_access_key_id=KEY,
+                      aws_secret_access_key=SECRET)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow").get("Contents", [])]
+    assert any(k.endswith("note.txt") for k in keys)
+
+
+def test_a_taken_port_is_a_clear_error_and_a_second_up_is_refused(stack):
+    run_dir, state = stack
+    taken = run("up", "--run-dir", run_dir.parent / "other", "--mlflow-port", state["mlflow"]["port"])
+    assert taken.exit_code == 2 and f"port {state['mlflow']['port']} (mlflow)" in taken.output
+    again = run("up", "--run-dir", run_dir)
+    assert again.exit_code == 2 and "already running" in again.output
