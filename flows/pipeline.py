@@ -17,6 +17,7 @@ from prefect.runtime import flow_run
 
 from pruneflow.params import Params, load_params
 from tasks import tracking
+from tasks.remote import preflight, push
 from tasks.stage import run_stage
 from tasks.workspace import close_workspace, code_version, exclusive, open_workspace, save_experiment
 
@@ -31,6 +32,7 @@ def pipeline(params: Params = Params(), repo: str = ".", run_name: str | None = 
     run_name = run_name or f"run-{flow_run.get_name() or 'local'}"
     repo_path = Path(repo).resolve()
     version = code_version(repo_path)
+    preflight(str(repo_path))
     in_place = load_params(repo_path / "params.yaml") == params
     run_id = tracking.start_run(str(repo_path), params.model_dump(), run_name, {
         "pruneflow.code_version": version, "prefect.flow_run_id": str(flow_run.get_id() or "")})
@@ -48,6 +50,7 @@ def pipeline(params: Params = Params(), repo: str = ".", run_name: str | None = 
                 tracking.log_stage(str(repo_path), run_id, stages[-1], str(path), time.perf_counter() - started)
             metrics = json.loads((path / "artifacts" / "metrics.json").read_text())
             model = tracking.register_model(str(repo_path), run_id, str(path), f"{Path(params.model).name}-pruned")
+            remote = push(workspace)
             experiment = save_experiment(workspace, run_name) if workspace["isolated"] else None
             status = "FINISHED"
         finally:
@@ -55,4 +58,4 @@ def pipeline(params: Params = Params(), repo: str = ".", run_name: str | None = 
             tracking.finish(str(repo_path), run_id, status)
     return {"run": run_name, "workspace": "isolated" if workspace["isolated"] else str(repo_path),
             "experiment": experiment, "stages": stages, "metrics": metrics, "mlflow_run_id": run_id,
-            "model": model}
+            "model": model, "pushed_to": remote}

@@ -125,7 +125,7 @@ def _wait(service: Service, process: subprocess.Popen, log: Path, timeout: float
 def create_buckets(endpoint: str) -> None:
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    s3 = boto3.session.Session().client("s3", endpoint_url=endpoint, region_name="us-east-1")
     existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
     for bucket in BUCKETS:
         if bucket not in existing:

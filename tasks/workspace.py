@@ -25,14 +25,14 @@ from pruneflow.params import Params, load_params
 from tasks.stage import dvc_env
 
 
-def _git(args: list[str], cwd: Path) -> str:
+def run_git(args: list[str], cwd: Path) -> str:
     proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise PruneflowError(f"git {' '.join(args)} failed in {cwd}: {proc.stderr.strip()[-500:]}")
     return proc.stdout.strip()
 
 
-def _dvc(args: list[str], cwd: Path) -> str:
+def run_dvc(args: list[str], cwd: Path) -> str:
     dvc = shutil.which("dvc", path=dvc_env()["PATH"]) or "dvc"
     proc = subprocess.run([dvc, *args], cwd=cwd, capture_output=True, text=True, env=dvc_env())
     if proc.returncode != 0:
@@ -41,13 +41,13 @@ def _dvc(args: list[str], cwd: Path) -> str:
 
 
 def repo_root(path: str | Path = ".") -> Path:
-    return Path(_git(["rev-parse", "--show-toplevel"], Path(path)))
+    return Path(run_git(["rev-parse", "--show-toplevel"], Path(path)))
 
 
 def code_version(repo: Path) -> str:
     """The commit the stages' code comes from (+ ``-dirty`` when tracked files have uncommitted changes)."""
-    dirty = _git(["status", "--porcelain", "--untracked-files=no"], repo)
-    return _git(["rev-parse", "--short=12", "HEAD"], repo) + ("-dirty" if dirty else "")
+    dirty = run_git(["status", "--porcelain", "--untracked-files=no"], repo)
+    return run_git(["rev-parse", "--short=12", "HEAD"], repo) + ("-dirty" if dirty else "")
 
 
 @contextmanager
@@ -74,11 +74,11 @@ def open_workspace(repo: str, params: Params, run_name: str) -> dict:
     if load_params(repo_path / "params.yaml") == params:
         return {"path": str(repo_path), "isolated": False}
     logger = get_run_logger()
-    if _git(["status", "--porcelain", "--untracked-files=no"], repo_path):
+    if run_git(["status", "--porcelain", "--untracked-files=no"], repo_path):
         logger.warning("this run uses the committed code at HEAD; uncommitted changes in %s are not in it", repo)
     path = Path(tempfile.mkdtemp(prefix=f"pruneflow-{run_name}-")) / "workspace"
-    _git(["worktree", "add", "--detach", str(path), "HEAD"], repo_path)
-    _dvc(["cache", "dir", "--local", str(repo_path / ".dvc" / "cache")], path)
+    run_git(["worktree", "add", "--detach", str(path), "HEAD"], repo_path)
+    run_dvc(["cache", "dir", "--local", str(repo_path / ".dvc" / "cache")], path)
     (path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
     logger.info("isolated run %s in %s", run_name, path)
     return {"path": str(path), "isolated": True}
@@ -91,7 +91,7 @@ def save_experiment(workspace: dict, run_name: str) -> str:
     stages = yaml.safe_load((path / "dvc.yaml").read_text())["stages"]
     metrics = [next(iter(m)) if isinstance(m, dict) else m for s in stages.values() for m in s.get("metrics", [])]
     untracked = [f for f in ["dvc.lock", *metrics] if (path / f).exists()]  # new files in a fresh worktree
-    _dvc(["exp", "save", "--force", "-n", run_name, *[a for f in untracked for a in ("-I", f)]], path)
+    run_dvc(["exp", "save", "--force", "-n", run_name, *[a for f in untracked for a in ("-I", f)]], path)
     return run_name
 
 

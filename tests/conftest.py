@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -80,3 +83,45 @@ def calibration_txt(tmp_path_factory):
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
     path.write_text("\n\n".join(corpus.load_split("validation")[:40]))
     return path
+
+
+REPO = Path(__file__).resolve().parents[1]
+GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@example.com"}
+
+
+def sh(args, cwd):
+    import os
+
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env={**os.environ, **GIT_ENV})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.fixture
+def project(tmp_path, tiny_checkpoint, calibration_txt):
+    """A user's checkout of the project, with the tiny model as its `model` and a committed HEAD."""
+    import yaml
+
+    from pruneflow.params import Params
+    from tasks.stage import dvc_env
+
+    repo = tmp_path / "project"
+    repo.mkdir()
+    shutil.copy(REPO / "dvc.yaml", repo)
+    shutil.copytree(REPO / "pruneflow", repo / "pruneflow", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "data" / "corpus", repo / "data" / "corpus")
+    shutil.copytree(tiny_checkpoint, repo / "models" / "tiny")
+    shutil.copy(calibration_txt, repo / "calib.txt")
+    params = Params.model_validate({
+        "model": "models/tiny", "calibrate": {"source": "calib.txt", "n_windows": 4, "seqlen": 32},
+        "score": {"method": "wanda_sp"}, "prune": {"ratio": 0.25, "allocation": "global"},
+        "evaluate": {"max_windows": 4, "speed": False}})
+    (repo / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
+    dvc = str(Path(dvc_env()["PATH"].split(":")[0]) / "dvc")
+    sh(["git", "init", "-q"], repo)
+    sh([dvc, "init", "-q"], repo)
+    sh([dvc, "config", "core.analytics", "false"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-q", "-m", "project"], repo)
+    return repo

@@ -1,7 +1,10 @@
 """`pruneflow up | status | down`: the real local stack (SeaweedFS, MLflow server, Prefect server) on free ports."""
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import urllib.request
 
 import pytest
@@ -87,3 +90,72 @@ def test_a_taken_port_is_a_clear_error_and_a_second_up_is_refused(stack):
     assert taken.exit_code == 2 and f"port {state['mlflow']['port']} (mlflow)" in taken.output
     again = run("up", "--run-dir", run_dir)
     assert again.exit_code == 2 and "already running" in again.output
+
+
+def test_the_flow_on_the_real_stack_tracks_pushes_and_a_pull_restores_identical_files(stack, project):
+    import hashlib
+    import shutil
+
+    import boto3
+    from mlflow import MlflowClient
+
+    from infra.stack import client_env
+    from tasks.stage import dvc_env
+    from tests.conftest import sh
+
+    state = stack[1]
+    env = client_env(state)
+    dvc = str(dvc_env()["PATH"].split(":")[0]) + "/dvc"
+    sh([dvc, "remote", "add", "-d", "store", "s3://dvc/flow-test"], project)
+    sh([dvc, "remote", "modify", "--local", "store", "endpointurl", env["AWS_ENDPOINT_URL"]], project)
+    sh(["git", "commit", "-qam", "remote"], project)
+    # a separate process, as a user runs it (Prefect's client workers then never outlive the servers here)
+    proc = subprocess.run([sys.executable, "-m", "pruneflow.cli", "run", "--params", str(project / "params.yaml"),
+                           "--name", "on-stack"], cwd=project, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **env})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "on-stack: calibrate (ran), score (ran), prune (ran), evaluate (ran)" in proc.stderr + proc.stdout
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                      aws_access_key_id=KEY, aws_secret_access_key=SECRET)
+    assert s3.list_objects_v2(Bucket="dvc", Prefix="flow-test/").get("KeyCount", 0) > 5  # pushed
+    client = MlflowClient(state["mlflow"]["url"])
+    (run_,) = client.search_runs([client.get_experiment_by_name("pruneflow").experiment_id],
+                                 filter_string="attributes.run_name = 'on-stack'")
+    assert run_.info.status == "FINISHED" and run_.data.tags["prefect.flow_run_id"]
+    flow_runs = json.loads(urllib.request.urlopen(urllib.request.Request(
+        env["PREFECT_API_URL"] + "/flow_runs/filter", data=b"{}", method="POST",
+        headers={"Content-Type": "application/json"}), timeout=10).read())
+    assert any(r["state_type"] == "COMPLETED" for r in flow_runs)  # the run is on the real server
+
+    def digests():
+        return {p.relative_to(project): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted((project / "artifacts").rglob("*")) if p.is_file()}
+
+    before = digests()
+    for name in ("calibration", "scores", "model"):
+        shutil.rmtree(project / "artifacts" / name)
+    shutil.rmtree(project / ".dvc" / "cache")
+    sh([dvc, "pull"], project)
+    assert digests() == before and len(before) > 5
+
+
+def test_preflight_fails_fast_when_the_remote_rejects_the_credentials(stack, project, monkeypatch):
+    from prefect.logging import disable_run_logger
+
+    from infra.stack import client_env
+    from pruneflow.errors import PruneflowError
+    from tasks.remote import preflight
+    from tasks.stage import dvc_env
+    from tests.conftest import sh
+
+    env = client_env(stack[1])
+    dvc = str(dvc_env()["PATH"].split(":")[0]) + "/dvc"
+    sh([dvc, "remote", "add", "-d", "store", "s3://dvc/x"], project)
+    sh([dvc, "remote", "modify", "--local", "store", "endpointurl", env["AWS_ENDPOINT_URL"]], project)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    with disable_run_logger(), pytest.raises(PruneflowError, match="DVC remote s3://dvc/x .* is not usable"):
+        preflight.fn(str(project))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    with disable_run_logger(), pytest.raises(PruneflowError, match="MLflow tracking server .* is unreachable"):
+        preflight.fn(str(project))

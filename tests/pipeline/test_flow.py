@@ -1,18 +1,12 @@
 """The Prefect flow over dvc.yaml's stages, against a real (test-harness) Prefect API and real DVC/git."""
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
+from tests.conftest import sh as _sh
 from tests.pipeline.test_cli import run
-
-ROOT = Path(__file__).resolve().parents[2]
-GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@example.com"}
 
 
 @pytest.fixture(scope="module")
@@ -21,41 +15,6 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
-
-
-def _sh(args, cwd):
-    import os
-
-    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env={**os.environ, **GIT_ENV})
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
-
-
-@pytest.fixture
-def project(tmp_path, tiny_checkpoint, calibration_txt):
-    """A user's checkout of the project, with the tiny model as its `model` and a committed HEAD."""
-    from pruneflow.params import Params
-    from tasks.stage import dvc_env
-
-    repo = tmp_path / "project"
-    repo.mkdir()
-    shutil.copy(ROOT / "dvc.yaml", repo)
-    shutil.copytree(ROOT / "pruneflow", repo / "pruneflow", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "data" / "corpus", repo / "data" / "corpus")
-    shutil.copytree(tiny_checkpoint, repo / "models" / "tiny")
-    shutil.copy(calibration_txt, repo / "calib.txt")
-    params = Params.model_validate({
-        "model": "models/tiny", "calibrate": {"source": "calib.txt", "n_windows": 4, "seqlen": 32},
-        "score": {"method": "wanda_sp"}, "prune": {"ratio": 0.25, "allocation": "global"},
-        "evaluate": {"max_windows": 4, "speed": False}})
-    (repo / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
-    dvc = str(Path(dvc_env()["PATH"].split(":")[0]) / "dvc")
-    _sh(["git", "init", "-q"], repo)
-    _sh([dvc, "init", "-q"], repo)
-    _sh([dvc, "config", "core.analytics", "false"], repo)
-    _sh(["git", "add", "-A"], repo)
-    _sh(["git", "commit", "-q", "-m", "project"], repo)
-    return repo
 
 
 def test_flow_runs_the_stages_then_serves_them_from_cache_and_isolates_overrides(prefect_api, project):

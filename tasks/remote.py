@@ -1,0 +1,99 @@
+"""The DVC remote side of a run: a preflight check before any compute, and the push after the stages.
+
+The remote is whatever `dvc remote default` names (S3 here: SeaweedFS from `pruneflow up`, MinIO or AWS —
+the endpoint comes from AWS_ENDPOINT_URL or the remote's `endpointurl`, credentials from the environment
+or AWS config, never from params). No default remote: nothing to check or push.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from pruneflow.errors import PruneflowError
+from tasks.workspace import run_dvc
+
+
+def default_remote(workspace: Path) -> tuple[str, str] | None:
+    """(name, url) of the default DVC remote, or None."""
+    try:
+        name = run_dvc(["remote", "default"], workspace).strip()
+    except PruneflowError:  # "No default remote set" (exit 1)
+        return None
+    for line in run_dvc(["remote", "list"], workspace).splitlines():
+        parts = line.split()
+        if parts and parts[0] == name:
+            return name, parts[1]
+    return None
+
+
+def remote_endpoint(workspace: Path, name: str) -> str | None:
+    """The remote's `endpointurl` (any config level), else AWS_ENDPOINT_URL, else None (AWS itself)."""
+    try:
+        return run_dvc(["config", f"remote.{name}.endpointurl"], workspace).strip() or None
+    except PruneflowError:  # not set
+        return os.environ.get("AWS_ENDPOINT_URL")
+
+
+def _check_s3(url: str, endpoint: str | None) -> None:
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket = url.removeprefix("s3://").split("/", 1)[0]
+    try:
+        # a fresh session: boto3's default one keeps the credentials it first saw
+        boto3.session.Session().client("s3", endpoint_url=endpoint, config=_quick()).head_bucket(Bucket=bucket)
+    except (BotoCoreError, ClientError) as err:
+        raise PruneflowError(f"DVC remote {url} (endpoint {endpoint or 'AWS default'}) is not usable: "
+                             f"{str(err).splitlines()[0][:200]}") from None
+
+
+def _quick():
+    from botocore.config import Config
+
+    return Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 3, "mode": "standard"})
+
+
+def _check_mlflow(uri: str) -> None:
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
+            return
+    except (urllib.error.URLError, OSError) as err:
+        raise PruneflowError(f"MLflow tracking server {uri} is unreachable ({err}); start it (`pruneflow up`) "
+                             f"or unset MLFLOW_TRACKING_URI to track into a local file") from None
+
+
+@task(name="preflight", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 5])
+def preflight(repo: str) -> dict:
+    """Fail fast, before any compute: the tracking server, the DVC remote and the workspace must be usable."""
+    repo_path = Path(repo)
+    checked = {}
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri.startswith(("http://", "https://")):
+        _check_mlflow(uri)
+        checked["mlflow"] = uri
+    remote = default_remote(repo_path)
+    if remote and remote[1].startswith("s3://"):
+        _check_s3(remote[1], remote_endpoint(repo_path, remote[0]))
+        checked["dvc_remote"] = remote[1]
+    if not os.access(repo_path, os.W_OK):
+        raise PruneflowError(f"the workspace {repo_path} is not writable")
+    get_run_logger().info("preflight ok: %s", checked or "local only")
+    return checked
+
+
+@task(name="push", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 10, 30])
+def push(workspace: dict) -> str | None:
+    """`dvc push` the run's outputs to the default remote (retried with backoff; a failed push is completed
+    by the next run's push, since every output stays in the local cache)."""
+    path = Path(workspace["path"])
+    remote = default_remote(path)
+    if remote is None:
+        return None
+    run_dvc(["push"], path)
+    return remote[1]
