@@ -53,7 +53,7 @@ def credentials() -> tuple[str, str]:
     return key, secret
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return sock.getsockname()[1]
@@ -82,7 +82,7 @@ def services(run_dir: Path, ports: dict[str, int]) -> list[Service]:
     return [
         Service("s3", ports["s3"], [
             _bin("weed"), "server", f"-dir={run_dir / 'seaweedfs' / 'data'}", f"-ip={HOST}", f"-ip.bind={HOST}",
-            *[f"-{flag}={_free_port()}" for flag in SEAWEED_INTERNAL_PORTS],
+            *[f"-{flag}={free_port()}" for flag in SEAWEED_INTERNAL_PORTS],
             "-s3", f"-s3.port={ports['s3']}", f"-s3.config={identities}",
             # volumes are per bucket; with the default 30 GB size an auto-sized store (free disk / size) runs
             # out after one or two buckets, so use 1 GB volumes

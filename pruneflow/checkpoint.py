@@ -108,7 +108,7 @@ def save(model: nn.Module, tokenizer, out_dir: Path, spec: ArchSpec, extra_files
     return info
 
 
-def _read_config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
     if not path.is_dir():
         raise PruneflowError(f"checkpoint directory {path} does not exist")
     config_file = path / "config.json"
@@ -140,7 +140,7 @@ def load(path: Path | str, with_tokenizer: bool = True):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     path = Path(path)
-    model_type = _read_config(path).get("model_type", "")
+    model_type = read_config(path).get("model_type", "")
     spec = A.arch_for(model_type)
     _check_weights(path)
     try:
@@ -173,7 +173,7 @@ def load_tokenizer(path: Path | str, config=None):
 
     path = Path(path)
     if config is None:
-        model_type = _read_config(path).get("model_type", "")
+        model_type = read_config(path).get("model_type", "")
         A.arch_for(model_type)
         if model_type.startswith(A.PRUNED_PREFIX):
             config = modeling_pruneflow.CLASSES[A.base_model_type(model_type)][0].from_pretrained(path)

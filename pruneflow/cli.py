@@ -235,8 +235,6 @@ def stage(
     from pruneflow.params import load_params
 
     try:
-        if name not in stages.STAGES:
-            raise PruneflowError(f"unknown stage {name!r}; stages: {', '.join(stages.STAGES)}")
         params = load_params(params_file, overrides)
         _quiet_libraries()
         _step(f"stage {name}")

@@ -39,6 +39,12 @@ def score(model: nn.Module, spec: ArchSpec, method: str, windows: torch.Tensor |
     return SCORERS[method](model, spec, windows=windows, seed=seed, ratio=ratio, **options)
 
 
+def select_config(cfg: PruneParams, scores: Scores) -> SelectConfig:
+    """The selection settings of ``prune.*`` (compensation only when the scorer provides activation means)."""
+    return SelectConfig(ratio=cfg.ratio, allocation=cfg.allocation, units=tuple(cfg.units), head_mode=cfg.head_mode,
+                        round_to=cfg.round_to, compensate=cfg.compensate and scores.attn_mean is not None)
+
+
 def prune(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, windows: torch.Tensor | None,
           seed: int = 0, bonsai: BonsaiParams | None = None, state_dir: Path | None = None) -> PruneResult:
     """Prune ``model`` in place; returns the plan (with exact parameter accounting) and timings.
@@ -51,10 +57,7 @@ def prune(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, windo
     started = time.perf_counter()
     scores = score(model, spec, method, windows, seed, cfg.ratio)
     scored = time.perf_counter()
-    plan = select(scores, layer_shapes(model, spec), A.count_parameters(model),
-                  SelectConfig(ratio=cfg.ratio, allocation=cfg.allocation, units=tuple(cfg.units),
-                               head_mode=cfg.head_mode, round_to=cfg.round_to,
-                               compensate=cfg.compensate and scores.attn_mean is not None),
+    plan = select(scores, layer_shapes(model, spec), A.count_parameters(model), select_config(cfg, scores),
                   method=method, seed=seed)
     apply(model, plan, spec, scores)
     actual = A.count_parameters(model)["non_embedding"]

@@ -50,7 +50,7 @@ def _needs(path: Path, stage: str) -> Path:
 def calibrate(params: Params, root: Path) -> Path:
     c = params.calibrate
     tokenizer = checkpoint.load_tokenizer(params.model)
-    max_positions = json.loads((Path(params.model) / "config.json").read_text()).get("max_position_embeddings")
+    max_positions = checkpoint.read_config(Path(params.model)).get("max_position_embeddings")
     windows, manifest = C.prepare(tokenizer, c.source, c.n_windows, c.seqlen, c.seed, max_positions)
     C.save(windows, manifest, root / OUTPUTS["calibrate"], overwrite=True)
     return root / OUTPUTS["calibrate"]
@@ -108,7 +108,8 @@ def score(params: Params, root: Path) -> Path:
 def prune(params: Params, root: Path) -> Path:
     from pruneflow import arch as A
     from pruneflow.apply import apply, layer_shapes
-    from pruneflow.plan import PrunePlan, SelectConfig, select
+    from pruneflow.plan import PrunePlan, select
+    from pruneflow.prune import select_config
 
     scores_dir = _needs(root / OUTPUTS["score"], "score")
     meta = json.loads((scores_dir / "scores.json").read_text())
@@ -116,17 +117,13 @@ def prune(params: Params, root: Path) -> Path:
         raise PruneflowError(f"{scores_dir} holds {meta['method']} scores but score.method is "
                              f"{params.score.method}; run the score stage again")
     model, tokenizer, spec = checkpoint.load(params.model)
-    p = params.prune
     scores = None
     if (scores_dir / "plan.json").exists():
         plan = PrunePlan.load(scores_dir / "plan.json")
     else:
         scores = load_scores(scores_dir)
         plan = select(scores, layer_shapes(model, spec), A.count_parameters(model),
-                      SelectConfig(ratio=p.ratio, allocation=p.allocation, units=tuple(p.units),
-                                   head_mode=p.head_mode, round_to=p.round_to,
-                                   compensate=p.compensate and scores.attn_mean is not None),
-                      method=meta["method"], seed=params.calibrate.seed)
+                      select_config(params.prune, scores), method=meta["method"], seed=params.calibrate.seed)
     apply(model, plan, spec, scores)
     out = root / OUTPUTS["prune"]
     checkpoint.save(model, tokenizer, out, spec, overwrite=True, extra_files={

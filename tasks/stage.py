@@ -49,6 +49,11 @@ def dvc_env() -> dict[str, str]:
     return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "DVC_NO_ANALYTICS": "1"}
 
 
+def dvc_bin() -> str:
+    """The dvc installed beside this interpreter (the one whose pruneflow the stages run)."""
+    return str(Path(sys.executable).parent / "dvc")
+
+
 def locked_outputs(workspace: Path, stage: str) -> dict[str, str]:
     """The stage's output hashes as dvc.lock records them."""
     lock = workspace / "dvc.lock"
@@ -63,8 +68,7 @@ def locked_outputs(workspace: Path, stage: str) -> dict[str, str]:
 def run_stage(name: str, workspace: str):
     """Reproduce one dvc.yaml stage in ``workspace``; returns {stage, cached, outs} in a Completed/Cached state."""
     logger = get_run_logger()
-    dvc = str(Path(sys.executable).parent / "dvc")
-    proc = subprocess.run([dvc, "repro", "--single-item", name], cwd=workspace, env=dvc_env(),
+    proc = subprocess.run([dvc_bin(), "repro", "--single-item", name], cwd=workspace, env=dvc_env(),
                           capture_output=True, text=True)
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:

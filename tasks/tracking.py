@@ -52,6 +52,18 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+def numeric(tree: dict) -> dict[str, float]:
+    """The flattened numbers of a nested dict (booleans as 0/1), as MLflow metrics take them."""
+    return {k: float(v) for k, v in flatten(tree).items() if isinstance(v, (int, float))}
+
+
+def _log_metrics(client, run_id: str, metrics: dict[str, float]) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+
+
 @task(name="track-run", cache_policy=NO_CACHE)
 def start_run(repo: str, params: dict, run_name: str, tags: dict[str, str]) -> str:
     """The parent run: flattened params, tags (code version, Prefect flow-run id); returns its id."""
@@ -76,20 +88,16 @@ def system_metrics(repo: str, run_id: str):
 @task(name="track-stage", cache_policy=NO_CACHE)
 def log_stage(repo: str, parent_id: str, result: dict, workspace: str, seconds: float) -> str:
     """A nested run for one stage: seconds, cached, dvc.lock output hashes, the stage's small outputs."""
-    from mlflow.entities import Metric
-
     client = _client(Path(repo))
     parent = client.get_run(parent_id)
     tags = {"mlflow.parentRunId": parent_id, "pruneflow.stage": result["stage"],
             **{f"dvc.out.{path}": md5 for path, md5 in result["outs"].items()}}
     run = client.create_run(parent.info.experiment_id, run_name=result["stage"], tags=tags)
-    now = int(time.time() * 1000)
     metrics = {"seconds": seconds, "cached": float(result["cached"])}
     artifacts = Path(workspace) / "artifacts"
     if result["stage"] == "evaluate":
-        metrics |= {k: float(v) for k, v in flatten(json.loads((artifacts / "metrics.json").read_text())).items()
-                    if isinstance(v, (int, float))}
-    client.log_batch(run.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+        metrics |= numeric(json.loads((artifacts / "metrics.json").read_text()))
+    _log_metrics(client, run.info.run_id, metrics)
     for name in STAGE_FILES.get(result["stage"], []):
         if (artifacts / name).exists():
             client.log_artifact(run.info.run_id, str(artifacts / name))
@@ -102,14 +110,12 @@ def register_model(repo: str, run_id: str, workspace: str, name: str) -> dict:
     """Log the pruned checkpoint (transformers flavor when vanilla-loadable, else the directory as artifacts),
     register it as ``candidate``, and as ``champion`` when every gate passed."""
     import mlflow
-    from mlflow.entities import Metric
 
     logger = get_run_logger()
     client = _client(Path(repo))
     artifacts = Path(workspace) / "artifacts"
     model_dir, metrics = artifacts / "model", json.loads((artifacts / "metrics.json").read_text())
-    client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0)
-                                      for k, v in flatten(metrics).items() if isinstance(v, (int, float))])
+    _log_metrics(client, run_id, numeric(metrics))
     client.log_artifact(run_id, str(artifacts / "metrics.json"))
     vanilla = json.loads((model_dir / "pruneflow.json").read_text())["vanilla"]
     if vanilla:

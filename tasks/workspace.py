@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pruneflow.errors import PruneflowError
 from pruneflow.params import Params, load_params
-from tasks.stage import dvc_env
+from tasks.stage import dvc_bin, dvc_env
 
 
 def run_git(args: list[str], cwd: Path) -> str:
@@ -33,8 +33,7 @@ def run_git(args: list[str], cwd: Path) -> str:
 
 
 def run_dvc(args: list[str], cwd: Path) -> str:
-    dvc = shutil.which("dvc", path=dvc_env()["PATH"]) or "dvc"
-    proc = subprocess.run([dvc, *args], cwd=cwd, capture_output=True, text=True, env=dvc_env())
+    proc = subprocess.run([dvc_bin(), *args], cwd=cwd, capture_output=True, text=True, env=dvc_env())
     if proc.returncode != 0:
         raise PruneflowError(f"dvc {' '.join(args)} failed in {cwd}: {proc.stderr.strip()[-500:]}")
     return proc.stdout.strip()

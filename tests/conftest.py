@@ -104,7 +104,7 @@ def project(tmp_path, tiny_checkpoint, calibration_txt):
     import yaml
 
     from pruneflow.params import Params
-    from tasks.stage import dvc_env
+    from tasks.stage import dvc_bin
 
     repo = tmp_path / "project"
     repo.mkdir()
@@ -118,7 +118,7 @@ def project(tmp_path, tiny_checkpoint, calibration_txt):
         "score": {"method": "wanda_sp"}, "prune": {"ratio": 0.25, "allocation": "global"},
         "evaluate": {"max_windows": 4, "speed": False}})
     (repo / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
-    dvc = str(Path(dvc_env()["PATH"].split(":")[0]) / "dvc")
+    dvc = dvc_bin()
     sh(["git", "init", "-q"], repo)
     sh([dvc, "init", "-q"], repo)
     sh([dvc, "config", "core.analytics", "false"], repo)

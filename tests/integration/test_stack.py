@@ -2,23 +2,17 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import urllib.request
 
 import pytest
 
+from infra.stack import free_port
 from tests.pipeline.test_cli import run
 
 pytestmark = pytest.mark.integration
 KEY, SECRET = "pruneflow-test", "pruneflow-test-secret"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +21,7 @@ def stack(tmp_path_factory):
 
     os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = KEY, SECRET
     run_dir = tmp_path_factory.mktemp("stack")
-    ports = {"s3": _free_port(), "mlflow": _free_port(), "prefect": _free_port()}
+    ports = {"s3": free_port(), "mlflow": free_port(), "prefect": free_port()}
     result = run("up", "--run-dir", run_dir, "--s3-port", ports["s3"], "--mlflow-port", ports["mlflow"],
                  "--prefect-port", ports["prefect"])
     try:
@@ -100,12 +94,12 @@ def test_the_flow_on_the_real_stack_tracks_pushes_and_a_pull_restores_identical_
     from mlflow import MlflowClient
 
     from infra.stack import client_env
-    from tasks.stage import dvc_env
+    from tasks.stage import dvc_bin
     from tests.conftest import sh
 
     state = stack[1]
     env = client_env(state)
-    dvc = str(dvc_env()["PATH"].split(":")[0]) + "/dvc"
+    dvc = dvc_bin()
     sh([dvc, "remote", "add", "-d", "store", "s3://dvc/flow-test"], project)
     sh([dvc, "remote", "modify", "--local", "store", "endpointurl", env["AWS_ENDPOINT_URL"]], project)
     sh(["git", "commit", "-qam", "remote"], project)
@@ -145,11 +139,11 @@ def test_preflight_fails_fast_when_the_remote_rejects_the_credentials(stack, pro
     from infra.stack import client_env
     from pruneflow.errors import PruneflowError
     from tasks.remote import preflight
-    from tasks.stage import dvc_env
+    from tasks.stage import dvc_bin
     from tests.conftest import sh
 
     env = client_env(stack[1])
-    dvc = str(dvc_env()["PATH"].split(":")[0]) + "/dvc"
+    dvc = dvc_bin()
     sh([dvc, "remote", "add", "-d", "store", "s3://dvc/x"], project)
     sh([dvc, "remote", "modify", "--local", "store", "endpointurl", env["AWS_ENDPOINT_URL"]], project)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")

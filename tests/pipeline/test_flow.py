@@ -1,7 +1,6 @@
 """The Prefect flow over dvc.yaml's stages, against a real (test-harness) Prefect API and real DVC/git."""
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -20,7 +19,7 @@ def prefect_api():
 def test_flow_runs_the_stages_then_serves_them_from_cache_and_isolates_overrides(prefect_api, project):
     from flows.pipeline import pipeline
     from pruneflow.params import load_params
-    from tasks.stage import dvc_env
+    from tasks.stage import dvc_bin
 
     params = load_params(project / "params.yaml")
     first = pipeline(params=params, repo=str(project), run_name="first")
@@ -41,7 +40,7 @@ def test_flow_runs_the_stages_then_serves_them_from_cache_and_isolates_overrides
     assert [s["cached"] for s in third["stages"]] == [True, True, True, False]  # only evaluate re-ran
     assert third["experiment"] == "fewer-windows"
     assert {p: p.read_bytes() for p in users_files} == users_files  # the checkout is untouched
-    dvc = str(Path(dvc_env()["PATH"].split(":")[0]) / "dvc")
+    dvc = dvc_bin()
     experiment = _find(json.loads(_sh([dvc, "exp", "show", "--json"], project)), "fewer-windows")
     assert experiment is not None, "the override run is not in `dvc exp show`"
     assert _values(experiment, "max_windows") == [2]  # its params
