@@ -13,9 +13,11 @@ from pathlib import Path
 
 import yaml
 from prefect import flow
+from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from pruneflow.params import Params, load_params
+from pruneflow.report import run_table
 from tasks import tracking
 from tasks.remote import preflight, push
 from tasks.stage import run_stage
@@ -28,7 +30,8 @@ def stage_names(workspace: Path) -> list[str]:
 
 @flow(name="pruneflow", log_prints=True)
 def pipeline(params: Params = Params(), repo: str = ".", run_name: str | None = None) -> dict:
-    """Prune with ``params``: calibrate → score → prune → evaluate, unchanged stages served from DVC's cache."""
+    """Prune with ``params``: calibrate → score → prune → recover → evaluate, unchanged stages served from
+    DVC's cache; tracked in MLflow, outputs pushed to the DVC remote, a report published as an artifact."""
     run_name = run_name or f"run-{flow_run.get_name() or 'local'}"
     repo_path = Path(repo).resolve()
     version = code_version(repo_path)
@@ -49,6 +52,8 @@ def pipeline(params: Params = Params(), repo: str = ".", run_name: str | None = 
                 stages.append(stage(name, str(path), return_state=True).result())
                 tracking.log_stage(str(repo_path), run_id, stages[-1], str(path), time.perf_counter() - started)
             metrics = json.loads((path / "artifacts" / "metrics.json").read_text())
+            create_markdown_artifact(markdown=f"# {run_name}\n\n" + run_table({run_name: metrics}),
+                                     key="pruneflow-report", description=f"dense vs pruned vs recovered, {run_name}")
             model = tracking.register_model(str(repo_path), run_id, str(path), f"{Path(params.model).name}-pruned")
             remote = push(workspace)
             experiment = save_experiment(workspace, run_name) if workspace["isolated"] else None

@@ -225,7 +225,7 @@ def demo(
 
 @app.command()
 def stage(
-    name: str = typer.Argument(..., help="calibrate | score | prune | evaluate"),
+    name: str = typer.Argument(..., help="calibrate | score | prune | recover | evaluate"),
     params_file: Path = typer.Option(Path("params.yaml"), "--params", help="parameters"),
     overrides: list[str] = typer.Option([], "--set", help="override a parameter: section.key=value"),
     artifacts: Path = typer.Option(Path("artifacts"), help="the artifacts directory stages read and write"),
@@ -268,7 +268,75 @@ def run_pipeline(
     _step(f"{result['run']}: {stages}" + (f"; saved as DVC experiment {result['experiment']}"
                                           if result["experiment"] else ""))
     m = result["metrics"]
-    _table(f"{m['method']} −{m['achieved_ratio']:.1%}", {"dense": m["dense"], "pruned": m["pruned"]})
+    _table(f"{m['method']} −{m['achieved_ratio']:.1%}",
+           {name: m[name] for name in ("dense", "pruned", "recovered") if name in m})
+    gates = ", ".join(f"{k} {'pass' if g['passed'] else 'FAIL'}" for k, g in m["gates"].items())
+    _step(f"gates: {gates}; registered {result['model']['name']} v{result['model']['version']} as candidate"
+          + (" and champion" if result["model"]["champion"] else ""))
+
+
+@app.command()
+def serve(
+    names: list[str] = typer.Option([], "--name", help="deployments of prefect.yaml to serve (default: all)"),
+    repo: Path = typer.Option(Path("."), help="the checkout whose params.yaml fills the parameter forms"),
+    limit: Optional[int] = typer.Option(None, help="flow runs at once in this process"),
+    no_schedules: bool = typer.Option(False, "--no-schedules", help="serve without prefect.yaml's schedules"),
+) -> None:
+    """Serve prefect.yaml's deployments from this process (cron schedules included) until Ctrl-C;
+    trigger them from the Prefect UI form or the API. Needs PREFECT_API_URL (e.g. from `pruneflow up`)."""
+    from flows import deployments
+    from tasks.workspace import repo_root
+
+    try:
+        _quiet_libraries()
+        deployments.serve(repo_root(repo.resolve()), names or None, limit, schedules=not no_schedules)
+    except PruneflowError as err:
+        _fail(err)
+
+
+@app.command()
+def deploy(
+    pool: Optional[str] = typer.Option(None, help="work pool (default: each deployment's work_pool.name)"),
+    names: list[str] = typer.Option([], "--name", help="deployments of prefect.yaml (default: all)"),
+    repo: Path = typer.Option(Path("."), help="the checkout the runs work in (params.yaml fills the forms)"),
+) -> None:
+    """Register prefect.yaml's deployments on a work pool; run them with `prefect worker start --pool POOL`."""
+    from flows import deployments
+    from tasks.workspace import repo_root
+
+    try:
+        _quiet_libraries()
+        ids = deployments.deploy(repo_root(repo.resolve()), pool, names or None)
+    except PruneflowError as err:
+        _fail(err)
+    _step(f"registered {len(ids)} deployment(s): {', '.join(ids)}")
+
+
+@app.command()
+def sweep(
+    methods: str = typer.Option("flap,wanda_sp", help="comma-separated methods"),
+    ratios: str = typer.Option("0.2,0.3", help="comma-separated ratios"),
+    params_file: Path = typer.Option(Path("params.yaml"), "--params", help="the base parameters"),
+    overrides: list[str] = typer.Option([], "--set", help="override a base parameter: section.key=value"),
+    deployment: str = typer.Option("pruneflow/pruneflow", help="the pipeline deployment the points run on"),
+    name: Optional[str] = typer.Option(None, help="sweep name (MLflow run, Prefect artifact, experiment prefix)"),
+) -> None:
+    """Run methods × ratios as separate runs of the pipeline deployment (its pool's workers set the
+    parallelism), then print one comparison table (also a Prefect artifact and an MLflow run)."""
+    from flows.sweep import sweep as sweep_flow
+    from pruneflow.params import load_params
+    from tasks.workspace import repo_root
+
+    try:
+        params = load_params(params_file, overrides)
+        ratio_values = [float(r) for r in ratios.split(",") if r.strip()]
+        result = sweep_flow(methods=[m.strip() for m in methods.split(",") if m.strip()], ratios=ratio_values,
+                            params=params, repo=str(repo_root(params_file.resolve().parent)),
+                            deployment=deployment, name=name)
+    except (PruneflowError, ValueError, RuntimeError) as err:
+        _fail(err)
+    typer.echo(result["table"])
+    _step(f"{result['name']}: {len(result['members'])} points in {result['seconds']:.0f} s")
 
 
 STACK_DIR = Path(".pruneflow/stack")

@@ -92,6 +92,35 @@ class PruneParams(_Section):
         return list(dict.fromkeys(value))
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class RecoverParams(_Section):
+    """LoRA recovery (peft) of the pruned model on the calibration source's train split."""
+
+    enabled: bool = Field(True, description="run LoRA recovery after pruning (false: the stage only records a skip)")
+    targets: list[str] = Field(default_factory=lambda: list(LORA_TARGETS),
+                               description="ArchSpec projections that get LoRA adapters")
+    rank: int = Field(8, ge=1, description="LoRA rank r")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale alpha/r)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (linear warm-up, then linear decay to 0)")
+    warmup_steps: int = Field(10, ge=0)
+    steps: int = Field(200, ge=1, description="optimizer steps")
+    batch_size: int = Field(8, ge=1, description="windows per step")
+    seqlen: int = Field(256, ge=2, description="tokens per training window")
+    distill_weight: float = Field(0.01, ge=0, description="λ in CE + λ·KL(dense ‖ pruned); 0: no teacher")
+    seed: int = 0
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, value: list[str]) -> list[str]:
+        unknown = [t for t in value if t not in LORA_TARGETS]
+        if unknown or not value:
+            raise ValueError(f"targets must be a non-empty subset of {list(LORA_TARGETS)}, got {value}")
+        return list(dict.fromkeys(value))
+
+
 class EvaluateParams(_Section):
     ppl_seqlen: int = Field(256, ge=2, description="window length of the perplexity protocol")
     max_windows: int | None = Field(None, ge=1, description="cap on test windows (None: the whole split)")
@@ -106,6 +135,7 @@ class Params(_Section):
     calibrate: CalibrateParams = Field(default_factory=CalibrateParams)
     score: ScoreParams = Field(default_factory=ScoreParams)
     prune: PruneParams = Field(default_factory=PruneParams)
+    recover: RecoverParams = Field(default_factory=RecoverParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
 
     @model_validator(mode="after")

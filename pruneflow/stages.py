@@ -7,7 +7,8 @@ Each stage reads the params tree and the previous stages' fixed outputs and writ
     calibrate  model tokenizer + calibrate.*          → artifacts/calibration/  (windows + manifest)
     score      model + calibration + score.*, prune.* → artifacts/scores/       (scores, or an iterative plan)
     prune      model + scores + prune.*               → artifacts/model/        (checkpoint + plan.json)
-    evaluate   model + artifacts/model + evaluate.*   → artifacts/metrics.json  (dense vs pruned)
+    recover    model + artifacts/model + recover.*    → artifacts/recovered/    (LoRA-merged checkpoint, or a skip)
+    evaluate   model + both checkpoints + evaluate.*  → artifacts/metrics.json  (dense vs pruned vs recovered)
 """
 
 from __future__ import annotations
@@ -30,15 +31,17 @@ from pruneflow.scores import Scores
 
 log = logging.getLogger(__name__)
 
-STAGES = ("calibrate", "score", "prune", "evaluate")
-OUTPUTS = {"calibrate": "calibration", "score": "scores", "prune": "model", "evaluate": "metrics.json"}
+STAGES = ("calibrate", "score", "prune", "recover", "evaluate")
+OUTPUTS = {"calibrate": "calibration", "score": "scores", "prune": "model", "recover": "recovered",
+           "evaluate": "metrics.json"}
 
 
 def run(name: str, params: Params, root: Path = Path("artifacts")) -> Path:
     """Run stage ``name``; returns the path of its output."""
     if name not in STAGES:
         raise PruneflowError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
-    return {"calibrate": calibrate, "score": score, "prune": prune, "evaluate": evaluate}[name](params, Path(root))
+    stages = {"calibrate": calibrate, "score": score, "prune": prune, "recover": recover, "evaluate": evaluate}
+    return stages[name](params, Path(root))
 
 
 def _needs(path: Path, stage: str) -> Path:
@@ -131,6 +134,34 @@ def prune(params: Params, root: Path) -> Path:
     return out
 
 
+def recover(params: Params, root: Path) -> Path:
+    """LoRA recovery of the pruned model on the calibration source; with ``recover.enabled: false`` the output
+    is only ``recovery.json`` saying so (DVC still gets its out, evaluate then scores the pruned model)."""
+    from pruneflow.recover import recover as train_lora
+
+    pruned = _needs(root / OUTPUTS["prune"], "prune")
+    out, cfg = root / OUTPUTS["recover"], params.recover
+    if not cfg.enabled:
+        with atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "recovery.json").write_text(json.dumps({"enabled": False}, indent=1) + "\n")
+        return out
+    model, tokenizer, spec = checkpoint.load(pruned)
+    teacher = checkpoint.load(params.model, with_tokenizer=False)[0] if cfg.distill_weight > 0 else None
+    max_positions = checkpoint.read_config(pruned).get("max_position_embeddings")
+    windows, manifest = C.prepare(tokenizer, params.calibrate.source, cfg.steps * cfg.batch_size, cfg.seqlen,
+                                  cfg.seed, max_positions)
+    result = train_lora(model, windows, spec, cfg, teacher)
+    first, last = result.history[:10], result.history[-10:]
+    summary = {"enabled": True, "seconds": result.seconds, "source_digest": manifest.source_digest,
+               "train_tokens": int(windows.numel()), "loss_first10": sum(h["loss"] for h in first) / len(first),
+               "loss_last10": sum(h["loss"] for h in last) / len(last), "history": result.history}
+    checkpoint.save(result.model, tokenizer, out, spec, overwrite=True, extra_files={
+        "plan.json": (pruned / "plan.json").read_text(), "recovery.json": json.dumps(summary, indent=1) + "\n",
+        "loss.csv": "step,loss,ce,kd,lr\n" + "".join(
+            f"{h['step']},{h['loss']:.6f},{h['ce']:.6f},{h['kd']:.6f},{h['lr']:.3g}\n" for h in result.history)})
+    return out
+
+
 def gates(metrics: dict, params: Params) -> dict[str, dict]:
     """Quality gates: each {value, limit, passed}; a model is promoted only when all pass."""
     e = params.evaluate
@@ -146,13 +177,19 @@ def evaluate(params: Params, root: Path) -> Path:
     from pruneflow.evaluate import evaluate_dirs
 
     pruned = _needs(root / OUTPUTS["prune"], "prune")
-    rows = evaluate_dirs([Path(params.model), pruned], params.evaluate)
+    recovered = _needs(root / OUTPUTS["recover"], "recover")
+    models = {"dense": Path(params.model), "pruned": pruned}
+    if (recovered / "config.json").exists():
+        models["recovered"] = recovered
+    rows = evaluate_dirs(list(models.values()), params.evaluate)
     plan = json.loads((pruned / "plan.json").read_text())
-    dense, after = rows[str(params.model)], rows[str(pruned)]
-    metrics = {"dense": dense, "pruned": after, "achieved_ratio": plan["params"]["achieved_ratio"],
-               "method": plan["method"]}
-    if "test_ppl" in dense:
-        metrics["ppl_ratio"] = after["test_ppl"] / dense["test_ppl"]
+    metrics = {name: rows[str(path)] for name, path in models.items()}
+    final = "recovered" if "recovered" in models else "pruned"  # the model the gates judge and the registry gets
+    metrics |= {"final": final, "achieved_ratio": plan["params"]["achieved_ratio"], "method": plan["method"]}
+    if "test_ppl" in metrics["dense"]:
+        for name in models.keys() - {"dense"}:
+            metrics[f"ppl_ratio_{name}"] = metrics[name]["test_ppl"] / metrics["dense"]["test_ppl"]
+        metrics["ppl_ratio"] = metrics[f"ppl_ratio_{final}"]
     metrics["gates"] = gates(metrics, params)
     metrics["gates_passed"] = all(g["passed"] for g in metrics["gates"].values())
     out = root / OUTPUTS["evaluate"]

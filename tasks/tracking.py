@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 EXPERIMENT = "pruneflow"
 STAGE_FILES = {"score": ["scores/scores.json", "scores/iterations.json"], "prune": ["model/plan.json"],
-               "evaluate": ["metrics.json"]}
+               "recover": ["recovered/recovery.json", "recovered/loss.csv"], "evaluate": ["metrics.json"]}
 
 
 def tracking_uri(repo: Path) -> str:
@@ -64,6 +64,17 @@ def _log_metrics(client, run_id: str, metrics: dict[str, float]) -> None:
     client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
 
 
+def _log_curve(client, run_id: str, recovery: dict) -> None:
+    """The recovery loss curve as stepped metrics (MLflow draws it), plus the summary numbers."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    curve = [Metric(f"recover.{key}", h[key], now, h["step"]) for h in recovery["history"] for key in ("loss", "ce", "kd")]
+    for start in range(0, len(curve), 1000):  # log_batch takes at most 1000 metrics
+        client.log_batch(run_id, metrics=curve[start:start + 1000])
+    _log_metrics(client, run_id, {f"recover.{k}": v for k, v in numeric(recovery).items()})
+
+
 @task(name="track-run", cache_policy=NO_CACHE)
 def start_run(repo: str, params: dict, run_name: str, tags: dict[str, str]) -> str:
     """The parent run: flattened params, tags (code version, Prefect flow-run id); returns its id."""
@@ -98,6 +109,8 @@ def log_stage(repo: str, parent_id: str, result: dict, workspace: str, seconds: 
     if result["stage"] == "evaluate":
         metrics |= numeric(json.loads((artifacts / "metrics.json").read_text()))
     _log_metrics(client, run.info.run_id, metrics)
+    if result["stage"] == "recover" and (artifacts / "recovered" / "config.json").exists():
+        _log_curve(client, run.info.run_id, json.loads((artifacts / "recovered" / "recovery.json").read_text()))
     for name in STAGE_FILES.get(result["stage"], []):
         if (artifacts / name).exists():
             client.log_artifact(run.info.run_id, str(artifacts / name))
@@ -107,14 +120,16 @@ def log_stage(repo: str, parent_id: str, result: dict, workspace: str, seconds: 
 
 @task(name="register-model", cache_policy=NO_CACHE)
 def register_model(repo: str, run_id: str, workspace: str, name: str) -> dict:
-    """Log the pruned checkpoint (transformers flavor when vanilla-loadable, else the directory as artifacts),
-    register it as ``candidate``, and as ``champion`` when every gate passed."""
+    """Log the final checkpoint (the recovered one when recovery ran, else the pruned one; transformers flavor
+    when vanilla-loadable, else the directory as artifacts), register it as ``candidate``, and as ``champion``
+    when every gate passed."""
     import mlflow
 
     logger = get_run_logger()
     client = _client(Path(repo))
     artifacts = Path(workspace) / "artifacts"
-    model_dir, metrics = artifacts / "model", json.loads((artifacts / "metrics.json").read_text())
+    metrics = json.loads((artifacts / "metrics.json").read_text())
+    model_dir = artifacts / ("recovered" if metrics.get("final") == "recovered" else "model")
     _log_metrics(client, run_id, numeric(metrics))
     client.log_artifact(run_id, str(artifacts / "metrics.json"))
     vanilla = json.loads((model_dir / "pruneflow.json").read_text())["vanilla"]
@@ -154,3 +169,29 @@ def _register_directory(client, name: str, uri: str, run_id: str):
 
 def finish(repo: str, run_id: str, status: str) -> None:
     _client(Path(repo)).set_terminated(run_id, status=status)
+
+
+def run_metrics(repo: str, flow_run_id: str) -> dict | None:
+    """metrics.json of the pipeline run that Prefect flow run ``flow_run_id`` tracked (None if not found)."""
+    import tempfile
+
+    client = _client(Path(repo))
+    found = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([found.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'") if found else []
+    if not runs:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(client.download_artifacts(runs[0].info.run_id, "metrics.json", tmp)).read_text())
+
+
+@task(name="track-sweep", cache_policy=NO_CACHE)
+def log_sweep(repo: str, name: str, table: str, members: dict[str, dict], tags: dict[str, str]) -> str:
+    """One MLflow run for a sweep: the comparison table as comparison.md, each member's final ppl as a metric."""
+    client = _client(Path(repo))
+    run = client.create_run(_experiment(client, Path(repo)), run_name=name, tags={"pruneflow.kind": "sweep", **tags})
+    client.log_text(run.info.run_id, table, "comparison.md")
+    client.log_dict(run.info.run_id, members, "members.json")
+    _log_metrics(client, run.info.run_id, {f"{label}.ppl_ratio": m["ppl_ratio"] for label, m in members.items()
+                                           if isinstance(m.get("ppl_ratio"), (int, float))})
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id

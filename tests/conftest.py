@@ -101,6 +101,10 @@ def sh(args, cwd):
 @pytest.fixture
 def project(tmp_path, tiny_checkpoint, calibration_txt):
     """A user's checkout of the project, with the tiny model as its `model` and a committed HEAD."""
+    return make_project(tmp_path, tiny_checkpoint, calibration_txt)
+
+
+def make_project(tmp_path, tiny_checkpoint, calibration_txt):
     import yaml
 
     from pruneflow.params import Params
@@ -116,6 +120,7 @@ def project(tmp_path, tiny_checkpoint, calibration_txt):
     params = Params.model_validate({
         "model": "models/tiny", "calibrate": {"source": "calib.txt", "n_windows": 4, "seqlen": 32},
         "score": {"method": "wanda_sp"}, "prune": {"ratio": 0.25, "allocation": "global"},
+        "recover": {"steps": 3, "batch_size": 2, "seqlen": 32, "warmup_steps": 1},
         "evaluate": {"max_windows": 4, "speed": False}})
     (repo / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
     dvc = dvc_bin()
@@ -125,3 +130,31 @@ def project(tmp_path, tiny_checkpoint, calibration_txt):
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-q", "-m", "project"], repo)
     return repo
+
+
+# the real local stack (SeaweedFS, MLflow server, Prefect server), started once for the integration tests
+KEY, SECRET = "pruneflow-test", "pruneflow-test-secret"
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    import json
+    import os
+
+    from infra.stack import free_port
+    from tests.pipeline.test_cli import run as run_cli
+
+    os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = KEY, SECRET
+    run_dir = tmp_path_factory.mktemp("stack")
+    ports = {"s3": free_port(), "mlflow": free_port(), "prefect": free_port()}
+    result = run_cli("up", "--run-dir", run_dir, "--s3-port", ports["s3"], "--mlflow-port", ports["mlflow"],
+                     "--prefect-port", ports["prefect"])
+    try:
+        assert result.exit_code == 0, result.output
+        yield run_dir, json.loads((run_dir / "stack.json").read_text())
+    finally:
+        run_cli("down", "--run-dir", run_dir)
+        os.environ.pop("AWS_ACCESS_KEY_ID")
+        os.environ.pop("AWS_SECRET_ACCESS_KEY")
+
+

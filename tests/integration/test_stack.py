@@ -8,29 +8,10 @@ import urllib.request
 
 import pytest
 
-from infra.stack import free_port
+from tests.conftest import KEY, SECRET
 from tests.pipeline.test_cli import run
 
 pytestmark = pytest.mark.integration
-KEY, SECRET = "pruneflow-test", "pruneflow-test-secret"
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    import os
-
-    os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = KEY, SECRET
-    run_dir = tmp_path_factory.mktemp("stack")
-    ports = {"s3": free_port(), "mlflow": free_port(), "prefect": free_port()}
-    result = run("up", "--run-dir", run_dir, "--s3-port", ports["s3"], "--mlflow-port", ports["mlflow"],
-                 "--prefect-port", ports["prefect"])
-    try:
-        assert result.exit_code == 0, result.output
-        yield run_dir, json.loads((run_dir / "stack.json").read_text())
-    finally:
-        run("down", "--run-dir", run_dir)
-        os.environ.pop("AWS_ACCESS_KEY_ID")
-        os.environ.pop("AWS_SECRET_ACCESS_KEY")
 
 
 def test_status_reports_every_service_healthy_and_nothing_secret_is_written(stack):
@@ -108,7 +89,8 @@ def test_the_flow_on_the_real_stack_tracks_pushes_and_a_pull_restores_identical_
                            "--name", "on-stack"], cwd=project, capture_output=True, text=True, timeout=600,
                           env={**os.environ, **env})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "on-stack: calibrate (ran), score (ran), prune (ran), evaluate (ran)" in proc.stderr + proc.stdout
+    assert "on-stack: calibrate (ran), score (ran), prune (ran), recover (ran), evaluate (ran)" in \
+        proc.stderr + proc.stdout
     s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
                       aws_access_key_id=KEY, aws_secret_access_key=SECRET)
     assert s3.list_objects_v2(Bucket="dvc", Prefix="flow-test/").get("KeyCount", 0) > 5  # pushed
@@ -126,7 +108,7 @@ def test_the_flow_on_the_real_stack_tracks_pushes_and_a_pull_restores_identical_
                 for p in sorted((project / "artifacts").rglob("*")) if p.is_file()}
 
     before = digests()
-    for name in ("calibration", "scores", "model"):
+    for name in ("calibration", "scores", "model", "recovered"):
         shutil.rmtree(project / "artifacts" / name)
     shutil.rmtree(project / ".dvc" / "cache")
     sh([dvc, "pull"], project)

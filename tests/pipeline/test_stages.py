@@ -17,6 +17,7 @@ def params_file(tiny_checkpoint, calibration_txt, tmp_path):
         "calibrate": {"source": str(calibration_txt), "n_windows": 4, "seqlen": 32},
         "score": {"method": "wanda_sp"},
         "prune": {"ratio": 0.25, "allocation": "global"},
+        "recover": {"steps": 4, "batch_size": 2, "seqlen": 32, "warmup_steps": 1},
         "evaluate": {"max_windows": 4, "speed": False}}))
     return path
 
@@ -25,9 +26,9 @@ def stage(name, params_file, artifacts, *extra):
     return run("stage", name, "--params", params_file, "--artifacts", artifacts, *extra)
 
 
-def test_the_four_stages_run_in_order_and_write_their_outputs(params_file, tmp_path):
+def test_the_five_stages_run_in_order_and_write_their_outputs(params_file, tmp_path):
     artifacts = tmp_path / "artifacts"
-    for name in ("calibrate", "score", "prune", "evaluate"):
+    for name in ("calibrate", "score", "prune", "recover", "evaluate"):
         result = stage(name, params_file, artifacts)
         assert result.exit_code == 0, result.output
     assert (artifacts / "calibration" / "manifest.json").exists()
@@ -36,10 +37,27 @@ def test_the_four_stages_run_in_order_and_write_their_outputs(params_file, tmp_p
     metrics = json.loads((artifacts / "metrics.json").read_text())
     assert metrics["achieved_ratio"] == pytest.approx(0.25, abs=0.02)
     assert metrics["pruned"]["non_embedding_params"] < metrics["dense"]["non_embedding_params"]
-    assert metrics["ppl_ratio"] == pytest.approx(metrics["pruned"]["test_ppl"] / metrics["dense"]["test_ppl"])
-    assert sorted(p.name for p in artifacts.iterdir()) == ["calibration", "metrics.json", "model", "scores"]
+    assert metrics["final"] == "recovered"  # the gates judge the recovered model
+    assert metrics["ppl_ratio"] == pytest.approx(metrics["recovered"]["test_ppl"] / metrics["dense"]["test_ppl"])
+    assert metrics["ppl_ratio_pruned"] == pytest.approx(metrics["pruned"]["test_ppl"] / metrics["dense"]["test_ppl"])
+    recovered, _, _ = checkpoint.load(artifacts / "recovered")
+    assert [p.shape for p in recovered.parameters()] == [p.shape for p in model.parameters()]
+    recovery = json.loads((artifacts / "recovered" / "recovery.json").read_text())
+    assert len(recovery["history"]) == 4 and (artifacts / "recovered" / "loss.csv").read_text().count("\n") == 5
+    assert sorted(p.name for p in artifacts.iterdir()) == ["calibration", "metrics.json", "model", "recovered",
+                                                           "scores"]
     assert metrics["gates"]["achieved_ratio"]["passed"] and metrics["gates"]["ppl_ratio"]["limit"] == 1.5
     assert metrics["gates_passed"] == (metrics["ppl_ratio"] <= 1.5)
+
+
+def test_recovery_off_records_a_skip_and_evaluate_judges_the_pruned_model(params_file, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    for name in ("calibrate", "score", "prune", "recover", "evaluate"):
+        assert stage(name, params_file, artifacts, "--set", "recover.enabled=false").exit_code == 0
+    assert [p.name for p in (artifacts / "recovered").iterdir()] == ["recovery.json"]
+    metrics = json.loads((artifacts / "metrics.json").read_text())
+    assert metrics["final"] == "pruned" and "recovered" not in metrics
+    assert metrics["ppl_ratio"] == metrics["ppl_ratio_pruned"]
 
 
 def test_gates_fail_an_over_pruned_model_and_a_missed_ratio():

@@ -1,0 +1,121 @@
+"""Deployments on the real Prefect server: `pruneflow deploy` onto a process work pool with two workers, a run
+triggered through the REST API with overrides, and a 2×2 sweep fanned out over the two workers."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+pytestmark = pytest.mark.integration
+POOL = "pruneflow-test"
+
+
+def api(env, path, body=None, method=None):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(env["PREFECT_API_URL"] + path, data=data, method=method or
+                                     ("POST" if data is not None else "GET"),
+                                     headers={"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(request, timeout=30).read() or b"null")
+
+
+def wait_for(env, flow_run_id, timeout=600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run_ = api(env, f"/flow_runs/{flow_run_id}")
+        if run_["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run_
+        time.sleep(2)
+    raise AssertionError(f"flow run {flow_run_id} did not finish in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def pool(stack, project_on_stack):
+    """`pruneflow deploy` onto a process pool served by two workers (one flow run each)."""
+    from infra.stack import client_env
+
+    env = {**os.environ, **client_env(stack[1]), "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    prefect = os.path.join(os.path.dirname(sys.executable), "prefect")
+    subprocess.run([prefect, "work-pool", "create", POOL, "--type", "process"], env=env, check=True,
+                   capture_output=True)
+    deployed = subprocess.run([sys.executable, "-m", "pruneflow.cli", "deploy", "--pool", POOL, "--repo",
+                               str(project_on_stack)], env=env, capture_output=True, text=True, timeout=300)
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    logs = project_on_stack.parent / "workers"
+    logs.mkdir(exist_ok=True)
+    workers = [subprocess.Popen([prefect, "worker", "start", "--pool", POOL, "--type", "process", "--limit", "1",
+                                 "--name", f"worker-{i}"], env=env, start_new_session=True,
+                                stdout=open(logs / f"worker-{i}.log", "w"), stderr=subprocess.STDOUT)
+               for i in range(2)]
+    try:
+        yield env, project_on_stack
+    finally:
+        for worker in workers:
+            os.killpg(worker.pid, signal.SIGTERM)
+        for worker in workers:
+            worker.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def project_on_stack(tmp_path_factory, tiny_checkpoint, calibration_txt):
+    """The `project` checkout, module-scoped (the deployments and workers live for the whole module)."""
+    from tests.conftest import make_project
+
+    return make_project(tmp_path_factory.mktemp("deployed"), tiny_checkpoint, calibration_txt)
+
+
+def test_a_deployment_run_triggered_through_the_api_with_overrides_completes(pool, stack):
+    from mlflow import MlflowClient
+
+    from pruneflow.params import load_params
+
+    env, project = pool
+    deployment = api(env, "/deployments/name/pruneflow/pruneflow")
+    assert deployment["work_pool_name"] == POOL
+    assert deployment["parameters"]["params"] == load_params(project / "params.yaml").model_dump()  # the form
+    assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
+    params = load_params(project / "params.yaml", ["prune.ratio=0.3"]).model_dump()
+    created = api(env, f"/deployments/{deployment['id']}/create_flow_run",
+                  {"name": "api-run", "parameters": {"params": params}})
+    finished = wait_for(env, created["id"])
+    assert finished["state_type"] == "COMPLETED", finished["state"]
+    client = MlflowClient(stack[1]["mlflow"]["url"])
+    (parent,) = client.search_runs([client.get_experiment_by_name("pruneflow").experiment_id],
+                                   f"tags.`prefect.flow_run_id` = '{created['id']}'")
+    assert parent.data.params["prune.ratio"] == "0.3" and parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.info.run_name for r in children) == ["calibrate", "evaluate", "prune", "recover", "score"]
+
+
+def test_a_two_by_two_sweep_runs_on_the_two_workers_and_builds_one_table(pool, stack):
+    env, project = pool
+    proc = subprocess.run([sys.executable, "-m", "pruneflow.cli", "sweep", "--methods", "wanda_sp,magnitude",
+                           "--ratios", "0.2,0.25", "--params", str(project / "params.yaml"), "--name", "grid"],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    labels = {"wanda_sp-0.2", "wanda_sp-0.25", "magnitude-0.2", "magnitude-0.25"}
+    assert {label for label in labels for row in rows if row.startswith(f"| {label} recovered")} == labels
+    points = api(env, "/flow_runs/filter", {"flow_runs": {"name": {"like_": "grid-"}}})
+    assert len(points) == 4 and all(p["state_type"] == "COMPLETED" for p in points)
+    ran_on = {p["work_pool_name"] for p in points}
+    assert ran_on == {"pruneflow-test"}
+    overlap = _overlapping(points)
+    assert overlap, "the two workers never ran points at the same time"
+    artifacts = api(env, "/artifacts/filter", {"artifacts": {"key": {"any_": ["sweep-comparison"]}}})
+    assert artifacts and "wanda_sp-0.2 recovered" in artifacts[0]["data"]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(stack[1]["mlflow"]["url"])
+    (sweep_run,) = client.search_runs([client.get_experiment_by_name("pruneflow").experiment_id],
+                                      "attributes.run_name = 'grid'")
+    assert "comparison.md" in [a.path for a in client.list_artifacts(sweep_run.info.run_id)]
+
+
+def _overlapping(runs) -> bool:
+    spans = sorted((r["start_time"], r["end_time"]) for r in runs)
+    return any(later_start < end for (_, end), (later_start, _) in zip(spans, spans[1:]))
