@@ -66,10 +66,10 @@ class ScoreParams(_Section):
     @field_validator("method")
     @classmethod
     def _known(cls, value: str) -> str:
-        from pruneflow.methods import SCORERS
+        from pruneflow.methods import METHODS
 
-        if value not in SCORERS:
-            raise ValueError(f"unknown method {value!r}; available: {', '.join(sorted(SCORERS))}")
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r}; available: {', '.join(sorted(METHODS))}")
         return value
 
 

@@ -8,8 +8,10 @@ task finishes in a state named ``Cached``; the Prefect UI shows it as such. Tran
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -63,17 +65,41 @@ def locked_outputs(workspace: Path, stage: str) -> dict[str, str]:
     return {out["path"]: out.get("md5", "") for out in entry.get("outs", [])}
 
 
+PROGRESS_EVERY = 10.0  # seconds between progress-bar lines in the run log
+
+
+def _run_streaming(argv: list[str], cwd: str, logger) -> tuple[int, str]:
+    """Run a stage command, logging its lines as they come (progress bars at most every PROGRESS_EVERY s);
+    returns the exit code and the output (progress-bar updates left out)."""
+    proc = subprocess.Popen(argv, cwd=cwd, env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    kept, pending, last_progress = [], b"", 0.0
+    for chunk in iter(lambda: proc.stdout.read1(65536), b""):
+        *lines, pending = re.split(rb"[\r\n]", pending + chunk)  # tqdm redraws with \r
+        for raw in lines:
+            line = raw.decode(errors="replace").strip()
+            if not line:
+                continue
+            if "%|" in line:  # a progress bar
+                if time.monotonic() - last_progress >= PROGRESS_EVERY or line.startswith("100%") or "100%|" in line:
+                    logger.info(line)
+                    last_progress = time.monotonic()
+                continue
+            kept.append(line)
+            logger.info(line)
+    if pending.strip():
+        kept.append(pending.decode(errors="replace").strip())
+    return proc.wait(), "\n".join(kept)
+
+
 @task(name="stage", task_run_name="{name}", retries=2, retry_delay_seconds=[2, 10],
       retry_condition_fn=_retry_if_transient, cache_policy=NO_CACHE)
 def run_stage(name: str, workspace: str):
     """Reproduce one dvc.yaml stage in ``workspace``; returns {stage, cached, outs} in a Completed/Cached state."""
     logger = get_run_logger()
-    proc = subprocess.run([dvc_bin(), "repro", "--single-item", name], cwd=workspace, env=dvc_env(),
-                          capture_output=True, text=True)
-    output = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        raise StageFailed(name, proc.returncode, output)
-    cached = any(marker in proc.stdout for marker in UP_TO_DATE)
+    returncode, output = _run_streaming([dvc_bin(), "repro", "--single-item", name], workspace, logger)
+    if returncode != 0:
+        raise StageFailed(name, returncode, output)
+    cached = any(marker in output for marker in UP_TO_DATE)
     outs = locked_outputs(Path(workspace), name)
     logger.info("stage %s %s", name, "up to date (DVC cache)" if cached else "ran")
     return Completed(name="Cached" if cached else "Completed", message="up to date" if cached else None,

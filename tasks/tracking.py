@@ -123,8 +123,6 @@ def register_model(repo: str, run_id: str, workspace: str, name: str) -> dict:
     """Log the final checkpoint (the recovered one when recovery ran, else the pruned one; transformers flavor
     when vanilla-loadable, else the directory as artifacts), register it as ``candidate``, and as ``champion``
     when every gate passed."""
-    import mlflow
-
     logger = get_run_logger()
     client = _client(Path(repo))
     artifacts = Path(workspace) / "artifacts"
@@ -133,6 +131,43 @@ def register_model(repo: str, run_id: str, workspace: str, name: str) -> dict:
     _log_metrics(client, run_id, numeric(metrics))
     client.log_artifact(run_id, str(artifacts / "metrics.json"))
     vanilla = json.loads((model_dir / "pruneflow.json").read_text())["vanilla"]
+    digest = _dir_md5(Path(workspace), model_dir)
+    version = _registered(client, name, digest)
+    if version is None:  # a model not registered before: log and register it
+        version = _log_and_register(client, repo, run_id, name, model_dir, vanilla)
+        if digest:
+            client.set_model_version_tag(name, str(version.version), "pruneflow.model_md5", digest)
+    client.set_tag(run_id, "pruneflow.registered_model", f"{name}/{version.version}")
+    client.set_registered_model_alias(name, "candidate", version.version)
+    promoted = bool(metrics.get("gates_passed"))
+    if promoted:
+        client.set_registered_model_alias(name, "champion", version.version)
+    logger.info("registered %s version %s as candidate%s", name, version.version,
+                " and champion" if promoted else " (gates failed: not promoted)")
+    return {"name": name, "version": str(version.version), "champion": promoted, "flavor":
+            "transformers" if vanilla else "artifacts"}
+
+
+def _dir_md5(workspace: Path, model_dir: Path) -> str:
+    """The model directory's hash as dvc.lock records it (the same model has the same hash on every run)."""
+    from tasks.stage import locked_outputs
+
+    rel = model_dir.relative_to(workspace).as_posix()
+    return next((md5 for stage in ("recover", "prune") for path, md5 in locked_outputs(workspace, stage).items()
+                 if path == rel and md5), "")
+
+
+def _registered(client, name: str, digest: str):
+    """The version of ``name`` already holding this exact model (a cached re-run registers nothing new)."""
+    if not digest:
+        return None
+    found = client.search_model_versions(f"name = '{name}' and tags.`pruneflow.model_md5` = '{digest}'")
+    return found[0] if found else None
+
+
+def _log_and_register(client, repo: str, run_id: str, name: str, model_dir: Path, vanilla: bool):
+    import mlflow
+
     if vanilla:
         mlflow.set_tracking_uri(tracking_uri(Path(repo)))
         from pruneflow import load
@@ -145,22 +180,13 @@ def register_model(repo: str, run_id: str, workspace: str, name: str) -> dict:
             info = mlflow.transformers.log_model(transformers_model={"model": model, "tokenizer": tokenizer},
                                                  name="model", task="text-generation",
                                                  pip_requirements=["transformers", "torch", "safetensors"])
-        uri = info.model_uri
-    else:  # per-layer widths: the directory, loadable with pruneflow.load or trust_remote_code
-        client.log_artifacts(run_id, str(model_dir), "model")
-        uri = f"runs:/{run_id}/model"
-    version = mlflow.register_model(uri, name) if vanilla else _register_directory(client, name, uri, run_id)
-    client.set_registered_model_alias(name, "candidate", version.version)
-    promoted = bool(metrics.get("gates_passed"))
-    if promoted:
-        client.set_registered_model_alias(name, "champion", version.version)
-    logger.info("registered %s version %s as candidate%s", name, version.version,
-                " and champion" if promoted else " (gates failed: not promoted)")
-    return {"name": name, "version": str(version.version), "champion": promoted, "flavor":
-            "transformers" if vanilla else "artifacts"}
+        return mlflow.register_model(info.model_uri, name)
+    # per-layer widths: the directory, loadable with pruneflow.load or trust_remote_code
+    client.log_artifacts(run_id, str(model_dir), "model")
+    return _register_directory(client, name, run_id)
 
 
-def _register_directory(client, name: str, uri: str, run_id: str):
+def _register_directory(client, name: str, run_id: str):
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name)
     return client.create_model_version(name, source=client.get_run(run_id).info.artifact_uri + "/model",

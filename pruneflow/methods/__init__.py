@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
-from pruneflow.methods import angular, block_influence, bonsai, flap, magnitude, random_, sleb, taylor, wanda_sp
+import importlib
 
-SCORERS = {
-    "magnitude": magnitude.score,
-    "random": random_.score,
-    "wanda_sp": wanda_sp.score,
-    "flap": flap.score,
-    "taylor": taylor.score,
-    "block_influence": block_influence.score,
-    "angular": angular.score,
-    "sleb": sleb.score,
-    "bonsai": bonsai.score,
+# method name → the module of this package whose ``score`` it is
+METHODS = {
+    "magnitude": "magnitude",
+    "random": "random_",
+    "wanda_sp": "wanda_sp",
+    "flap": "flap",
+    "taylor": "taylor",
+    "block_influence": "block_influence",
+    "angular": "angular",
+    "sleb": "sleb",
+    "bonsai": "bonsai",
 }
+
+
+def __getattr__(name: str):
+    # SCORERS (name → score function) imports the method modules, and with them torch and transformers, on
+    # first use only: validating params (pruneflow run, the Prefect UI) needs just the names
+    if name == "SCORERS":
+        scorers = {method: importlib.import_module(f"{__name__}.{module}").score for method, module in METHODS.items()}
+        globals()["SCORERS"] = scorers
+        return scorers
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # Methods that score one iteration: prune.py repeats score → select → apply until the ratio is reached.
 ITERATIVE = frozenset({"bonsai"})
