@@ -1,4 +1,5 @@
-# Two entry points on a fresh machine (Python 3.11): `make demo` and `make test`.
+# Two entry points on a fresh machine (Python 3.11): `make demo` (the main job: `pruneflow run` on params.yaml)
+# and `make test`.
 # Both create .venv and install what they need, torch from the local CPU wheel (never a CUDA download).
 PY ?= python3
 VENV := .venv
@@ -22,7 +23,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/pruneflow demo
+	$(BIN)/pruneflow run
 
 test: install
 	$(BIN)/python -m pytest -q

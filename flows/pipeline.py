@@ -49,11 +49,15 @@ def pipeline(params: Params = Params(), repo: str = ".", run_name: str | None = 
             stages = []
             for name in stage_names(path):
                 started = time.perf_counter()
-                stages.append(stage(name, str(path), return_state=True).result())
+                # the main checkout's state dir: a crashed isolated Bonsai run resumes although its worktree is gone
+                state = str(repo_path / "artifacts" / ".state")
+                stages.append(stage(name, str(path), state, return_state=True).result())
                 tracking.log_stage(str(repo_path), run_id, stages[-1], str(path), time.perf_counter() - started)
             metrics = json.loads((path / "artifacts" / "metrics.json").read_text())
-            create_markdown_artifact(markdown=f"# {run_name}\n\n" + run_table({run_name: metrics}),
-                                     key="pruneflow-report", description=f"dense vs pruned vs recovered, {run_name}")
+            report = path / "artifacts" / "report" / "report.md"
+            table = report.read_text().split("\n![")[0] if report.exists() else run_table({run_name: metrics})
+            create_markdown_artifact(markdown=f"# {run_name}\n\n{table}", key="pruneflow-report",
+                                     description=f"dense vs pruned vs recovered, {run_name}")
             model = tracking.register_model(str(repo_path), run_id, str(path), f"{Path(params.model).name}-pruned")
             remote = push(workspace)
             experiment = save_experiment(workspace, run_name) if workspace["isolated"] else None

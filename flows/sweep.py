@@ -18,7 +18,7 @@ from prefect.runtime import flow_run
 
 from pruneflow.errors import PruneflowError
 from pruneflow.params import Params, validate
-from pruneflow.report import run_table
+from pruneflow.report import run_table, task_table
 from tasks import tracking
 
 DEPLOYMENT = "pruneflow/pruneflow"  # flow name / deployment name, as `pruneflow deploy` creates it
@@ -67,7 +67,8 @@ def sweep(methods: list[str] = ["flap", "wanda_sp"], ratios: list[float] = [0.2,
         else:
             failed[label] = state.message or state.name
     seconds = time.perf_counter() - started
-    table = run_table({label: m for label, m in members.items() if m})
+    done = {label: m for label, m in members.items() if m}
+    table = run_table(done) + task_table(done)
     if failed:
         table += "\nFailed points: " + "; ".join(f"{k}: {v}" for k, v in failed.items()) + "\n"
     create_markdown_artifact(markdown=f"# {name}\n\n{len(points)} points in {seconds:.0f} s\n\n{table}",

@@ -339,6 +339,48 @@ def sweep(
     _step(f"{result['name']}: {len(result['members'])} points in {result['seconds']:.0f} s")
 
 
+@app.command()
+def report(
+    runs: list[str] = typer.Argument(None, help="metrics.json files (or dirs holding one), or MLflow run names/ids"),
+    out: Path = typer.Option(Path("artifacts/comparison"), help="directory for report.md and the plots (replaced)"),
+    repo: Path = typer.Option(Path("."), help="the checkout whose MLflow store (mlflow.db) is read when "
+                                              "MLFLOW_TRACKING_URI is unset"),
+) -> None:
+    """Compare runs: one table (dense once, then each run's pruned/recovered rows and task scores) and
+    perplexity vs parameters (Pareto frontier per method). Local files, or MLflow runs (all if none named)."""
+    from pruneflow.atomic import atomic_dir
+    from pruneflow.report import run_table, task_table, write_report
+
+    try:
+        local = [r for r in runs or [] if Path(r).exists()]
+        if local and len(local) != len(runs):
+            raise PruneflowError("give either metrics.json paths or MLflow run names, not both")
+        if local:
+            files = [Path(r) / "metrics.json" if Path(r).is_dir() else Path(r) for r in local]
+            labels = [f.parent.name if f.name == "metrics.json" else f.stem for f in files]
+            labels = labels if len(set(labels)) == len(labels) else [str(f) for f in files]
+            loaded = {}
+            for label, f in zip(labels, files):
+                if not f.is_file():
+                    raise PruneflowError(f"{f} not found")
+                try:
+                    loaded[label] = json.loads(f.read_text())
+                except json.JSONDecodeError as err:
+                    raise PruneflowError(f"{f} is not valid JSON: {err}") from None
+        else:
+            from tasks.tracking import metrics_by_run
+
+            loaded = metrics_by_run(str(repo.resolve()), runs or None)
+        if not loaded:
+            raise PruneflowError("no runs with metrics to compare")
+        with atomic_dir(out, overwrite=True) as tmp:
+            write_report(tmp, loaded)
+    except PruneflowError as err:
+        _fail(err)
+    typer.echo(run_table(loaded) + task_table(loaded))
+    _step(f"report: {out / 'report.md'}, {out / 'ppl_vs_params.png'}")
+
+
 STACK_DIR = Path(".pruneflow/stack")
 
 

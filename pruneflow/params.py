@@ -126,8 +126,26 @@ class EvaluateParams(_Section):
     max_windows: int | None = Field(None, ge=1, description="cap on test windows (None: the whole split)")
     speed: bool = True
     decode_tokens: int = Field(64, ge=1)
-    max_ppl_ratio: float = Field(1.5, gt=1, description="quality gate: pruned test ppl / dense test ppl at most")
+    tasks: list[str] = Field(
+        default_factory=lambda: ["pruneflow_word_order", "pruneflow_next_sentence"],
+        description="lm-eval tasks: the local ones made from the held-out split, or standard names (arc_easy, ...)")
+    task_examples: int = Field(200, ge=20, description="examples per local task")
+    task_limit: int | None = Field(None, ge=1, description="lm-eval limit: examples per task (None: all)")
+    task_batch_size: int = Field(16, ge=1, description="lm-eval batch size (set on the in-memory HFLM)")
+    max_ppl_ratio: float = Field(1.5, gt=1, description="quality gate: final test ppl / dense test ppl at most")
+    min_task_ratio: float = Field(0.9, gt=0, le=1, description="quality gate: final / dense accuracy, every task")
     ratio_tolerance: float = Field(0.02, ge=0, lt=1, description="quality gate: |achieved − prune.ratio| at most")
+
+    @field_validator("tasks")
+    @classmethod
+    def _local_tasks(cls, value: list[str]) -> list[str]:
+        from pruneflow.lm_tasks import LOCAL_TASKS
+
+        # standard names are checked against lm-eval's index by the evaluate stage (building it takes ~10 s)
+        typos = [t for t in value if t.startswith("pruneflow_") and t not in LOCAL_TASKS]
+        if typos:
+            raise ValueError(f"unknown local task {', '.join(typos)}; local tasks: {', '.join(LOCAL_TASKS)}")
+        return list(dict.fromkeys(value))
 
 
 class Params(_Section):

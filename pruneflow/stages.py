@@ -32,6 +32,7 @@ from pruneflow.scores import Scores
 log = logging.getLogger(__name__)
 
 STAGES = ("calibrate", "score", "prune", "recover", "evaluate")
+REPORT = "report"  # the evaluate stage's second output: report.md, plots, lm_eval.json, the local task files
 OUTPUTS = {"calibrate": "calibration", "score": "scores", "prune": "model", "recover": "recovered",
            "evaluate": "metrics.json"}
 
@@ -42,6 +43,13 @@ def run(name: str, params: Params, root: Path = Path("artifacts")) -> Path:
         raise PruneflowError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     stages = {"calibrate": calibrate, "score": score, "prune": prune, "recover": recover, "evaluate": evaluate}
     return stages[name](params, Path(root))
+
+
+def state_dir(root: Path) -> Path:
+    """Where an iterative method keeps its completed iterations for resume: ``PRUNEFLOW_STATE_DIR`` (the flow
+    points isolated runs at the main checkout's, which outlives their worktrees), else ``root/.state``.
+    Entries are keyed by a hash of weights, windows and params, so runs can share one directory."""
+    return Path(os.environ.get("PRUNEFLOW_STATE_DIR") or Path(root) / ".state")
 
 
 def _needs(path: Path, stage: str) -> Path:
@@ -95,7 +103,7 @@ def score(params: Params, root: Path) -> Path:
     with atomic_dir(root / OUTPUTS["score"], overwrite=True) as tmp:
         if method in ITERATIVE:  # the plan is the score: it comes out of the score → select → apply loop
             result = prune_iteratively(model, spec, method, params.prune, windows, seed, params.score.bonsai,
-                                       state_dir=root / ".state")
+                                       state_dir=state_dir(root))
             (tmp / "plan.json").write_text(result.plan.to_json() + "\n")
             (tmp / "iterations.json").write_text(json.dumps(result.iterations, indent=1) + "\n")
             meta["comparable"] = True
@@ -170,6 +178,12 @@ def gates(metrics: dict, params: Params) -> dict[str, dict]:
     if "ppl_ratio" in metrics:
         out["ppl_ratio"] = {"value": metrics["ppl_ratio"], "limit": e.max_ppl_ratio,
                             "passed": metrics["ppl_ratio"] <= e.max_ppl_ratio}
+    final, dense = metrics.get(metrics.get("final", "pruned"), {}), metrics.get("dense", {})
+    for task, score in final.get("tasks", {}).items():
+        base = dense.get("tasks", {}).get(task)
+        if score is not None and base:
+            out[f"task.{task}"] = {"value": score / base, "limit": e.min_task_ratio,
+                                   "passed": score / base >= e.min_task_ratio}
     return out
 
 
@@ -181,7 +195,60 @@ def evaluate(params: Params, root: Path) -> Path:
     models = {"dense": Path(params.model), "pruned": pruned}
     if (recovered / "config.json").exists():
         models["recovered"] = recovered
-    rows = evaluate_dirs(list(models.values()), params.evaluate)
+    with atomic_dir(root / REPORT, overwrite=True) as report_dir:
+        tasks = _task_setup(params, report_dir)  # unknown task names fail here, before any evaluation
+        rows = evaluate_dirs(list(models.values()), params.evaluate)
+        lm_eval = _run_tasks(params, models, rows, tasks) if tasks else {}
+        metrics = _metrics(params, models, rows, pruned)
+        (report_dir / "lm_eval.json").write_text(json.dumps(lm_eval, indent=1, default=str) + "\n")
+        _write_report(params, metrics, pruned, report_dir)
+        out = root / OUTPUTS["evaluate"]
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(metrics, indent=1) + "\n")
+        os.replace(tmp, out)
+    return out
+
+
+def _task_setup(params: Params, report_dir: Path):
+    """The local lm-eval tasks, written under the report, and a TaskManager that knows every asked name."""
+    from pruneflow import corpus
+    from pruneflow.lm_tasks import build_tasks, task_manager
+
+    e = params.evaluate
+    if not e.tasks:
+        return None
+    tokenizer = checkpoint.load_tokenizer(params.model)
+    max_tokens = checkpoint.read_config(Path(params.model)).get("max_position_embeddings")
+    task_dir = build_tasks(report_dir / "lm_tasks", corpus.load_split("test"), e.task_examples, seed=0,
+                           tokenizer=tokenizer, max_tokens=max_tokens)
+    return task_manager(task_dir, e.tasks)
+
+
+def _run_tasks(params: Params, models: dict[str, Path], rows: dict, manager) -> dict:
+    from pruneflow.lm_tasks import evaluate_tasks
+
+    e, out = params.evaluate, {}
+    for name, path in models.items():
+        model, tokenizer, _ = checkpoint.load(path)
+        result = evaluate_tasks(model, tokenizer, e.tasks, manager, e.task_batch_size, e.task_limit)
+        rows[str(path)]["tasks"] = result["scores"]
+        out[name] = result["results"]
+        out["versions"], out["configs"] = result["versions"], result["configs"]
+    return out
+
+
+def _write_report(params: Params, metrics: dict, pruned: Path, report_dir: Path) -> None:
+    from pruneflow.report import write_report
+
+    config = checkpoint.read_config(Path(params.model))
+    widths = {"layers": config["num_hidden_layers"], "heads": config["num_attention_heads"],
+              "kv_heads": config.get("num_key_value_heads") or config["num_attention_heads"],
+              "channels": config["intermediate_size"]}
+    plan = json.loads((pruned / "plan.json").read_text())
+    write_report(report_dir, {f"{metrics['method']} −{params.prune.ratio:g}": metrics}, plan, widths)
+
+
+def _metrics(params: Params, models: dict[str, Path], rows: dict, pruned: Path) -> dict:
     plan = json.loads((pruned / "plan.json").read_text())
     metrics = {name: rows[str(path)] for name, path in models.items()}
     final = "recovered" if "recovered" in models else "pruned"  # the model the gates judge and the registry gets
@@ -192,8 +259,4 @@ def evaluate(params: Params, root: Path) -> Path:
         metrics["ppl_ratio"] = metrics[f"ppl_ratio_{final}"]
     metrics["gates"] = gates(metrics, params)
     metrics["gates_passed"] = all(g["passed"] for g in metrics["gates"].values())
-    out = root / OUTPUTS["evaluate"]
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(metrics, indent=1) + "\n")
-    os.replace(tmp, out)
-    return out
+    return metrics

@@ -45,10 +45,14 @@ def _retry_if_transient(task, task_run, state) -> bool:
     return False
 
 
-def dvc_env() -> dict[str, str]:
-    """The environment stage commands run in: this interpreter's scripts (pruneflow, dvc) first on PATH."""
+def dvc_env(state_dir: str | None = None) -> dict[str, str]:
+    """The environment stage commands run in: this interpreter's scripts (pruneflow, dvc) first on PATH, and
+    the directory iterative methods resume from (see pruneflow.stages.state_dir)."""
     bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "DVC_NO_ANALYTICS": "1"}
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "DVC_NO_ANALYTICS": "1"}
+    if state_dir:
+        env["PRUNEFLOW_STATE_DIR"] = state_dir
+    return env
 
 
 def dvc_bin() -> str:
@@ -68,10 +72,10 @@ def locked_outputs(workspace: Path, stage: str) -> dict[str, str]:
 PROGRESS_EVERY = 10.0  # seconds between progress-bar lines in the run log
 
 
-def _run_streaming(argv: list[str], cwd: str, logger) -> tuple[int, str]:
+def _run_streaming(argv: list[str], cwd: str, logger, env: dict[str, str]) -> tuple[int, str]:
     """Run a stage command, logging its lines as they come (progress bars at most every PROGRESS_EVERY s);
     returns the exit code and the output (progress-bar updates left out)."""
-    proc = subprocess.Popen(argv, cwd=cwd, env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     kept, pending, last_progress = [], b"", 0.0
     for chunk in iter(lambda: proc.stdout.read1(65536), b""):
         *lines, pending = re.split(rb"[\r\n]", pending + chunk)  # tqdm redraws with \r
@@ -93,10 +97,12 @@ def _run_streaming(argv: list[str], cwd: str, logger) -> tuple[int, str]:
 
 @task(name="stage", task_run_name="{name}", retries=2, retry_delay_seconds=[2, 10],
       retry_condition_fn=_retry_if_transient, cache_policy=NO_CACHE)
-def run_stage(name: str, workspace: str):
-    """Reproduce one dvc.yaml stage in ``workspace``; returns {stage, cached, outs} in a Completed/Cached state."""
+def run_stage(name: str, workspace: str, state_dir: str | None = None):
+    """Reproduce one dvc.yaml stage in ``workspace``; returns {stage, cached, outs} in a Completed/Cached state.
+    ``state_dir``: where an iterative method's completed iterations are kept (resume after a crash)."""
     logger = get_run_logger()
-    returncode, output = _run_streaming([dvc_bin(), "repro", "--single-item", name], workspace, logger)
+    returncode, output = _run_streaming([dvc_bin(), "repro", "--single-item", name], workspace, logger,
+                                        dvc_env(state_dir))
     if returncode != 0:
         raise StageFailed(name, returncode, output)
     cached = any(marker in output for marker in UP_TO_DATE)

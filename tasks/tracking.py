@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 EXPERIMENT = "pruneflow"
 STAGE_FILES = {"score": ["scores/scores.json", "scores/iterations.json"], "prune": ["model/plan.json"],
-               "recover": ["recovered/recovery.json", "recovered/loss.csv"], "evaluate": ["metrics.json"]}
+               "recover": ["recovered/recovery.json", "recovered/loss.csv"], "evaluate": ["metrics.json", "report"]}
 
 
 def tracking_uri(repo: Path) -> str:
@@ -112,7 +112,9 @@ def log_stage(repo: str, parent_id: str, result: dict, workspace: str, seconds: 
     if result["stage"] == "recover" and (artifacts / "recovered" / "config.json").exists():
         _log_curve(client, run.info.run_id, json.loads((artifacts / "recovered" / "recovery.json").read_text()))
     for name in STAGE_FILES.get(result["stage"], []):
-        if (artifacts / name).exists():
+        if (artifacts / name).is_dir():
+            client.log_artifacts(run.info.run_id, str(artifacts / name), name)
+        elif (artifacts / name).exists():
             client.log_artifact(run.info.run_id, str(artifacts / name))
     client.set_terminated(run.info.run_id)
     return run.info.run_id
@@ -221,3 +223,32 @@ def log_sweep(repo: str, name: str, table: str, members: dict[str, dict], tags: 
                                            if isinstance(m.get("ppl_ratio"), (int, float))})
     client.set_terminated(run.info.run_id)
     return run.info.run_id
+
+
+def metrics_by_run(repo: str, names: list[str] | None = None) -> dict[str, dict]:
+    """{run name: metrics.json} of pipeline runs, by run name or id (all finished pipeline runs if none named)."""
+    import tempfile
+
+    from pruneflow.errors import PruneflowError
+
+    client = _client(Path(repo))
+    found = client.get_experiment_by_name(EXPERIMENT)
+    if found is None:
+        raise PruneflowError(f"no MLflow experiment {EXPERIMENT!r} at {tracking_uri(Path(repo))}")
+    runs = client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'", order_by=["start_time ASC"])
+    runs = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and r.data.tags.get("pruneflow.kind") != "sweep"]
+    if names:
+        by_key = {key: r for r in runs for key in (r.info.run_name, r.info.run_id)}
+        missing = [n for n in names if n not in by_key]
+        if missing:
+            raise PruneflowError(f"no finished pipeline run named {', '.join(missing)} in MLflow")
+        runs = [by_key[n] for n in names]
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in runs:
+            try:
+                path = client.download_artifacts(r.info.run_id, "metrics.json", tmp)
+            except Exception:  # noqa: BLE001 - a run that never reached evaluate has no metrics to compare
+                continue
+            out[r.info.run_name] = json.loads(Path(path).read_text())
+    return out

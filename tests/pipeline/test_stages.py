@@ -18,7 +18,7 @@ def params_file(tiny_checkpoint, calibration_txt, tmp_path):
         "score": {"method": "wanda_sp"},
         "prune": {"ratio": 0.25, "allocation": "global"},
         "recover": {"steps": 4, "batch_size": 2, "seqlen": 32, "warmup_steps": 1},
-        "evaluate": {"max_windows": 4, "speed": False}}))
+        "evaluate": {"max_windows": 4, "speed": False, "task_examples": 20}}))
     return path
 
 
@@ -45,9 +45,16 @@ def test_the_five_stages_run_in_order_and_write_their_outputs(params_file, tmp_p
     recovery = json.loads((artifacts / "recovered" / "recovery.json").read_text())
     assert len(recovery["history"]) == 4 and (artifacts / "recovered" / "loss.csv").read_text().count("\n") == 5
     assert sorted(p.name for p in artifacts.iterdir()) == ["calibration", "metrics.json", "model", "recovered",
-                                                           "scores"]
+                                                           "report", "scores"]
+    for name in ("dense", "pruned", "recovered"):  # lm-eval accuracy on the local tasks, every model
+        assert set(metrics[name]["tasks"]) == {"pruneflow_word_order", "pruneflow_next_sentence"}
+    assert {"task.pruneflow_word_order", "task.pruneflow_next_sentence"} <= set(metrics["gates"])
+    report = artifacts / "report"
+    assert {"report.md", "ppl_vs_params.png", "kept_per_layer.png", "lm_eval.json"} <= {p.name for p in report.iterdir()}
+    assert "pruneflow_word_order" in json.loads((report / "lm_eval.json").read_text())["versions"]
+    assert "| wanda_sp −0.25 recovered |" in (report / "report.md").read_text()
     assert metrics["gates"]["achieved_ratio"]["passed"] and metrics["gates"]["ppl_ratio"]["limit"] == 1.5
-    assert metrics["gates_passed"] == (metrics["ppl_ratio"] <= 1.5)
+    assert metrics["gates_passed"] == all(g["passed"] for g in metrics["gates"].values())
 
 
 def test_recovery_off_records_a_skip_and_evaluate_judges_the_pruned_model(params_file, tmp_path):
@@ -94,5 +101,26 @@ def test_stages_fail_clearly_without_their_inputs_or_with_stale_ones(params_file
     stale = stage("prune", params_file, artifacts, "--set", "score.method=flap")
     assert stale.exit_code == 2 and "holds wanda_sp scores but score.method is flap" in stale.output
     assert not (artifacts / "model").exists()
+    assert stage("prune", params_file, artifacts).exit_code == 0
+    assert stage("recover", params_file, artifacts, "--set", "recover.enabled=false").exit_code == 0
+    bad_task = stage("evaluate", params_file, artifacts, "--set", "evaluate.tasks=[no_such_task]")
+    assert bad_task.exit_code == 2 and "unknown lm-eval task(s) no_such_task" in bad_task.output
+    assert not (artifacts / "metrics.json").exists() and not (artifacts / "report").exists()
+    local_typo = stage("evaluate", params_file, artifacts, "--set", "evaluate.tasks=[pruneflow_word_ordr]")
+    assert local_typo.exit_code == 2 and "evaluate.tasks: unknown local task pruneflow_word_ordr" in local_typo.output
     unknown = stage("distill", params_file, artifacts)
     assert unknown.exit_code == 2 and "unknown stage 'distill'" in unknown.output
+
+
+def test_iterative_state_goes_where_the_flow_points_it(params_file, tmp_path, monkeypatch):
+    """Isolated flow runs keep Bonsai's iterations in the main checkout, which outlives their worktree."""
+    from pruneflow.stages import state_dir
+
+    assert state_dir(tmp_path / "artifacts") == tmp_path / "artifacts" / ".state"
+    monkeypatch.setenv("PRUNEFLOW_STATE_DIR", str(tmp_path / "main" / "state"))
+    artifacts = tmp_path / "artifacts"
+    bonsai = ["--set", "score.method=bonsai", "--set", "score.bonsai.preset=fast", "--set", "prune.ratio=0.1",
+              "--set", "score.bonsai.sub_models=8", "--set", "score.bonsai.n_windows=4"]
+    assert stage("calibrate", params_file, artifacts).exit_code == 0
+    assert stage("score", params_file, artifacts, *bonsai).exit_code == 0
+    assert any((tmp_path / "main" / "state").iterdir()) and not (artifacts / ".state").exists()

@@ -20,6 +20,7 @@ def test_benchmark_is_logged_as_one_run_with_metrics_and_artifacts(tmp_path, mon
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.chdir(tmp_path)  # a new experiment's artifacts default to ./mlruns: never the checkout
     row = {"model": "models/reference", "allocation": "global", "seed": 0, "achieved_ratio": 0.2,
            "score_seconds": 1.0, "peak_rss_mb": 600.0, "decode_tok_s": 200.0, "prefill_ms": 20.0}
     results = tmp_path / "results.json"
