@@ -59,6 +59,7 @@ def _encoder_table(rows: list[dict]) -> str:
 
 
 def _plot(rows: list[dict], dense: dict, path: Path) -> None:
+    from pruneflow.report import save_ppl_plot
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,14 +75,7 @@ def _plot(rows: list[dict], dense: dict, path: Path) -> None:
         points = sorted(points + [(1.0, dense["test_ppl"])])
         ax.plot(*zip(*points), marker="o", label=name, color=colors[i % len(colors)],
                 linestyle="--" if "uniform" in name else "-")
-    ax.set_xlabel("non-embedding parameters kept (fraction of dense)")
-    ax.set_ylabel("test perplexity (log)")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_ppl_plot(fig, ax, "non-embedding parameters kept (fraction of dense)", path, legend_size=7, dpi=110)
 
 
 def write_report(results: Path, markdown: Path) -> None:

@@ -13,6 +13,13 @@ from pruneflow.errors import PruneflowError
 UNITS = ("mlp", "heads", "layers")
 
 
+def _subset(value: list[str], allowed: tuple[str, ...], name: str) -> list[str]:
+    """``value`` without repeats, if it is a non-empty subset of ``allowed``."""
+    if not value or any(v not in allowed for v in value):
+        raise ValueError(f"{name} must be a non-empty subset of {list(allowed)}, got {value}")
+    return list(dict.fromkeys(value))
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -86,10 +93,7 @@ class PruneParams(_Section):
     @field_validator("units")
     @classmethod
     def _units(cls, value: list[str]) -> list[str]:
-        unknown = [u for u in value if u not in UNITS]
-        if unknown or not value:
-            raise ValueError(f"units must be a non-empty subset of {list(UNITS)}, got {value}")
-        return list(dict.fromkeys(value))
+        return _subset(value, UNITS, "units")
 
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -115,10 +119,7 @@ class RecoverParams(_Section):
     @field_validator("targets")
     @classmethod
     def _targets(cls, value: list[str]) -> list[str]:
-        unknown = [t for t in value if t not in LORA_TARGETS]
-        if unknown or not value:
-            raise ValueError(f"targets must be a non-empty subset of {list(LORA_TARGETS)}, got {value}")
-        return list(dict.fromkeys(value))
+        return _subset(value, LORA_TARGETS, "targets")
 
 
 class EvaluateParams(_Section):

@@ -76,13 +76,20 @@ def pareto_plot(points: list[dict], out_png) -> None:
                 best = ppl
         line = ax.plot(*zip(*sorted(frontier)), marker="o", label=method)[0]
         ax.scatter(*zip(*series), color=line.get_color(), alpha=0.35)
-    ax.set_xlabel("non-embedding parameters kept")
-    ax.set_ylabel("test perplexity")
+    save_ppl_plot(fig, ax, "non-embedding parameters kept", out_png)
+
+
+def save_ppl_plot(fig, ax, xlabel: str, path, legend_size: int = 8, dpi: int = 120) -> None:
+    """Finish a perplexity (log scale) plot and write it as a PNG."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test perplexity (log)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 

@@ -30,19 +30,28 @@ def test_tasks_are_deterministic_and_well_formed(task_dir, tmp_path, tiny_tokeni
         assert all(sorted(c.split()) == sorted(original.split()) for c in row["choices"])  # same words
 
 
-def test_local_tasks_run_offline_on_an_in_memory_model(task_dir, tiny_checkpoint, monkeypatch):
-    model, tokenizer, _ = checkpoint.load(tiny_checkpoint)
+def test_local_tasks_run_offline_on_dense_and_pruned_models(task_dir, tiny_checkpoint, monkeypatch):
+    import torch
+
+    from pruneflow.params import PruneParams
+    from pruneflow.prune import prune
+
+    dense, tokenizer, spec = checkpoint.load(tiny_checkpoint)
+    pruned, _, _ = checkpoint.load(tiny_checkpoint)
+    windows = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
+    prune(pruned, spec, "wanda_sp", PruneParams(ratio=0.3, allocation="global"), windows)
 
     def no_network(*args, **kwargs):
         raise AssertionError(f"a socket was opened: {args}")
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     manager = task_manager(task_dir, list(LOCAL_TASKS))
-    out = evaluate_tasks(model, tokenizer, list(LOCAL_TASKS), manager, batch_size=8)
-    assert set(out["scores"]) == set(LOCAL_TASKS)
-    assert all(0.0 <= v <= 1.0 for v in out["scores"].values())
-    assert "acc_mutual_info" in out["results"]["pruneflow_next_sentence"]
-    assert set(out["versions"]) >= set(LOCAL_TASKS) and out["configs"]["pruneflow_word_order"]["output_type"]
+    for model in (dense, pruned):
+        out = evaluate_tasks(model, tokenizer, list(LOCAL_TASKS), manager, batch_size=8)
+        assert set(out["scores"]) == set(LOCAL_TASKS)
+        assert all(0.0 <= v <= 1.0 for v in out["scores"].values())
+        assert "acc_mutual_info" in out["results"]["pruneflow_next_sentence"]
+        assert set(out["versions"]) >= set(LOCAL_TASKS) and out["configs"]["pruneflow_word_order"]["output_type"]
 
 
 def test_the_reference_model_beats_chance_on_word_order(task_dir):

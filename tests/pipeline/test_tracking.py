@@ -72,3 +72,25 @@ def test_a_per_layer_checkpoint_is_registered_as_its_directory(tmp_path, tiny_to
     version = client.get_model_version_by_alias("tiny-pl", "champion")
     files = {f.path for f in client.list_artifacts(version.run_id, "model")}
     assert {"model/config.json", "model/model.safetensors", "model/modeling_pruneflow.py"} <= files
+
+
+def test_the_same_model_is_registered_once(workspace, tmp_path, monkeypatch):
+    """A cached re-run (same dvc.lock hash for the model) points the aliases at the existing version."""
+    import yaml
+    from prefect.logging import disable_run_logger
+
+    from tasks.tracking import register_model, start_run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _metrics(workspace, passed=True)
+
+    def register(md5):
+        (workspace / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"prune": {
+            "outs": [{"path": "artifacts/model", "md5": md5}]}}}))
+        with disable_run_logger():
+            return register_model.fn(str(repo), start_run.fn(str(repo), {}, "r", {}), str(workspace), "tiny-once")
+
+    first, again, changed = register("aaa.dir"), register("aaa.dir"), register("bbb.dir")
+    assert first["version"] == again["version"] != changed["version"]
