@@ -7,6 +7,7 @@ per-stage states, retries, schedules) and chooses where the run happens (tasks.w
 from __future__ import annotations
 
 import json
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,16 +17,30 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from pruneflow.errors import PruneflowError
 from pruneflow.params import Params, load_params
 from pruneflow.report import run_table
+from pruneflow.graph import STAGES
 from tasks import tracking
-from tasks.remote import preflight, push
+from tasks.remote import check_tracking_uri, preflight, push
 from tasks.stage import run_stage
 from tasks.workspace import close_workspace, code_version, exclusive, open_workspace, save_experiment
 
 
 def stage_names(workspace: Path) -> list[str]:
-    return list(yaml.safe_load((workspace / "dvc.yaml").read_text())["stages"])
+    """dvc.yaml's stages, checked against the library's: a stage edited out of sync fails before any work."""
+    path = workspace / "dvc.yaml"
+    try:
+        stages = (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise PruneflowError(f"cannot read {path}: {err}") from None
+    commands = {name: str(stage.get("cmd", "")).split()[:3] for name, stage in stages.items()}
+    wrong = [name for name, cmd in commands.items() if cmd != ["pruneflow", "stage", name]]
+    if list(stages) != list(STAGES) or wrong:
+        raise PruneflowError(f"{path} is out of sync with this pruneflow: expected the stages {', '.join(STAGES)} "
+                             f"in that order, each running `pruneflow stage NAME`; found {', '.join(stages) or 'none'}"
+                             + (f" (wrong cmd: {', '.join(wrong)})" if wrong else ""))
+    return list(stages)
 
 
 @flow(name="pruneflow", log_prints=True)
@@ -34,6 +49,8 @@ def pipeline(params: Params = Params(), repo: str = ".", run_name: str | None = 
     DVC's cache; tracked in MLflow, outputs pushed to the DVC remote, a report published as an artifact."""
     run_name = run_name or f"run-{flow_run.get_name() or 'local'}"
     repo_path = Path(repo).resolve()
+    stage_names(repo_path)  # a dvc.yaml out of sync with the code fails before any work
+    check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", ""))  # a malformed URI: no retries, no work
     version = code_version(repo_path)
     preflight(str(repo_path))
     in_place = load_params(repo_path / "params.yaml") == params

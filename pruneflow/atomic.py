@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -20,18 +21,47 @@ def atomic_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise PruneflowError(f"output directory {out_dir} already exists; choose another or pass --force")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(out_dir)
+        if old.exists() and not out_dir.exists():  # a swap was killed between its two renames
+            old.rename(out_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", dir=out_dir.parent))
+    except OSError as err:
+        raise PruneflowError(f"cannot write {out_dir}: {err.strerror or err}") from err
     try:
         yield tmp
         if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             out_dir.rename(old)
             tmp.rename(out_dir)
             shutil.rmtree(old)
         else:
             tmp.rename(out_dir)
+    except OSError as err:  # disk full, permissions, …: nothing was written, say so plainly
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out_dir.exists():
+            old.rename(out_dir)  # the previous output stays
+        raise PruneflowError(f"writing {out_dir} failed ({err.strerror or err}); nothing was written") from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_abandoned(out_dir: Path) -> None:
+    """Temp dirs of ``out_dir`` left by a process that was killed (its pid, in the name, is gone)."""
+    for sibling in out_dir.parent.glob(f".{out_dir.name}.*.*"):
+        pid = sibling.name[len(out_dir.name) + 2:].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -44,6 +45,7 @@ def _table(title: str, columns: dict[str, dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    columns = {name: _flat(column) for name, column in columns.items()}
     metrics = list(dict.fromkeys(k for column in columns.values() for k in column))
     table = Table(title=title)
     table.add_column("")
@@ -52,6 +54,14 @@ def _table(title: str, columns: dict[str, dict]) -> None:
     for metric in metrics:
         table.add_row(metric, *(_fmt(column.get(metric)) for column in columns.values()))
     Console().print(table)
+
+
+def _flat(row: dict) -> dict:
+    """Nested values (a model's task scores) as their own rows: {"tasks": {"a": 1}} → {"tasks.a": 1}."""
+    out = {}
+    for key, value in row.items():
+        out |= {f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value}
+    return out
 
 
 def _fmt(value) -> str:
@@ -72,6 +82,10 @@ def _check_out_dir(out: Path, force: bool) -> None:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise PruneflowError(f"output location {parent} is not a writable directory")
+    try:  # os.access says yes to root everywhere; creating something is the real test (before any work)
+        os.rmdir(tempfile.mkdtemp(prefix=".pruneflow-probe-", dir=parent))
+    except OSError as err:
+        raise PruneflowError(f"output location {parent} is not a writable directory ({err.strerror})") from None
 
 
 @app.command()
@@ -258,8 +272,11 @@ def run_pipeline(
     from tasks.stage import StageFailed
     from tasks.workspace import repo_root
 
+    from tasks.remote import check_prefect_api
+
     try:
         params = load_params(params_file, overrides)
+        check_prefect_api()
         _quiet_libraries()
         result = pipeline(params=params, repo=str(repo_root(params_file.resolve().parent)), run_name=name)
     except (PruneflowError, StageFailed) as err:
@@ -287,7 +304,10 @@ def serve(
     from flows import deployments
     from tasks.workspace import repo_root
 
+    from tasks.remote import check_prefect_api
+
     try:
+        check_prefect_api()
         _quiet_libraries()
         deployments.serve(repo_root(repo.resolve()), names or None, limit, schedules=not no_schedules)
     except PruneflowError as err:
@@ -304,7 +324,10 @@ def deploy(
     from flows import deployments
     from tasks.workspace import repo_root
 
+    from tasks.remote import check_prefect_api
+
     try:
+        check_prefect_api()
         _quiet_libraries()
         ids = deployments.deploy(repo_root(repo.resolve()), pool, names or None)
     except PruneflowError as err:
@@ -327,8 +350,11 @@ def sweep(
     from pruneflow.params import load_params
     from tasks.workspace import repo_root
 
+    from tasks.remote import check_prefect_api
+
     try:
         params = load_params(params_file, overrides)
+        check_prefect_api()
         ratio_values = [float(r) for r in ratios.split(",") if r.strip()]
         result = sweep_flow(methods=[m.strip() for m in methods.split(",") if m.strip()], ratios=ratio_values,
                             params=params, repo=str(repo_root(params_file.resolve().parent)),

@@ -26,15 +26,12 @@ from pruneflow import calibration as C
 from pruneflow import checkpoint
 from pruneflow.atomic import atomic_dir
 from pruneflow.errors import PruneflowError
+from pruneflow.graph import OUTPUTS, REPORT, STAGES
 from pruneflow.params import Params
 from pruneflow.scores import Scores
 
 log = logging.getLogger(__name__)
 
-STAGES = ("calibrate", "score", "prune", "recover", "evaluate")
-REPORT = "report"  # the evaluate stage's second output: report.md, plots, lm_eval.json, the local task files
-OUTPUTS = {"calibrate": "calibration", "score": "scores", "prune": "model", "recover": "recovered",
-           "evaluate": "metrics.json"}
 
 
 def run(name: str, params: Params, root: Path = Path("artifacts")) -> Path:

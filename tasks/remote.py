@@ -8,6 +8,7 @@ or AWS config, never from params). No default remote: nothing to check or push.
 from __future__ import annotations
 
 import os
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -68,12 +69,49 @@ def _check_mlflow(uri: str) -> None:
                              f"or unset MLFLOW_TRACKING_URI to track into a local file") from None
 
 
+def check_prefect_api(attempts: int = 3) -> None:
+    """With PREFECT_API_URL set, its server must answer /health (bounded retries with backoff); unset, Prefect
+    starts a temporary local server itself."""
+    url = os.environ.get("PREFECT_API_URL", "").rstrip("/")
+    if not url:
+        return
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5):
+                return
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            error = err
+            if attempt < attempts - 1:
+                time.sleep(2 ** attempt)
+    raise PruneflowError(f"Prefect API {url} is unreachable after {attempts} attempts ({error}); start the "
+                         f"server (`pruneflow up`) or unset PREFECT_API_URL to run with a temporary local one")
+
+
+TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks")
+
+
+def check_tracking_uri(uri: str) -> None:
+    """A tracking URI MLflow can use: a known scheme, and a host for http(s)."""
+    from urllib.parse import urlparse
+
+    if not uri:
+        return
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.split("+")[0]
+    bad = (scheme not in TRACKING_SCHEMES and len(scheme) > 1) or " " in uri or (
+        scheme in ("http", "https") and not parsed.netloc)
+    if bad:
+        raise PruneflowError(f"MLFLOW_TRACKING_URI={uri!r} is not a tracking URI MLflow can use (expected "
+                             f"http(s)://HOST:PORT, sqlite:///PATH, postgresql://…, or a local path)")
+
+
 @task(name="preflight", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 5])
 def preflight(repo: str) -> dict:
     """Fail fast, before any compute: the tracking server, the DVC remote and the workspace must be usable."""
     repo_path = Path(repo)
     checked = {}
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    check_tracking_uri(uri)
     if uri.startswith(("http://", "https://")):
         _check_mlflow(uri)
         checked["mlflow"] = uri

@@ -90,7 +90,15 @@ def save_experiment(workspace: dict, run_name: str) -> str:
     stages = yaml.safe_load((path / "dvc.yaml").read_text())["stages"]
     metrics = [next(iter(m)) if isinstance(m, dict) else m for s in stages.values() for m in s.get("metrics", [])]
     untracked = [f for f in ["dvc.lock", *metrics] if (path / f).exists()]  # new files in a fresh worktree
-    run_dvc(["exp", "save", "--force", "-n", run_name, *[a for f in untracked for a in ("-I", f)]], path)
+    # concurrent `dvc exp save`s from worktrees of one repository race on its experiment refs (measured with
+    # dvc 3.67: "'NoneType' object is not subscriptable" in a 2-worker sweep), so they take turns
+    common = Path(run_git(["rev-parse", "--path-format=absolute", "--git-common-dir"], path))
+    with open(common / "pruneflow-exp-save.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            run_dvc(["exp", "save", "--force", "-n", run_name, *[a for f in untracked for a in ("-I", f)]], path)
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
     return run_name
 
 

@@ -102,6 +102,13 @@ def test_the_flow_on_the_real_stack_tracks_pushes_and_a_pull_restores_identical_
         env["PREFECT_API_URL"] + "/flow_runs/filter", data=b"{}", method="POST",
         headers={"Content-Type": "application/json"}), timeout=10).read())
     assert any(r["state_type"] == "COMPLETED" for r in flow_runs)  # the run is on the real server
+    # credentials were in this run's environment: they appear in no output, parameter, tag or file
+    leaked = ["output" for text in (proc.stdout, proc.stderr) if SECRET in text]
+    leaked += [f"MLflow {k}" for k, v in {**run_.data.params, **run_.data.tags}.items() if SECRET in str(v)]
+    leaked += ["Prefect parameters" for r in flow_runs if SECRET in json.dumps(r.get("parameters"))]
+    leaked += [str(p) for p in project.rglob("*") if p.is_file() and p.stat().st_size < 50_000_000
+               and SECRET.encode() in p.read_bytes()]
+    assert leaked == []
 
     def digests():
         return {p.relative_to(project): hashlib.sha256(p.read_bytes()).hexdigest()

@@ -21,6 +21,18 @@ def test_torch_load_is_never_used_without_weights_only():
     assert offenders == []
 
 
+def test_remote_code_is_never_enabled_by_pruneflow():
+    import ast
+
+    offenders = []
+    for path in (p for d in ("pruneflow", "tasks", "flows") for p in (ROOT / d).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):  # calls only: docs may tell users about the flag
+            if isinstance(node, ast.Call):
+                offenders += [f"{path}:{node.lineno}" for k in node.keywords if k.arg == "trust_remote_code"
+                              and not (isinstance(k.value, ast.Constant) and k.value.value is False)]
+    assert offenders == []
+
+
 def test_modeling_file_shipped_with_checkpoints_depends_on_torch_and_transformers_only():
     source = (ROOT / "pruneflow" / "modeling_pruneflow.py").read_text()
     imports = set(re.findall(r"^\s*(?:from|import)\s+([\w.]+)", source, re.M))
