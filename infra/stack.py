@@ -21,6 +21,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from pruneflow.atomic import pid_alive
 from pruneflow.errors import PruneflowError
 
 HOST = "127.0.0.1"
@@ -173,13 +174,7 @@ def _alive(pid: int) -> bool:
             return False
     except ChildProcessError:
         pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)
 
 
 def status(run_dir: Path) -> dict[str, dict]:

@@ -53,11 +53,12 @@ def _remove_abandoned(out_dir: Path) -> None:
     """Temp dirs of ``out_dir`` left by a process that was killed (its pid, in the name, is gone)."""
     for sibling in out_dir.parent.glob(f".{out_dir.name}.*.*"):
         pid = sibling.name[len(out_dir.name) + 2:].split(".")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(sibling, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Does a process with this pid exist (ours or not)?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
