@@ -149,25 +149,32 @@ def compare_speed(models: list, causal_lm: bool, tokens: int = PPL_SEQLEN, decod
 def evaluate_dirs(dirs: list, ev, threads: int | None = None) -> dict:
     """Parameters, size, test perplexity (and, with ``ev.speed``, round-robin speed) of several checkpoints
     in one process, keyed by directory; encoders get cosine fidelity to the first."""
-    from pruneflow import calibration as C
-    from pruneflow import checkpoint, corpus
+    from pruneflow import checkpoint
 
     if threads:
         torch.set_num_threads(threads)
-    loaded = [checkpoint.load(d) for d in dirs]
+    return evaluate_models({str(d): checkpoint.load(d) for d in dirs}, ev)
+
+
+def evaluate_models(loaded: dict[str, tuple], ev) -> dict:
+    """:func:`evaluate_dirs` for checkpoints already loaded: {dir: (model, tokenizer, spec)} → {dir: row}."""
+    from pruneflow import calibration as C
+    from pruneflow import corpus
+
     rows = {}
     test_docs = corpus.load_split("test")
-    for d, (model, tokenizer, spec) in zip(dirs, loaded):
+    first = next(iter(loaded.values()))[0]
+    for d, (model, tokenizer, spec) in loaded.items():
         log.info("evaluating %s", d)
         stream = C.token_stream(tokenizer, test_docs) if spec.causal_lm else None
-        rows[str(d)] = measure(model, tokenizer, spec, d, stream, ev.ppl_seqlen, ev.max_windows, speed=False)
+        rows[d] = measure(model, tokenizer, spec, d, stream, ev.ppl_seqlen, ev.max_windows, speed=False)
         if not spec.causal_lm:
             sentences = [s for doc in test_docs[:64] for s in doc.split(". ")[:4]]
-            rows[str(d)]["cosine_to_first"] = embedding_fidelity(loaded[0][0], model, tokenizer, sentences)
+            rows[d]["cosine_to_first"] = embedding_fidelity(first, model, tokenizer, sentences)
     if ev.speed:
         log.info("speed: prefill and decode, all models round-robin")
-        causal = all(spec.causal_lm for _, _, spec in loaded)
-        for row, speed in zip(rows.values(), compare_speed([m for m, _, _ in loaded], causal, ev.ppl_seqlen,
-                                                           ev.decode_tokens)):
+        causal = all(spec.causal_lm for _, _, spec in loaded.values())
+        for row, speed in zip(rows.values(), compare_speed([m for m, _, _ in loaded.values()], causal,
+                                                           ev.ppl_seqlen, ev.decode_tokens)):
             row.update(speed)
     return rows

@@ -14,7 +14,6 @@ deterministically from held-out documents (the packaged corpus's test split) as 
 from __future__ import annotations
 
 import json
-import logging
 import random
 import re
 from pathlib import Path
@@ -22,8 +21,6 @@ from pathlib import Path
 import yaml
 
 from pruneflow.errors import PruneflowError
-
-log = logging.getLogger(__name__)
 
 WORD_ORDER, NEXT_SENTENCE = "pruneflow_word_order", "pruneflow_next_sentence"
 LOCAL_TASKS = (WORD_ORDER, NEXT_SENTENCE)

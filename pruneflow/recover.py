@@ -7,7 +7,6 @@ so the recovered model has the pruned model's shapes and saves as the same kind 
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 
@@ -19,8 +18,6 @@ from tqdm import tqdm
 from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
 from pruneflow.params import RecoverParams
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -29,27 +29,33 @@ def model_rows(label: str, metrics: dict) -> list[tuple[str, dict]]:
     return [(f"{label} {name}".strip(), metrics[name]) for name in ("dense", "pruned", "recovered") if name in metrics]
 
 
-def run_table(runs: dict[str, dict]) -> str:
-    """A markdown table of several runs: {label: metrics.json}; the dense row is shown once (from the first
-    run) when every run pruned the same model."""
-    header = ["model", "ratio", *(h for h, _, _ in COLUMNS), "ppl ÷ dense", "gates"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+def table_rows(runs: dict[str, dict]):
+    """(title, model name, row, run metrics) for the tables: the dense model once (from the first run, as every
+    run pruned the same model), then each run's pruned and recovered models."""
     dense_shown = False
     for label, metrics in runs.items():
         for name, row in model_rows("", metrics):
-            if name == "dense":
-                if dense_shown:
-                    continue
-                dense_shown, title, ratio, vs, gates = True, "dense", "0", "1.00", ""
-            else:
-                title = f"{label} {name}"
-                ratio = f"{metrics.get('achieved_ratio', float('nan')):.3f}"
-                dense_ppl = metrics["dense"].get("test_ppl")
-                vs = f"{row['test_ppl'] / dense_ppl:.2f}" if dense_ppl and "test_ppl" in row else "–"
-                final = name == metrics.get("final", "pruned")
-                gates = ("pass" if metrics.get("gates_passed") else "fail") if final else ""
-            cells = [title, ratio, *(_cell(row, key, fmt) for _, key, fmt in COLUMNS), vs, gates]
-            lines.append("| " + " | ".join(cells) + " |")
+            if name == "dense" and dense_shown:
+                continue
+            dense_shown = dense_shown or name == "dense"
+            yield ("dense" if name == "dense" else f"{label} {name}"), name, row, metrics
+
+
+def run_table(runs: dict[str, dict]) -> str:
+    """A markdown table of several runs: {label: metrics.json}."""
+    header = ["model", "ratio", *(h for h, _, _ in COLUMNS), "ppl ÷ dense", "gates"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for title, name, row, metrics in table_rows(runs):
+        if name == "dense":
+            ratio, vs, gates = "0", "1.00", ""
+        else:
+            ratio = f"{metrics.get('achieved_ratio', float('nan')):.3f}"
+            dense_ppl = metrics["dense"].get("test_ppl")
+            vs = f"{row['test_ppl'] / dense_ppl:.2f}" if dense_ppl and "test_ppl" in row else "–"
+            final = name == metrics.get("final", "pruned")
+            gates = ("pass" if metrics.get("gates_passed") else "fail") if final else ""
+        cells = [title, ratio, *(_cell(row, key, fmt) for _, key, fmt in COLUMNS), vs, gates]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -158,14 +164,8 @@ def task_table(runs: dict[str, dict]) -> str:
     if not tasks:
         return ""
     lines = ["", "| model | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
-    dense_shown = False
-    for label, metrics in runs.items():
-        for name, row in model_rows("", metrics):
-            if name == "dense" and dense_shown:
-                continue
-            dense_shown = dense_shown or name == "dense"
-            title = name if name == "dense" else f"{label} {name}"
-            scores = row.get("tasks", {})
-            lines.append(f"| {title} | " + " | ".join(
-                "–" if scores.get(t) is None else f"{scores[t]:.3f}" for t in tasks) + " |")
+    for title, _, row, _ in table_rows(runs):
+        scores = row.get("tasks", {})
+        lines.append(f"| {title} | " + " | ".join(
+            "–" if scores.get(t) is None else f"{scores[t]:.3f}" for t in tasks) + " |")
     return "\n".join(lines) + "\n"

@@ -33,7 +33,6 @@ from pruneflow.scores import Scores
 log = logging.getLogger(__name__)
 
 
-
 def run(name: str, params: Params, root: Path = Path("artifacts")) -> Path:
     """Run stage ``name``; returns the path of its output."""
     if name not in STAGES:
@@ -185,20 +184,22 @@ def gates(metrics: dict, params: Params) -> dict[str, dict]:
 
 
 def evaluate(params: Params, root: Path) -> Path:
-    from pruneflow.evaluate import evaluate_dirs
+    from pruneflow.evaluate import evaluate_models
 
     pruned = _needs(root / OUTPUTS["prune"], "prune")
     recovered = _needs(root / OUTPUTS["recover"], "recover")
     models = {"dense": Path(params.model), "pruned": pruned}
     if (recovered / "config.json").exists():
         models["recovered"] = recovered
+    plan = json.loads((pruned / "plan.json").read_text())
     with atomic_dir(root / REPORT, overwrite=True) as report_dir:
         tasks = _task_setup(params, report_dir)  # unknown task names fail here, before any evaluation
-        rows = evaluate_dirs(list(models.values()), params.evaluate)
-        lm_eval = _run_tasks(params, models, rows, tasks) if tasks else {}
-        metrics = _metrics(params, models, rows, pruned)
+        loaded = {str(path): checkpoint.load(path) for path in models.values()}  # once, for every measurement
+        rows = evaluate_models(loaded, params.evaluate)
+        lm_eval = _run_tasks(params, models, loaded, rows, tasks) if tasks else {}
+        metrics = _metrics(params, models, rows, plan)
         (report_dir / "lm_eval.json").write_text(json.dumps(lm_eval, indent=1, default=str) + "\n")
-        _write_report(params, metrics, pruned, report_dir)
+        _write_report(params, metrics, plan, report_dir)
         out = root / OUTPUTS["evaluate"]
         tmp = out.with_name(f".{out.name}.tmp")
         tmp.write_text(json.dumps(metrics, indent=1) + "\n")
@@ -221,12 +222,12 @@ def _task_setup(params: Params, report_dir: Path):
     return task_manager(task_dir, e.tasks)
 
 
-def _run_tasks(params: Params, models: dict[str, Path], rows: dict, manager) -> dict:
+def _run_tasks(params: Params, models: dict[str, Path], loaded: dict[str, tuple], rows: dict, manager) -> dict:
     from pruneflow.lm_tasks import evaluate_tasks
 
     e, out = params.evaluate, {}
     for name, path in models.items():
-        model, tokenizer, _ = checkpoint.load(path)
+        model, tokenizer, _ = loaded[str(path)]
         result = evaluate_tasks(model, tokenizer, e.tasks, manager, e.task_batch_size, e.task_limit)
         rows[str(path)]["tasks"] = result["scores"]
         out[name] = result["results"]
@@ -234,19 +235,17 @@ def _run_tasks(params: Params, models: dict[str, Path], rows: dict, manager) -> 
     return out
 
 
-def _write_report(params: Params, metrics: dict, pruned: Path, report_dir: Path) -> None:
+def _write_report(params: Params, metrics: dict, plan: dict, report_dir: Path) -> None:
     from pruneflow.report import write_report
 
     config = checkpoint.read_config(Path(params.model))
     widths = {"layers": config["num_hidden_layers"], "heads": config["num_attention_heads"],
               "kv_heads": config.get("num_key_value_heads") or config["num_attention_heads"],
               "channels": config["intermediate_size"]}
-    plan = json.loads((pruned / "plan.json").read_text())
     write_report(report_dir, {f"{metrics['method']} −{params.prune.ratio:g}": metrics}, plan, widths)
 
 
-def _metrics(params: Params, models: dict[str, Path], rows: dict, pruned: Path) -> dict:
-    plan = json.loads((pruned / "plan.json").read_text())
+def _metrics(params: Params, models: dict[str, Path], rows: dict, plan: dict) -> dict:
     metrics = {name: rows[str(path)] for name, path in models.items()}
     final = "recovered" if "recovered" in models else "pruned"  # the model the gates judge and the registry gets
     metrics |= {"final": final, "achieved_ratio": plan["params"]["achieved_ratio"], "method": plan["method"]}
