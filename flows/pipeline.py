@@ -19,8 +19,8 @@ from prefect.runtime import flow_run
 
 from pruneflow.errors import PruneflowError
 from pruneflow.params import Params, load_params
-from pruneflow.report import run_table
 from pruneflow.graph import STAGES
+from pruneflow.report import run_table
 from tasks import tracking
 from tasks.remote import check_tracking_uri, preflight, push
 from tasks.stage import run_stage
@@ -64,10 +64,10 @@ def pipeline(params: Params = Params(), repo: str = ".", run_name: str | None = 
             stage = run_stage.with_options()
             stage.version = version  # the commit the stage code comes from (no with_options key for it)
             stages = []
+            # the main checkout's state dir: a crashed isolated Bonsai run resumes although its worktree is gone
+            state = str(repo_path / "artifacts" / ".state")
             for name in stage_names(path):
                 started = time.perf_counter()
-                # the main checkout's state dir: a crashed isolated Bonsai run resumes although its worktree is gone
-                state = str(repo_path / "artifacts" / ".state")
                 stages.append(stage(name, str(path), state, return_state=True).result())
                 tracking.log_stage(str(repo_path), run_id, stages[-1], str(path), time.perf_counter() - started)
             metrics = json.loads((path / "artifacts" / "metrics.json").read_text())

@@ -60,11 +60,22 @@ def _quick():
     return Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 3, "mode": "standard"})
 
 
+def _health(url: str, attempts: int = 1) -> None:
+    """GET ``url``/health; after ``attempts`` tries (backoff 1 s, 2 s, …) the last error is raised."""
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=5):
+                return
+        except (urllib.error.URLError, OSError, ValueError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(2 ** attempt)
+
+
 def _check_mlflow(uri: str) -> None:
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
-            return
-    except (urllib.error.URLError, OSError) as err:
+        _health(uri)
+    except (urllib.error.URLError, OSError, ValueError) as err:
         raise PruneflowError(f"MLflow tracking server {uri} is unreachable ({err}); start it (`pruneflow up`) "
                              f"or unset MLFLOW_TRACKING_URI to track into a local file") from None
 
@@ -75,16 +86,12 @@ def check_prefect_api(attempts: int = 3) -> None:
     url = os.environ.get("PREFECT_API_URL", "").rstrip("/")
     if not url:
         return
-    for attempt in range(attempts):
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5):
-                return
-        except (urllib.error.URLError, OSError, ValueError) as err:
-            error = err
-            if attempt < attempts - 1:
-                time.sleep(2 ** attempt)
-    raise PruneflowError(f"Prefect API {url} is unreachable after {attempts} attempts ({error}); start the "
-                         f"server (`pruneflow up`) or unset PREFECT_API_URL to run with a temporary local one")
+    try:
+        _health(url, attempts)
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        raise PruneflowError(f"Prefect API {url} is unreachable after {attempts} attempts ({err}); start the "
+                             f"server (`pruneflow up`) or unset PREFECT_API_URL to run with a temporary local one"
+                             ) from None
 
 
 TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks")

@@ -199,17 +199,20 @@ def finish(repo: str, run_id: str, status: str) -> None:
     _client(Path(repo)).set_terminated(run_id, status=status)
 
 
-def run_metrics(repo: str, flow_run_id: str) -> dict | None:
-    """metrics.json of the pipeline run that Prefect flow run ``flow_run_id`` tracked (None if not found)."""
+def _metrics_artifact(client, run_id: str) -> dict:
+    """The metrics.json a pipeline run logged (register_model logs it to the parent run)."""
     import tempfile
 
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(client.download_artifacts(run_id, "metrics.json", tmp)).read_text())
+
+
+def run_metrics(repo: str, flow_run_id: str) -> dict | None:
+    """metrics.json of the pipeline run that Prefect flow run ``flow_run_id`` tracked (None if not found)."""
     client = _client(Path(repo))
     found = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([found.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'") if found else []
-    if not runs:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        return json.loads(Path(client.download_artifacts(runs[0].info.run_id, "metrics.json", tmp)).read_text())
+    return _metrics_artifact(client, runs[0].info.run_id) if runs else None
 
 
 @task(name="track-sweep", cache_policy=NO_CACHE)
@@ -227,8 +230,6 @@ def log_sweep(repo: str, name: str, table: str, members: dict[str, dict], tags: 
 
 def metrics_by_run(repo: str, names: list[str] | None = None) -> dict[str, dict]:
     """{run name: metrics.json} of pipeline runs, by run name or id (all finished pipeline runs if none named)."""
-    import tempfile
-
     from pruneflow.errors import PruneflowError
 
     client = _client(Path(repo))
@@ -244,11 +245,9 @@ def metrics_by_run(repo: str, names: list[str] | None = None) -> dict[str, dict]
             raise PruneflowError(f"no finished pipeline run named {', '.join(missing)} in MLflow")
         runs = [by_key[n] for n in names]
     out = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in runs:
-            try:
-                path = client.download_artifacts(r.info.run_id, "metrics.json", tmp)
-            except Exception:  # noqa: BLE001 - a run that never reached evaluate has no metrics to compare
-                continue
-            out[r.info.run_name] = json.loads(Path(path).read_text())
+    for r in runs:
+        try:
+            out[r.info.run_name] = _metrics_artifact(client, r.info.run_id)
+        except Exception:  # noqa: BLE001 - a run that never reached evaluate has no metrics to compare
+            continue
     return out
