@@ -146,20 +146,26 @@ def up(run_dir: Path, ports: dict[str, int] | None = None, timeout: float = 120)
     state: dict[str, dict] = {}
     try:
         for service in services(run_dir, ports):
-            log = run_dir / "logs" / f"{service.name}.log"
-            with open(log, "ab") as out:
-                process = subprocess.Popen(service.command, env=service.env, stdout=out, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL, start_new_session=True, cwd=run_dir)
-            state[service.name] = {"pid": process.pid, "port": service.port, "health": service.health,
-                                   "url": f"http://{HOST}:{service.port}", "log": str(log)}
-            _write_state(run_dir, state)
-            _wait(service, process, log, timeout)
+            start(service, run_dir, state, timeout)
             if service.name == "s3":
                 create_buckets(state["s3"]["url"])
     except BaseException:
         down(run_dir)
         raise
     return state
+
+
+def start(service: Service, run_dir: Path, state: dict, timeout: float = 120) -> None:
+    """Start one service in its own session, record it in ``state`` (and stack.json), wait until it answers."""
+    log = run_dir / "logs" / f"{service.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        process = subprocess.Popen(service.command, env=service.env, stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True, cwd=run_dir)
+    state[service.name] = {"pid": process.pid, "port": service.port, "health": service.health,
+                           "url": f"http://{HOST}:{service.port}", "log": str(log)}
+    _write_state(run_dir, state)
+    _wait(service, process, log, timeout)
 
 
 def _write_state(run_dir: Path, state: dict) -> None:

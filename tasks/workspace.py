@@ -35,8 +35,17 @@ def run_git(args: list[str], cwd: Path) -> str:
 def run_dvc(args: list[str], cwd: Path) -> str:
     proc = subprocess.run([dvc_bin(), *args], cwd=cwd, capture_output=True, text=True, env=dvc_env())
     if proc.returncode != 0:
-        raise PruneflowError(f"dvc {' '.join(args)} failed in {cwd}: {proc.stderr.strip()[-500:]}")
+        raise PruneflowError(f"dvc {' '.join(args)} failed in {cwd}: {dvc_error(proc.stderr)}")
     return proc.stdout.strip()
+
+
+def dvc_error(stderr: str, limit: int = 800) -> str:
+    """DVC's ERROR lines (all of its output when it has none), without its support footer; long text keeps
+    its end, where the cause is."""
+    lines = [line for line in stderr.strip().splitlines()
+             if line.strip() and not line.startswith("Having any troubles?")]
+    text = "\n".join([line for line in lines if line.startswith("ERROR")] or lines)
+    return text if len(text) <= limit else "…" + text[-limit:]
 
 
 def repo_root(path: str | Path = ".") -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,6 +20,37 @@ import pytest
 import torch
 
 torch.set_num_threads(1)  # 2 contended threads are far slower than 1 for tiny models
+
+
+class _CurrentStderr:
+    """Whatever sys.stderr is at the time of the write."""
+
+    def write(self, text):
+        return sys.stderr.write(text)
+
+    def flush(self):
+        sys.stderr.flush()
+
+
+def _prefect_console_follows_stderr() -> None:
+    """Prefect's console log handler keeps the stream that was sys.stderr when its logging was set up: set up
+    inside a CliRunner test, it writes to that test's closed stream from then on (each log line an error,
+    chained until RecursionError); set up here, to pytest's capture, which is closed before the temporary
+    Prefect server logs its shutdown at exit. Point it at the current sys.stderr instead."""
+    import logging
+
+    from prefect.logging.configuration import ensure_logging_setup
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    ensure_logging_setup()
+    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]
+    for handler in {h for lg in loggers for h in getattr(lg, "handlers", [])}:
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.setStream(_CurrentStderr())
+            handler.console.file = handler.stream
+
+
+_prefect_console_follows_stderr()
 
 TINY = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -15,12 +16,20 @@ pytestmark = pytest.mark.integration
 POOL = "pruneflow-test"
 
 
-def api(env, path, body=None, method=None):
+def api(env, path, body=None, method=None, attempts=6):
+    """One Prefect REST call, retried like Prefect's own client does: on 429/502/503 with backoff. The SQLite
+    server answers 503 when its database is momentarily locked (two workers polling, a flow writing)."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(env["PREFECT_API_URL"] + path, data=data, method=method or
                                      ("POST" if data is not None else "GET"),
                                      headers={"Content-Type": "application/json"})
-    return json.loads(urllib.request.urlopen(request, timeout=30).read() or b"null")
+    for attempt in range(attempts):
+        try:
+            return json.loads(urllib.request.urlopen(request, timeout=30).read() or b"null")
+        except urllib.error.HTTPError as e:
+            if e.code not in (429, 502, 503) or attempt == attempts - 1:
+                raise
+            time.sleep(min(2 ** attempt, 10))
 
 
 def wait_for(env, flow_run_id, timeout=600):

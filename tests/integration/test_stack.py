@@ -9,6 +9,7 @@ import urllib.request
 import pytest
 
 from tests.conftest import KEY, SECRET
+from tests.integration.test_deployments import api
 from tests.pipeline.test_cli import run
 
 pytestmark = pytest.mark.integration
@@ -98,9 +99,7 @@ def test_the_flow_on_the_real_stack_tracks_pushes_and_a_pull_restores_identical_
     (run_,) = client.search_runs([client.get_experiment_by_name("pruneflow").experiment_id],
                                  filter_string="attributes.run_name = 'on-stack'")
     assert run_.info.status == "FINISHED" and run_.data.tags["prefect.flow_run_id"]
-    flow_runs = json.loads(urllib.request.urlopen(urllib.request.Request(
-        env["PREFECT_API_URL"] + "/flow_runs/filter", data=b"{}", method="POST",
-        headers={"Content-Type": "application/json"}), timeout=10).read())
+    flow_runs = api(env, "/flow_runs/filter", {})
     assert any(r["state_type"] == "COMPLETED" for r in flow_runs)  # the run is on the real server
     # credentials were in this run's environment: they appear in no output, parameter, tag or file
     leaked = ["output" for text in (proc.stdout, proc.stderr) if SECRET in text]

@@ -83,3 +83,16 @@ def test_prefect_yaml_names_real_flows_and_valid_schedules():
         assert set(entry.get("parameters") or {}) <= set(flow.parameters.properties)
         for schedule in entry["schedules"]:
             Cron(schedule["cron"], timezone=schedule["timezone"])
+
+
+def test_a_dvc_failure_is_reported_by_its_error_lines_without_the_support_footer():
+    from tasks.workspace import dvc_error
+
+    stderr = ("Collecting\nERROR: failed to transfer 'ba3e' - Connection was closed\nERROR: unexpected error - "
+              "Could not connect to the endpoint URL: \"http://127.0.0.1:9/dvc\"\n\nHaving any troubles? Hit us "
+              "up at https://dvc.org/support, we are always happy to help!\n")
+    assert dvc_error(stderr) == ("ERROR: failed to transfer 'ba3e' - Connection was closed\nERROR: unexpected "
+                                 "error - Could not connect to the endpoint URL: \"http://127.0.0.1:9/dvc\"")
+    assert dvc_error("plain failure\n") == "plain failure"
+    long = dvc_error("ERROR: " + "x" * 2000 + " the cause")
+    assert long.startswith("…") and long.endswith("the cause") and len(long) == 801
