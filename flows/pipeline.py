@@ -22,7 +22,7 @@ from pruneflow.params import Params, load_params
 from pruneflow.graph import STAGES
 from pruneflow.report import run_table
 from tasks import tracking
-from tasks.remote import check_tracking_uri, preflight, push
+from tasks.remote import check_tracking_uri, preflight, push, record_process
 from tasks.stage import run_stage
 from tasks.workspace import close_workspace, code_version, exclusive, open_workspace, save_experiment
 
@@ -48,6 +48,7 @@ def pipeline(params: Params = Params(), repo: str = ".", run_name: str | None = 
     """Prune with ``params``: calibrate → score → prune → recover → evaluate, unchanged stages served from
     DVC's cache; tracked in MLflow, outputs pushed to the DVC remote, a report published as an artifact."""
     run_name = run_name or f"run-{flow_run.get_name() or 'local'}"
+    record_process()  # so a later run can tell if this one died
     repo_path = Path(repo).resolve()
     stage_names(repo_path)  # a dvc.yaml out of sync with the code fails before any work
     check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", ""))  # a malformed URI: no retries, no work

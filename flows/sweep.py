@@ -20,6 +20,7 @@ from pruneflow.errors import PruneflowError
 from pruneflow.params import Params, validate
 from pruneflow.report import run_table, task_table
 from tasks import tracking
+from tasks.remote import record_process
 
 DEPLOYMENT = "pruneflow/pruneflow"  # flow name / deployment name, as `pruneflow deploy` creates it
 
@@ -53,6 +54,7 @@ def sweep(methods: list[str] = ["flap", "wanda_sp"], ratios: list[float] = [0.2,
           params: Params = Params(), repo: str = ".", deployment: str = DEPLOYMENT, name: str | None = None) -> dict:
     """Prune with every (method, ratio) on ``deployment``'s workers; one comparison table at the end."""
     logger = get_run_logger()
+    record_process()  # so a later run can tell if this one died
     name = name or f"sweep-{flow_run.get_name() or time.strftime('%Y%m%d-%H%M%S')}"
     points = grid(params, methods, ratios)
     started = time.perf_counter()

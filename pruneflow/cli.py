@@ -58,6 +58,23 @@ def _fail_prefect_lost(err: Exception) -> None:
     os._exit(2)
 
 
+def _prefect_checks() -> None:
+    """Before a flow: the Prefect API must answer; flow runs of this host whose process died unreported are
+    marked Crashed (a failure there only warns: it must not stop the run)."""
+    from tasks.remote import check_prefect_api, mark_orphaned_runs
+
+    check_prefect_api()
+    if not os.environ.get("PREFECT_API_URL"):
+        return  # a temporary server: a fresh database
+    try:
+        marked = mark_orphaned_runs()
+    except Exception as err:  # noqa: BLE001
+        typer.secho(f"warning: could not look for orphaned flow runs ({err})", fg=typer.colors.YELLOW, err=True)
+        return
+    if marked:
+        _step(f"marked {len(marked)} flow run(s) whose process had ended as Crashed: {', '.join(marked)}")
+
+
 def _step(text: str) -> None:
     typer.secho(f"» {text}", fg=typer.colors.CYAN, err=True)
 
@@ -294,11 +311,9 @@ def run_pipeline(
     from tasks.stage import StageFailed
     from tasks.workspace import repo_root
 
-    from tasks.remote import check_prefect_api
-
     try:
         params = load_params(params_file, overrides)
-        check_prefect_api()
+        _prefect_checks()
         _quiet_libraries()
         result = pipeline(params=params, repo=str(repo_root(params_file.resolve().parent)), run_name=name)
     except (PruneflowError, StageFailed) as err:
@@ -376,11 +391,9 @@ def sweep(
     from pruneflow.params import load_params
     from tasks.workspace import repo_root
 
-    from tasks.remote import check_prefect_api
-
     try:
         params = load_params(params_file, overrides)
-        check_prefect_api()
+        _prefect_checks()
         ratio_values = [float(r) for r in ratios.split(",") if r.strip()]
         result = sweep_flow(methods=[m.strip() for m in methods.split(",") if m.strip()], ratios=ratio_values,
                             params=params, repo=str(repo_root(params_file.resolve().parent)),

@@ -8,6 +8,7 @@ or AWS config, never from params). No default remote: nothing to check or push.
 from __future__ import annotations
 
 import os
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +17,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from pruneflow.atomic import pid_alive
 from pruneflow.errors import PruneflowError
 from tasks.workspace import run_dvc
 
@@ -92,6 +94,39 @@ def check_prefect_api(attempts: int = 3) -> None:
         raise PruneflowError(f"Prefect API {url} is unreachable after {attempts} attempts ({err}); start the "
                              f"server (`pruneflow up`) or unset PREFECT_API_URL to run with a temporary local one"
                              ) from None
+
+
+def record_process() -> None:
+    """Inside a flow run started here (not by a worker, which does it itself): write this process into it as
+    its ``infrastructure_pid`` — ``HOST:PID``, the process worker's form — so a later run can tell it died."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import deployment, flow_run
+
+    if flow_run.id and not deployment.id:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(flow_run.id, infrastructure_pid=f"{socket.gethostname()}:{os.getpid()}")
+
+
+def mark_orphaned_runs() -> list[str]:
+    """Flow runs started on this host (not by a worker) that the server still shows Pending/Running although
+    their process is gone (killed, or it lost the API before it could report): set them Crashed."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    host, marked = socket.gethostname() + ":", []
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING]))))
+        for run in runs:
+            pid = (run.infrastructure_pid or "").removeprefix(host)
+            if run.deployment_id or pid == run.infrastructure_pid or not pid.isdigit() or pid_alive(int(pid)):
+                continue
+            client.set_flow_run_state(run.id, Crashed(message=f"its process (pid {pid} on this host) ended "
+                                                              f"without reporting"), force=True)
+            marked.append(run.name)
+    return marked
 
 
 TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks")

@@ -17,6 +17,7 @@ import pytest
 
 from infra.stack import free_port
 from tests.conftest import sh
+from tests.integration.test_deployments import api
 
 
 def test_prefect_api_down_is_a_clear_error_before_any_work(project):
@@ -48,9 +49,9 @@ def test_the_prefect_server_dying_mid_run_loses_no_finished_stage(project, tmp_p
         stack.start(stack.services(run_dir, {"s3": 0, "mlflow": 0, "prefect": port})[2], run_dir, state)
 
     start_prefect()
-    api = f"http://127.0.0.1:{port}/api"
+    api_url = f"http://127.0.0.1:{port}/api"
     # the client's own retries (default 5, exponential backoff: ~70 s measured) cut to 2 for the test's time
-    env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_CLIENT_MAX_RETRIES": "2"}
+    env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_CLIENT_MAX_RETRIES": "2"}
     cli = [str(Path(sys.executable).parent / "pruneflow"), "run", "--name"]
     try:
         with open(tmp_path / "run.log", "w") as log:
@@ -74,6 +75,10 @@ def test_the_prefect_server_dying_mid_run_loses_no_finished_stage(project, tmp_p
         assert ("again: calibrate (cached), score (cached), prune (cached), recover (cached), evaluate (cached)"
                 in again.stderr)
         assert (project / "artifacts" / "metrics.json").read_text() == metrics
+        # the restarted server showed the dead run as Running; the next run marked it Crashed
+        assert "marked 1 flow run(s) whose process had ended as Crashed" in again.stderr
+        states = {r["parameters"]["run_name"]: r["state_type"] for r in api(env, "/flow_runs/filter", {})}
+        assert states == {"dies": "CRASHED", "again": "COMPLETED"}
     finally:
         stack.down(run_dir)
 
