@@ -174,8 +174,8 @@ def test_s3_stopped_mid_push_loses_nothing_and_the_next_run_completes_the_push(
         with pytest.raises(Exception, match="dvc push failed"):
             pipeline(params=params, repo=str(project), run_name="s3-dies")
         assert proxy.limit is None and not stack._alive(state["s3"]["pid"])  # it died during the push
-        cache = [p for p in (project / ".dvc" / "cache").rglob("*") if p.is_file()]
-        assert sum(p.stat().st_size for p in cache) > 3 * 300_000  # so the cut really was mid-push
+        objects = [p for p in (project / ".dvc" / "cache" / "files").rglob("*") if p.is_file()]  # what push sends
+        assert sum(p.stat().st_size for p in objects) > 3 * 300_000  # so the cut really was mid-push
 
         def digests():
             return {p.relative_to(project): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -187,7 +187,7 @@ def test_s3_stopped_mid_push_loses_nothing_and_the_next_run_completes_the_push(
         start_s3()  # back, on the same data directory
         s3 = boto3.session.Session().client("s3", endpoint_url=state["s3"]["url"], region_name="us-east-1")
         partial = s3.list_objects_v2(Bucket="dvc", Prefix="mid-push/").get("KeyCount", 0)
-        assert partial < len(cache)  # the push was cut short
+        assert partial < len(objects), (partial, len(objects))  # cut short (measured: 13 of 29 objects there)
         again = pipeline(params=params, repo=str(project), run_name="s3-back")
         assert all(s["cached"] for s in again["stages"])  # nothing recomputed
         assert again["pushed_to"] == "s3://dvc/mid-push"
