@@ -36,19 +36,17 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _prefect_lost(err: Exception) -> bool:
-    """Whether ``err`` is Prefect's client giving up on its API (after its own bounded retries)."""
+def _exit_if_prefect_lost(err: Exception) -> None:
+    """If ``err`` is Prefect's client giving up on its API (after its own bounded retries: a transport error or
+    a 5xx), say so and exit at once. A normal exit would wait for Prefect's event and log queues to drain to the
+    dead server (7 s per queued event: minutes); what they hold is only for that server, and the run's own
+    results are on disk already (DVC outputs, the MLflow run). Any other error: return."""
     import httpx
     from prefect.exceptions import PrefectHTTPStatusError
 
-    return isinstance(err, httpx.TransportError) or (
-        isinstance(err, PrefectHTTPStatusError) and err.response.status_code >= 500)
-
-
-def _fail_prefect_lost(err: Exception) -> None:
-    """The Prefect API stopped answering mid-run: say so and exit at once. A normal exit would wait for
-    Prefect's event and log queues to drain to the dead server (7 s per queued event: minutes); what they hold
-    is only for that server, and the run's own results are on disk already (DVC outputs, the MLflow run)."""
+    if not (isinstance(err, httpx.TransportError) or
+            (isinstance(err, PrefectHTTPStatusError) and err.response.status_code >= 500)):
+        return
     url = getattr(getattr(err, "request", None), "url", None) or os.environ.get("PREFECT_API_URL", "?")
     typer.secho(f"error: the Prefect API stopped answering during the run ({type(err).__name__}: {err}; at {url}). "
                 f"Every stage that finished is kept and is not recomputed: restart the server "
@@ -319,8 +317,7 @@ def run_pipeline(
     except (PruneflowError, StageFailed) as err:
         _fail(err)
     except Exception as err:
-        if _prefect_lost(err):
-            _fail_prefect_lost(err)
+        _exit_if_prefect_lost(err)
         raise
     stages = ", ".join(f"{s['stage']} ({'cached' if s['cached'] else 'ran'})" for s in result["stages"])
     _step(f"{result['run']}: {stages}" + (f"; saved as DVC experiment {result['experiment']}"
@@ -401,8 +398,7 @@ def sweep(
     except (PruneflowError, ValueError, RuntimeError) as err:
         _fail(err)
     except Exception as err:
-        if _prefect_lost(err):
-            _fail_prefect_lost(err)
+        _exit_if_prefect_lost(err)
         raise
     typer.echo(result["table"])
     _step(f"{result['name']}: {len(result['members'])} points in {result['seconds']:.0f} s")

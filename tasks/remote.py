@@ -96,6 +96,11 @@ def check_prefect_api(attempts: int = 3) -> None:
                              ) from None
 
 
+def _host_prefix() -> str:
+    """The ``HOST:`` prefix of this host's ``infrastructure_pid`` values."""
+    return socket.gethostname() + ":"
+
+
 def record_process() -> None:
     """Inside a flow run started here (not by a worker, which does it itself): write this process into it as
     its ``infrastructure_pid`` — ``HOST:PID``, the process worker's form — so a later run can tell it died."""
@@ -104,7 +109,7 @@ def record_process() -> None:
 
     if flow_run.id and not deployment.id:
         with get_client(sync_client=True) as client:
-            client.update_flow_run(flow_run.id, infrastructure_pid=f"{socket.gethostname()}:{os.getpid()}")
+            client.update_flow_run(flow_run.id, infrastructure_pid=f"{_host_prefix()}{os.getpid()}")
 
 
 def mark_orphaned_runs() -> list[str]:
@@ -115,13 +120,16 @@ def mark_orphaned_runs() -> list[str]:
     from prefect.client.schemas.objects import StateType
     from prefect.states import Crashed
 
-    host, marked = socket.gethostname() + ":", []
+    host, marked = _host_prefix(), []
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
             state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PENDING, StateType.RUNNING]))))
         for run in runs:
-            pid = (run.infrastructure_pid or "").removeprefix(host)
-            if run.deployment_id or pid == run.infrastructure_pid or not pid.isdigit() or pid_alive(int(pid)):
+            infra = run.infrastructure_pid or ""
+            if run.deployment_id or not infra.startswith(host):  # a worker's run, or another host's
+                continue
+            pid = infra[len(host):]
+            if not pid.isdigit() or pid_alive(int(pid)):
                 continue
             client.set_flow_run_state(run.id, Crashed(message=f"its process (pid {pid} on this host) ended "
                                                               f"without reporting"), force=True)
