@@ -34,7 +34,7 @@ def main() -> None:
     model, tokenizer, spec = checkpoint.load(ROOT / "models" / "reference")
     model.to(args.device)
     windows, _ = C.prepare(tokenizer, "corpus", args.n_windows, args.seqlen, 0)
-    modules = bonsai.layout(model, spec, ("mlp", "heads"), "auto")
+    modules = bonsai.layout(model, spec, ("channels", "heads"), "auto")
     priors = bonsai.unit_priors(model, spec, windows, modules, "wanda_sp", 0)
     keep, _ = bonsai.sample_masks(modules, priors, 0.05, args.sub_models, "fixed", torch.Generator().manual_seed(0))
     bonsai.submodel_losses(model, spec, modules, keep[:2], windows, args.n_windows)  # warm-up

@@ -43,7 +43,7 @@ def run_one(job: dict) -> dict:
         cfg = PruneParams(ratio=job["ratio"], allocation=job["allocation"], compensate=job["compensate"],
                           units=job["units"])
         result = prune(model, spec, job["method"], cfg, windows, seed=job["seed"],
-                       bonsai=BonsaiParams(**job.get("bonsai", {})))
+                       options=BonsaiParams(**job.get("bonsai", {})))
         row.update(prune_seconds=time.perf_counter() - started, score_seconds=result.seconds["score"],
                    achieved_ratio=result.plan.params["achieved_ratio"])
     test_docs = corpus.load_split("test")
@@ -69,7 +69,7 @@ def jobs(args) -> list[dict]:
     from pruneflow.methods import CAUSAL_LM_ONLY, DEPTH_METHODS
 
     base = {"model": str(REFERENCE), "n_windows": 64, "seqlen": 256, "threads": args.threads, "compensate": True,
-            "units": ["mlp", "heads"]}
+            "units": ["channels", "heads"]}
     out = [{**base, "method": "dense", "ratio": 0.0, "allocation": "-", "seed": 0}]
     for method in args.methods:
         if method in DEPTH_METHODS:  # whole blocks: ranked across the model whatever the allocation

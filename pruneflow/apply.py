@@ -12,6 +12,7 @@ from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
 from pruneflow.modeling_pruneflow import resize_block
 from pruneflow.plan import LayerPlan, LayerShape, PrunePlan
+from pruneflow.runtime import accum_dtype
 from pruneflow.scores import Scores
 
 
@@ -48,10 +49,12 @@ def _check(plan: PrunePlan, shapes: list[LayerShape]) -> None:
 
 
 def _compensation(weight: torch.Tensor, kept: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """Bias replacing removed input channels by their mean contribution: W[:, removed] @ mean[removed]."""
-    removed = torch.ones(weight.shape[1], dtype=torch.bool)
-    removed[kept] = False
-    return weight[:, removed].double() @ mean[removed].double().to(weight.device)
+    """Bias replacing removed input channels by their mean contribution: W[:, removed] @ mean[removed], in the
+    accumulation dtype on the weight's device."""
+    dtype = accum_dtype(weight.device)
+    removed = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
+    removed[kept.to(weight.device)] = False
+    return weight[:, removed].to(dtype) @ mean.to(device=weight.device, dtype=dtype)[removed]
 
 
 @torch.no_grad()
@@ -72,14 +75,17 @@ def _apply_block(block: nn.Module, spec: ArchSpec, layer: LayerPlan, head_dim: i
     for name, index in rows.items():
         if name in old:
             new = A.get(block, getattr(spec, name))
+            index = index.to(new.weight.device)
             new.weight.copy_(old[name].weight[index])
             if new.bias is not None:
                 new.bias.copy_(old[name].bias[index])
     for name, index, extra in (("o", q_rows, o_extra), ("down", channels, down_extra)):
         new = A.get(block, getattr(spec, name))
-        new.weight.copy_(old[name].weight[:, index])
+        new.weight.copy_(old[name].weight[:, index.to(new.weight.device)])
         if new.bias is not None:
-            bias = old[name].bias.double() if old[name].bias is not None else torch.zeros(new.out_features, dtype=torch.float64)
+            dtype = accum_dtype(new.bias.device)
+            bias = old[name].bias.to(dtype) if old[name].bias is not None else \
+                torch.zeros(new.out_features, dtype=dtype, device=new.bias.device)
             new.bias.copy_(bias + (extra if extra is not None else 0))
 
 

@@ -24,6 +24,11 @@ from pruneflow import modeling_pruneflow
 from pruneflow.arch import ArchSpec
 from pruneflow.atomic import atomic_dir
 from pruneflow.errors import PruneflowError
+from pruneflow.runtime import Runtime
+from pruneflow.sources import ModelSource, resolve
+
+SHARD_SIZE = "5GB"  # the hub's convention: a 70B model is ~30 files, not one 140 GB file
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +89,15 @@ def pruned_config(model: nn.Module, spec: ArchSpec):
 
 
 def save(model: nn.Module, tokenizer, out_dir: Path, spec: ArchSpec, extra_files: dict[str, str] | None = None,
-         overwrite: bool = False) -> dict:
-    """Write the checkpoint atomically: everything goes to a temp dir renamed to ``out_dir`` at the end."""
+         overwrite: bool = False, dtype: torch.dtype | None = None, max_shard_size: str | int = SHARD_SIZE) -> dict:
+    """Write the checkpoint atomically: everything goes to a temp dir renamed to ``out_dir`` at the end.
+
+    ``dtype`` (the input checkpoint's, see :func:`stored_dtype`) is what the weights are written in: a model
+    scored in float32 is cast to it first, in place. Weights above ``max_shard_size`` are sharded
+    (``model.safetensors.index.json``).
+    """
+    if dtype is not None and model.dtype != dtype:
+        model.to(dtype)
     config = vanilla_config(model, spec)
     vanilla = config is not None
     config = config if vanilla else pruned_config(model, spec)
@@ -93,7 +105,7 @@ def save(model: nn.Module, tokenizer, out_dir: Path, spec: ArchSpec, extra_files
         original = model.config
         model.config = config
         try:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
         finally:
             model.config = original
         if tokenizer is not None:
@@ -108,9 +120,9 @@ def save(model: nn.Module, tokenizer, out_dir: Path, spec: ArchSpec, extra_files
     return info
 
 
-def read_config(path: Path) -> dict:
-    if not path.is_dir():
-        raise PruneflowError(f"checkpoint directory {path} does not exist")
+def read_config(path: Path | str | ModelSource) -> dict:
+    """config.json of a checkpoint directory or hub id, as a dict."""
+    path = path.path if isinstance(path, ModelSource) else resolve(path).path
     config_file = path / "config.json"
     if not config_file.exists():
         raise PruneflowError(f"{path} has no config.json; not a transformers checkpoint")
@@ -120,38 +132,62 @@ def read_config(path: Path) -> dict:
         raise PruneflowError(f"{config_file} is not valid JSON: {err}") from err
 
 
-def _check_weights(path: Path) -> None:
+def weight_dtypes(path: Path) -> dict[torch.dtype, int]:
+    """Bytes per dtype of a checkpoint's safetensors weights (headers only; sharded or not), validating them."""
     weight_files = sorted(path.glob("*.safetensors"))
     if not weight_files:
         raise PruneflowError(f"{path} has no *.safetensors weights (only safetensors checkpoints are loaded)")
+    sizes: dict[torch.dtype, int] = {}
     for weights in weight_files:
         try:
             with safe_open(weights, framework="pt") as f:
-                f.keys()
+                for name in f.keys():
+                    part = f.get_slice(name)
+                    dtype = SAFETENSORS_DTYPES.get(part.get_dtype())
+                    if dtype is not None:
+                        numel = 1
+                        for n in part.get_shape():
+                            numel *= n
+                        sizes[dtype] = sizes.get(dtype, 0) + numel * dtype.itemsize
         except (SafetensorError, OSError) as err:
             raise PruneflowError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {err}") from err
+    return sizes
 
 
-def load(path: Path | str, with_tokenizer: bool = True):
-    """Load any checkpoint pruneflow can prune or has written, without remote code.
+def stored_dtype(path: Path | str | ModelSource) -> torch.dtype:
+    """The floating dtype most of a checkpoint's weight bytes are stored in (what a pruned copy is saved in)."""
+    path = path.path if isinstance(path, ModelSource) else resolve(path).path
+    sizes = weight_dtypes(path)
+    if not sizes:
+        raise PruneflowError(f"checkpoint {path} has no floating-point weights")
+    return max(sizes, key=sizes.get)
 
-    Returns ``(model, tokenizer, spec)``; the model is in eval mode, float32.
+
+def load(source: Path | str | ModelSource, runtime: Runtime | None = None, with_tokenizer: bool = True):
+    """Load any checkpoint pruneflow can prune or has written (a directory or a hub id), without remote code.
+
+    Returns ``(model, tokenizer, spec)``; the model is in eval mode, in the runtime's dtype (by default the
+    checkpoint's own) and placed as the runtime says (one device, or several GPUs under a device map).
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    path = Path(path)
-    model_type = read_config(path).get("model_type", "")
+    runtime = runtime or Runtime()
+    source = source if isinstance(source, ModelSource) else resolve(source)
+    path = source.path
+    model_type = read_config(source).get("model_type", "")
     spec = A.arch_for(model_type)
-    _check_weights(path)
+    sizes = weight_dtypes(path)
+    dtype = runtime.compute_dtype(max(sizes, key=sizes.get) if sizes else torch.float32)
+    placement = runtime.placement(sum(n * dtype.itemsize // d.itemsize for d, n in sizes.items()))
     try:
         if model_type.startswith(A.PRUNED_PREFIX):
             config_cls, model_cls, _ = modeling_pruneflow.CLASSES[A.base_model_type(model_type)]
-            model = model_cls.from_pretrained(path, dtype=torch.float32)
+            model = model_cls.from_pretrained(path, dtype=dtype, **placement)
         else:
             auto = AutoModelForCausalLM if spec.causal_lm else AutoModel
-            model = auto.from_pretrained(path, config=AutoConfig.from_pretrained(path), dtype=torch.float32)
+            model = auto.from_pretrained(path, config=AutoConfig.from_pretrained(path), dtype=dtype, **placement)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise PruneflowError(f"cannot load checkpoint {path}: {str(err).splitlines()[0][:300]}") from err
+        raise PruneflowError(f"cannot load checkpoint {source.name}: {str(err).splitlines()[0][:300]}") from err
     for name, tensor in model.state_dict().items():
         if not torch.isfinite(tensor).all():
             raise PruneflowError(f"checkpoint {path}: weight {name} contains NaN or Inf")
@@ -163,7 +199,7 @@ def load(path: Path | str, with_tokenizer: bool = True):
     return model, tokenizer, spec
 
 
-def load_tokenizer(path: Path | str, config=None):
+def load_tokenizer(path: Path | str | ModelSource, config=None):
     """A checkpoint's tokenizer, without remote code.
 
     The config is passed explicitly (read with pruneflow's own classes for per-layer checkpoints): otherwise
@@ -171,7 +207,7 @@ def load_tokenizer(path: Path | str, config=None):
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    path = Path(path)
+    path = path.path if isinstance(path, ModelSource) else resolve(path).path
     if config is None:
         model_type = read_config(path).get("model_type", "")
         A.arch_for(model_type)

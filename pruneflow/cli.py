@@ -23,7 +23,6 @@ app.add_typer(corpus_app, name="corpus")
 
 
 def _quiet_libraries() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -125,9 +124,14 @@ def _check_out_dir(out: Path, force: bool) -> None:
         raise PruneflowError(f"output location {parent} is not a writable directory ({err.strerror})") from None
 
 
+DEVICE_HELP = "auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps"
+DTYPE_HELP = "auto (the checkpoint's own) | bfloat16 | float16 | float32; checkpoints are saved in the input's dtype"
+
+
 @app.command()
 def prune(
-    model_dir: Path = typer.Argument(..., help="checkpoint to prune (safetensors + config)"),
+    model_dir: str = typer.Argument(..., help="checkpoint to prune: a directory (safetensors + config) or a hub "
+                                              "id ORG/NAME[@REVISION]"),
     out: Path = typer.Option(..., "--out", help="where to write the pruned checkpoint (must not exist)"),
     method: Optional[str] = typer.Option(None, help="importance method; see `pruneflow methods`"),
     ratio: Optional[float] = typer.Option(None, help="fraction of non-embedding parameters to remove"),
@@ -140,61 +144,88 @@ def prune(
     n_calibration: Optional[int] = typer.Option(None, help="calibration windows"),
     seqlen: Optional[int] = typer.Option(None, help="calibration window length"),
     compensate: Optional[bool] = typer.Option(None, "--compensate/--no-compensate", help="bias compensation"),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    max_shard_size: str = typer.Option("5GB", help="largest safetensors file written (bigger weights are sharded)"),
     params_file: Optional[Path] = typer.Option(None, "--params", help="params.yaml for defaults"),
     overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE params override, e.g. score.bonsai.preset=fast"),
     state_dir: Optional[Path] = typer.Option(
         None, help="iterative methods: where completed iterations are kept for resume (default: .OUT.state beside OUT)"),
     force: bool = typer.Option(False, help="replace OUT if it exists"),
 ) -> None:
-    """Prune MODEL_DIR and write a smaller checkpoint to OUT, then print a summary table."""
+    """Prune MODEL_DIR (a directory or hub id) and write a smaller checkpoint to OUT, then print a summary."""
     from pruneflow.params import load_params
 
     options = {"calibrate.source": calibration, "calibrate.seed": seed, "calibrate.n_windows": n_calibration,
                "calibrate.seqlen": seqlen, "score.method": method, "prune.ratio": ratio,
                "prune.units": units and units.split(","), "prune.allocation": allocation,
-               "prune.head_mode": head_mode, "prune.round_to": round_to, "prune.compensate": compensate}
+               "prune.head_mode": head_mode, "prune.round_to": round_to, "prune.compensate": compensate,
+               "runtime.device": device, "runtime.dtype": dtype, "model": model_dir}
     try:
         params = load_params(params_file, overrides, updates={k: v for k, v in options.items() if v is not None})
-        params.model = str(model_dir)
         _check_out_dir(out, force)
         _quiet_libraries()
-        summary = _prune(params, out, force, state_dir or out.parent / f".{out.name}.state")
+        summary = _prune(params, out, force, state_dir or out.parent / f".{out.name}.state", max_shard_size)
     except PruneflowError as err:
         _fail(err)
     _table(f"pruned {model_dir} → {out}", summary)
 
 
-def _prune(params, out: Path, force: bool, state_dir: Path | None = None) -> dict[str, dict]:
+def _prune(params, out: Path, force: bool, state_dir: Path | None = None,
+           max_shard_size: str = "5GB") -> dict[str, dict]:
+    from pruneflow import arch as A
     from pruneflow import calibration as C
     from pruneflow import checkpoint
+    from pruneflow.prune import check_model
     from pruneflow.prune import prune as run_prune
+    from pruneflow.runtime import Runtime
+    from pruneflow.sources import resolve
+    from pruneflow.stages import method_options
 
     started = time.perf_counter()
-    _step(f"loading {params.model}")
-    model, tokenizer, spec = checkpoint.load(params.model)
+    runtime = Runtime.create(params.runtime.device, params.runtime.dtype)
+    source = resolve(params.model)  # hub errors (not cached, gated, unknown revision) before any work
+    check_model(params.score.method, A.arch_for(checkpoint.read_config(source).get("model_type", "")))
+    stored = checkpoint.stored_dtype(source)
+    _step(f"loading {params.model} on {runtime}")
+    model, tokenizer, spec = checkpoint.load(source, runtime)
     c = params.calibrate
     _step(f"calibration: {c.n_windows} × {c.seqlen} tokens from {c.source}")
     windows, manifest = C.prepare(tokenizer, c.source, c.n_windows, c.seqlen, c.seed,
                                   getattr(model.config, "max_position_embeddings", None))
-    _step(f"scoring with {params.score.method}, removing {params.prune.ratio:.0%} ({params.prune.allocation})")
+    resolved = params.prune.for_method(params.score.method)
+    _step(f"scoring with {params.score.method}, removing {resolved.ratio:.0%} ({resolved.allocation})")
+    runtime.reset_peak()
     result = run_prune(model, spec, params.score.method, params.prune, windows, seed=c.seed,
-                       bonsai=params.score.bonsai, state_dir=state_dir)
+                       options=method_options(params), state_dir=state_dir, runtime=runtime)
+    peak = runtime.peak_bytes()
     _step(f"saving {out}")
     saving = time.perf_counter()
     extra = {"plan.json": result.plan.to_json(), "calibration.json": json.dumps(manifest.__dict__, indent=1),
              "params.json": params.model_dump_json(indent=1)}
     if result.iterations:
         extra["iterations.json"] = json.dumps(result.iterations, indent=1)
-    info = checkpoint.save(model, tokenizer, out, spec, overwrite=force, extra_files=extra)
+    info = checkpoint.save(model, tokenizer, out, spec, overwrite=force, extra_files=extra, dtype=stored,
+                           max_shard_size=max_shard_size)
     p = result.plan.params
     return {
-        "before": {"parameters": p["total_before"], "non-embedding": p["non_embedding_before"]},
+        "before": {"parameters": p["total_before"], "non-embedding": p["non_embedding_before"],
+                   "size MB": _size_mb(source.path)},
         "after": {"parameters": p["total_after"], "non-embedding": p["non_embedding_after"],
-                  "achieved ratio": p["achieved_ratio"], "seconds": time.perf_counter() - started,
-                  "score seconds": result.seconds["score"], "save seconds": time.perf_counter() - saving,
+                  "size MB": _size_mb(out), "achieved ratio": p["achieved_ratio"],
+                  "seconds": time.perf_counter() - started, "score seconds": result.seconds["score"],
+                  "save seconds": time.perf_counter() - saving,
+                  f"scoring peak MB ({peak['measure']})": peak["peak_bytes"] / 1e6,
                   **({"iterations": len(result.iterations)} if result.iterations else {}),
+                  "dtype": str(stored).removeprefix("torch."),
                   "loader": "vanilla" if info["vanilla"] else "per-layer (remote code)"},
     }
+
+
+def _size_mb(path: Path) -> float:
+    from pruneflow.evaluate import size_on_disk
+
+    return size_on_disk(path) / 1e6
 
 
 @app.command()
@@ -230,20 +261,28 @@ def calibrate(
 
 @app.command()
 def evaluate(
-    models: list[Path] = typer.Argument(..., help="checkpoints to compare (the first is the reference for fidelity)"),
+    models: list[str] = typer.Argument(..., help="checkpoints to compare: directories or hub ids (the first is the "
+                                                 "reference for encoder fidelity)"),
     max_windows: Optional[int] = typer.Option(None, help="cap on perplexity windows"),
     speed: bool = typer.Option(True, "--speed/--no-speed", help="measure prefill latency and decode speed"),
     threads: Optional[int] = typer.Option(None, help="torch threads for the speed measurement"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
 ) -> None:
-    """Measure parameters, size, test perplexity and speed of several checkpoints in one process."""
-    from pruneflow.params import EvaluateParams, validate
+    """Measure parameters, size, test perplexity and speed of several checkpoints, one loaded at a time."""
+    from pruneflow.params import EvaluateParams, RuntimeParams, validate
 
     try:
         ev = validate(EvaluateParams, {"max_windows": max_windows, "speed": speed}, prefix="evaluate")
+        rt = validate(RuntimeParams, {"device": device, "dtype": dtype}, prefix="runtime")
         _quiet_libraries()
         from pruneflow.evaluate import evaluate_dirs
+        from pruneflow.runtime import Runtime
+        from pruneflow.sources import resolve
 
-        rows = evaluate_dirs(models, ev, threads)
+        runtime = Runtime.create(rt.device, rt.dtype)
+        sources = {name: resolve(name) for name in models}  # every model found before the first is measured
+        rows = evaluate_dirs(sources, ev, runtime, threads)
     except PruneflowError as err:
         _fail(err)
     _table("evaluation (packaged corpus test split)", rows)
@@ -265,18 +304,20 @@ def demo(
         _table("prune", _prune(params, out / "pruned", force=True))
         from pruneflow.evaluate import evaluate_dirs
 
-        rows = evaluate_dirs([Path(params.model), out / "pruned"], params.evaluate)
+        from pruneflow.runtime import Runtime
+
+        runtime = Runtime.create(params.runtime.device, params.runtime.dtype)
+        rows = evaluate_dirs({"dense": params.model, f"{params.score.method} −{params.prune.ratio:.0%}": out / "pruned"},
+                             params.evaluate, runtime)
     except PruneflowError as err:
         _fail(err)
-    names = dict(zip(rows, ("dense", f"{params.score.method} −{params.prune.ratio:.0%}")))
-    rows = {names[k]: v for k, v in rows.items()}
     (out / "metrics.json").write_text(json.dumps(rows, indent=1) + "\n")
     _table("dense vs pruned (packaged corpus test split)", rows)
 
 
 @app.command()
 def stage(
-    name: str = typer.Argument(..., help="calibrate | score | prune | recover | evaluate"),
+    name: str = typer.Argument(..., help="source | calibrate | score | prune | recover | evaluate"),
     params_file: Path = typer.Option(Path("params.yaml"), "--params", help="parameters"),
     overrides: list[str] = typer.Option([], "--set", help="override a parameter: section.key=value"),
     artifacts: Path = typer.Option(Path("artifacts"), help="the artifacts directory stages read and write"),
@@ -495,12 +536,13 @@ def down(run_dir: Path = typer.Option(STACK_DIR, help="the local stack's run dir
 
 @app.command()
 def methods() -> None:
-    """List the importance methods."""
-    from pruneflow.methods import SCORERS
+    """List the importance methods: what each scores, needs, and what allocation auto means for it."""
+    from pruneflow.methods import METHODS
 
-    for name, fn in SCORERS.items():
-        doc = (sys.modules[fn.__module__].__doc__ or "").strip().splitlines()
-        typer.echo(f"{name:12s} {doc[0] if doc else ''}")
+    for m in METHODS.values():
+        needs = ", ".join(sorted(m.needs)) or "weights only"
+        typer.echo(f"{m.name:16s} {m.summary}\n{'':16s} units: {', '.join(m.units)}; needs: {needs}; "
+                   f"allocation auto: {m.allocation}" + ("; iterative" if m.iterative else ""))
 
 
 @reference_app.command("build")

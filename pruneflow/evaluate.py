@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from collections.abc import Callable
 
 import torch
-from tqdm import tqdm
+
+from pruneflow.losses import token_nll
+from pruneflow.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -15,7 +19,7 @@ PPL_SEQLEN = 256
 
 @torch.no_grad()
 def perplexity(model, token_ids: torch.Tensor, seqlen: int = PPL_SEQLEN, batch_size: int = 8,
-               max_windows: int | None = None) -> float:
+               max_windows: int | None = None, runtime: Runtime | None = None) -> float:
     """Perplexity over non-overlapping ``seqlen``-token windows of a 1-D token stream.
 
     The pinned protocol: the held-out text is one stream (documents joined by EOS), cut into
@@ -28,15 +32,11 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int = PPL_SEQLEN, batch_s
     if n_windows == 0:
         raise ValueError(f"held-out text has {len(token_ids)} tokens, fewer than one {seqlen}-token window")
     windows = token_ids[: n_windows * seqlen].view(n_windows, seqlen)
-    device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
-    for start in tqdm(range(0, n_windows, batch_size), desc="perplexity", unit="batch", leave=False):
-        batch = windows[start:start + batch_size].to(device)
-        logits = model(input_ids=batch).logits.float()
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum")
-        total_nll += nll.item()
-        total_tokens += batch[:, 1:].numel()
+    for batch in (runtime or Runtime()).batches(model, windows, batch_size, desc="perplexity"):
+        nll = token_nll(model, batch)  # (B, T - 1), the LM head a chunk of tokens at a time
+        total_nll += nll.double().sum().item()
+        total_tokens += nll.numel()
     return math.exp(total_nll / total_tokens)
 
 
@@ -52,90 +52,87 @@ def _median(values: list[float]) -> float:
     return ordered[len(ordered) // 2]
 
 
-@torch.no_grad()
-def prefill_latency(model, vocab_size: int, tokens: int = 256, repeats: int = 5, warmup: int = 2) -> float:
-    """Median seconds for one forward pass over a batch of one ``tokens``-long sequence."""
-    import time
-
-    ids = torch.randint(0, vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(next(model.parameters()).device)
-    times = []
-    for i in range(warmup + repeats):
-        start = time.perf_counter()
-        model(input_ids=ids, use_cache=False)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return _median(times)
+def _random_ids(model, length: int, runtime: Runtime) -> torch.Tensor:
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0))
+    return ids.to(runtime.input_device(model))
 
 
 @torch.no_grad()
-def decode_tokens_per_second(model, vocab_size: int, prompt_tokens: int = 16, new_tokens: int = 64,
-                             repeats: int = 3, warmup: int = 1) -> float:
-    """Median greedy decode throughput (batch 1, KV cache on), prompt excluded from the count."""
-    import time
-
-    ids = torch.randint(0, vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(next(model.parameters()).device)
-    rates = []
-    for i in range(warmup + repeats):
-        start = time.perf_counter()
-        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       pad_token_id=0)
-        if i >= warmup:
-            rates.append(new_tokens / (time.perf_counter() - start))
-    return _median(rates)
+def prefill_seconds(model, runtime: Runtime, tokens: int = 256) -> float:
+    """Seconds of one forward pass over one ``tokens``-long sequence (kernels finished, not just queued)."""
+    ids = _random_ids(model, tokens, runtime)
+    runtime.synchronize()
+    start = time.perf_counter()
+    model(input_ids=ids, use_cache=False)
+    runtime.synchronize()
+    return time.perf_counter() - start
 
 
 @torch.no_grad()
-def mean_pooled_embeddings(model, tokenizer, sentences: list[str], batch_size: int = 16) -> torch.Tensor:
-    """(N, hidden) attention-mask-weighted mean of an encoder's last hidden states."""
+def decode_rate(model, runtime: Runtime, prompt_tokens: int = 16, new_tokens: int = 64) -> float:
+    """Greedy decode throughput in tokens/s (batch 1, KV cache on), prompt excluded from the count."""
+    ids = _random_ids(model, prompt_tokens, runtime)
+    runtime.synchronize()
+    start = time.perf_counter()
+    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    runtime.synchronize()
+    return new_tokens / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def mean_pooled_embeddings(model, tokenizer, sentences: list[str], batch_size: int = 16,
+                           runtime: Runtime | None = None) -> torch.Tensor:
+    """(N, hidden) float32, on the CPU: attention-mask-weighted mean of an encoder's last hidden states."""
+    device = (runtime or Runtime()).input_device(model)
     out = []
     for start in range(0, len(sentences), batch_size):
         batch = tokenizer(sentences[start:start + batch_size], padding=True, truncation=True, max_length=128,
-                          return_tensors="pt")
-        hidden = model(**batch).last_hidden_state  # (B, T, hidden)
+                          return_tensors="pt").to(device)
+        hidden = model(**batch).last_hidden_state.float()  # (B, T, hidden)
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        out.append((hidden * mask).sum(1) / mask.sum(1))
+        out.append(((hidden * mask).sum(1) / mask.sum(1)).cpu())
     return torch.cat(out)
 
 
-def embedding_fidelity(dense, pruned, tokenizer, sentences: list[str]) -> float:
+def embedding_fidelity(dense, pruned, tokenizer, sentences: list[str], runtime: Runtime | None = None) -> float:
     """Mean cosine similarity between dense and pruned sentence embeddings."""
-    a = mean_pooled_embeddings(dense, tokenizer, sentences)
-    b = mean_pooled_embeddings(pruned, tokenizer, sentences)
+    a = mean_pooled_embeddings(dense, tokenizer, sentences, runtime=runtime)
+    b = mean_pooled_embeddings(pruned, tokenizer, sentences, runtime=runtime)
     return torch.nn.functional.cosine_similarity(a, b, dim=-1).mean().item()
 
 
 def measure(model, tokenizer, spec, checkpoint_dir=None, test_stream: torch.Tensor | None = None,
             ppl_seqlen: int = PPL_SEQLEN, max_windows: int | None = None, speed: bool = True,
-            decode_tokens: int = 64) -> dict:
+            decode_tokens: int = 64, runtime: Runtime | None = None) -> dict:
     """Parameters, size on disk, held-out perplexity and speed of one model, as a flat dict."""
     from pruneflow.arch import count_parameters
 
+    runtime = runtime or Runtime()
     counts = count_parameters(model)
     row = {"params": counts["total"], "non_embedding_params": counts["non_embedding"]}
     if checkpoint_dir is not None:
         row["size_mb"] = size_on_disk(checkpoint_dir) / 1e6
     if spec.causal_lm and test_stream is not None:
-        row["test_ppl"] = perplexity(model, test_stream, ppl_seqlen, max_windows=max_windows)
+        row["test_ppl"] = perplexity(model, test_stream, ppl_seqlen, max_windows=max_windows, runtime=runtime)
     if speed:
-        row.update(compare_speed([model], spec.causal_lm, ppl_seqlen, decode_tokens)[0])
+        row.update(compare_speed([model], spec.causal_lm, ppl_seqlen, decode_tokens, runtime=runtime)[0])
     return row
 
 
 @torch.no_grad()
 def compare_speed(models: list, causal_lm: bool, tokens: int = PPL_SEQLEN, decode_tokens: int = 64,
-                  rounds: int = 5) -> list[dict]:
-    """Prefill latency and decode speed of several models, measured round-robin so that machine noise
-    (other processes, frequency changes) falls on all of them alike. Medians over ``rounds``."""
+                  rounds: int = 5, runtime: Runtime | None = None) -> list[dict]:
+    """Prefill latency and decode speed of one or more models in memory: one warm-up round, then ``rounds``
+    rounds, round-robin over the models so that machine noise (other processes, clock changes) falls on all of
+    them alike; medians."""
+    runtime = runtime or Runtime()
     prefill = [[] for _ in models]
     decode = [[] for _ in models]
     for round_ in range(rounds + 1):  # round 0 warms up
         for i, model in enumerate(models):
-            vocab = model.get_input_embeddings().num_embeddings
-            seconds = prefill_latency(model, vocab, tokens=tokens, repeats=1, warmup=0)
-            rate = decode_tokens_per_second(model, vocab, new_tokens=decode_tokens, repeats=1, warmup=0) \
-                if causal_lm else None
+            seconds = prefill_seconds(model, runtime, tokens)
+            rate = decode_rate(model, runtime, new_tokens=decode_tokens) if causal_lm else None
             if round_:
                 prefill[i].append(seconds * 1e3)
                 decode[i].append(rate)
@@ -146,35 +143,35 @@ def compare_speed(models: list, causal_lm: bool, tokens: int = PPL_SEQLEN, decod
     return rows
 
 
-def evaluate_dirs(dirs: list, ev, threads: int | None = None) -> dict:
-    """Parameters, size, test perplexity (and, with ``ev.speed``, round-robin speed) of several checkpoints
-    in one process, keyed by directory; encoders get cosine fidelity to the first."""
-    from pruneflow import checkpoint
+def evaluate_dirs(models: dict, ev, runtime: Runtime | None = None, threads: int | None = None,
+                  each: Callable | None = None) -> dict:
+    """Parameters, size, test perplexity (and, with ``ev.speed``, speed) of several checkpoints
+    (``{name: directory, hub id or ModelSource}``), keyed by name. One model is in memory at a time: each is
+    loaded, measured (then ``each(name, model, tokenizer, row)`` runs, e.g. lm-eval) and freed before the next.
+    Encoders get cosine fidelity to the first."""
+    from pruneflow import calibration as C
+    from pruneflow import checkpoint, corpus
+    from pruneflow.sources import ModelSource, resolve
 
+    runtime = runtime or Runtime()
     if threads:
         torch.set_num_threads(threads)
-    return evaluate_models({str(d): checkpoint.load(d) for d in dirs}, ev)
-
-
-def evaluate_models(loaded: dict[str, tuple], ev) -> dict:
-    """:func:`evaluate_dirs` for checkpoints already loaded: {dir: (model, tokenizer, spec)} → {dir: row}."""
-    from pruneflow import calibration as C
-    from pruneflow import corpus
-
-    rows = {}
-    test_docs = corpus.load_split("test")
-    first = next(iter(loaded.values()))[0]
-    for d, (model, tokenizer, spec) in loaded.items():
-        log.info("evaluating %s", d)
+    rows, test_docs, reference = {}, corpus.load_split("test"), None
+    sentences = [s for doc in test_docs[:64] for s in doc.split(". ")[:4]]
+    for name, source in models.items():
+        source = source if isinstance(source, ModelSource) else resolve(source)
+        log.info("evaluating %s on %s", source.name, runtime)
+        model, tokenizer, spec = checkpoint.load(source, runtime)
         stream = C.token_stream(tokenizer, test_docs) if spec.causal_lm else None
-        rows[d] = measure(model, tokenizer, spec, d, stream, ev.ppl_seqlen, ev.max_windows, speed=False)
+        row = measure(model, tokenizer, spec, source.path, stream, ev.ppl_seqlen, ev.max_windows, speed=ev.speed,
+                      decode_tokens=ev.decode_tokens, runtime=runtime)
         if not spec.causal_lm:
-            sentences = [s for doc in test_docs[:64] for s in doc.split(". ")[:4]]
-            rows[d]["cosine_to_first"] = embedding_fidelity(first, model, tokenizer, sentences)
-    if ev.speed:
-        log.info("speed: prefill and decode, all models round-robin")
-        causal = all(spec.causal_lm for _, _, spec in loaded.values())
-        for row, speed in zip(rows.values(), compare_speed([m for m, _, _ in loaded.values()], causal,
-                                                           ev.ppl_seqlen, ev.decode_tokens)):
-            row.update(speed)
+            embeddings = mean_pooled_embeddings(model, tokenizer, sentences, runtime=runtime)
+            reference = embeddings if reference is None else reference
+            row["cosine_to_first"] = torch.nn.functional.cosine_similarity(reference, embeddings, dim=-1).mean().item()
+        if each is not None:
+            each(name, model, tokenizer, row)
+        rows[name] = row
+        del model
+        runtime.free()
     return rows

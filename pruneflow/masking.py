@@ -32,7 +32,7 @@ def unit_masks(model: nn.Module, spec: ArchSpec, head_masks: list[torch.Tensor] 
 
         def pre_hook(_module, args):
             x = args[0]  # (B, T, in_features)
-            return (x * expanded[:, None, :].to(x.dtype),) + tuple(args[1:])
+            return (x * expanded[:, None, :].to(device=x.device, dtype=x.dtype),) + tuple(args[1:])
         return pre_hook
 
     try:

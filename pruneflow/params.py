@@ -6,11 +6,15 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from pruneflow.errors import PruneflowError
+from pruneflow.methods import METHODS
+from pruneflow.methods.options import BONSAI_PRESETS, BonsaiParams, Options  # noqa: F401  (score.bonsai's model)
+from pruneflow.units import ALIASES, UNIT_TYPES
 
-UNITS = ("mlp", "heads", "layers")
+MethodName = Literal[tuple(METHODS)]  # a choice in the Prefect form
+UnitName = Literal[UNIT_TYPES]
 
 
 def _subset(value: list[str], allowed: tuple[str, ...], name: str) -> list[str]:
@@ -20,8 +24,7 @@ def _subset(value: list[str], allowed: tuple[str, ...], name: str) -> list[str]:
     return list(dict.fromkeys(value))
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+_Section = Options  # every section: unknown keys are errors, no NaN/inf
 
 
 class CalibrateParams(_Section):
@@ -31,69 +34,51 @@ class CalibrateParams(_Section):
     seed: int = 0
 
 
-# The paper's defaults, and ``fast``: sized for a CPU (minutes for the reference model, see BENCHMARKS.md).
-BONSAI_PRESETS = {
-    "paper": {"prune_frac": 0.05, "sub_models": 200, "n_windows": 32, "rows_per_forward": 32},
-    "fast": {"prune_frac": 0.05, "sub_models": 64, "n_windows": 8, "rows_per_forward": 8},
-}
+class RuntimeParams(_Section):
+    """Where the stages run: the device and the dtype models compute in (saved checkpoints keep their input's)."""
 
-
-class BonsaiParams(_Section):
-    """Bonsai's hyper-parameters; ``preset`` fills the ones not given explicitly."""
-
-    preset: Literal["paper", "fast"] = Field(
-        "paper", description="defaults for prune_frac, sub_models, n_windows, rows_per_forward")
-    prune_frac: float = Field(0.05, gt=0, lt=0.5, description="fraction of the original parameters per iteration")
-    sub_models: int = Field(200, ge=4, multiple_of=2, description="sub-models per iteration (draw/complement pairs)")
-    n_windows: int = Field(32, ge=1, description="calibration windows each sub-model is scored on")
-    prior: Literal["wanda_sp", "magnitude", "random"] = Field("wanda_sp", description="prior for sampling")
-    objective: Literal["ppl", "loss"] = Field("ppl", description="sub-model score: −perplexity (paper) or −loss")
-    drop_count: Literal["fixed", "varied"] = Field(
-        "varied", description="candidates a module drops per draw: int(f·n)+1 (paper) or uniform in 0..all")
-    per_parameter: bool = Field(True, description="rank units by importance per parameter removed")
-    shrink_to: Literal["zero", "prior"] = Field(
-        "prior", description="the lasso shrinks importances towards 0 (paper) or towards the scaled prior")
-    cv_folds: int = Field(5, ge=2, description="folds choosing the lasso penalty (Kendall τ)")
-    tolerance: float = Field(0.02, ge=0, lt=1, description="stop when the achieved ratio is this close")
-    rows_per_forward: int = Field(32, ge=1, description="(sub-model, window) rows per forward pass")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _preset(cls, data):
-        if isinstance(data, dict):
-            preset = BONSAI_PRESETS.get(data.get("preset", "paper"), {})
-            data = {**preset, **data}
-        return data
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+                        description="auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="compute dtype; auto: the checkpoint's own")
 
 
 class ScoreParams(_Section):
-    method: str = Field("flap", description="importance method (see `pruneflow methods`)")
+    method: MethodName = Field("flap", description="importance method (see `pruneflow methods`)")
     bonsai: BonsaiParams = Field(default_factory=BonsaiParams)
 
-    @field_validator("method")
+    @field_validator("method", mode="before")
     @classmethod
-    def _known(cls, value: str) -> str:
-        from pruneflow.methods import METHODS
-
-        if value not in METHODS:
+    def _known(cls, value):
+        if isinstance(value, str) and value not in METHODS:
             raise ValueError(f"unknown method {value!r}; available: {', '.join(sorted(METHODS))}")
         return value
 
 
 class PruneParams(_Section):
     ratio: float = Field(0.3, gt=0, lt=1, description="fraction of non-embedding parameters to remove")
-    allocation: Literal["uniform", "global"] = Field(
-        "uniform", description="same share from every layer, or ranked across layers (non-uniform widths)")
-    units: list[str] = Field(default_factory=lambda: ["mlp", "heads"])
+    allocation: Literal["auto", "uniform", "global"] = Field(
+        "auto", description="same share from every layer, or ranked across layers (non-uniform widths); "
+                            "auto: the method's own (global for bonsai, taylor and depth, else uniform)")
+    units: Literal["auto"] | list[UnitName] = Field(
+        "auto", description="unit types to remove: heads, channels (MLP), layers; auto: the method's own")
     head_mode: Literal["auto", "query", "group"] = Field(
         "auto", description="GQA head unit: a query head from every group, a whole KV group, or the finer")
     round_to: int = Field(1, ge=1, description="keep MLP widths a multiple of this")
     compensate: bool = Field(False, description="add bias compensation when the method provides it (flap)")
 
-    @field_validator("units")
+    @field_validator("units", mode="before")
     @classmethod
-    def _units(cls, value: list[str]) -> list[str]:
-        return _subset(value, UNITS, "units")
+    def _units(cls, value):
+        if value == "auto" or not isinstance(value, list):
+            return value
+        return _subset([ALIASES.get(v, v) for v in value], UNIT_TYPES, "units")
+
+    def for_method(self, method: str) -> "PruneParams":
+        """These settings with ``auto`` replaced by what it means for ``method``."""
+        entry = METHODS[method]
+        return self.model_copy(update={"allocation": entry.allocation if self.allocation == "auto" else self.allocation,
+                                       "units": list(entry.units) if self.units == "auto" else self.units})
 
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -114,6 +99,9 @@ class RecoverParams(_Section):
     batch_size: int = Field(8, ge=1, description="windows per step")
     seqlen: int = Field(256, ge=2, description="tokens per training window")
     distill_weight: float = Field(0.01, ge=0, description="λ in CE + λ·KL(dense ‖ pruned); 0: no teacher")
+    gradient_checkpointing: Literal["auto"] | bool = Field(
+        "auto", description="recompute block activations in the backward pass; auto: when a batch's activations "
+                            "would outweigh the weights")
     seed: int = 0
 
     @field_validator("targets")
@@ -150,7 +138,8 @@ class EvaluateParams(_Section):
 
 
 class Params(_Section):
-    model: str = "models/reference"
+    model: str = Field("models/reference", description="checkpoint directory, or hub id ORG/NAME[@REVISION]")
+    runtime: RuntimeParams = Field(default_factory=RuntimeParams)
     calibrate: CalibrateParams = Field(default_factory=CalibrateParams)
     score: ScoreParams = Field(default_factory=ScoreParams)
     prune: PruneParams = Field(default_factory=PruneParams)
@@ -158,11 +147,32 @@ class Params(_Section):
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
 
     @model_validator(mode="after")
+    def _method_fits(self):
+        check_method(self.score.method, self.prune)
+        return self
+
+    @model_validator(mode="after")
     def _bonsai_windows(self):
         if self.score.method == "bonsai" and self.score.bonsai.n_windows > self.calibrate.n_windows:
             raise ValueError(f"score.bonsai.n_windows={self.score.bonsai.n_windows} exceeds "
                              f"calibrate.n_windows={self.calibrate.n_windows}")
         return self
+
+
+def check_method(method: str, cfg: PruneParams) -> None:
+    """Refuse unit types or an allocation the method does not support (before any model is loaded)."""
+    entry, resolved = METHODS[method], cfg.for_method(method)
+    extra = [u for u in resolved.units if u not in entry.units]
+    if extra:
+        depth = sorted(m.name for m in METHODS.values() if m.depth)
+        hint = (f"depth methods ({', '.join(depth)}) remove layers" if "layers" in extra
+                else "use units: [layers] (or auto) with it")
+        raise ValueError(f"prune.units: method {method} scores {', '.join(entry.units)}, not {', '.join(extra)}; "
+                         f"{hint}")
+    if resolved.allocation not in entry.allocations:
+        raise ValueError(f"prune.allocation: {method} removes units {' or '.join(entry.allocations)}ly across "
+                         f"layers and modules; set prune.allocation: {entry.allocations[0]} or auto "
+                         f"(got {resolved.allocation})")
 
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:

@@ -83,7 +83,7 @@ class LayerShape:
 class SelectConfig:
     ratio: float
     allocation: str = "global"  # "uniform" | "global"
-    units: tuple[str, ...] = ("mlp", "heads")
+    units: tuple[str, ...] = ("channels", "heads")
     head_mode: str = "auto"  # "auto" | "query" | "group"
     round_to: int = 1
     compensate: bool = False
@@ -92,7 +92,7 @@ class SelectConfig:
 @dataclass
 class _Unit:
     layer: int
-    kind: str  # "channel" | "group" | "slice"
+    kind: str  # a selection unit (pruneflow.units): "channel" | "query" | "group" | "layer"
     index: int
     score: float
     cost: int
@@ -109,19 +109,22 @@ def _units(scores: Scores, shapes: list[LayerShape], cfg: SelectConfig) -> list[
     if width and not scores.heads:
         raise PruneflowError(f"prune.units: this method scores whole layers only; use units [layers], not {width}")
     if width and "layers" in cfg.units and not scores.comparable:
-        raise PruneflowError("prune.units: combining layers with heads/mlp needs scores on one scale")
+        raise PruneflowError("prune.units: combining layers with heads/channels needs scores on one scale")
     for layer, shape in enumerate(shapes if width else []):
-        if "mlp" in cfg.units:
+        if "channels" in cfg.units:
             units += [_Unit(layer, "channel", j, float(s), unit_cost("channel", shape))
                       for j, s in enumerate(scores.channels[layer].tolist())]
         if "heads" in cfg.units:
             per_group = scores.heads[layer].reshape(shape.kv_heads, shape.group_size)  # (G, heads per group)
             if head_unit(cfg.head_mode, shape) == "group":
+                group_scores = per_group.mean(1)  # (G,)
+                if scores.kv_heads is not None:  # what a KV head adds, shared by its group's query heads
+                    group_scores = group_scores + scores.kv_heads[layer].to(group_scores.dtype) / shape.group_size
                 units += [_Unit(layer, "group", g, float(s), unit_cost("group", shape))
-                          for g, s in enumerate(per_group.mean(1).tolist())]
-            else:  # slice r removes the r-th weakest query head of every group
+                          for g, s in enumerate(group_scores.tolist())]
+            else:  # query step r removes the r-th weakest query head of every group
                 ranked = per_group.sort(dim=1).values.mean(0)  # (heads per group,)
-                units += [_Unit(layer, "slice", r, float(s), unit_cost("slice", shape))
+                units += [_Unit(layer, "query", r, float(s), unit_cost("query", shape))
                           for r, s in enumerate(ranked.tolist())]
     return units
 
@@ -139,12 +142,12 @@ def head_unit(head_mode: str, shape: LayerShape) -> str:
         return "group"
     if head_mode != "auto":
         return head_mode
-    return "query" if unit_cost("slice", shape) < unit_cost("group", shape) else "group"
+    return "query" if unit_cost("query", shape) < unit_cost("group", shape) else "group"
 
 
 def unit_cost(kind: str, shape: LayerShape) -> int:
-    """Parameters one unit removes: a channel, a head slice (one query head per group), a KV group, a block."""
-    return {"channel": shape.channel_cost, "slice": shape.kv_heads * shape.head_cost,
+    """Parameters one unit removes: a channel, a query step (one query head per group), a KV group, a block."""
+    return {"channel": shape.channel_cost, "query": shape.kv_heads * shape.head_cost,
             "group": shape.kv_cost + shape.group_size * shape.head_cost, "layer": shape.block_cost}[kind]
 
 
@@ -152,14 +155,14 @@ def _capacity(kind: str, shape: LayerShape) -> int:
     """How many units of a kind may go before the module would be empty."""
     if kind == "layer":
         return 1  # a block goes at most once; keeping one block overall is checked by the caller
-    return {"channel": shape.channels, "group": shape.kv_heads, "slice": shape.group_size}[kind] - 1
+    return {"channel": shape.channels, "group": shape.kv_heads, "query": shape.group_size}[kind] - 1
 
 
 def _removal_target(shapes: list[LayerShape], non_embedding: int, cfg: SelectConfig) -> int:
     """Parameters to remove so that, after any compensation biases are added, ``ratio`` is met."""
     added = 0
     if cfg.compensate:
-        added = sum(s.hidden * (("heads" in cfg.units and not s.o_bias) + ("mlp" in cfg.units and not s.down_bias))
+        added = sum(s.hidden * (("heads" in cfg.units and not s.o_bias) + ("channels" in cfg.units and not s.down_bias))
                     for s in shapes)
     return round(cfg.ratio * non_embedding) + added
 
@@ -181,8 +184,8 @@ def _select_global(units: list[_Unit], shapes: list[LayerShape], target: int) ->
             cost -= sum(len(done) * unit_cost(kind, shapes[unit.layer])  # width units already taken in it
                         for (layer, kind), done in removed.items() if layer == unit.layer and kind != "layer")
         if total + cost > target + slack:
-            continue  # a coarse unit (a head slice, a block) would overshoot; finer units fill the rest
-        taken.append(len(taken) if unit.kind == "slice" else unit.index)
+            continue  # a coarse unit (a query step, a block) would overshoot; finer units fill the rest
+        taken.append(len(taken) if unit.kind == "query" else unit.index)
         total += cost
     return removed
 
@@ -203,7 +206,7 @@ def _select_uniform(units: list[_Unit], shapes: list[LayerShape], target: int, c
         count = round(fraction * len(members))
         _refuse_empty(kind, layer, count, shapes[layer], cfg)
         chosen = sorted(members, key=lambda u: (u.score, u.index))[:count]
-        removed[(layer, kind)] = list(range(count)) if kind == "slice" else [u.index for u in chosen]
+        removed[(layer, kind)] = list(range(count)) if kind == "query" else [u.index for u in chosen]
         heads_removed += sum(u.cost for u in chosen)
     channel_keys = [key for key in by_key if key[1] == "channel"]
     if channel_keys:
@@ -239,17 +242,17 @@ def _round_channels(removed: list[int], scores: torch.Tensor, shape: LayerShape,
 
 def _layer_plan(layer: int, shape: LayerShape, removed: dict, scores: Scores, cfg: SelectConfig) -> LayerPlan:
     gone_channels = set(_round_channels(removed.get((layer, "channel"), []), scores.channels[layer], shape,
-                                        cfg.round_to, layer) if "mlp" in cfg.units else [])
+                                        cfg.round_to, layer) if "channels" in cfg.units else [])
     if not scores.heads:  # depth-only plan: every kept block keeps its full width
         return LayerPlan(kept_heads=list(range(shape.heads)), kept_kv_heads=list(range(shape.kv_heads)),
                          kept_channels=list(range(shape.channels)))
     gone_groups = set(removed.get((layer, "group"), []))
-    slices = len(removed.get((layer, "slice"), []))
+    query_steps = len(removed.get((layer, "query"), []))
     per_group = scores.heads[layer].reshape(shape.kv_heads, shape.group_size)
     kept_heads: list[int] = []
     kept_kv = [g for g in range(shape.kv_heads) if g not in gone_groups]
     for g in kept_kv:
-        strongest = per_group[g].argsort(descending=True, stable=True)[: shape.group_size - slices]
+        strongest = per_group[g].argsort(descending=True, stable=True)[: shape.group_size - query_steps]
         kept_heads += sorted(g * shape.group_size + int(h) for h in strongest)
     return LayerPlan(kept_heads=kept_heads, kept_kv_heads=kept_kv,
                      kept_channels=[j for j in range(shape.channels) if j not in gone_channels])

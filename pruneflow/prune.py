@@ -15,9 +15,11 @@ from pruneflow.apply import apply, layer_shapes
 from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
 from pruneflow.iterations import IterationStore, compose, fingerprint
-from pruneflow.methods import ITERATIVE, SCORERS
-from pruneflow.params import BonsaiParams, PruneParams
+from pruneflow.methods import CAUSAL_LM, METHODS, SCORERS
+from pruneflow.methods.options import Options
+from pruneflow.params import PruneParams, check_method
 from pruneflow.plan import LayerPlan, PrunePlan, SelectConfig, removed_parameters, select
+from pruneflow.runtime import Runtime
 from pruneflow.scores import Scores
 
 log = logging.getLogger(__name__)
@@ -32,30 +34,48 @@ class PruneResult:
 
 
 def score(model: nn.Module, spec: ArchSpec, method: str, windows: torch.Tensor | None, seed: int = 0,
-          ratio: float | None = None, **options) -> Scores:
+          ratio: float | None = None, runtime: Runtime | None = None, **options) -> Scores:
     """Run a registered scorer. ``ratio`` is passed for methods whose choice depends on the target
     (``angular`` picks the contiguous block whose size meets it); ``options`` are method-specific."""
     model.eval()
-    return SCORERS[method](model, spec, windows=windows, seed=seed, ratio=ratio, **options)
+    return SCORERS[method](model, spec, windows=windows, runtime=runtime or Runtime(), seed=seed, ratio=ratio,
+                           **options)
+
+
+def check_model(method: str, spec: ArchSpec) -> None:
+    """Refuse a method the model cannot be scored with (before calibration or any forward pass)."""
+    if CAUSAL_LM in METHODS[method].needs and not spec.causal_lm:
+        raise PruneflowError(f"method {method} scores by next-token loss and needs a causal LM; this model is an "
+                             f"encoder: use magnitude, random, wanda_sp or flap")
 
 
 def select_config(cfg: PruneParams, scores: Scores) -> SelectConfig:
-    """The selection settings of ``prune.*`` (compensation only when the scorer provides activation means)."""
+    """The selection settings of ``prune.*`` (resolved for the method; compensation only when the scorer
+    provides activation means)."""
     return SelectConfig(ratio=cfg.ratio, allocation=cfg.allocation, units=tuple(cfg.units), head_mode=cfg.head_mode,
                         round_to=cfg.round_to, compensate=cfg.compensate and scores.attn_mean is not None)
 
 
 def prune(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, windows: torch.Tensor | None,
-          seed: int = 0, bonsai: BonsaiParams | None = None, state_dir: Path | None = None) -> PruneResult:
+          seed: int = 0, options: Options | None = None, state_dir: Path | None = None,
+          runtime: Runtime | None = None) -> PruneResult:
     """Prune ``model`` in place; returns the plan (with exact parameter accounting) and timings.
 
-    Iterative methods (bonsai) take their ``bonsai`` parameters and, with ``state_dir``, save every
+    ``cfg``'s ``auto`` settings mean the method's own (``PruneParams.for_method``). Iterative methods (bonsai)
+    take their ``options`` (default: the method's options model's defaults) and, with ``state_dir``, save every
     completed iteration there and resume from it.
     """
-    if method in ITERATIVE:
-        return prune_iteratively(model, spec, method, cfg, windows, seed, bonsai or BonsaiParams(), state_dir)
+    try:
+        check_method(method, cfg)
+    except ValueError as err:
+        raise PruneflowError(str(err)) from None
+    check_model(method, spec)
+    cfg, entry, runtime = cfg.for_method(method), METHODS[method], runtime or Runtime()
+    if entry.iterative:
+        options = options or entry.options()
+        return prune_iteratively(model, spec, method, cfg, windows, seed, options, state_dir, runtime)
     started = time.perf_counter()
-    scores = score(model, spec, method, windows, seed, cfg.ratio)
+    scores = score(model, spec, method, windows, seed, cfg.ratio, runtime)
     scored = time.perf_counter()
     plan = select(scores, layer_shapes(model, spec), A.count_parameters(model), select_config(cfg, scores),
                   method=method, seed=seed)
@@ -72,12 +92,15 @@ def prune(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, windo
 
 
 def prune_iteratively(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, windows: torch.Tensor,
-                      seed: int, options: BonsaiParams, state_dir: Path | None = None) -> PruneResult:
+                      seed: int, options: Options, state_dir: Path | None = None,
+                      runtime: Runtime | None = None) -> PruneResult:
     """Repeat score → select → apply, each step removing ``prune_frac`` of the original non-embedding
     parameters (the last one what remains), until the achieved ratio is within ``tolerance`` of the target."""
-    if cfg.allocation != "global":
-        raise PruneflowError(f"prune.allocation: {method} removes units globally across layers and modules; "
-                             f"set prune.allocation: global (got {cfg.allocation})")
+    try:
+        check_method(method, cfg)
+    except ValueError as err:
+        raise PruneflowError(str(err)) from None
+    cfg, runtime = cfg.for_method(method), runtime or Runtime()
     started = time.perf_counter()
     shapes, params = layer_shapes(model, spec), A.count_parameters(model)
     original = params["non_embedding"]
@@ -95,7 +118,7 @@ def prune_iteratively(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneP
             plan, summary = store.load(k)
         else:
             step = min(options.prune_frac * original, cfg.ratio * original - removed)
-            scores, plan, summary = _iteration(model, spec, method, cfg, windows, seed, options, k, step)
+            scores, plan, summary = _iteration(model, spec, method, cfg, windows, seed, options, k, step, runtime)
             if store is not None:
                 store.save(k, plan, summary, {name: value for name, value in scores.extra[method].items()
                                               if isinstance(value, torch.Tensor)})
@@ -120,10 +143,10 @@ def prune_iteratively(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneP
 
 
 def _iteration(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, windows: torch.Tensor, seed: int,
-               options: BonsaiParams, k: int, step: float) -> tuple[Scores, PrunePlan, dict]:
+               options: Options, k: int, step: float, runtime: Runtime) -> tuple[Scores, PrunePlan, dict]:
     """Score the current model and select ``step`` parameters to remove (global allocation)."""
     began = time.perf_counter()
-    scores = score(model, spec, method, windows, seed, cfg.ratio, config=options, iteration=k,
+    scores = score(model, spec, method, windows, seed, cfg.ratio, runtime, config=options, iteration=k,
                    units=tuple(cfg.units), head_mode=cfg.head_mode)
     current = A.count_parameters(model)
     plan = select(scores, layer_shapes(model, spec), current,

@@ -3,10 +3,18 @@
 loss = CE(next token) + λ·KL(teacher ‖ student) on the logits, the teacher frozen (Bonsai's recovery uses
 λ = 0.01). Only the LoRA matrices train; they are merged into the weights at the end (``merge_and_unload``),
 so the recovered model has the pruned model's shapes and saves as the same kind of checkpoint.
+
+Memory: pruning and LoRA leave the LM head alone, so the teacher's logits are the student's head applied to the
+teacher's final hidden states. Those are either computed per step by the teacher in memory, or — when they take
+less room than the teacher's weights (:func:`precompute_pays`) — computed once for every step's batch before
+training (:func:`teacher_states`), after which the teacher is not needed. Losses over the vocabulary are chunked
+(``pruneflow.losses``); gradient checkpointing turns on where a batch's activations would not fit otherwise.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -17,7 +25,11 @@ from tqdm import tqdm
 
 from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
+from pruneflow.losses import hidden_states, lm_parts, training_losses
 from pruneflow.params import RecoverParams
+from pruneflow.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -25,6 +37,15 @@ class RecoveryResult:
     model: nn.Module  # the merged model (plain nn.Linear layers again), eval mode
     history: list[dict] = field(default_factory=list)  # per step: step, loss, ce, kd, lr
     seconds: float = 0.0
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TeacherStates:
+    """The teacher's final hidden states for every training step's batch (host memory, the model's dtype)."""
+
+    states: list[torch.Tensor]
+    head_digest: str  # sha256 of the teacher's LM head: the student's must be the same weights
 
 
 def target_modules(model: nn.Module, spec: ArchSpec, targets: list[str]) -> list[str]:
@@ -57,24 +78,92 @@ def _schedule(step: int, cfg: RecoverParams) -> float:
     return max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup_steps))
 
 
+def batch_order(n_windows: int, cfg: RecoverParams) -> list[torch.Tensor]:
+    """The window indices of every step's batch, seeded."""
+    order = torch.Generator().manual_seed(cfg.seed)
+    return [torch.randint(0, n_windows, (cfg.batch_size,), generator=order) for _ in range(cfg.steps)]
+
+
+def precompute_pays(teacher_config, teacher_bytes: int, cfg: RecoverParams, dtype: torch.dtype) -> bool:
+    """Whether every step's teacher hidden states (steps × batch × seqlen × hidden) take less memory than the
+    teacher's weights: then they are computed once and the teacher is dropped, else the teacher stays."""
+    states = cfg.steps * cfg.batch_size * cfg.seqlen * teacher_config.hidden_size * dtype.itemsize
+    return states < teacher_bytes
+
+
+def _head_digest(model: nn.Module) -> str:
+    weight = lm_parts(model)[1].weight.detach().contiguous().cpu()
+    return hashlib.sha256(weight.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+@torch.no_grad()
+def teacher_states(teacher: nn.Module, windows: torch.Tensor, cfg: RecoverParams,
+                   runtime: Runtime | None = None) -> TeacherStates:
+    """The teacher's final hidden states of every step's batch, kept in host memory."""
+    runtime = runtime or Runtime()
+    teacher.eval()
+    device = runtime.input_device(teacher)
+    states = [hidden_states(teacher, windows[rows].to(device)).cpu()
+              for rows in tqdm(batch_order(len(windows), cfg), desc="teacher states", unit="batch", leave=False)]
+    return TeacherStates(states=states, head_digest=_head_digest(teacher))
+
+
+def needs_checkpointing(model: nn.Module, cfg: RecoverParams, runtime: Runtime) -> bool:
+    """``gradient_checkpointing: auto``: on when one batch's training activations (about 34 · tokens · hidden
+    bytes per block at 16 bits, Korthikanti et al. 2022) would not fit the device's free memory."""
+    if cfg.gradient_checkpointing != "auto":
+        return bool(cfg.gradient_checkpointing)
+    config = model.config
+    itemsize = next(model.parameters()).element_size()
+    activations = 34 * cfg.batch_size * cfg.seqlen * config.hidden_size * config.num_hidden_layers * itemsize / 2
+    if runtime.device.type == "cuda":
+        free = torch.cuda.mem_get_info(runtime.device)[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return activations > 0.8 * free
+
+
 def recover(model: nn.Module, windows: torch.Tensor, spec: ArchSpec, cfg: RecoverParams,
-            teacher: nn.Module | None = None) -> RecoveryResult:
+            teacher: nn.Module | TeacherStates | None = None, runtime: Runtime | None = None) -> RecoveryResult:
     """Train LoRA adapters on ``windows`` (N, T) for ``cfg.steps`` steps and merge them into ``model``.
 
-    Deterministic for a given seed (adapter init, batch order, dropout) on one device and thread count.
+    ``teacher``: the dense model, or its precomputed :class:`TeacherStates`. Deterministic for a given seed
+    (adapter init, batch order, dropout) on one device and thread count.
     """
     started = time.perf_counter()
-    student, history = train_lora(model, windows, spec, cfg, teacher)
+    runtime = runtime or Runtime()
+    checkpointing = needs_checkpointing(model, cfg, runtime)
+    student, history = train_lora(model, windows, spec, cfg, teacher, runtime, checkpointing)
     merged = student.merge_and_unload()
     merged.eval()
-    return RecoveryResult(model=merged, history=history, seconds=time.perf_counter() - started)
+    return RecoveryResult(model=merged, history=history, seconds=time.perf_counter() - started,
+                          gradient_checkpointing=checkpointing)
+
+
+def _check_teacher(model: nn.Module, teacher: nn.Module | TeacherStates) -> None:
+    same = (_head_digest(model) == teacher.head_digest if isinstance(teacher, TeacherStates)
+            else torch.equal(lm_parts(model)[1].weight.cpu(), lm_parts(teacher)[1].weight.cpu()))
+    if not same:
+        raise PruneflowError("distillation: the pruned model's LM head is not the dense model's; recover a model "
+                             "pruned from recover's teacher (params `model`), or set recover.distill_weight: 0")
 
 
 def train_lora(model: nn.Module, windows: torch.Tensor, spec: ArchSpec, cfg: RecoverParams,
-               teacher: nn.Module | None = None) -> tuple[nn.Module, list[dict]]:
+               teacher: nn.Module | TeacherStates | None = None, runtime: Runtime | None = None,
+               checkpointing: bool = False) -> tuple[nn.Module, list[dict]]:
     """The training loop; returns the PEFT model (adapters not merged, eval mode) and the per-step history."""
     from peft import LoraConfig, get_peft_model
 
+    runtime = runtime or Runtime()
+    distill = teacher is not None and cfg.distill_weight > 0
+    if distill:
+        _check_teacher(model, teacher)
+        if isinstance(teacher, nn.Module):
+            teacher.eval().requires_grad_(False)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(cfg.seed)
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
                       target_modules=target_modules(model, spec, cfg.targets))
@@ -83,21 +172,18 @@ def train_lora(model: nn.Module, windows: torch.Tensor, spec: ArchSpec, cfg: Rec
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _schedule(step, cfg))
-    if teacher is not None:
-        teacher.eval().requires_grad_(False)
-    order = torch.Generator().manual_seed(cfg.seed)
-    device = next(model.parameters()).device
+    device = runtime.input_device(model)
     history = []
-    bar = tqdm(range(cfg.steps), desc="recover (LoRA)", unit="step")
-    for step in bar:
-        batch = windows[torch.randint(0, len(windows), (cfg.batch_size,), generator=order)].to(device)
-        logits = student(input_ids=batch).logits  # (B, T, V)
-        ce = next_token_loss(logits, batch)
-        kd = torch.zeros((), device=device)
-        if teacher is not None and cfg.distill_weight > 0:
+    bar = tqdm(batch_order(len(windows), cfg), desc="recover (LoRA)", unit="step")
+    for step, rows in enumerate(bar):
+        batch = windows[rows].to(device)
+        target = None
+        if distill and isinstance(teacher, TeacherStates):
+            target = teacher.states[step]
+        elif distill:
             with torch.no_grad():
-                teacher_logits = teacher(input_ids=batch).logits
-            kd = distillation_loss(logits, teacher_logits)
+                target = hidden_states(teacher, batch.to(runtime.input_device(teacher)))
+        ce, kd = training_losses(student, batch, target)
         loss = ce + cfg.distill_weight * kd
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -107,4 +193,6 @@ def train_lora(model: nn.Module, windows: torch.Tensor, spec: ArchSpec, cfg: Rec
         scheduler.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     student.eval()
+    if checkpointing:
+        student.get_base_model().gradient_checkpointing_disable()
     return student, history

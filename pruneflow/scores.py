@@ -7,10 +7,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from pruneflow import arch as A
 from pruneflow.arch import ArchSpec
+from pruneflow.losses import run_blocks
+from pruneflow.runtime import Runtime
+
+CHUNK_TOKENS = 256  # rows of an activation converted to the accumulation dtype at a time
 
 
 @dataclass
@@ -18,7 +21,8 @@ class Scores:
     """Per-unit importance, higher = keep.
 
     ``heads[l]``: (H_l,) per query head; ``channels[l]``: (I_l,) per MLP channel; ``layers``: (L,) per block
-    (depth methods fill only this). ``comparable`` says the
+    (depth methods fill only this); ``kv_heads[l]``: (KV_l,) the importance a whole KV group has beyond its query
+    heads (its k/v rows), added to group units only — removing query heads keeps their KV head. ``comparable`` says the
     values share one scale across layers and module types (e.g. loss deltas); otherwise global allocation
     standardizes them per layer and module first. ``attn_mean``/``mlp_mean`` (per input channel of o/down)
     enable bias compensation.
@@ -28,6 +32,7 @@ class Scores:
     channels: list[torch.Tensor]
     comparable: bool = False
     layers: torch.Tensor | None = None  # (L,) per whole block, for depth pruning
+    kv_heads: list[torch.Tensor] | None = None  # (KV_l,) what removing a KV head adds (whole-group units only)
     attn_mean: list[torch.Tensor] | None = None
     mlp_mean: list[torch.Tensor] | None = None
     extra: dict = field(default_factory=dict)
@@ -35,11 +40,23 @@ class Scores:
 
 @dataclass
 class InputStats:
-    """Running first and second moments of one Linear layer's input channels over calibration tokens."""
+    """Running first and second moments of one Linear layer's input channels over calibration tokens, kept in
+    the accumulation dtype on the device the activations come from."""
 
-    total: torch.Tensor
-    total_sq: torch.Tensor
+    total: torch.Tensor | None = None
+    total_sq: torch.Tensor | None = None
     count: int = 0
+
+    def add(self, x: torch.Tensor, dtype: torch.dtype = torch.float64) -> None:
+        """Add the rows of ``x`` (tokens, in_features), a few at a time (the converted copy stays small)."""
+        if self.total is None:
+            self.total = torch.zeros(x.shape[-1], dtype=dtype, device=x.device)
+            self.total_sq = torch.zeros_like(self.total)
+        for rows in x.split(CHUNK_TOKENS):
+            rows = rows.to(dtype)
+            self.total += rows.sum(0)
+            self.total_sq += (rows * rows).sum(0)
+        self.count += x.shape[0]
 
     @property
     def mean(self) -> torch.Tensor:
@@ -55,35 +72,37 @@ class InputStats:
 
 
 @torch.no_grad()
-def collect_input_stats(model: nn.Module, spec: ArchSpec, windows: torch.Tensor,
+def collect_input_stats(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, runtime: Runtime,
                         batch_size: int = 8) -> tuple[list[InputStats], list[InputStats]]:
     """One forward pass over the calibration windows; input moments of every o_proj and down_proj."""
     attn_stats, mlp_stats, handles = [], [], []
 
     def recorder(stats: InputStats):
         def hook(_module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()  # (tokens, in_features)
-            stats.total += x.sum(0)
-            stats.total_sq += (x * x).sum(0)
-            stats.count += x.shape[0]
+            stats.add(args[0].detach().reshape(-1, args[0].shape[-1]), runtime.accum_dtype)  # (tokens, in)
         return hook
 
     for block in A.blocks(model, spec):
         for path, bucket in ((spec.o, attn_stats), (spec.down, mlp_stats)):
-            layer = A.get(block, path)
-            stats = InputStats(torch.zeros(layer.in_features, dtype=torch.float64),
-                               torch.zeros(layer.in_features, dtype=torch.float64))
+            stats = InputStats()
             bucket.append(stats)
-            handles.append(layer.register_forward_pre_hook(recorder(stats)))
-    device = next(model.parameters()).device
+            handles.append(A.get(block, path).register_forward_pre_hook(recorder(stats)))
     try:
-        for start in tqdm(range(0, len(windows), batch_size), desc="calibration forward", unit="batch",
-                          leave=False):
-            model(input_ids=windows[start:start + batch_size].to(device))
+        for batch in runtime.batches(model, windows, batch_size, desc="calibration forward"):
+            run_blocks(model, batch, spec.causal_lm)
     finally:
         for handle in handles:
             handle.remove()
     return attn_stats, mlp_stats
+
+
+def column_sums(weight: torch.Tensor, dtype: torch.dtype, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """(in,) Σ over rows of ``fn(W)`` for an (out, in) weight, in ``dtype``, a block of rows at a time (no full
+    high-precision copy of the weight)."""
+    total = torch.zeros(weight.shape[1], dtype=dtype, device=weight.device)
+    for rows in weight.detach().split(1024):
+        total += fn(rows.to(dtype)).sum(0)
+    return total
 
 
 def per_head(channel_scores: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -97,7 +116,7 @@ def zscore(values: torch.Tensor) -> torch.Tensor:
     return (values - values.mean()) / std if std > 0 else torch.zeros_like(values)
 
 
-def from_input_channels(model: nn.Module, spec: ArchSpec, windows: torch.Tensor,
+def from_input_channels(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, runtime: Runtime,
                         importance: Callable[[torch.Tensor, InputStats], torch.Tensor],
                         with_means: bool = False, standardize: bool = False) -> Scores:
     """Scores from a per-input-channel importance of o_proj (averaged per head) and down_proj.
@@ -107,14 +126,14 @@ def from_input_channels(model: nn.Module, spec: ArchSpec, windows: torch.Tensor,
     averaged (FLAP's AL-AM), which makes them comparable across layers and modules.
     """
     head_dim = A.geometry(model.config).head_dim
-    attn_stats, mlp_stats = collect_input_stats(model, spec, windows)
+    attn_stats, mlp_stats = collect_input_stats(model, spec, windows, runtime)
     norm = zscore if standardize else (lambda x: x)
     heads, channels = [], []
     for block, attn, mlp in zip(A.blocks(model, spec), attn_stats, mlp_stats):
-        heads.append(per_head(norm(importance(A.get(block, spec.o).weight, attn)), head_dim).float())
-        channels.append(norm(importance(A.get(block, spec.down).weight, mlp)).float())
+        heads.append(per_head(norm(importance(A.get(block, spec.o).weight, attn)), head_dim).float().cpu())
+        channels.append(norm(importance(A.get(block, spec.down).weight, mlp)).float().cpu())
     scores = Scores(heads=heads, channels=channels, comparable=standardize)
     if with_means:
-        scores.attn_mean = [s.mean.float() for s in attn_stats]
-        scores.mlp_mean = [s.mean.float() for s in mlp_stats]
+        scores.attn_mean = [s.mean.float().cpu() for s in attn_stats]
+        scores.mlp_mean = [s.mean.float().cpu() for s in mlp_stats]
     return scores

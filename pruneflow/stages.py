@@ -2,8 +2,10 @@
 
 ``pruneflow stage NAME`` runs one; ``dvc.yaml`` declares them (deps, params, outs) and is the only stage graph.
 Each stage reads the params tree and the previous stages' fixed outputs and writes its own output atomically
-(a temp sibling renamed into place), so an interrupted stage never leaves a partial output behind.
+(a temp sibling renamed into place), so an interrupted stage never leaves a partial output behind. Every stage
+also records its seconds and peak memory in ``artifacts/resources/<stage>.json``.
 
+    source     model (a directory or hub id)          → artifacts/source.json   (resolved commit, file digests)
     calibrate  model tokenizer + calibrate.*          → artifacts/calibration/  (windows + manifest)
     score      model + calibration + score.*, prune.* → artifacts/scores/       (scores, or an iterative plan)
     prune      model + scores + prune.*               → artifacts/model/        (checkpoint + plan.json)
@@ -22,23 +24,66 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from pruneflow import arch as A
 from pruneflow import calibration as C
 from pruneflow import checkpoint
 from pruneflow.atomic import atomic_dir
 from pruneflow.errors import PruneflowError
-from pruneflow.graph import OUTPUTS, REPORT, STAGES
+from pruneflow.graph import OUTPUTS, REPORT, RESOURCES, STAGES
+from pruneflow.methods import METHODS
 from pruneflow.params import Params
+from pruneflow.runtime import Runtime, dtype_name
 from pruneflow.scores import Scores
+from pruneflow.sources import ModelSource, fingerprint, resolve
 
 log = logging.getLogger(__name__)
 
 
 def run(name: str, params: Params, root: Path = Path("artifacts")) -> Path:
-    """Run stage ``name``; returns the path of its output."""
+    """Run stage ``name``; returns the path of its output (and writes ``resources/<name>.json``)."""
     if name not in STAGES:
         raise PruneflowError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
-    stages = {"calibrate": calibrate, "score": score, "prune": prune, "recover": recover, "evaluate": evaluate}
-    return stages[name](params, Path(root))
+    stages = {"source": source, "calibrate": calibrate, "score": score, "prune": prune, "recover": recover,
+              "evaluate": evaluate}
+    root = Path(root)
+    runtime = Runtime.create(params.runtime.device, params.runtime.dtype)
+    runtime.reset_peak()
+    started = time.perf_counter()
+    out = stages[name](params, root, runtime)
+    _write_json(root / RESOURCES / f"{name}.json", {
+        "stage": name, "seconds": time.perf_counter() - started, **runtime.peak_bytes(),
+        "device": str(runtime.device), "dtype": dtype_name(runtime.dtype) if runtime.dtype else "auto"})
+    return out
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def model_source(params: Params, root: Path) -> ModelSource:
+    """``params.model`` resolved; a hub model at the commit the source stage recorded, so every stage of a run
+    reads the same files even if the branch moves meanwhile."""
+    record = root / OUTPUTS["source"]
+    if record.exists():
+        data = json.loads(record.read_text())
+        if data.get("model") == params.model and data.get("commit"):
+            pinned = resolve(f"{data['repo_id']}@{data['commit']}")
+            return ModelSource(name=params.model, path=pinned.path, repo_id=pinned.repo_id,
+                               revision=data.get("revision"), commit=pinned.commit)
+    return resolve(params.model)
+
+
+def source(params: Params, root: Path, runtime: Runtime) -> Path:
+    """Resolve ``model`` and record what identifies its content (DVC tracks this file, not the model's path:
+    a hub id has none in the workspace). Unchanged content gives the same file, so later stages stay cached."""
+    model = resolve(params.model)
+    checkpoint.read_config(model)  # a directory without config.json fails here, not three stages later
+    checkpoint.weight_dtypes(model.path)
+    _write_json(root / OUTPUTS["source"], fingerprint(model, state_dir(root) / "digests.json"))
+    return root / OUTPUTS["source"]
 
 
 def state_dir(root: Path) -> Path:
@@ -54,10 +99,10 @@ def _needs(path: Path, stage: str) -> Path:
     return path
 
 
-def calibrate(params: Params, root: Path) -> Path:
-    c = params.calibrate
-    tokenizer = checkpoint.load_tokenizer(params.model)
-    max_positions = checkpoint.read_config(Path(params.model)).get("max_position_embeddings")
+def calibrate(params: Params, root: Path, runtime: Runtime) -> Path:
+    c, model = params.calibrate, model_source(params, root)
+    tokenizer = checkpoint.load_tokenizer(model)
+    max_positions = checkpoint.read_config(model).get("max_position_embeddings")
     windows, manifest = C.prepare(tokenizer, c.source, c.n_windows, c.seqlen, c.seed, max_positions)
     C.save(windows, manifest, root / OUTPUTS["calibrate"], overwrite=True)
     return root / OUTPUTS["calibrate"]
@@ -67,7 +112,7 @@ def save_scores(scores: Scores, out_dir: Path) -> None:
     """Scores as safetensors (one tensor per layer and kind) + scores.json (flags)."""
     tensors = {f"heads.{i}": t for i, t in enumerate(scores.heads)}
     tensors |= {f"channels.{i}": t for i, t in enumerate(scores.channels)}
-    for kind in ("attn_mean", "mlp_mean"):
+    for kind in ("attn_mean", "mlp_mean", "kv_heads"):
         tensors |= {f"{kind}.{i}": t for i, t in enumerate(getattr(scores, kind) or [])}
     if scores.layers is not None:
         tensors["layers"] = scores.layers
@@ -83,28 +128,35 @@ def load_scores(out_dir: Path) -> Scores:
 
     return Scores(heads=series("heads"), channels=series("channels"), comparable=meta["comparable"],
                   layers=tensors.get("layers"), attn_mean=series("attn_mean") or None,
-                  mlp_mean=series("mlp_mean") or None)
+                  mlp_mean=series("mlp_mean") or None, kv_heads=series("kv_heads") or None)
 
 
-def score(params: Params, root: Path) -> Path:
-    from pruneflow.methods import ITERATIVE
-    from pruneflow.prune import prune_iteratively
+def method_options(params: Params):
+    """The options model of the scored method (``score.<method>``), or None."""
+    entry = METHODS[params.score.method]
+    return getattr(params.score, entry.name) if entry.options else None
+
+
+def score(params: Params, root: Path, runtime: Runtime) -> Path:
+    from pruneflow.prune import check_model, prune_iteratively
     from pruneflow.prune import score as run_scorer
 
-    model, _, spec = checkpoint.load(params.model, with_tokenizer=False)
-    windows, manifest = C.load(_needs(root / OUTPUTS["calibrate"], "calibrate"))
     method, seed = params.score.method, params.calibrate.seed
+    spec = A.arch_for(checkpoint.read_config(model_source(params, root)).get("model_type", ""))
+    check_model(method, spec)  # before the model is loaded
+    windows, manifest = C.load(_needs(root / OUTPUTS["calibrate"], "calibrate"))
+    model, _, spec = checkpoint.load(model_source(params, root), runtime, with_tokenizer=False)
     started = time.perf_counter()
     meta = {"method": method, "calibration_digest": manifest.source_digest}
     with atomic_dir(root / OUTPUTS["score"], overwrite=True) as tmp:
-        if method in ITERATIVE:  # the plan is the score: it comes out of the score → select → apply loop
-            result = prune_iteratively(model, spec, method, params.prune, windows, seed, params.score.bonsai,
-                                       state_dir=state_dir(root))
+        if METHODS[method].iterative:  # the plan is the score: it comes out of the score → select → apply loop
+            result = prune_iteratively(model, spec, method, params.prune, windows, seed, method_options(params),
+                                       state_dir=state_dir(root), runtime=runtime)
             (tmp / "plan.json").write_text(result.plan.to_json() + "\n")
             (tmp / "iterations.json").write_text(json.dumps(result.iterations, indent=1) + "\n")
             meta["comparable"] = True
         else:
-            scores = run_scorer(model, spec, method, windows, seed, params.prune.ratio)
+            scores = run_scorer(model, spec, method, windows, seed, params.prune.ratio, runtime)
             save_scores(scores, tmp)
             meta["comparable"] = scores.comparable
         meta["seconds"] = time.perf_counter() - started
@@ -112,8 +164,7 @@ def score(params: Params, root: Path) -> Path:
     return root / OUTPUTS["score"]
 
 
-def prune(params: Params, root: Path) -> Path:
-    from pruneflow import arch as A
+def prune(params: Params, root: Path, runtime: Runtime) -> Path:
     from pruneflow.apply import apply, layer_shapes
     from pruneflow.plan import PrunePlan, select
     from pruneflow.prune import select_config
@@ -123,25 +174,31 @@ def prune(params: Params, root: Path) -> Path:
     if meta["method"] != params.score.method:
         raise PruneflowError(f"{scores_dir} holds {meta['method']} scores but score.method is "
                              f"{params.score.method}; run the score stage again")
-    model, tokenizer, spec = checkpoint.load(params.model)
+    dense = model_source(params, root)
+    model, tokenizer, spec = checkpoint.load(dense, runtime)
     scores = None
     if (scores_dir / "plan.json").exists():
         plan = PrunePlan.load(scores_dir / "plan.json")
     else:
         scores = load_scores(scores_dir)
         plan = select(scores, layer_shapes(model, spec), A.count_parameters(model),
-                      select_config(params.prune, scores), method=meta["method"], seed=params.calibrate.seed)
+                      select_config(params.prune.for_method(meta["method"]), scores), method=meta["method"],
+                      seed=params.calibrate.seed)
     apply(model, plan, spec, scores)
     out = root / OUTPUTS["prune"]
-    checkpoint.save(model, tokenizer, out, spec, overwrite=True, extra_files={
-        "plan.json": plan.to_json(), "params.json": params.model_dump_json(indent=1)})
+    checkpoint.save(model, tokenizer, out, spec, overwrite=True, dtype=checkpoint.stored_dtype(dense),
+                    extra_files={"plan.json": plan.to_json(), "params.json": params.model_dump_json(indent=1)})
     return out
 
 
-def recover(params: Params, root: Path) -> Path:
+def recover(params: Params, root: Path, runtime: Runtime) -> Path:
     """LoRA recovery of the pruned model on the calibration source; with ``recover.enabled: false`` the output
-    is only ``recovery.json`` saying so (DVC still gets its out, evaluate then scores the pruned model)."""
-    from pruneflow.recover import recover as train_lora
+    is only ``recovery.json`` saying so (DVC still gets its out, evaluate then scores the pruned model).
+
+    One model is loaded at a time where that saves memory: the dense teacher first; if its hidden states for
+    every step take less room than its weights they are computed and the teacher is freed before the student
+    is loaded, otherwise the two are held together."""
+    from pruneflow import recover as R
 
     pruned = _needs(root / OUTPUTS["prune"], "prune")
     out, cfg = root / OUTPUTS["recover"], params.recover
@@ -149,17 +206,26 @@ def recover(params: Params, root: Path) -> Path:
         with atomic_dir(out, overwrite=True) as tmp:
             (tmp / "recovery.json").write_text(json.dumps({"enabled": False}, indent=1) + "\n")
         return out
-    model, tokenizer, spec = checkpoint.load(pruned)
-    teacher = checkpoint.load(params.model, with_tokenizer=False)[0] if cfg.distill_weight > 0 else None
+    tokenizer = checkpoint.load_tokenizer(pruned)
     max_positions = checkpoint.read_config(pruned).get("max_position_embeddings")
     windows, manifest = C.prepare(tokenizer, params.calibrate.source, cfg.steps * cfg.batch_size, cfg.seqlen,
                                   cfg.seed, max_positions)
-    result = train_lora(model, windows, spec, cfg, teacher)
+    teacher, precomputed = None, False
+    if cfg.distill_weight > 0:
+        teacher = checkpoint.load(model_source(params, root), runtime, with_tokenizer=False)[0]
+        weights = sum(p.numel() * p.element_size() for p in teacher.parameters())
+        if R.precompute_pays(teacher.config, weights, cfg, teacher.dtype):
+            teacher, precomputed = R.teacher_states(teacher, windows, cfg, runtime), True
+            runtime.free()
+    model, _, spec = checkpoint.load(pruned, runtime, with_tokenizer=False)
+    result = R.recover(model, windows, spec, cfg, teacher, runtime)
     first, last = result.history[:10], result.history[-10:]
     summary = {"enabled": True, "seconds": result.seconds, "source_digest": manifest.source_digest,
                "train_tokens": int(windows.numel()), "loss_first10": sum(h["loss"] for h in first) / len(first),
-               "loss_last10": sum(h["loss"] for h in last) / len(last), "history": result.history}
-    checkpoint.save(result.model, tokenizer, out, spec, overwrite=True, extra_files={
+               "loss_last10": sum(h["loss"] for h in last) / len(last), "teacher_precomputed": precomputed,
+               "gradient_checkpointing": result.gradient_checkpointing, "history": result.history}
+    checkpoint.save(result.model, tokenizer, out, spec, overwrite=True, dtype=checkpoint.stored_dtype(pruned),
+                    extra_files={
         "plan.json": (pruned / "plan.json").read_text(), "recovery.json": json.dumps(summary, indent=1) + "\n",
         "loss.csv": "step,loss,ce,kd,lr\n" + "".join(
             f"{h['step']},{h['loss']:.6f},{h['ce']:.6f},{h['kd']:.6f},{h['lr']:.3g}\n" for h in result.history)})
@@ -183,23 +249,33 @@ def gates(metrics: dict, params: Params) -> dict[str, dict]:
     return out
 
 
-def evaluate(params: Params, root: Path) -> Path:
-    from pruneflow.evaluate import evaluate_models
+def evaluate(params: Params, root: Path, runtime: Runtime) -> Path:
+    from pruneflow.evaluate import evaluate_dirs
 
     pruned = _needs(root / OUTPUTS["prune"], "prune")
     recovered = _needs(root / OUTPUTS["recover"], "recover")
-    models = {"dense": Path(params.model), "pruned": pruned}
+    dense = model_source(params, root)
+    models = {"dense": dense, "pruned": pruned}
     if (recovered / "config.json").exists():
         models["recovered"] = recovered
     plan = json.loads((pruned / "plan.json").read_text())
     with atomic_dir(root / REPORT, overwrite=True) as report_dir:
-        tasks = _task_setup(params, report_dir)  # unknown task names fail here, before any evaluation
-        loaded = {str(path): checkpoint.load(path) for path in models.values()}  # once, for every measurement
-        rows = evaluate_models(loaded, params.evaluate)
-        lm_eval = _run_tasks(params, models, loaded, rows, tasks) if tasks else {}
-        metrics = _metrics(params, models, rows, plan)
+        manager = _task_setup(params, dense, report_dir)  # unknown task names fail here, before any evaluation
+        lm_eval: dict = {}
+
+        def run_tasks(name: str, model, tokenizer, row: dict) -> None:  # while the model is loaded
+            from pruneflow.lm_tasks import evaluate_tasks
+
+            e = params.evaluate
+            result = evaluate_tasks(model, tokenizer, e.tasks, manager, e.task_batch_size, e.task_limit)
+            row["tasks"] = result["scores"]
+            lm_eval[name] = result["results"]
+            lm_eval["versions"], lm_eval["configs"] = result["versions"], result["configs"]
+
+        rows = evaluate_dirs(models, params.evaluate, runtime, each=run_tasks if manager else None)
+        metrics = _metrics(params, rows, plan)
         (report_dir / "lm_eval.json").write_text(json.dumps(lm_eval, indent=1, default=str) + "\n")
-        _write_report(params, metrics, plan, report_dir)
+        _write_report(dense, params, metrics, plan, report_dir)
         out = root / OUTPUTS["evaluate"]
         tmp = out.with_name(f".{out.name}.tmp")
         tmp.write_text(json.dumps(metrics, indent=1) + "\n")
@@ -207,7 +283,7 @@ def evaluate(params: Params, root: Path) -> Path:
     return out
 
 
-def _task_setup(params: Params, report_dir: Path):
+def _task_setup(params: Params, dense: ModelSource, report_dir: Path):
     """The local lm-eval tasks, written under the report, and a TaskManager that knows every asked name."""
     from pruneflow import corpus
     from pruneflow.lm_tasks import build_tasks, task_manager
@@ -215,42 +291,29 @@ def _task_setup(params: Params, report_dir: Path):
     e = params.evaluate
     if not e.tasks:
         return None
-    tokenizer = checkpoint.load_tokenizer(params.model)
-    max_tokens = checkpoint.read_config(Path(params.model)).get("max_position_embeddings")
+    tokenizer = checkpoint.load_tokenizer(dense)
+    max_tokens = checkpoint.read_config(dense).get("max_position_embeddings")
     task_dir = build_tasks(report_dir / "lm_tasks", corpus.load_split("test"), e.task_examples, seed=0,
                            tokenizer=tokenizer, max_tokens=max_tokens)
     return task_manager(task_dir, e.tasks)
 
 
-def _run_tasks(params: Params, models: dict[str, Path], loaded: dict[str, tuple], rows: dict, manager) -> dict:
-    from pruneflow.lm_tasks import evaluate_tasks
-
-    e, out = params.evaluate, {}
-    for name, path in models.items():
-        model, tokenizer, _ = loaded[str(path)]
-        result = evaluate_tasks(model, tokenizer, e.tasks, manager, e.task_batch_size, e.task_limit)
-        rows[str(path)]["tasks"] = result["scores"]
-        out[name] = result["results"]
-        out["versions"], out["configs"] = result["versions"], result["configs"]
-    return out
-
-
-def _write_report(params: Params, metrics: dict, plan: dict, report_dir: Path) -> None:
+def _write_report(dense: ModelSource, params: Params, metrics: dict, plan: dict, report_dir: Path) -> None:
     from pruneflow.report import write_report
 
-    config = checkpoint.read_config(Path(params.model))
+    config = checkpoint.read_config(dense)
     widths = {"layers": config["num_hidden_layers"], "heads": config["num_attention_heads"],
               "kv_heads": config.get("num_key_value_heads") or config["num_attention_heads"],
               "channels": config["intermediate_size"]}
     write_report(report_dir, {f"{metrics['method']} −{params.prune.ratio:g}": metrics}, plan, widths)
 
 
-def _metrics(params: Params, models: dict[str, Path], rows: dict, plan: dict) -> dict:
-    metrics = {name: rows[str(path)] for name, path in models.items()}
-    final = "recovered" if "recovered" in models else "pruned"  # the model the gates judge and the registry gets
+def _metrics(params: Params, rows: dict[str, dict], plan: dict) -> dict:
+    metrics = dict(rows)
+    final = "recovered" if "recovered" in rows else "pruned"  # the model the gates judge and the registry gets
     metrics |= {"final": final, "achieved_ratio": plan["params"]["achieved_ratio"], "method": plan["method"]}
     if "test_ppl" in metrics["dense"]:
-        for name in models.keys() - {"dense"}:
+        for name in rows.keys() - {"dense"}:
             metrics[f"ppl_ratio_{name}"] = metrics[name]["test_ppl"] / metrics["dense"]["test_ppl"]
         metrics["ppl_ratio"] = metrics[f"ppl_ratio_{final}"]
     metrics["gates"] = gates(metrics, params)

@@ -17,6 +17,8 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from pruneflow.graph import RESOURCES
+
 EXPERIMENT = "pruneflow"
 STAGE_FILES = {"score": ["scores/scores.json", "scores/iterations.json"], "prune": ["model/plan.json"],
                "recover": ["recovered/recovery.json", "recovered/loss.csv"], "evaluate": ["metrics.json", "report"]}
@@ -106,6 +108,10 @@ def log_stage(repo: str, parent_id: str, result: dict, workspace: str, seconds: 
     run = client.create_run(parent.info.experiment_id, run_name=result["stage"], tags=tags)
     metrics = {"seconds": seconds, "cached": float(result["cached"])}
     artifacts = Path(workspace) / "artifacts"
+    resources = artifacts / RESOURCES / f"{result['stage']}.json"
+    if resources.exists():  # the stage's own seconds and peak memory, as it last ran
+        usage = json.loads(resources.read_text())
+        metrics |= {"stage_seconds": usage["seconds"], "peak_memory_mb": usage["peak_bytes"] / 1e6}
     if result["stage"] == "evaluate":
         metrics |= numeric(json.loads((artifacts / "metrics.json").read_text()))
     _log_metrics(client, run.info.run_id, metrics)

@@ -108,6 +108,39 @@ def tiny_checkpoint(tmp_path_factory, tiny_tokenizer):
     return path
 
 
+def hub_cache(cache: Path, repo_id: str, files_from: Path, revision: str = "main", commit: str | None = None) -> str:
+    """Put ``files_from``'s files into a Hugging Face cache laid out as huggingface_hub writes it:
+    ``models--ORG--NAME/blobs/<sha256>``, ``snapshots/<commit>/<file>`` symlinked to the blobs, ``refs/<revision>``
+    holding the commit. Returns the commit."""
+    import hashlib
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = commit or hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for path in sorted(p for p in files_from.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / path.relative_to(files_from)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    return commit
+
+
+@pytest.fixture(scope="session")
+def bf16_checkpoint(tmp_path_factory, tiny_tokenizer):
+    """The tiny GQA Llama stored in bfloat16 and sharded (model.safetensors.index.json), as hub models are."""
+    path = tmp_path_factory.mktemp("bf16") / "llama"
+    model = tiny_causal_lm("llama", vocab_size=len(tiny_tokenizer)).to(torch.bfloat16)
+    model.save_pretrained(path, max_shard_size="100KB")
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def calibration_txt(tmp_path_factory):
     from pruneflow import corpus

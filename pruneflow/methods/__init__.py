@@ -1,36 +1,74 @@
-"""Importance scorers, one module per method. A new method is one module and one line here."""
+"""The method registry: one typed entry per importance method, one module per method under this package.
+
+An entry says what a method needs (calibration activations, gradients, a causal LM, the target ratio), which
+unit types it scores, what ``prune.allocation: auto`` means for it and its options model. It imports no torch:
+validating params (``pruneflow run``, the Prefect form, ``pruneflow methods``) reads only the entries;
+``Method.score`` imports the module on first use.
+"""
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
 
-# method name → the module of this package whose ``score`` it is
-METHODS = {
-    "magnitude": "magnitude",
-    "random": "random_",
-    "wanda_sp": "wanda_sp",
-    "flap": "flap",
-    "taylor": "taylor",
-    "block_influence": "block_influence",
-    "angular": "angular",
-    "sleb": "sleb",
-    "bonsai": "bonsai",
-}
+from pruneflow.methods.options import BonsaiParams, Options
+from pruneflow.units import ALLOCATIONS, WIDTH_UNITS
+
+ACTIVATIONS, GRADIENTS, CAUSAL_LM, RATIO = "activations", "gradients", "causal_lm", "ratio"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    module: str  # the module of this package whose ``score`` it is
+    summary: str
+    units: tuple[str, ...] = WIDTH_UNITS  # unit types it scores
+    needs: frozenset[str] = frozenset()  # ACTIVATIONS, GRADIENTS, CAUSAL_LM, RATIO
+    allocation: str = "uniform"  # what prune.allocation: auto means for it
+    allocations: tuple[str, ...] = ALLOCATIONS  # the allocations it supports
+    iterative: bool = False  # scores one iteration; prune.py repeats score → select → apply
+    options: type[Options] | None = None  # its options model, params key score.<name>
+
+    @property
+    def score(self) -> Callable:
+        return __getattr__("SCORERS")[self.name]
+
+    @property
+    def depth(self) -> bool:
+        return self.units == ("layers",)
+
+
+# allocation defaults: methods whose scores share one scale across layers and modules (loss changes: Taylor,
+# Bonsai) rank units globally; the activation-statistic methods spread the cut uniformly, which measured better
+# for each of them on the reference model (BENCHMARKS.md)
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("magnitude", "magnitude", "data-free: L2 norm of the weights a unit owns"),
+    Method("random", "random_", "control: seeded uniform random scores"),
+    Method("wanda_sp", "wanda_sp", "structured Wanda: mean |W| · ‖X‖₂ on o_proj/down_proj inputs",
+           needs=frozenset({ACTIVATIONS})),
+    Method("flap", "flap", "FLAP: input fluctuation × ‖W[:, j]‖², standardized per layer, optional bias",
+           needs=frozenset({ACTIVATIONS})),
+    Method("taylor", "taylor", "LLM-Pruner's first-order Taylor |W ⊙ ∂L/∂W| (needs gradients)",
+           needs=frozenset({ACTIVATIONS, GRADIENTS, CAUSAL_LM}), allocation="global"),
+    Method("block_influence", "block_influence", "ShortGPT: 1 − cos(block input, block output), whole blocks",
+           units=("layers",), needs=frozenset({ACTIVATIONS}), allocation="global"),
+    Method("angular", "angular", "Gromov et al.: the contiguous run of blocks with the least angular change",
+           units=("layers",), needs=frozenset({ACTIVATIONS, RATIO}), allocation="global"),
+    Method("sleb", "sleb", "SLEB: greedily remove the block whose removal raises the calibration loss least",
+           units=("layers",), needs=frozenset({ACTIVATIONS, CAUSAL_LM, RATIO}), allocation="global"),
+    Method("bonsai", "bonsai", "Bonsai: importance from the losses of perturbed sub-models, forward passes only",
+           needs=frozenset({ACTIVATIONS, CAUSAL_LM}), allocation="global", allocations=("global",), iterative=True,
+           options=BonsaiParams),
+)}
 
 
 def __getattr__(name: str):
-    # SCORERS (name → score function) imports the method modules, and with them torch and transformers, on
-    # first use only: validating params (pruneflow run, the Prefect UI) needs just the names
+    # SCORERS (name → score function) imports the method modules, and with them torch, on first use only
     if name == "SCORERS":
-        scorers = {method: importlib.import_module(f"{__name__}.{module}").score for method, module in METHODS.items()}
+        if "SCORERS" in globals():
+            return globals()["SCORERS"]
+        scorers = {m.name: importlib.import_module(f"{__name__}.{m.module}").score for m in METHODS.values()}
         globals()["SCORERS"] = scorers
         return scorers
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-# Methods that score one iteration: prune.py repeats score → select → apply until the ratio is reached.
-ITERATIVE = frozenset({"bonsai"})
-
-# Methods that score whole blocks (use them with ``prune.units: [layers]``).
-DEPTH_METHODS = frozenset({"block_influence", "angular", "sleb"})
-# Methods scored with the next-token loss: causal LMs only.
-CAUSAL_LM_ONLY = frozenset({"sleb", "taylor", "bonsai"})

@@ -1,43 +1,64 @@
-"""Hidden states at block boundaries, for the depth (layer-removal) methods."""
+"""Distances between hidden states at block boundaries, for the depth (layer-removal) methods.
+
+Boundary l is the input of block l (boundary L: the output of the last block). For each calibration batch,
+every boundary state is compared with the one ``span`` blocks later as soon as that one is computed, and
+dropped: at most ``span + 1`` states are held, in the model's dtype; cosines are taken in the accumulation
+dtype a few tokens at a time.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from pruneflow import arch as A
 from pruneflow.arch import ArchSpec
+from pruneflow.losses import run_blocks
+from pruneflow.runtime import Runtime
+
+CHUNK_TOKENS = 256
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """(B, T, D) × 2 → (B·T,) cosine similarity per token in ``dtype``, clamped to [-1, 1]."""
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    parts = [torch.nn.functional.cosine_similarity(x.to(dtype), y.to(dtype), dim=-1)
+             for x, y in zip(a.split(CHUNK_TOKENS), b.split(CHUNK_TOKENS))]
+    return torch.cat(parts).clamp(-1, 1)
 
 
 @torch.no_grad()
-def boundary_states(model: nn.Module, spec: ArchSpec, windows: torch.Tensor,
-                    batch_size: int = 8) -> Iterator[list[torch.Tensor]]:
-    """Per calibration batch: [h_0, …, h_L], the input of every block and the output of the last, (B, T, D)."""
+def boundary_distances(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, runtime: Runtime, span: int,
+                       distance: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 8) -> torch.Tensor:
+    """(L − span + 1,) float64: for each start l, the mean over calibration tokens of ``distance(cos(h_l,
+    h_{l+span}))``."""
     blocks = A.blocks(model, spec)
-    states: list[torch.Tensor] = []
+    totals = torch.zeros(len(blocks) - span + 1, dtype=torch.float64)
+    recent: dict[int, torch.Tensor] = {}  # boundary index → its state, until its partner is computed
 
     def capture(index: int) -> Callable:
         def hook(_module, args, kwargs, output):
             if index == 0:
-                states.append((args[0] if args else kwargs["hidden_states"]).double())
-            states.append((output[0] if isinstance(output, tuple) else output).double())
+                recent[0] = (args[0] if args else kwargs["hidden_states"]).detach()
+            recent[index + 1] = (output[0] if isinstance(output, tuple) else output).detach()
+            start = index + 1 - span
+            if start >= 0:
+                first = recent.pop(start)
+                cos = cosine(first, recent[index + 1].to(first.device), runtime.accum_dtype)
+                totals[start] += distance(cos).sum().item()
         return hook
 
     handles = [block.register_forward_hook(capture(i), with_kwargs=True) for i, block in enumerate(blocks)]
-    device = next(model.parameters()).device
+    tokens = 0
     try:
-        for start in range(0, len(windows), batch_size):
-            states.clear()
-            model(input_ids=windows[start:start + batch_size].to(device))
-            yield list(states)
+        for batch in runtime.batches(model, windows, batch_size, desc="boundary states"):
+            recent.clear()
+            run_blocks(model, batch, spec.causal_lm)
+            tokens += batch.numel()
     finally:
+        recent.clear()
         for handle in handles:
             handle.remove()
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(B, T, D) × 2 → (B·T,) cosine similarity per token, clamped to [-1, 1]."""
-    return torch.nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]),
-                                                 dim=-1).clamp(-1, 1)
+    return totals / tokens

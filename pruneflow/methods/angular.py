@@ -10,7 +10,7 @@ import torch
 
 from pruneflow import arch as A
 from pruneflow.errors import PruneflowError
-from pruneflow.methods._hidden import boundary_states, cosine
+from pruneflow.methods._hidden import boundary_distances
 from pruneflow.scores import Scores
 
 
@@ -23,19 +23,13 @@ def blocks_for_ratio(model, spec, ratio: float) -> int:
 
 
 @torch.no_grad()
-def score(model, spec, windows, ratio: float | None = None, **_) -> Scores:
+def score(model, spec, windows, runtime, ratio: float | None = None, **_) -> Scores:
     if ratio is None:
         raise PruneflowError("method angular needs the target ratio to size its contiguous block")
     blocks = A.blocks(model, spec)
     n = blocks_for_ratio(model, spec, ratio)
-    starts = len(blocks) - n + 1
-    total = torch.zeros(starts, dtype=torch.float64)
-    tokens = 0
-    for states in boundary_states(model, spec, windows):
-        for start in range(starts):
-            total[start] += (cosine(states[start], states[start + n]).acos() / math.pi).sum()
-        tokens += states[0].shape[0] * states[0].shape[1]
-    distance = total / tokens  # (starts,)
+    distance = boundary_distances(model, spec, windows, runtime, span=n,
+                                  distance=lambda cos: cos.acos() / math.pi)  # (L − n + 1,)
     best = int(distance.argmin())
     layers = torch.ones(len(blocks), dtype=torch.float64)
     layers[best:best + n] = -1.0  # the chosen run goes first, in order

@@ -7,18 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from pruneflow import arch as A
-from pruneflow.methods._hidden import boundary_states, cosine
+from pruneflow.methods._hidden import boundary_distances
 from pruneflow.scores import Scores
 
 
 @torch.no_grad()
-def score(model, spec, windows, **_) -> Scores:
-    n_layers = len(A.blocks(model, spec))
-    total = torch.zeros(n_layers, dtype=torch.float64)
-    tokens = 0
-    for states in boundary_states(model, spec, windows):
-        for layer in range(n_layers):
-            total[layer] += (1 - cosine(states[layer], states[layer + 1])).sum()
-        tokens += states[0].shape[0] * states[0].shape[1]
-    return Scores(heads=[], channels=[], layers=total / tokens, comparable=True)
+def score(model, spec, windows, runtime, **_) -> Scores:
+    influence = boundary_distances(model, spec, windows, runtime, span=1, distance=lambda cos: 1 - cos)
+    return Scores(heads=[], channels=[], layers=influence, comparable=True)

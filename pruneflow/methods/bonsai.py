@@ -28,15 +28,17 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from pruneflow import arch as A
 from pruneflow.apply import layer_shapes
 from pruneflow.errors import PruneflowError
 from pruneflow.lasso import fit_cv
+from pruneflow.losses import token_nll
 from pruneflow.masking import unit_masks
+from pruneflow.methods.options import BonsaiParams
 from pruneflow.plan import head_unit, unit_cost
+from pruneflow.runtime import Runtime
 from pruneflow.scores import Scores
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ class Module:
     count: int
     cost: int  # parameters one unit removes
     repeat: int  # query heads per unit (the group size for KV-group units), 1 for channels
+    groups: int = 1  # query-head units: the KV groups they form (candidates are picked in every group)
 
     @property
     def span(self) -> slice:
@@ -66,21 +69,22 @@ def layout(model, spec, units: tuple[str, ...], head_mode: str) -> list[Module]:
             group = head_unit(head_mode, shape) == "group"
             count = shape.kv_heads if group else shape.heads
             cost = unit_cost("group", shape) if group else shape.head_cost
-            modules.append(Module(layer, "heads", start, count, cost, shape.group_size if group else 1))
+            modules.append(Module(layer, "heads", start, count, cost, shape.group_size if group else 1,
+                                  1 if group else shape.kv_heads))
             start += count
-        if "mlp" in units:
+        if "channels" in units:
             modules.append(Module(layer, "channels", start, shape.channels, shape.channel_cost, 1))
             start += shape.channels
     if not modules:
-        raise PruneflowError("method bonsai scores heads and MLP channels: prune.units needs mlp or heads")
+        raise PruneflowError("method bonsai scores heads and MLP channels: prune.units needs channels or heads")
     return modules
 
 
-def unit_priors(model, spec, windows, modules: list[Module], prior: str, seed: int) -> torch.Tensor:
+def unit_priors(model, spec, windows, runtime, modules: list[Module], prior: str, seed: int) -> torch.Tensor:
     """(N,) prior per unit from a one-shot method (a KV group's prior is its heads' mean)."""
     from pruneflow.methods import SCORERS
 
-    scores = SCORERS[prior](model, spec, windows=windows, seed=seed)
+    scores = SCORERS[prior](model, spec, windows=windows, runtime=runtime, seed=seed)
     values = []
     for module in modules:
         if module.kind == "heads":
@@ -98,6 +102,19 @@ def candidate_count(count: int, prune_frac: float) -> tuple[int, int]:
     return candidates, min(drop, candidates)
 
 
+def lowest(prior: torch.Tensor, count: int, groups: int = 1) -> torch.Tensor:
+    """Indices of the ``count`` lowest priors; with ``groups`` > 1, the lowest ⌈count / groups⌉ of every group
+    (equal consecutive runs). Query heads leave in steps of one per KV group, so a step is only removable when
+    every group has candidates: a layer-wide pool can leave some groups with none, and no step of that layer
+    could ever be removed."""
+    if groups == 1:
+        return prior.argsort(stable=True)[:count]
+    size = len(prior) // groups
+    per_group = min(size - 1, -(-count // groups))
+    return torch.cat([g * size + prior[g * size:(g + 1) * size].argsort(stable=True)[:per_group]
+                      for g in range(groups)])
+
+
 def sample_masks(modules: list[Module], priors: torch.Tensor, prune_frac: float, sub_models: int,
                  drop_count: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep masks (M, N) bool for ``sub_models`` sub-models in draw/complement pairs, and the (N,) candidates."""
@@ -109,7 +126,10 @@ def sample_masks(modules: list[Module], priors: torch.Tensor, prune_frac: float,
         prior = priors[module.span]
         if count == 0:  # a module down to one unit is never perturbed
             continue
-        pool = module.start + prior.argsort(stable=True)[:count]  # lowest priors
+        pool = module.start + lowest(prior, count, module.groups)
+        if len(pool) == 0:  # one query head per KV group left: nothing removable in query steps
+            continue
+        drop = min(drop, len(pool))
         weights = prior.max() - priors[pool]
         weights = weights + 1e-6 * float(weights.max()) + 1e-12  # the top candidate still has a chance
         candidates[pool] = True
@@ -142,15 +162,17 @@ def layer_masks(modules: list[Module], keep: torch.Tensor, n_layers: int):
 
 @torch.no_grad()
 def submodel_losses(model, spec, modules: list[Module], keep: torch.Tensor, windows: torch.Tensor,
-                    rows_per_forward: int, desc: str = "sub-models") -> torch.Tensor:
+                    rows_per_forward: int, runtime: Runtime | None = None, desc: str = "sub-models") -> torch.Tensor:
     """(M,) mean next-token loss of each sub-model over ``windows`` (n, T).
 
     Rows of a forward pass are (sub-model, window) pairs, each computed with its own sub-model's masks;
-    ``rows_per_forward = n`` is the naive one-sub-model-per-forward loop.
+    ``rows_per_forward = n`` is the naive one-sub-model-per-forward loop. The LM head runs a chunk of tokens
+    at a time (``losses.token_nll``), so no rows × T × vocab logits are held.
     """
     n, length = windows.shape
     n_models = keep.shape[0]
-    device = next(model.parameters()).device
+    runtime = runtime or Runtime()
+    device = runtime.input_device(model)
     nll = torch.zeros(n_models, dtype=torch.float64)
     n_layers = len(A.blocks(model, spec))
     for start in tqdm(range(0, n_models * n, rows_per_forward), desc=desc, unit="batch", leave=False):
@@ -159,19 +181,15 @@ def submodel_losses(model, spec, modules: list[Module], keep: torch.Tensor, wind
         batch = windows[rows % n].to(device)  # (B, T)
         heads, channels = layer_masks(modules, keep[owner].to(device), n_layers)
         with unit_masks(model, spec, heads, channels):
-            logits = model(input_ids=batch).logits.float()  # (B, T, V)
-        row_nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1),
-                                  reduction="none").view(len(rows), length - 1).sum(1)
+            row_nll = token_nll(model, batch).contiguous().sum(1)  # (B,)
         nll.index_add_(0, owner, row_nll.double().cpu())
     return nll / (n * (length - 1))
 
 
-def score(model, spec, windows, seed: int = 0, config=None, iteration: int = 0,
-          units: tuple[str, ...] = ("mlp", "heads"), head_mode: str = "auto", **_) -> Scores:
+def score(model, spec, windows, runtime=None, seed: int = 0, config: BonsaiParams | None = None, iteration: int = 0,
+          units: tuple[str, ...] = ("channels", "heads"), head_mode: str = "auto", **_) -> Scores:
     """One Bonsai iteration: importance of every candidate unit (+inf for this round's safe units)."""
-    from pruneflow.params import BonsaiParams
-
-    config = config or BonsaiParams()
+    config, runtime = config or BonsaiParams(), runtime or Runtime()
     if not spec.causal_lm:
         raise PruneflowError("method bonsai scores sub-models by next-token loss and needs a causal LM")
     if len(windows) < config.n_windows:
@@ -179,11 +197,11 @@ def score(model, spec, windows, seed: int = 0, config=None, iteration: int = 0,
                              f"{len(windows)} windows; raise calibrate.n_windows or lower it")
     modules = layout(model, spec, units, head_mode)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + iteration)
-    priors = unit_priors(model, spec, windows, modules, config.prior, seed * 1_000_003 + iteration)
+    priors = unit_priors(model, spec, windows, runtime, modules, config.prior, seed * 1_000_003 + iteration)
     keep, candidates = sample_masks(modules, priors, config.prune_frac, config.sub_models, config.drop_count,
                                     generator)
     losses = submodel_losses(model, spec, modules, keep, windows[: config.n_windows], config.rows_per_forward,
-                             desc=f"bonsai iteration {iteration}")
+                             runtime, desc=f"bonsai iteration {iteration}")
     targets = -losses.clamp(max=math.log(1e8)).exp() if config.objective == "ppl" else -losses
     x = keep[:, candidates].double()
     offset = prior_baseline(modules, candidates, priors, x, targets) if config.shrink_to == "prior" else None

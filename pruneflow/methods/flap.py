@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from pruneflow.scores import Scores, from_input_channels
+from pruneflow.scores import Scores, column_sums, from_input_channels
 
 
 def fluctuation(weight: torch.Tensor, input_var: torch.Tensor) -> torch.Tensor:
     """(out, in) weight, (in,) Var(X_j) → (in,) Var(X_j) · ‖W[:, j]‖²."""
-    return input_var * weight.double().pow(2).sum(0)
+    return input_var * column_sums(weight, input_var.dtype, lambda w: w * w)
 
 
 @torch.no_grad()
-def score(model, spec, windows, **_) -> Scores:
-    return from_input_channels(model, spec, windows, lambda weight, stats: fluctuation(weight, stats.var),
+def score(model, spec, windows, runtime, **_) -> Scores:
+    return from_input_channels(model, spec, windows, runtime, lambda weight, stats: fluctuation(weight, stats.var),
                                with_means=True, standardize=True)

@@ -9,16 +9,16 @@ from pruneflow.scores import Scores
 
 
 @torch.no_grad()
-def score(model, spec, windows=None, seed: int = 0, **_) -> Scores:
+def score(model, spec, windows=None, runtime=None, **_) -> Scores:
     geo = A.geometry(model.config)
     heads, channels = [], []
     for block in A.blocks(model, spec):
         q = A.get(block, spec.q).weight.float()  # (H·d, hidden)
         o = A.get(block, spec.o).weight.float()  # (hidden, H·d)
         head_sq = q.pow(2).sum(1).reshape(-1, geo.head_dim).sum(1) + o.pow(2).sum(0).reshape(-1, geo.head_dim).sum(1)
-        heads.append(head_sq.sqrt())
+        heads.append(head_sq.sqrt().cpu())
         channel_sq = A.get(block, spec.up).weight.float().pow(2).sum(1) + A.get(block, spec.down).weight.float().pow(2).sum(0)
         if spec.gate:
             channel_sq = channel_sq + A.get(block, spec.gate).weight.float().pow(2).sum(1)
-        channels.append(channel_sq.sqrt())
+        channels.append(channel_sq.sqrt().cpu())
     return Scores(heads=heads, channels=channels)

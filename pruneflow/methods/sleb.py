@@ -34,13 +34,13 @@ def skipped(blocks, indices: set[int]):
             handle.remove()
 
 
-def calibration_loss(model, windows: torch.Tensor) -> float:
+def calibration_loss(model, windows: torch.Tensor, runtime=None) -> float:
     """Mean next-token loss over the calibration windows (the perplexity protocol on exactly these windows)."""
-    return math.log(perplexity(model, windows.reshape(-1), windows.shape[1]))
+    return math.log(perplexity(model, windows.reshape(-1), windows.shape[1], runtime=runtime))
 
 
 @torch.no_grad()
-def score(model, spec, windows, ratio: float | None = None, **_) -> Scores:
+def score(model, spec, windows, runtime, ratio: float | None = None, **_) -> Scores:
     if ratio is None:
         raise PruneflowError("method sleb needs the target ratio to know how many blocks to remove")
     if not spec.causal_lm:
@@ -53,7 +53,7 @@ def score(model, spec, windows, ratio: float | None = None, **_) -> Scores:
         trials = {}
         for candidate in (i for i in range(len(blocks)) if i not in removed):
             with skipped(blocks, {*removed, candidate}):
-                trials[candidate] = calibration_loss(model, windows)
+                trials[candidate] = calibration_loss(model, windows, runtime)
         best = min(trials, key=lambda i: (trials[i], i))
         removed.append(best)
         losses.append(trials[best])

@@ -1,63 +1,77 @@
 """LLM-Pruner-style first-order Taylor importance: Σ |W ⊙ ∂L/∂W| over each unit's weights (needs gradients).
 
-Head h: its q_proj rows and o_proj columns, plus an equal share of its KV head's k/v rows; MLP channel j:
-its gate/up rows and down_proj column. The loss is the mean next-token loss over the calibration windows.
-Unlike the forward-only methods this holds a gradient for every weight plus the activations of a backward
-pass: about twice the model's weight memory on top of inference.
+Head h: its q_proj rows and o_proj columns; a whole KV group adds its KV head's k/v rows (``Scores.kv_heads``),
+counted only when the group goes — removing query heads keeps their KV head. MLP channel j: its gate/up rows and
+down_proj column. The loss is the mean next-token loss over the calibration windows.
+Unlike the forward-only methods this holds a gradient for every scored projection (embeddings, norms and the
+LM head get none) plus the activations of a backward pass; the loss over the vocabulary is chunked.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
 from pruneflow import arch as A
 from pruneflow.errors import PruneflowError
+from pruneflow.losses import training_losses
 from pruneflow.scores import Scores
 
+ROWS = 1024  # rows of W ⊙ G formed in the accumulation dtype at a time
 
-def _row_saliency(linear: torch.nn.Linear) -> torch.Tensor:
+
+def _products(linear: torch.nn.Linear, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """|W ⊙ g| in ``dtype``, a block of rows at a time."""
+    for w, g in zip(linear.weight.detach().split(ROWS), linear.weight.grad.split(ROWS)):
+        yield (w.to(dtype) * g.to(dtype)).abs()
+
+
+def _row_saliency(linear: torch.nn.Linear, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """(out,) Σ_in |W ⊙ g| per output row (bias included)."""
-    saliency = (linear.weight * linear.weight.grad).abs().sum(1)
+    saliency = torch.cat([block.sum(1) for block in _products(linear, dtype)])
     if linear.bias is not None:
-        saliency = saliency + (linear.bias * linear.bias.grad).abs()
-    return saliency.double()
+        saliency = saliency + (linear.bias.detach().to(dtype) * linear.bias.grad.to(dtype)).abs()
+    return saliency
 
 
-def _column_saliency(linear: torch.nn.Linear) -> torch.Tensor:
+def _column_saliency(linear: torch.nn.Linear, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """(in,) Σ_out |W ⊙ g| per input column."""
-    return (linear.weight * linear.weight.grad).abs().sum(0).double()
+    return sum(block.sum(0) for block in _products(linear, dtype))
 
 
-def score(model, spec, windows, batch_size: int = 4, **_) -> Scores:
+def _projections(model, spec) -> list[torch.nn.Linear]:
+    paths = [p for p in (spec.q, spec.k, spec.v, spec.o, spec.gate, spec.up, spec.down) if p]
+    return [A.get(block, path) for block in A.blocks(model, spec) for path in paths]
+
+
+def score(model, spec, windows, runtime, batch_size: int = 4, **_) -> Scores:
     if not spec.causal_lm:
         raise PruneflowError("method taylor uses the next-token loss and needs a causal LM")
-    geo = A.geometry(model.config)
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
+    geo, dtype = A.geometry(model.config), runtime.accum_dtype
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.requires_grad_(False)
+    for layer in _projections(model, spec):
+        layer.requires_grad_(True)
     model.zero_grad(set_to_none=True)
-    device = next(model.parameters()).device
     try:
         with torch.enable_grad():
-            for start in range(0, len(windows), batch_size):
-                batch = windows[start:start + batch_size].to(device)
-                loss = model(input_ids=batch, labels=batch, use_cache=False).loss * len(batch) / len(windows)
-                loss.backward()
-        heads, channels = [], []
+            for batch in runtime.batches(model, windows, batch_size, desc="taylor backward"):
+                ce, _ = training_losses(model, batch)
+                (ce * len(batch) / len(windows)).backward()
+        heads, kv_heads, channels = [], [], []
         for block in A.blocks(model, spec):
-            q_rows = _row_saliency(A.get(block, spec.q)).reshape(-1, geo.head_dim).sum(1)  # (H,)
-            o_cols = _column_saliency(A.get(block, spec.o)).reshape(-1, geo.head_dim).sum(1)  # (H,)
-            kv = (_row_saliency(A.get(block, spec.k)) + _row_saliency(A.get(block, spec.v)))
-            kv = kv.reshape(-1, geo.head_dim).sum(1)  # (KV,)
-            group = len(q_rows) // len(kv)
-            heads.append((q_rows + o_cols + kv.repeat_interleave(group) / group).float())
-            channel = _row_saliency(A.get(block, spec.up)) + _column_saliency(A.get(block, spec.down))
+            q_rows = _row_saliency(A.get(block, spec.q), dtype).reshape(-1, geo.head_dim).sum(1)  # (H,)
+            o_cols = _column_saliency(A.get(block, spec.o), dtype).reshape(-1, geo.head_dim).sum(1)  # (H,)
+            kv = _row_saliency(A.get(block, spec.k), dtype) + _row_saliency(A.get(block, spec.v), dtype)
+            kv_heads.append(kv.reshape(-1, geo.head_dim).sum(1).float().cpu())  # (KV,)
+            heads.append((q_rows + o_cols).float().cpu())
+            channel = _row_saliency(A.get(block, spec.up), dtype) + _column_saliency(A.get(block, spec.down), dtype)
             if spec.gate:
-                channel = channel + _row_saliency(A.get(block, spec.gate))
-            channels.append(channel.float())
+                channel = channel + _row_saliency(A.get(block, spec.gate), dtype)
+            channels.append(channel.float().cpu())
     finally:
         model.zero_grad(set_to_none=True)
-        for p, flag in zip(params, flags):
+        for p, flag in flags:
             p.requires_grad_(flag)
-    return Scores(heads=heads, channels=channels, comparable=True)
+    return Scores(heads=heads, channels=channels, comparable=True, kv_heads=kv_heads)

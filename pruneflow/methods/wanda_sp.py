@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import torch
 
-from pruneflow.scores import Scores, from_input_channels
+from pruneflow.scores import Scores, column_sums, from_input_channels
 
 
 def channel_importance(weight: torch.Tensor, input_l2: torch.Tensor) -> torch.Tensor:
     """(out, in) weight, (in,) ‖X_j‖₂ → (in,) mean over rows of |W[:, j]| · ‖X_j‖₂."""
-    return weight.abs().double().mean(0) * input_l2
+    return column_sums(weight, input_l2.dtype, torch.abs) / weight.shape[0] * input_l2
 
 
 @torch.no_grad()
-def score(model, spec, windows, **_) -> Scores:
-    return from_input_channels(model, spec, windows,
+def score(model, spec, windows, runtime, **_) -> Scores:
+    return from_input_channels(model, spec, windows, runtime,
                                lambda weight, stats: channel_importance(weight, stats.l2))

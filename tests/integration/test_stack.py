@@ -90,7 +90,7 @@ def test_the_flow_on_the_real_stack_tracks_pushes_and_a_pull_restores_identical_
                            "--name", "on-stack"], cwd=project, capture_output=True, text=True, timeout=600,
                           env={**os.environ, **env})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "on-stack: calibrate (ran), score (ran), prune (ran), recover (ran), evaluate (ran)" in \
+    assert "on-stack: source (ran), calibrate (ran), score (ran), prune (ran), recover (ran), evaluate (ran)" in \
         proc.stderr + proc.stdout
     s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
                       aws_access_key_id=KEY, aws_secret_access_key=SECRET)

@@ -24,7 +24,7 @@ def test_bonsai_fast_preset_reaches_the_target_ratio():
     model = tiny_causal_lm()
     spec = A.arch_for("llama")
     result = prune(model, spec, "bonsai", PruneParams(ratio=0.3, allocation="global"), _windows(), seed=0,
-                   bonsai=BonsaiParams(preset="fast", n_windows=4))
+                   options=BonsaiParams(preset="fast", n_windows=4))
     achieved = result.plan.params["achieved_ratio"]
     assert abs(achieved - 0.3) <= 0.02
     assert len(result.iterations) == 6  # 0.3 / prune_frac 0.05
@@ -43,7 +43,7 @@ def test_bonsai_fast_preset_reaches_the_target_ratio():
 def test_resume_after_an_interrupted_iteration_gives_the_same_plan(tmp_path, monkeypatch):
     spec = A.arch_for("llama")
     cfg = PruneParams(ratio=0.2, allocation="global")
-    uninterrupted = prune(tiny_causal_lm(), spec, "bonsai", cfg, _windows(), seed=3, bonsai=FAST,
+    uninterrupted = prune(tiny_causal_lm(), spec, "bonsai", cfg, _windows(), seed=3, options=FAST,
                           state_dir=tmp_path / "a")
 
     real, calls = SCORERS["bonsai"], []
@@ -56,18 +56,18 @@ def test_resume_after_an_interrupted_iteration_gives_the_same_plan(tmp_path, mon
 
     monkeypatch.setitem(SCORERS, "bonsai", killed_at_iteration_2)
     with pytest.raises(KeyboardInterrupt):
-        prune(tiny_causal_lm(), spec, "bonsai", cfg, _windows(), seed=3, bonsai=FAST, state_dir=tmp_path / "b")
+        prune(tiny_causal_lm(), spec, "bonsai", cfg, _windows(), seed=3, options=FAST, state_dir=tmp_path / "b")
     (store,) = (tmp_path / "b").iterdir()
     assert sorted(p.name for p in store.iterdir()) == ["iter_000.json", "iter_000.safetensors",
                                                        "iter_001.json", "iter_001.safetensors"]
     calls.clear()
     monkeypatch.setitem(SCORERS, "bonsai", lambda *a, **k: (calls.append(k["iteration"]), real(*a, **k))[1])
-    resumed = prune(tiny_causal_lm(), spec, "bonsai", cfg, _windows(), seed=3, bonsai=FAST,
+    resumed = prune(tiny_causal_lm(), spec, "bonsai", cfg, _windows(), seed=3, options=FAST,
                     state_dir=tmp_path / "b")
     assert calls == [2, 3]  # iterations 0 and 1 came from the store
     assert resumed.plan.to_json() == uninterrupted.plan.to_json()
     # a different seed is a different run: it never reuses that store
-    prune(tiny_causal_lm(), spec, "bonsai", cfg, _windows(), seed=4, bonsai=FAST, state_dir=tmp_path / "b")
+    prune(tiny_causal_lm(), spec, "bonsai", cfg, _windows(), seed=4, options=FAST, state_dir=tmp_path / "b")
     assert len(list((tmp_path / "b").iterdir())) == 2
 
 
@@ -76,7 +76,7 @@ def test_saved_iterations_hold_masks_losses_and_weights(tmp_path):
 
     spec = A.arch_for("llama")
     prune(tiny_causal_lm(), spec, "bonsai", PruneParams(ratio=0.05, allocation="global"), _windows(), seed=0,
-          bonsai=FAST, state_dir=tmp_path)
+          options=FAST, state_dir=tmp_path)
     (store,) = tmp_path.iterdir()
     tensors = load_file(store / "iter_000.safetensors")
     assert tensors["keep"].shape[0] == 16 and tensors["losses"].shape == (16,)

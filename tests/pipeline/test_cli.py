@@ -24,7 +24,7 @@ def prune_args(model, out, calib, *extra):
 def test_prune_writes_a_checkpoint_and_prints_the_table(tiny_checkpoint, calibration_txt, tmp_path):
     out = tmp_path / "pruned"
     result = run(*prune_args(tiny_checkpoint, out, calibration_txt, "--method", "wanda_sp", "--ratio", 0.3,
-                             "--units", "mlp,heads", "--allocation", "uniform", "--round-to", 4, "--seed", 1))
+                             "--units", "channels,heads", "--allocation", "uniform", "--round-to", 4, "--seed", 1))
     assert result.exit_code == 0, result.output
     for name in ("config.json", "model.safetensors", "plan.json", "calibration.json", "tokenizer.json"):
         assert (out / name).exists(), name
@@ -84,7 +84,7 @@ BAD = {
     "ratio zero": (lambda t, c: [], ["--ratio", 0], "prune.ratio: Input should be greater than 0"),
     "ratio NaN": (lambda t, c: [], ["--ratio", "nan"], "prune.ratio: Input should be a finite number"),
     "unknown method": (lambda t, c: [], ["--method", "obs"], "score.method: unknown method 'obs'"),
-    "unknown unit": (lambda t, c: [], ["--units", "mlp,blocks"], "prune.units"),
+    "unknown unit": (lambda t, c: [], ["--units", "channels,blocks"], "prune.units"),
     "bad allocation": (lambda t, c: [], ["--allocation", "greedy"], "prune.allocation"),
     "round-to too large": (lambda t, c: [], ["--round-to", 512], "prune.round_to=512 is larger than layer 0"),
     "empties attention": (lambda t, c: [], ["--ratio", 0.9, "--allocation", "uniform", "--units", "heads"],

@@ -13,6 +13,7 @@ from pruneflow.errors import PruneflowError
 from pruneflow.methods import block_influence
 from pruneflow.params import PruneParams
 from pruneflow.prune import prune
+from pruneflow.runtime import Runtime
 
 WINDOWS = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -32,7 +33,7 @@ def with_identity_blocks(kind="llama", layers=4, identity=(1,)):
 
 def test_block_influence_of_an_identity_block_is_zero():
     model, spec = with_identity_blocks()
-    scores = block_influence.score(model, spec, WINDOWS)
+    scores = block_influence.score(model, spec, WINDOWS, Runtime())
     assert scores.layers[1].item() == pytest.approx(0.0, abs=1e-9)
     assert (scores.layers[[0, 2, 3]] > 1e-4).all()
 
@@ -79,9 +80,9 @@ def test_depth_and_width_ratio_accounting_is_exact():
 
 
 @pytest.mark.parametrize("method,units,message", [
-    ("wanda_sp", ["layers"], "'layers' needs a depth method"),
-    ("block_influence", ["mlp"], "this method scores whole layers only"),
-    ("block_influence", ["layers", "heads"], "this method scores whole layers only"),
+    ("wanda_sp", ["layers"], "method wanda_sp scores heads, channels, not layers; depth methods"),
+    ("block_influence", ["channels"], "method block_influence scores layers, not channels"),
+    ("block_influence", ["layers", "heads"], "method block_influence scores layers, not heads"),
 ])
 def test_mismatched_method_and_units_are_refused(method, units, message):
     model, spec = with_identity_blocks()

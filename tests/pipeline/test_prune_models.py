@@ -10,7 +10,7 @@ from conftest import tiny_bert, tiny_causal_lm
 from pruneflow import arch as A
 from pruneflow import checkpoint
 from pruneflow.errors import PruneflowError
-from pruneflow.methods import DEPTH_METHODS, ITERATIVE, SCORERS
+from pruneflow.methods import METHODS
 from pruneflow.params import BonsaiParams, PruneParams
 from pruneflow.prune import prune
 
@@ -21,18 +21,18 @@ BONSAI = BonsaiParams(preset="fast", sub_models=8, n_windows=4, rows_per_forward
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
-@pytest.mark.parametrize("method", sorted(set(SCORERS) - DEPTH_METHODS))
+@pytest.mark.parametrize("method", sorted(m.name for m in METHODS.values() if not m.depth))
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_every_width_method_prunes_30_percent_and_round_trips(kind, method, allocation, tmp_path):
     model = tiny_causal_lm(kind)
     spec = A.arch_for(model.config.model_type)
     dense = A.count_parameters(model)
     cfg = PruneParams(ratio=0.3, allocation=allocation)
-    if method in ITERATIVE and allocation == "uniform":
+    if allocation not in METHODS[method].allocations:
         with pytest.raises(PruneflowError, match="prune.allocation: bonsai removes units globally"):
-            prune(model, spec, method, cfg, WINDOWS, bonsai=BONSAI)
+            prune(model, spec, method, cfg, WINDOWS, options=BONSAI)
         return
-    result = prune(model, spec, method, cfg, WINDOWS, bonsai=BONSAI)
+    result = prune(model, spec, method, cfg, WINDOWS, options=BONSAI)
     after = A.count_parameters(model)
     achieved = 1 - after["non_embedding"] / dense["non_embedding"]
     assert achieved == pytest.approx(result.plan.params["achieved_ratio"])

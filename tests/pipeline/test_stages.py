@@ -26,11 +26,19 @@ def stage(name, params_file, artifacts, *extra):
     return run("stage", name, "--params", params_file, "--artifacts", artifacts, *extra)
 
 
-def test_the_five_stages_run_in_order_and_write_their_outputs(params_file, tmp_path):
+def test_the_stages_run_in_order_and_write_their_outputs(params_file, tmp_path, tiny_checkpoint):
+    from pruneflow.graph import STAGES
+
     artifacts = tmp_path / "artifacts"
-    for name in ("calibrate", "score", "prune", "recover", "evaluate"):
+    for name in STAGES:
         result = stage(name, params_file, artifacts)
         assert result.exit_code == 0, result.output
+    source = json.loads((artifacts / "source.json").read_text())
+    assert source["model"] == str(tiny_checkpoint) and "model.safetensors" in source["files"]
+    for name in STAGES:  # every stage records its seconds and peak memory (not a dependency of anything)
+        resources = json.loads((artifacts / "resources" / f"{name}.json").read_text())
+        assert resources["stage"] == name and resources["seconds"] > 0 and resources["peak_bytes"] > 2**20
+        assert (resources["measure"], resources["device"], resources["dtype"]) == ("peak RSS", "cpu", "auto")
     assert (artifacts / "calibration" / "manifest.json").exists()
     assert json.loads((artifacts / "scores" / "scores.json").read_text())["method"] == "wanda_sp"
     model, _, _ = checkpoint.load(artifacts / "model")
@@ -44,8 +52,9 @@ def test_the_five_stages_run_in_order_and_write_their_outputs(params_file, tmp_p
     assert [p.shape for p in recovered.parameters()] == [p.shape for p in model.parameters()]
     recovery = json.loads((artifacts / "recovered" / "recovery.json").read_text())
     assert len(recovery["history"]) == 4 and (artifacts / "recovered" / "loss.csv").read_text().count("\n") == 5
-    assert sorted(p.name for p in artifacts.iterdir()) == ["calibration", "metrics.json", "model", "recovered",
-                                                           "report", "scores"]
+    assert sorted(p.name for p in artifacts.iterdir()) == [".state", "calibration", "metrics.json", "model",
+                                                           "recovered", "report", "resources", "scores",
+                                                           "source.json"]
     for name in ("dense", "pruned", "recovered"):  # lm-eval accuracy on the local tasks, every model
         assert set(metrics[name]["tasks"]) == {"pruneflow_word_order", "pruneflow_next_sentence"}
     assert {"task.pruneflow_word_order", "task.pruneflow_next_sentence"} <= set(metrics["gates"])

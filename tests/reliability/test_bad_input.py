@@ -200,7 +200,7 @@ def test_dvc_yaml_out_of_sync_with_the_code(project):
     dvc = yaml.safe_load((project / "dvc.yaml").read_text())
     del dvc["stages"]["recover"]
     (project / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
-    with pytest.raises(PruneflowError, match="out of sync with this pruneflow.*found calibrate, score, prune, evaluate"):
+    with pytest.raises(PruneflowError, match="out of sync with this pruneflow.*found source, calibrate, score, prune, evaluate"):
         stage_names(project)
     dvc["stages"]["recover"] = {"cmd": "pruneflow stage recovr"}
     (project / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))

@@ -106,7 +106,7 @@ def test_regression_recovers_planted_importances():
 def test_batched_sub_model_losses_equal_the_one_mask_per_forward_loop():
     model = tiny_causal_lm()
     spec = A.arch_for("llama")
-    modules = bonsai.layout(model, spec, ("mlp", "heads"), "query")
+    modules = bonsai.layout(model, spec, ("channels", "heads"), "query")
     total = modules[-1].start + modules[-1].count
     keep = torch.rand(6, total, generator=torch.Generator().manual_seed(0)) > 0.3
     keep[0] = True
@@ -123,7 +123,7 @@ def test_batched_sub_model_losses_equal_the_one_mask_per_forward_loop():
 def test_group_units_mask_whole_kv_groups_and_scores_are_per_parameter():
     model = tiny_causal_lm()
     spec = A.arch_for("llama")
-    modules = bonsai.layout(model, spec, ("mlp", "heads"), "group")
+    modules = bonsai.layout(model, spec, ("channels", "heads"), "group")
     heads = [m for m in modules if m.kind == "heads"]
     assert [m.count for m in heads] == [2, 2] and heads[0].repeat == 2
     keep = torch.ones(1, modules[-1].start + modules[-1].count, dtype=torch.bool)

@@ -59,10 +59,13 @@ def test_dvc_stages_are_real_cli_commands_with_real_params():
             for part in key.split("."):
                 assert isinstance(node, dict) and part in node, f"stage {name}: unknown params key {key}"
                 node = node[part]
-        for dep in stage["deps"]:
-            path = params["model"] if dep == "${model}" else dep
-            assert path in upstream or (ROOT / path).exists(), f"stage {name}: dependency {dep} does not exist"
+        for dep in stage["deps"]:  # the model is tracked through the source stage's record, never as a path
+            assert dep in upstream or (ROOT / dep).exists(), f"stage {name}: dependency {dep} does not exist"
+        assert "${model}" not in stage["deps"]
         outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", []) + stage.get("metrics", [])]
-        expected = [f"artifacts/{S.REPORT}"] * (name == "evaluate") + [f"artifacts/{S.OUTPUTS[name]}"]
+        expected = ([f"artifacts/{S.REPORT}"] * (name == "evaluate") + [f"artifacts/{S.OUTPUTS[name]}"]
+                    + [f"artifacts/{S.RESOURCES}/{name}.json"])
         assert outs == expected, f"stage {name} writes {expected}"
+        if name != "source":
+            assert "artifacts/source.json" in stage["deps"], f"stage {name} must depend on the model's record"
         upstream.update(outs)

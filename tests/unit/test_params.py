@@ -20,7 +20,11 @@ def test_every_shipped_params_yaml_loads():
     ("prune.ratio=-0.5", "prune.ratio: Input should be greater than 0"),
     ("prune.ratio=.nan", "prune.ratio: Input should be a finite number"),
     ("prune.ratio=abc", "prune.ratio: Input should be a valid number"),
-    ("prune.allocation=random", "prune.allocation: Input should be 'uniform' or 'global'"),
+    ("prune.allocation=random", "prune.allocation: Input should be 'auto', 'uniform' or 'global'"),
+    ("prune.units=[layers]", "prune.units: method flap scores heads, channels, not layers; depth methods"),
+    ("score.method=sleb", None),  # units: auto means the method's own (layers)
+    ("runtime.device=gpu", "runtime.device: String should match pattern"),
+    ("runtime.dtype=int8", "runtime.dtype: Input should be 'auto', 'bfloat16', 'float16' or 'float32'"),
     ("prune.units=[mlp, blocks]", "prune.units: units must be a non-empty subset"),
     ("prune.rato=0.3", "prune.rato: Extra inputs are not permitted"),
     ("score.method=obs", "score.method: unknown method 'obs'; available: angular, block_influence, bonsai, flap, magnitude, random, sleb, taylor, wanda_sp"),
@@ -33,9 +37,27 @@ def test_every_shipped_params_yaml_loads():
     ("score.bonsai.sub_modles=8", "score.bonsai.sub_modles: Extra inputs are not permitted"),
 ])
 def test_bad_params_name_the_key(override, message):
+    if message is None:
+        load_params(ROOT / "params.yaml", [override])
+        return
     with pytest.raises(PruneflowError) as err:
         load_params(ROOT / "params.yaml", [override])
     assert message in str(err.value)
+
+
+def test_method_and_units_are_checked_together_before_any_model_is_loaded():
+    with pytest.raises(PruneflowError, match="prune.units: method block_influence scores layers, not channels"):
+        load_params(None, ["score.method=block_influence", "prune.units=[channels]"])
+    with pytest.raises(PruneflowError, match="prune.allocation: bonsai removes units globally"):
+        load_params(None, ["score.method=bonsai", "prune.allocation=uniform", "calibrate.n_windows=64"])
+    bonsai = load_params(None, ["score.method=bonsai"]).prune.for_method("bonsai")
+    assert (bonsai.allocation, bonsai.units) == ("global", ["heads", "channels"])
+    assert load_params(None, ["score.method=flap"]).prune.for_method("flap").allocation == "uniform"
+    assert load_params(None, ["score.method=angular"]).prune.for_method("angular").units == ["layers"]
+
+
+def test_the_old_unit_name_mlp_still_reads_as_channels():
+    assert load_params(None, ["prune.units=[mlp, heads]"]).prune.units == ["channels", "heads"]
 
 
 def test_params_file_that_is_not_yaml(tmp_path):

@@ -67,7 +67,7 @@ def test_group_mode_removes_whole_groups_with_their_query_heads():
 def test_selection_removes_the_lowest_scored_channels():
     layer_shapes = shapes(layers=1)
     s = scores(layer_shapes)
-    plan = select(s, layer_shapes, counts(layer_shapes), SelectConfig(ratio=0.3, units=("mlp",), allocation="uniform"))
+    plan = select(s, layer_shapes, counts(layer_shapes), SelectConfig(ratio=0.3, units=("channels",), allocation="uniform"))
     kept = set(plan.layers[0].kept_channels)
     removed = [j for j in range(200) if j not in kept]
     assert max(s.channels[0][removed]) < min(s.channels[0][list(kept)])
@@ -78,7 +78,7 @@ def test_global_allocation_follows_scores_across_layers():
     s = scores(layer_shapes)
     s.channels[1] += 10.0  # layer 1's channels all matter more
     s.comparable = True
-    plan = select(s, layer_shapes, counts(layer_shapes), SelectConfig(ratio=0.3, units=("mlp",)))
+    plan = select(s, layer_shapes, counts(layer_shapes), SelectConfig(ratio=0.3, units=("channels",)))
     assert len(plan.layers[1].kept_channels) == 200
     assert len(plan.layers[0].kept_channels) < 200
 
@@ -88,7 +88,7 @@ def test_global_allocation_never_empties_a_module():
     s = scores(layer_shapes)
     s.channels[0] -= 100.0
     s.comparable = True
-    plan = select(s, layer_shapes, counts(layer_shapes), SelectConfig(ratio=0.6, units=("mlp",)))
+    plan = select(s, layer_shapes, counts(layer_shapes), SelectConfig(ratio=0.6, units=("channels",)))
     assert len(plan.layers[0].kept_channels) == 1
 
 
@@ -161,7 +161,7 @@ def test_width_and_depth_combine_in_one_plan_with_exact_accounting():
     s.comparable = True
     s.layers = torch.tensor([0.9, -5.0, 0.8, 0.7])  # block 1 is by far the least important
     params = counts(layer_shapes)
-    plan = select(s, layer_shapes, params, SelectConfig(ratio=0.4, units=("layers", "mlp", "heads")))
+    plan = select(s, layer_shapes, params, SelectConfig(ratio=0.4, units=("layers", "channels", "heads")))
     assert plan.kept_layers == [0, 2, 3]
     assert any(len(plan.layers[i].kept_channels) < 200 for i in plan.kept_layers)
     removed = layer_shapes[1].block_cost + sum(
@@ -178,6 +178,6 @@ def test_width_units_taken_before_their_block_is_removed_are_not_counted_twice()
     s.channels[1] -= 100.0  # block 1's channels go first ...
     s.layers = torch.tensor([0.9, -5.0, 0.8, 0.7])  # ... and then block 1 itself
     params = counts(layer_shapes)
-    plan = select(s, layer_shapes, params, SelectConfig(ratio=0.4, units=("layers", "mlp", "heads")))
+    plan = select(s, layer_shapes, params, SelectConfig(ratio=0.4, units=("layers", "channels", "heads")))
     assert plan.kept_layers == [0, 2, 3]
     assert abs(plan.params["achieved_ratio"] - 0.4) <= 3 * HIDDEN / params["non_embedding"]

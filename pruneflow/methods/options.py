@@ -1,0 +1,47 @@
+"""Options models of the methods that have options (``score.<method>.*`` in params.yaml). Pydantic only: the
+registry and params validation import this without torch."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# The paper's defaults, and ``fast``: sized for a CPU (minutes for the reference model, see BENCHMARKS.md).
+BONSAI_PRESETS = {
+    "paper": {"prune_frac": 0.05, "sub_models": 200, "n_windows": 32, "rows_per_forward": 32},
+    "fast": {"prune_frac": 0.05, "sub_models": 64, "n_windows": 8, "rows_per_forward": 8},
+}
+
+
+class BonsaiParams(Options):
+    """Bonsai's hyper-parameters; ``preset`` fills the ones not given explicitly."""
+
+    preset: Literal["paper", "fast"] = Field(
+        "paper", description="defaults for prune_frac, sub_models, n_windows, rows_per_forward")
+    prune_frac: float = Field(0.05, gt=0, lt=0.5, description="fraction of the original parameters per iteration")
+    sub_models: int = Field(200, ge=4, multiple_of=2, description="sub-models per iteration (draw/complement pairs)")
+    n_windows: int = Field(32, ge=1, description="calibration windows each sub-model is scored on")
+    prior: Literal["wanda_sp", "magnitude", "random"] = Field("wanda_sp", description="prior for sampling")
+    objective: Literal["ppl", "loss"] = Field("ppl", description="sub-model score: −perplexity (paper) or −loss")
+    drop_count: Literal["fixed", "varied"] = Field(
+        "varied", description="candidates a module drops per draw: int(f·n)+1 (paper) or uniform in 0..all")
+    per_parameter: bool = Field(True, description="rank units by importance per parameter removed")
+    shrink_to: Literal["zero", "prior"] = Field(
+        "prior", description="the lasso shrinks importances towards 0 (paper) or towards the scaled prior")
+    cv_folds: int = Field(5, ge=2, description="folds choosing the lasso penalty (Kendall τ)")
+    tolerance: float = Field(0.02, ge=0, lt=1, description="stop when the achieved ratio is this close")
+    rows_per_forward: int = Field(32, ge=1, description="(sub-model, window) rows per forward pass")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data):
+        if isinstance(data, dict):
+            preset = BONSAI_PRESETS.get(data.get("preset", "paper"), {})
+            data = {**preset, **data}
+        return data

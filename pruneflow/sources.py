@@ -1,0 +1,129 @@
+"""Where a model comes from: a local directory, or a Hugging Face hub id (``ORG/NAME``, optional ``@revision``).
+
+Hub ids are resolved by huggingface_hub (its cache, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``, ``HF_ENDPOINT``; a
+token only from the environment: ``HF_TOKEN`` or the one ``hf auth login`` stored). Only what pruneflow loads is
+fetched: configs, safetensors weights (sharded or not) and tokenizer files — never pickles, never remote code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pruneflow.errors import PruneflowError
+
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(@(?P<revision>[\w./-]+))?$")
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model as given (``name``) and the local directory that holds it."""
+
+    name: str
+    path: Path
+    repo_id: str | None = None
+    revision: str | None = None  # as asked (None: the default branch)
+    commit: str | None = None  # the snapshot the hub resolved it to
+
+    @property
+    def pinned(self) -> str:
+        """The name that always means these files: ``ORG/NAME@<commit>`` for hub models, the path otherwise."""
+        return f"{self.repo_id}@{self.commit}" if self.repo_id and self.commit else self.name
+
+
+def resolve(name: str | Path) -> ModelSource:
+    """A local checkpoint directory, or a hub id resolved through the local cache (downloading when allowed)."""
+    text = str(name)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise PruneflowError(f"checkpoint {text} is a file, not a directory")
+        return ModelSource(name=text, path=path)
+    match = HUB_ID.match(text)
+    if match is None or text.startswith((".", "/", "~")):
+        raise PruneflowError(f"checkpoint directory {text} does not exist (nor is it a hub id ORG/NAME[@REVISION])")
+    return _from_hub(text, match["repo"], match["revision"])
+
+
+def _from_hub(name: str, repo_id: str, revision: str | None) -> ModelSource:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    asked = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES)
+    except GatedRepoError:
+        raise PruneflowError(f"{repo_id} is a gated repository: accept its terms on the hub with your account, then "
+                             f"set HF_TOKEN to a token of that account (read from the environment only)") from None
+    except RevisionNotFoundError:
+        raise PruneflowError(f"{repo_id} has no revision {revision!r} (a branch, tag or commit)") from None
+    except RepositoryNotFoundError:
+        raise PruneflowError(f"{name} is neither a local directory nor a model on the hub ({constants.ENDPOINT}); "
+                             f"a private repository needs HF_TOKEN") from None
+    except HFValidationError as err:
+        raise PruneflowError(f"{name} is neither a local directory nor a valid hub id: {err}") from None
+    except (LocalEntryNotFoundError, OSError) as err:
+        raise PruneflowError(_not_cached(name, asked, repo_id, revision, err)) from None
+    folder = Path(folder)
+    return ModelSource(name=name, path=folder, repo_id=repo_id, revision=revision, commit=folder.name)
+
+
+def _not_cached(name: str, asked: str, repo_id: str, revision: str | None, err: Exception) -> str:
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    cache = Path(constants.HF_HUB_CACHE)
+    repo_dir = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
+    offline = constants.HF_HUB_OFFLINE
+    why = "downloads are off (HF_HUB_OFFLINE=1)" if offline else f"the hub did not answer ({str(err).splitlines()[-1][:200]})"
+    if repo_dir.is_dir():
+        cached = sorted({p.name for p in (repo_dir / "refs").glob("*")} | {p.name for p in (repo_dir / "snapshots").glob("*")})
+        return (f"revision {revision or 'main'!r} of {repo_id} is not in the Hugging Face cache {cache} "
+                f"(cached: {', '.join(cached) or 'nothing complete'}) and {why}")
+    return (f"{name} is neither a local directory nor a model in the Hugging Face cache {cache}, and {why}; "
+            f"download {asked} where the hub is reachable (`hf download {repo_id}`) or set HF_HUB_CACHE")
+
+
+def fingerprint(source: ModelSource, cache_file: Path | None = None) -> dict:
+    """What identifies a model's content, for the pipeline's first stage: the hub commit and each file's blob id
+    (the cache names blobs by their sha256/git hash), or the sha256 of every file of a local directory (cached
+    in ``cache_file`` by path, size, mtime and inode, so an unchanged directory is not read again)."""
+    files = sorted(p for p in source.path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if source.repo_id:
+        digests = {str(p.relative_to(source.path)): Path(os.path.realpath(p)).name if p.is_symlink() else _sha256(p)
+                   for p in files}
+        return {"model": source.name, "repo_id": source.repo_id, "revision": source.revision,
+                "commit": source.commit, "files": digests}
+    known = _read_json(cache_file) if cache_file else {}
+    digests, seen = {}, {}
+    for p in files:
+        stat = p.stat()
+        key = f"{p.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
+        digests[str(p.relative_to(source.path))] = seen[key] = known.get(key) or _sha256(p)
+    if cache_file and seen != known:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(seen, indent=0))
+        os.replace(tmp, cache_file)
+    return {"model": source.name, "files": digests}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}

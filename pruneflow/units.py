@@ -1,0 +1,19 @@
+"""The one vocabulary for what pruning removes.
+
+Unit types — ``prune.units``, the fields of ``Scores``, a layer's widths, Bonsai's modules:
+    heads      attention heads (query heads; with GQA, removed as ``head_mode`` says)
+    channels   MLP intermediate channels (one row of gate/up and one column of down each)
+    layers     whole decoder blocks
+Head modes — ``prune.head_mode``, how GQA heads are removed so every KV group keeps the same size:
+    query      one query head from every KV group of a layer at a time
+    group      one whole KV group (its KV head and its query heads) at a time
+    auto       whichever of the two removes fewer parameters per step
+Selection units — what ``plan.select`` ranks and removes, one of: a ``channel``, a ``query`` step, a
+``group``, a ``layer``.
+"""
+
+UNIT_TYPES = ("heads", "channels", "layers")
+WIDTH_UNITS = ("heads", "channels")
+HEAD_MODES = ("auto", "query", "group")
+ALLOCATIONS = ("uniform", "global")
+ALIASES = {"mlp": "channels"}  # the name params files used before; still read
