@@ -21,35 +21,34 @@ def main() -> None:
     from pruneflow import calibration as C
     from pruneflow import checkpoint
     from pruneflow.methods import bonsai
+    from pruneflow.runtime import Runtime
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sub-models", type=int, default=32)
     parser.add_argument("--n-windows", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto")
     parser.add_argument("--multiples", type=int, nargs="+", default=[1, 2, 4, 8])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, tokenizer, spec = checkpoint.load(ROOT / "models" / "reference")
-    model.to(args.device)
+    runtime = Runtime.create(args.device)
+    model, tokenizer, spec = checkpoint.load(ROOT / "models" / "reference", runtime)
     windows, _ = C.prepare(tokenizer, "corpus", args.n_windows, args.seqlen, 0)
     modules = bonsai.layout(model, spec, ("channels", "heads"), "auto")
-    priors = bonsai.unit_priors(model, spec, windows, modules, "wanda_sp", 0)
+    priors = bonsai.unit_priors(model, spec, windows, runtime, modules, "wanda_sp", 0)
     keep, _ = bonsai.sample_masks(modules, priors, 0.05, args.sub_models, "fixed", torch.Generator().manual_seed(0))
-    bonsai.submodel_losses(model, spec, modules, keep[:2], windows, args.n_windows)  # warm-up
-    print(f"{args.sub_models} sub-models × {args.n_windows} windows × {args.seqlen} tokens on {args.device} "
+    bonsai.submodel_losses(model, spec, modules, keep[:2], windows, args.n_windows, runtime)  # warm-up
+    print(f"{args.sub_models} sub-models × {args.n_windows} windows × {args.seqlen} tokens on {runtime.device} "
           f"({platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__})\n")
     print("| rows per forward | sub-models per forward | s / sub-model | vs naive |\n|---:|---:|---:|---:|")
     baseline, reference = None, None
     for multiple in args.multiples:
         rows = multiple * args.n_windows
-        if args.device == "cuda":
-            torch.cuda.synchronize()
+        runtime.synchronize()
         started = time.perf_counter()
-        losses = bonsai.submodel_losses(model, spec, modules, keep, windows, rows)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
+        losses = bonsai.submodel_losses(model, spec, modules, keep, windows, rows, runtime)
+        runtime.synchronize()
         per_model = (time.perf_counter() - started) / args.sub_models
         baseline = baseline or per_model
         reference = losses if reference is None else reference

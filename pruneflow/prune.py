@@ -126,6 +126,7 @@ def prune_iteratively(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneP
             raise PruneflowError(f"{method} iteration {k} removed nothing: every remaining unit is protected; "
                                  f"lower prune.ratio or allow more unit types")
         apply(model, plan, spec)
+        runtime.free()  # the sliced-away weights and the iteration's activations
         summary["achieved_ratio"] = (original - A.count_parameters(model)["non_embedding"]) / original
         steps.append(plan)
         summaries.append(summary)

@@ -7,13 +7,13 @@ fetched: configs, safetensors weights (sharded or not) and tokenizer files — n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from pruneflow.corpus import sha256_file
 from pruneflow.errors import PruneflowError
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(@(?P<revision>[\w./-]+))?$")
@@ -81,9 +81,10 @@ def _not_cached(name: str, asked: str, repo_id: str, revision: str | None, err: 
     cache = Path(constants.HF_HUB_CACHE)
     repo_dir = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
     offline = constants.HF_HUB_OFFLINE
-    why = "downloads are off (HF_HUB_OFFLINE=1)" if offline else f"the hub did not answer ({str(err).splitlines()[-1][:200]})"
+    why = ("downloads are off (HF_HUB_OFFLINE=1)" if offline
+           else f"the hub did not answer ({str(err).splitlines()[-1][:200]})")
     if repo_dir.is_dir():
-        cached = sorted({p.name for p in (repo_dir / "refs").glob("*")} | {p.name for p in (repo_dir / "snapshots").glob("*")})
+        cached = sorted({p.name for folder in ("refs", "snapshots") for p in (repo_dir / folder).glob("*")})
         return (f"revision {revision or 'main'!r} of {repo_id} is not in the Hugging Face cache {cache} "
                 f"(cached: {', '.join(cached) or 'nothing complete'}) and {why}")
     return (f"{name} is neither a local directory nor a model in the Hugging Face cache {cache}, and {why}; "
@@ -96,8 +97,8 @@ def fingerprint(source: ModelSource, cache_file: Path | None = None) -> dict:
     in ``cache_file`` by path, size, mtime and inode, so an unchanged directory is not read again)."""
     files = sorted(p for p in source.path.rglob("*") if p.is_file() and not p.name.startswith("."))
     if source.repo_id:
-        digests = {str(p.relative_to(source.path)): Path(os.path.realpath(p)).name if p.is_symlink() else _sha256(p)
-                   for p in files}
+        digests = {str(p.relative_to(source.path)): Path(os.path.realpath(p)).name if p.is_symlink()
+                   else sha256_file(p) for p in files}
         return {"model": source.name, "repo_id": source.repo_id, "revision": source.revision,
                 "commit": source.commit, "files": digests}
     known = _read_json(cache_file) if cache_file else {}
@@ -105,21 +106,13 @@ def fingerprint(source: ModelSource, cache_file: Path | None = None) -> dict:
     for p in files:
         stat = p.stat()
         key = f"{p.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
-        digests[str(p.relative_to(source.path))] = seen[key] = known.get(key) or _sha256(p)
+        digests[str(p.relative_to(source.path))] = seen[key] = known.get(key) or sha256_file(p)
     if cache_file and seen != known:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
         tmp.write_text(json.dumps(seen, indent=0))
         os.replace(tmp, cache_file)
     return {"model": source.name, "files": digests}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_json(path: Path) -> dict:

@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from pruneflow.graph import RESOURCES
 
 EXPERIMENT = "pruneflow"
-STAGE_FILES = {"score": ["scores/scores.json", "scores/iterations.json"], "prune": ["model/plan.json"],
+STAGE_FILES = {"source": ["source.json"], "score": ["scores/scores.json", "scores/iterations.json"], "prune": ["model/plan.json"],
                "recover": ["recovered/recovery.json", "recovered/loss.csv"], "evaluate": ["metrics.json", "report"]}
 
 

@@ -183,6 +183,7 @@ def submodel_losses(model, spec, modules: list[Module], keep: torch.Tensor, wind
         with unit_masks(model, spec, heads, channels):
             row_nll = token_nll(model, batch).contiguous().sum(1)  # (B,)
         nll.index_add_(0, owner, row_nll.double().cpu())
+        runtime.release_host()
     return nll / (n * (length - 1))
 
 
@@ -198,6 +199,7 @@ def score(model, spec, windows, runtime=None, seed: int = 0, config: BonsaiParam
     modules = layout(model, spec, units, head_mode)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + iteration)
     priors = unit_priors(model, spec, windows, runtime, modules, config.prior, seed * 1_000_003 + iteration)
+    runtime.free()  # the prior's forward pass is done: its activations are not needed by the sub-models
     keep, candidates = sample_masks(modules, priors, config.prune_frac, config.sub_models, config.drop_count,
                                     generator)
     losses = submodel_losses(model, spec, modules, keep, windows[: config.n_windows], config.rows_per_forward,

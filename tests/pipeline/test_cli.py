@@ -89,6 +89,17 @@ BAD = {
     "round-to too large": (lambda t, c: [], ["--round-to", 512], "prune.round_to=512 is larger than layer 0"),
     "empties attention": (lambda t, c: [], ["--ratio", 0.9, "--allocation", "uniform", "--units", "heads"],
                           "would remove all attention heads of layer 0"),
+    "cuda without CUDA": (lambda t, c: [], ["--device", "cuda"], "device 'cuda': this torch build has no CUDA"),
+    "cuda:1 without CUDA": (lambda t, c: [], ["--device", "cuda:1"], "device 'cuda:1': this torch build has no"),
+    "mps elsewhere": (lambda t, c: [], ["--device", "mps"], "device 'mps': MPS (Apple GPU) is not available here"),
+    "unknown device": (lambda t, c: [], ["--device", "gpu"], "runtime.device: String should match pattern"),
+    "unknown dtype": (lambda t, c: [], ["--dtype", "int8"], "runtime.dtype: Input should be 'auto', 'bfloat16'"),
+    "bonsai uniform": (lambda t, c: [], ["--method", "bonsai", "--allocation", "uniform"],
+                       "prune.allocation: bonsai removes units globally"),
+    "depth method, width units": (lambda t, c: [], ["--method", "sleb", "--units", "channels"],
+                                  "prune.units: method sleb scores layers, not channels"),
+    "width method, layers": (lambda t, c: [], ["--method", "flap", "--units", "layers"],
+                             "prune.units: method flap scores heads, channels, not layers; depth methods"),
 }
 
 
@@ -122,6 +133,30 @@ def test_bad_checkpoints_fail_cleanly(case, message, tiny_checkpoint, calibratio
     assert result.exit_code == 2
     assert re.search(message, " ".join(result.output.split())), result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["taylor", "sleb", "bonsai"])
+def test_a_loss_based_method_on_an_encoder_is_refused_before_any_work(method, tmp_path, calibration_txt,
+                                                                       tiny_tokenizer):
+    from conftest import tiny_bert
+
+    path = tmp_path / "bert"
+    tiny_bert(vocab_size=len(tiny_tokenizer)).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    result = run(*prune_args(path, tmp_path / "pruned", calibration_txt, "--method", method))
+    assert result.exit_code == 2
+    assert f"method {method} scores by next-token loss and needs a causal LM" in " ".join(result.output.split())
+    assert "calibration:" not in result.output and not (tmp_path / "pruned").exists()
+
+
+def test_bonsai_just_works_with_its_own_allocation(tiny_checkpoint, calibration_txt, tmp_path):
+    """`--method bonsai --ratio R` without --allocation: auto means global for Bonsai."""
+    result = run(*prune_args(tiny_checkpoint, tmp_path / "pruned", calibration_txt, "--method", "bonsai",
+                             "--ratio", "0.1", "--set", "score.bonsai.preset=fast", "--set",
+                             "score.bonsai.sub_models=8", "--set", "score.bonsai.n_windows=4"))
+    assert result.exit_code == 0, result.output
+    plan = json.loads((tmp_path / "pruned" / "plan.json").read_text())
+    assert plan["allocation"] == "global" and plan["units"] == ["heads", "channels"]
 
 
 def test_calibration_source_too_short(tiny_checkpoint, tmp_path):

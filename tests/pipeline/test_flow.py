@@ -111,3 +111,39 @@ def test_a_failing_stage_fails_the_run_with_its_own_message(prefect_api, project
     # an override run works in a worktree: the checkout gets nothing but the shared state (file digests)
     assert [p.name for p in (project / "artifacts").iterdir()] == [".state"]
     assert _sh(["git", "worktree", "list"], project).count("\n") == 1
+
+
+def test_the_flow_prunes_a_bf16_hub_model_from_the_local_cache(prefect_api, tmp_path, bf16_checkpoint,
+                                                               calibration_txt, monkeypatch):
+    """`model: ORG/NAME` in params.yaml, resolved offline from a real cache layout: bf16 in, bf16 and smaller
+    out, loadable with transformers; DVC tracks the hub commit through the source stage's record."""
+    import huggingface_hub.constants as constants
+    import yaml
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from flows.pipeline import pipeline
+    from pruneflow.evaluate import size_on_disk
+    from pruneflow.params import load_params
+    from tests.conftest import hub_cache, make_project
+
+    cache = tmp_path / "hf-cache"
+    commit = hub_cache(cache, "org/tiny-bf16", bf16_checkpoint)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))  # the stage processes
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # this one
+    project = make_project(tmp_path, bf16_checkpoint, calibration_txt)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["model"] = "org/tiny-bf16"
+    params["recover"]["enabled"] = False
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _sh(["git", "commit", "-qam", "a hub model"], project)
+    result = pipeline(params=load_params(project / "params.yaml"), repo=str(project), run_name="hub")
+    artifacts = project / "artifacts"
+    assert json.loads((artifacts / "source.json").read_text())["commit"] == commit
+    with safe_open(next((artifacts / "model").glob("*.safetensors")), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    snapshot = cache / "models--org--tiny-bf16" / "snapshots" / commit
+    assert size_on_disk(artifacts / "model") < size_on_disk(snapshot)
+    loaded = AutoModelForCausalLM.from_pretrained(artifacts / "model", trust_remote_code=True)
+    assert str(loaded.dtype) == "torch.bfloat16"
+    assert result["metrics"]["final"] == "pruned" and result["metrics"]["pruned"]["test_ppl"] > 0

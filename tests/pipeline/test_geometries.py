@@ -94,13 +94,17 @@ def _allocations(method):
     return [a for a in ("uniform", "global") if a in METHODS[method].allocations]
 
 
+def _fresh(geometry: str):
+    """A new model of the geometry with its ArchSpec and head geometry (each allocation prunes its own)."""
+    model = geometry_model(geometry)
+    return model, A.arch_for(model.config.model_type), A.geometry(model.config)
+
+
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 @pytest.mark.parametrize("method", SOUND)
 def test_query_mode_removes_the_planted_head_of_every_kv_group_first(geometry, method):
     for allocation in _allocations(method):
-        model = geometry_model(geometry)
-        spec = A.arch_for(model.config.model_type)
-        geo = A.geometry(model.config)
+        model, spec, geo = _fresh(geometry)
         planted = [g * geo.group_size + (g % geo.group_size) for g in range(geo.num_kv_heads)]
         weaken_heads(model, spec, [planted] * 2)
         plan = _prune(model, spec, method, ratio_for(model, spec, "query"), ["heads"], allocation, "query")
@@ -113,9 +117,7 @@ def test_query_mode_removes_the_planted_head_of_every_kv_group_first(geometry, m
 @pytest.mark.parametrize("method", SOUND)
 def test_group_mode_removes_the_planted_kv_group_first(geometry, method):
     for allocation in _allocations(method):
-        model = geometry_model(geometry)
-        spec = A.arch_for(model.config.model_type)
-        geo = A.geometry(model.config)
+        model, spec, geo = _fresh(geometry)
         weak = geo.num_kv_heads - 2
         heads = weaken_groups(model, spec, weak)
         plan = _prune(model, spec, method, ratio_for(model, spec, "group"), ["heads"], allocation, "group")
@@ -128,8 +130,7 @@ def test_group_mode_removes_the_planted_kv_group_first(geometry, method):
 @pytest.mark.parametrize("method", SOUND)
 def test_planted_weak_channels_go_first(geometry, method):
     for allocation in _allocations(method):
-        model = geometry_model(geometry)
-        spec = A.arch_for(model.config.model_type)
+        model, spec, _ = _fresh(geometry)
         planted = list(range(3, 96, 8))  # 12 of 96
         weaken_channels(model, spec, planted)
         plan = _prune(model, spec, method, ratio_for(model, spec, "channel", len(planted)), ["channels"], allocation)
@@ -141,9 +142,7 @@ def test_planted_weak_channels_go_first(geometry, method):
 def test_bonsai_query_mode_removes_heads_weak_in_only_one_kv_group(geometry):
     """Candidates for one query step must exist in every KV group: with the weakest heads all in one group, a
     layer-wide candidate pool leaves the other groups' steps at +inf and no head could ever be removed."""
-    model = geometry_model(geometry)
-    spec = A.arch_for(model.config.model_type)
-    geo = A.geometry(model.config)
+    model, spec, geo = _fresh(geometry)
     weak = [0, 1]  # two heads of KV group 0, in every layer
     weaken_heads(model, spec, [weak] * 2)
     plan = _prune(model, spec, "bonsai", ratio_for(model, spec, "query"), ["heads"], head_mode="query")

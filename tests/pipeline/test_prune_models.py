@@ -134,3 +134,25 @@ def test_existing_output_directory_is_never_replaced_without_force(tmp_path):
         checkpoint.save(model, None, tmp_path / "out", spec)
     assert (tmp_path / "out" / "user-file.txt").read_text() == "mine"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp dir left behind
+
+
+def test_taylor_holds_gradients_of_the_scored_projections_only(monkeypatch):
+    """Embeddings, norms and the LM head get no gradient (for a 128k vocabulary that is 2 × 0.5B values)."""
+    from pruneflow import losses
+    from pruneflow.methods import taylor
+
+    model = tiny_causal_lm("llama")
+    spec = A.arch_for("llama")
+    seen, real = [], losses.training_losses
+
+    def spy(model_, batch, *rest):
+        seen.append({n for n, p in model_.named_parameters() if p.requires_grad})
+        return real(model_, batch, *rest)
+
+    monkeypatch.setattr(taylor, "training_losses", spy)
+    prune(model, spec, "taylor", PruneParams(ratio=0.3), WINDOWS)
+    projections = {n for n, _ in model.named_parameters() if n.split(".")[-2].endswith("_proj")}
+    assert seen and all(s == projections for s in seen)
+    assert not any("embed" in n or "norm" in n or "lm_head" in n for n in seen[0])
+    assert all(p.requires_grad for p in model.parameters())  # restored afterwards
+    assert all(p.grad is None for p in model.parameters())

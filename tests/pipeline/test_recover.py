@@ -83,3 +83,51 @@ def test_a_target_the_model_does_not_have_is_a_clear_error():
         recover(model, WINDOWS, spec, CFG.model_copy(update={"targets": ["q", "gate"]}))
     with pytest.raises(ValueError, match="targets must be a non-empty subset"):
         RecoverParams(targets=["lm_head"])
+
+
+def test_precomputed_teacher_states_train_exactly_as_the_teacher_in_memory(pruned):
+    """The teacher's hidden states computed once before training (then the teacher can be freed) give the same
+    recovered weights, bit for bit, as running the teacher at every step."""
+    from pruneflow.recover import teacher_states
+
+    model, dense, spec = pruned
+    cfg = CFG.model_copy(update={"steps": 6, "distill_weight": 0.5})
+    live = recover(copy.deepcopy(model), WINDOWS, spec, cfg, teacher=dense).model.state_dict()
+    states = teacher_states(dense, WINDOWS, cfg)
+    assert len(states.states) == cfg.steps and states.states[0].shape == (cfg.batch_size, 32, 64)
+    cached = recover(copy.deepcopy(model), WINDOWS, spec, cfg, teacher=states).model.state_dict()
+    assert all(torch.equal(live[k], cached[k]) for k in live)
+
+
+def test_the_teacher_states_are_kept_only_when_smaller_than_the_teacher():
+    from pruneflow.recover import precompute_pays
+
+    class Config:
+        hidden_size = 4096
+
+    # Llama-3-8B as teacher (16 GB in bf16), 200 steps × 8 × 256 tokens: 3.4 GB of states
+    assert precompute_pays(Config, 16 * 2**30, RecoverParams(), torch.bfloat16)
+    # the reference model (32 MB in fp32, hidden 256): 420 MB of states, so the teacher stays
+    Config.hidden_size = 256
+    assert not precompute_pays(Config, 32 * 10**6, RecoverParams(), torch.float32)
+
+
+def test_a_teacher_with_another_head_is_refused(pruned):
+    model, _, spec = pruned
+    other = tiny_causal_lm("llama", seed=5)
+    with pytest.raises(PruneflowError, match="the pruned model's LM head is not the dense model's"):
+        recover(model, WINDOWS, spec, CFG.model_copy(update={"steps": 1}), teacher=other)
+
+
+def test_gradient_checkpointing_changes_memory_not_the_result(pruned):
+    model, dense, spec = pruned
+    cfg = CFG.model_copy(update={"steps": 4})
+    plain = recover(copy.deepcopy(model), WINDOWS, spec, cfg.model_copy(update={"gradient_checkpointing": False}),
+                    teacher=dense)
+    checkpointed = recover(copy.deepcopy(model), WINDOWS, spec,
+                           cfg.model_copy(update={"gradient_checkpointing": True}), teacher=dense)
+    assert checkpointed.gradient_checkpointing and not plain.gradient_checkpointing
+    assert not checkpointed.model.is_gradient_checkpointing  # switched off again for inference
+    for (name, a), b in zip(plain.model.state_dict().items(), checkpointed.model.state_dict().values()):
+        assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert plain.history[-1]["loss"] == pytest.approx(checkpointed.history[-1]["loss"], rel=1e-5)

@@ -133,3 +133,28 @@ def test_iterative_state_goes_where_the_flow_points_it(params_file, tmp_path, mo
     assert stage("calibrate", params_file, artifacts).exit_code == 0
     assert stage("score", params_file, artifacts, *bonsai).exit_code == 0
     assert any((tmp_path / "main" / "state").iterdir()) and not (artifacts / ".state").exists()
+
+
+def test_evaluate_holds_one_model_at_a_time(tiny_checkpoint, tmp_path, monkeypatch):
+    """Dense, pruned and recovered are loaded, measured and freed in turn: never two in memory at once."""
+    import gc
+    import weakref
+
+    from pruneflow import checkpoint as ckpt
+    from pruneflow.evaluate import evaluate_dirs
+    from pruneflow.params import EvaluateParams
+
+    loaded, real_load = [], ckpt.load
+
+    def tracking_load(*args, **kwargs):
+        gc.collect()
+        assert all(ref() is None for ref in loaded), "a previous model is still alive"
+        result = real_load(*args, **kwargs)
+        loaded.append(weakref.ref(result[0]))
+        return result
+
+    monkeypatch.setattr(ckpt, "load", tracking_load)
+    rows = evaluate_dirs({"a": tiny_checkpoint, "b": tiny_checkpoint, "c": tiny_checkpoint},
+                         EvaluateParams(max_windows=2, speed=True, decode_tokens=4))
+    assert len(loaded) == 3 and list(rows) == ["a", "b", "c"]
+    assert all(row["prefill_ms"] > 0 and row["decode_tok_s"] > 0 for row in rows.values())
