@@ -45,8 +45,8 @@ def stage_names(workspace: Path) -> list[str]:
 
 @flow(name="pruneflow", log_prints=True)
 def pipeline(params: Params = Params(), repo: str = ".", run_name: str | None = None) -> dict:
-    """Prune with ``params``: calibrate → score → prune → recover → evaluate, unchanged stages served from
-    DVC's cache; tracked in MLflow, outputs pushed to the DVC remote, a report published as an artifact."""
+    """Prune with ``params``: source → calibrate → score → prune → recover → evaluate, unchanged stages served
+    from DVC's cache; tracked in MLflow, outputs pushed to the DVC remote, a report published as an artifact."""
     run_name = run_name or f"run-{flow_run.get_name() or 'local'}"
     record_process()  # so a later run can tell if this one died
     repo_path = Path(repo).resolve()
@@ -55,10 +55,15 @@ def pipeline(params: Params = Params(), repo: str = ".", run_name: str | None = 
     version = code_version(repo_path)
     preflight(str(repo_path))
     in_place = load_params(repo_path / "params.yaml") == params
+    with exclusive(repo_path) if in_place else nullcontext():  # a second in-place run stops here, at once
+        return _run(params, repo_path, run_name, version)
+
+
+def _run(params: Params, repo_path: Path, run_name: str, version: str) -> dict:
     run_id = tracking.start_run(str(repo_path), params.model_dump(), run_name, {
         "pruneflow.code_version": version, "prefect.flow_run_id": str(flow_run.get_id() or "")})
     status = "FAILED"
-    with exclusive(repo_path) if in_place else nullcontext(), tracking.system_metrics(str(repo_path), run_id):
+    with tracking.system_metrics(str(repo_path), run_id):
         workspace = open_workspace(str(repo_path), params, run_name)
         try:
             path = Path(workspace["path"])
@@ -76,7 +81,8 @@ def pipeline(params: Params = Params(), repo: str = ".", run_name: str | None = 
             table = report.read_text().split("\n![")[0] if report.exists() else run_table({run_name: metrics})
             create_markdown_artifact(markdown=f"# {run_name}\n\n{table}", key="pruneflow-report",
                                      description=f"dense vs pruned vs recovered, {run_name}")
-            model = tracking.register_model(str(repo_path), run_id, str(path), f"{Path(params.model).name}-pruned")
+            name = Path(params.model.partition("@")[0]).name  # a hub id's revision is no part of the name
+            model = tracking.register_model(str(repo_path), run_id, str(path), f"{name}-pruned")
             remote = push(workspace)
             experiment = save_experiment(workspace, run_name) if workspace["isolated"] else None
             status = "FINISHED"

@@ -173,6 +173,8 @@ def train_lora(model: nn.Module, windows: torch.Tensor, spec: ArchSpec, cfg: Rec
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _schedule(step, cfg))
     device = runtime.input_device(model)
+    # fp16 activations underflow in the backward pass without loss scaling (bf16 and fp32 do not need it)
+    scaler = torch.amp.GradScaler(device.type, enabled=next(model.parameters()).dtype == torch.float16)
     history = []
     bar = tqdm(batch_order(len(windows), cfg), desc="recover (LoRA)", unit="step")
     for step, rows in enumerate(bar):
@@ -186,8 +188,9 @@ def train_lora(model: nn.Module, windows: torch.Tensor, spec: ArchSpec, cfg: Rec
         ce, kd = training_losses(student, batch, target)
         loss = ce + cfg.distill_weight * kd
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         history.append({"step": step, "loss": loss.item(), "ce": ce.item(), "kd": kd.item(),
                         "lr": scheduler.get_last_lr()[0]})
         scheduler.step()

@@ -34,6 +34,24 @@ def _client(repo: Path):
     return MlflowClient(tracking_uri(repo))
 
 
+@contextmanager
+def _local_store_lock(repo: Path):
+    """An exclusive lock while the checkout's own SQLite store (``mlflow.db``) is opened; nothing for a server."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        yield
+        return
+    import fcntl
+
+    lock = Path(repo).resolve() / ".dvc" / "tmp" / "mlflow-store.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _experiment(client, repo: Path) -> str:
     found = client.get_experiment_by_name(EXPERIMENT)
     if found is not None:
@@ -82,8 +100,10 @@ def start_run(repo: str, params: dict, run_name: str, tags: dict[str, str]) -> s
     """The parent run: flattened params, tags (code version, Prefect flow-run id); returns its id."""
     from mlflow.entities import Param
 
-    client = _client(Path(repo))
-    run = client.create_run(_experiment(client, Path(repo)), run_name=run_name, tags=tags)
+    with _local_store_lock(Path(repo)):  # two runs creating the local SQLite store at once race its migrations
+        client = _client(Path(repo))
+        experiment = _experiment(client, Path(repo))
+    run = client.create_run(experiment, run_name=run_name, tags=tags)
     client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in flatten(params).items()])
     return run.info.run_id
 

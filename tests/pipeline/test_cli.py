@@ -143,7 +143,8 @@ def test_a_loss_based_method_on_an_encoder_is_refused_before_any_work(method, tm
     path = tmp_path / "bert"
     tiny_bert(vocab_size=len(tiny_tokenizer)).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
-    result = run(*prune_args(path, tmp_path / "pruned", calibration_txt, "--method", method))
+    result = run(*prune_args(path, tmp_path / "pruned", calibration_txt, "--method", method,
+                             "--set", "score.bonsai.n_windows=4"))
     assert result.exit_code == 2
     assert f"method {method} scores by next-token loss and needs a causal LM" in " ".join(result.output.split())
     assert "calibration:" not in result.output and not (tmp_path / "pruned").exists()

@@ -131,3 +131,17 @@ def test_gradient_checkpointing_changes_memory_not_the_result(pruned):
     for (name, a), b in zip(plain.model.state_dict().items(), checkpointed.model.state_dict().values()):
         assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     assert plain.history[-1]["loss"] == pytest.approx(checkpointed.history[-1]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_recovery_of_a_16_bit_model_learns_and_keeps_its_dtype(dtype):
+    """fp16 trains with loss scaling (its gradients underflow otherwise); bf16 without; adapters merge in."""
+    dense = tiny_causal_lm("llama").to(dtype)
+    model = copy.deepcopy(dense)
+    spec = A.arch_for("llama")
+    prune(model, spec, "wanda_sp", PruneParams(ratio=0.3), WINDOWS[:8])
+    before = loss_on(model)
+    result = recover(model, WINDOWS, spec, CFG, teacher=dense)
+    assert {p.dtype for p in result.model.parameters()} == {dtype}
+    assert loss_on(result.model) < before - 0.05
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
