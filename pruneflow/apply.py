@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from pruneflow import arch as A
+from pruneflow import streaming
 from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
 from pruneflow.modeling_pruneflow import resize_block
@@ -57,6 +58,21 @@ def _compensation(weight: torch.Tensor, kept: torch.Tensor, mean: torch.Tensor) 
     return weight[:, removed].to(dtype) @ mean.to(device=weight.device, dtype=dtype)[removed]
 
 
+def block_widths(block: nn.Module, spec: ArchSpec, layer: LayerPlan, o_bias: bool, down_bias: bool) -> dict:
+    """The widths ``layer`` leaves ``block`` with; ``o_bias``/``down_bias``: a compensation bias is added."""
+    return {"heads": len(layer.kept_heads), "kv_heads": len(layer.kept_kv_heads), "channels": len(layer.kept_channels),
+            "o_bias": A.get(block, spec.o).bias is not None or o_bias,
+            "down_bias": A.get(block, spec.down).bias is not None or down_bias}
+
+
+def compensated(block: nn.Module, spec: ArchSpec, layer: LayerPlan, plan: PrunePlan,
+                head_dim: int) -> tuple[bool, bool]:
+    """Whether ``plan`` adds a compensation bias to the block's o_proj / down_proj: only where it removes units."""
+    heads_cut = len(layer.kept_heads) < A.get(block, spec.q).out_features // head_dim
+    channels_cut = len(layer.kept_channels) < A.get(block, spec.up).out_features
+    return plan.compensate and heads_cut, plan.compensate and channels_cut
+
+
 @torch.no_grad()
 def _apply_block(block: nn.Module, spec: ArchSpec, layer: LayerPlan, head_dim: int,
                  attn_mean: torch.Tensor | None, mlp_mean: torch.Tensor | None) -> None:
@@ -67,10 +83,8 @@ def _apply_block(block: nn.Module, spec: ArchSpec, layer: LayerPlan, head_dim: i
     channels = torch.tensor(layer.kept_channels, dtype=torch.long)
     o_extra = _compensation(old["o"].weight, q_rows, attn_mean) if attn_mean is not None else None
     down_extra = _compensation(old["down"].weight, channels, mlp_mean) if mlp_mean is not None else None
-    widths = {"heads": len(layer.kept_heads), "kv_heads": len(layer.kept_kv_heads), "channels": len(channels),
-              "o_bias": old["o"].bias is not None or o_extra is not None,
-              "down_bias": old["down"].bias is not None or down_extra is not None}
-    resize_block(block, spec.to_dict(), widths, head_dim)
+    resize_block(block, spec.to_dict(), block_widths(block, spec, layer, o_extra is not None, down_extra is not None),
+                 head_dim)
     rows = {"q": q_rows, "k": kv_rows, "v": kv_rows, "gate": channels, "up": channels}
     for name, index in rows.items():
         if name in old:
@@ -89,19 +103,26 @@ def _apply_block(block: nn.Module, spec: ArchSpec, layer: LayerPlan, head_dim: i
             new.bias.copy_(bias + (extra if extra is not None else 0))
 
 
+def apply_block(block: nn.Module, spec: ArchSpec, plan: PrunePlan, scores: Scores | None, i: int,
+                head_dim: int) -> None:
+    """Slice block ``i`` to what ``plan`` keeps of it (with its compensation bias)."""
+    layer = plan.layers[i]
+    o_bias, down_bias = compensated(block, spec, layer, plan, head_dim)
+    _apply_block(block, spec, layer, head_dim, scores.attn_mean[i] if o_bias else None,
+                 scores.mlp_mean[i] if down_bias else None)
+
+
 def apply(model: nn.Module, plan: PrunePlan, spec: ArchSpec, scores: Scores | None = None) -> nn.Module:
     """Slice the model in place to what ``plan`` keeps; with ``plan.compensate``, add FLAP bias compensation."""
     shapes = layer_shapes(model, spec)
     _check(plan, shapes)
     if plan.compensate and (scores is None or scores.attn_mean is None):
         raise PruneflowError(f"method {plan.method!r} provides no activation means for bias compensation")
-    geo = A.geometry(model.config)
-    for i, (block, layer, shape) in enumerate(zip(A.blocks(model, spec), plan.layers, shapes)):
-        heads_cut = len(layer.kept_heads) < shape.heads
-        channels_cut = len(layer.kept_channels) < shape.channels
-        _apply_block(block, spec, layer, geo.head_dim,
-                     scores.attn_mean[i] if plan.compensate and heads_cut else None,
-                     scores.mlp_mean[i] if plan.compensate and channels_cut else None)
+    if streaming.is_streamed(model):  # the weights are sliced while they are written (streaming.write_weights)
+        streaming.record(model, plan, scores, spec)
+        return model
+    for i, block in enumerate(A.blocks(model, spec)):
+        apply_block(block, spec, plan, scores, i, A.geometry(model.config).head_dim)
     if plan.kept_layers is not None and len(plan.kept_layers) < len(shapes):
         remove_layers(model, spec, plan.kept_layers)
     return model

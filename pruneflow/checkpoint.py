@@ -20,11 +20,12 @@ from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
 from pruneflow import arch as A
-from pruneflow import modeling_pruneflow
+from pruneflow import modeling_pruneflow, streaming
 from pruneflow.arch import ArchSpec
 from pruneflow.atomic import atomic_dir
 from pruneflow.errors import PruneflowError
 from pruneflow.runtime import Runtime
+from pruneflow.sizes import format_size, parse_size
 from pruneflow.sources import ModelSource, resolve
 
 SHARD_SIZE = "5GB"  # the hub's convention: a 70B model is ~30 files, not one 140 GB file
@@ -89,25 +90,40 @@ def pruned_config(model: nn.Module, spec: ArchSpec):
 
 
 def save(model: nn.Module, tokenizer, out_dir: Path, spec: ArchSpec, extra_files: dict[str, str] | None = None,
-         overwrite: bool = False, dtype: torch.dtype | None = None, max_shard_size: str | int = SHARD_SIZE) -> dict:
+         overwrite: bool = False, dtype: torch.dtype | None = None, max_shard_size: str | int = SHARD_SIZE,
+         runtime: Runtime | None = None) -> dict:
     """Write the checkpoint atomically: everything goes to a temp dir renamed to ``out_dir`` at the end.
 
     ``dtype`` (the input checkpoint's, see :func:`stored_dtype`) is what the weights are written in: a model
     scored in float32 is cast to it first, in place. Weights above ``max_shard_size`` are sharded
-    (``model.safetensors.index.json``).
+    (``model.safetensors.index.json``). A streamed model (see :mod:`pruneflow.streaming`) is sliced block by
+    block as it is written, in shards no larger than its memory budget allows.
     """
-    if dtype is not None and model.dtype != dtype:
+    streamed = streaming.is_streamed(model)
+    if dtype is not None and model.dtype != dtype and not streamed:
         model.to(dtype)
     config = vanilla_config(model, spec)
     vanilla = config is not None
     config = config if vanilla else pruned_config(model, spec)
     with atomic_dir(out_dir, overwrite) as tmp:
-        original = model.config
-        model.config = config
-        try:
-            model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        finally:
-            model.config = original
+        if streamed:
+            shard = parse_size(max_shard_size)
+            if runtime is not None and runtime.max_memory:
+                shard = min(shard, max(1, runtime.max_memory // 4))  # the pending shard shares the budget
+            dtype = dtype or streaming.stream_of(model).dtype
+            streaming.write_weights(model, spec, tmp, dtype, shard, runtime)
+            config.dtype = dtype  # what save_pretrained records of a model cast to it
+            config.architectures = [type(model).__name__]  # as save_pretrained records it
+            config.save_pretrained(tmp)
+            if model.can_generate() and model.generation_config is not None:
+                model.generation_config.save_pretrained(tmp)
+        else:
+            original = model.config
+            model.config = config
+            try:
+                model.save_pretrained(tmp, max_shard_size=max_shard_size)
+            finally:
+                model.config = original
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if not vanilla:
@@ -163,11 +179,23 @@ def stored_dtype(path: Path | str | ModelSource) -> torch.dtype:
     return max(sizes, key=sizes.get)
 
 
-def load(source: Path | str | ModelSource, runtime: Runtime | None = None, with_tokenizer: bool = True):
+def compute_size(source: Path | str | ModelSource, runtime: Runtime) -> tuple[torch.dtype, int]:
+    """(the dtype the runtime computes this checkpoint in, its weights' bytes in that dtype), from the headers."""
+    path = source.path if isinstance(source, ModelSource) else resolve(source).path
+    sizes = weight_dtypes(path)
+    dtype = runtime.compute_dtype(max(sizes, key=sizes.get) if sizes else torch.float32)
+    return dtype, sum(n * dtype.itemsize // d.itemsize for d, n in sizes.items())
+
+
+def load(source: Path | str | ModelSource, runtime: Runtime | None = None, with_tokenizer: bool = True,
+         stream: bool = False, calibration: tuple[int, int] = (0, 0), purpose: str = "this step"):
     """Load any checkpoint pruneflow can prune or has written (a directory or a hub id), without remote code.
 
     Returns ``(model, tokenizer, spec)``; the model is in eval mode, in the runtime's dtype (by default the
-    checkpoint's own) and placed as the runtime says (one device, or several GPUs under a device map).
+    checkpoint's own) and placed as the runtime says (one device, or several GPUs under a device map). When its
+    weights exceed the runtime's ``max_memory``: with ``stream``, the model's streamed skeleton (weights stay
+    on disk; ``calibration`` = (windows, tokens each) sizes the activations the budget must also hold), else a
+    clear error saying ``purpose`` needs the whole model.
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -176,11 +204,18 @@ def load(source: Path | str | ModelSource, runtime: Runtime | None = None, with_
     path = source.path
     model_type = read_config(source).get("model_type", "")
     spec = A.arch_for(model_type)
-    sizes = weight_dtypes(path)
-    dtype = runtime.compute_dtype(max(sizes, key=sizes.get) if sizes else torch.float32)
-    placement = runtime.placement(sum(n * dtype.itemsize // d.itemsize for d, n in sizes.items()))
+    dtype, weight_bytes = compute_size(path, runtime)
+    pruned = model_type.startswith(A.PRUNED_PREFIX)
+    if runtime.streams(weight_bytes):
+        if not stream:
+            raise PruneflowError(f"{purpose} needs the whole model in memory ({format_size(weight_bytes)} of "
+                                 f"weights); --max-memory is {format_size(runtime.max_memory)}: raise it, or "
+                                 f"use a step that streams (see README, 'Models larger than memory')")
+        model = _skeleton(path, spec, pruned, dtype, runtime, calibration)
+        return model, load_tokenizer(path, model.config) if with_tokenizer else None, spec
+    placement = runtime.placement(weight_bytes)
     try:
-        if model_type.startswith(A.PRUNED_PREFIX):
+        if pruned:
             config_cls, model_cls, _ = modeling_pruneflow.CLASSES[A.base_model_type(model_type)]
             model = model_cls.from_pretrained(path, dtype=dtype, **placement)
         else:
@@ -197,6 +232,27 @@ def load(source: Path | str | ModelSource, runtime: Runtime | None = None, with_
         raise PruneflowError(f"checkpoint {path}: tokenizer has {len(tokenizer)} tokens but the model's "
                              f"embedding only {model.get_input_embeddings().num_embeddings}")
     return model, tokenizer, spec
+
+
+def _skeleton(path: Path, spec: ArchSpec, pruned: bool, dtype: torch.dtype, runtime: Runtime,
+              calibration: tuple[int, int]) -> nn.Module:
+    """The streamed skeleton of the checkpoint at ``path`` (see :mod:`pruneflow.streaming`), after checking that
+    the budget holds what streaming keeps in memory at once."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    weights = streaming.LazyWeights(path)
+    if pruned:
+        config_cls, model_cls, _ = modeling_pruneflow.CLASSES[A.base_model_type(read_config(path)["model_type"])]
+        config, build = config_cls.from_pretrained(path), model_cls._from_config
+    else:
+        config, build = AutoConfig.from_pretrained(path), AutoModelForCausalLM.from_config
+    if runtime.device.type == "cuda":  # the budget is what this one GPU may hold
+        free = torch.cuda.mem_get_info(runtime.device)[0]
+        if runtime.max_memory > free:
+            raise PruneflowError(f"--max-memory {format_size(runtime.max_memory)} exceeds the free memory of "
+                                 f"{runtime.device} ({format_size(free)})")
+    streaming.check_budget(weights, config, spec, dtype, runtime.max_memory, *calibration)
+    return streaming.skeleton(build, config, spec, weights, dtype, runtime.device)
 
 
 def load_tokenizer(path: Path | str | ModelSource, config=None):

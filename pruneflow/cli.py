@@ -147,6 +147,9 @@ def prune(
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
     max_shard_size: str = typer.Option("5GB", help="largest safetensors file written (bigger weights are sharded)"),
+    max_memory: Optional[str] = typer.Option(
+        None, help="most model weights held in memory at once (e.g. 512MiB, 20GiB); a larger model is streamed a "
+                   "block at a time by the methods that stream (`pruneflow methods`)"),
     params_file: Optional[Path] = typer.Option(None, "--params", help="params.yaml for defaults"),
     overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE params override, e.g. score.bonsai.preset=fast"),
     state_dir: Optional[Path] = typer.Option(
@@ -160,7 +163,7 @@ def prune(
                "calibrate.seqlen": seqlen, "score.method": method, "prune.ratio": ratio,
                "prune.units": units and units.split(","), "prune.allocation": allocation,
                "prune.head_mode": head_mode, "prune.round_to": round_to, "prune.compensate": compensate,
-               "runtime.device": device, "runtime.dtype": dtype, "model": model_dir}
+               "runtime.device": device, "runtime.dtype": dtype, "runtime.max_memory": max_memory, "model": model_dir}
     try:
         params = load_params(params_file, overrides, updates={k: v for k, v in options.items() if v is not None})
         _check_out_dir(out, force)
@@ -176,20 +179,29 @@ def _prune(params, out: Path, force: bool, state_dir: Path | None = None,
     from pruneflow import arch as A
     from pruneflow import calibration as C
     from pruneflow import checkpoint
-    from pruneflow.prune import check_model
+    from pruneflow.methods import METHODS
+    from pruneflow.prune import check_model, check_streams
     from pruneflow.prune import prune as run_prune
     from pruneflow.runtime import Runtime
+    from pruneflow.sizes import format_size, parse_size
     from pruneflow.sources import resolve
     from pruneflow.stages import method_options
 
     started = time.perf_counter()
-    runtime = Runtime.create(params.runtime.device, params.runtime.dtype)
+    runtime = Runtime.from_params(params.runtime)
+    parse_size(max_shard_size)
     source = resolve(params.model)  # hub errors (not cached, gated, unknown revision) before any work
-    check_model(params.score.method, A.arch_for(checkpoint.read_config(source).get("model_type", "")))
+    method, c = params.score.method, params.calibrate
+    check_model(method, A.arch_for(checkpoint.read_config(source).get("model_type", "")))
     stored = checkpoint.stored_dtype(source)
+    _, weight_bytes = checkpoint.compute_size(source, runtime)
+    if runtime.streams(weight_bytes):
+        check_streams(method)
+        _step(f"{format_size(weight_bytes)} of weights exceed --max-memory {format_size(runtime.max_memory)}: "
+              f"streaming a block at a time")
     _step(f"loading {params.model} on {runtime}")
-    model, tokenizer, spec = checkpoint.load(source, runtime)
-    c = params.calibrate
+    model, tokenizer, spec = checkpoint.load(source, runtime, stream=METHODS[method].streams,
+                                             calibration=(c.n_windows, c.seqlen), purpose=f"method {method}")
     _step(f"calibration: {c.n_windows} × {c.seqlen} tokens from {c.source}")
     windows, manifest = C.prepare(tokenizer, c.source, c.n_windows, c.seqlen, c.seed,
                                   getattr(model.config, "max_position_embeddings", None))
@@ -206,7 +218,7 @@ def _prune(params, out: Path, force: bool, state_dir: Path | None = None,
     if result.iterations:
         extra["iterations.json"] = json.dumps(result.iterations, indent=1)
     info = checkpoint.save(model, tokenizer, out, spec, overwrite=force, extra_files=extra, dtype=stored,
-                           max_shard_size=max_shard_size)
+                           max_shard_size=max_shard_size, runtime=runtime)
     p = result.plan.params
     return {
         "before": {"parameters": p["total_before"], "non-embedding": p["non_embedding_before"],
@@ -309,7 +321,7 @@ def demo(
 
         from pruneflow.runtime import Runtime
 
-        runtime = Runtime.create(params.runtime.device, params.runtime.dtype)
+        runtime = Runtime.from_params(params.runtime)
         pruned = f"{params.score.method} −{params.prune.ratio:.0%}"
         rows = evaluate_dirs({"dense": params.model, pruned: out / "pruned"}, params.evaluate, runtime)
     except PruneflowError as err:
@@ -539,13 +551,15 @@ def down(run_dir: Path = typer.Option(STACK_DIR, help="the local stack's run dir
 
 @app.command()
 def methods() -> None:
-    """List the importance methods: what each scores, needs, and what allocation auto means for it."""
+    """List the importance methods: what each scores, needs, what allocation auto means for it, and whether it
+    streams a model larger than --max-memory."""
     from pruneflow.methods import METHODS
 
     for m in METHODS.values():
         needs = ", ".join(sorted(m.needs)) or "weights only"
         typer.echo(f"{m.name:16s} {m.summary}\n{'':16s} units: {', '.join(m.units)}; needs: {needs}; "
-                   f"allocation auto: {m.allocation}" + ("; iterative" if m.iterative else ""))
+                   f"allocation auto: {m.allocation}" + ("; iterative" if m.iterative else "")
+                   + ("; streams (--max-memory)" if m.streams else ""))
 
 
 @reference_app.command("build")

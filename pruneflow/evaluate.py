@@ -161,7 +161,7 @@ def evaluate_dirs(models: dict, ev, runtime: Runtime | None = None, threads: int
     for name, source in models.items():
         source = source if isinstance(source, ModelSource) else resolve(source)
         log.info("evaluating %s on %s", source.name, runtime)
-        model, tokenizer, spec = checkpoint.load(source, runtime)
+        model, tokenizer, spec = checkpoint.load(source, runtime, purpose="evaluation")
         stream = C.token_stream(tokenizer, test_docs) if spec.causal_lm else None
         row = measure(model, tokenizer, spec, source.path, stream, ev.ppl_seqlen, ev.max_windows, speed=ev.speed,
                       decode_tokens=ev.decode_tokens, runtime=runtime)

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from pruneflow.errors import PruneflowError
 from pruneflow.methods import METHODS
 from pruneflow.methods.options import BONSAI_PRESETS, BonsaiParams, Options  # noqa: F401  (score.bonsai's model)
+from pruneflow.sizes import parse_size
 from pruneflow.units import ALIASES, UNIT_TYPES
 
 MethodName = Literal[tuple(METHODS)]  # a choice in the Prefect form
@@ -41,6 +42,20 @@ class RuntimeParams(_Section):
                         description="auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="compute dtype; auto: the checkpoint's own")
+    max_memory: str | None = Field(
+        None, description="most model weights held in memory at once, e.g. 512MiB, 20GiB; a larger model is "
+                          "streamed a block at a time (methods that stream: see `pruneflow methods`); "
+                          "null: load the whole model")
+
+    @field_validator("max_memory")
+    @classmethod
+    def _size(cls, value):
+        if value is not None:
+            try:
+                parse_size(value)
+            except PruneflowError as err:
+                raise ValueError(str(err)) from None
+        return value
 
 
 class ScoreParams(_Section):

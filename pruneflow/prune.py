@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from pruneflow import arch as A
+from pruneflow import streaming
 from pruneflow.apply import apply, layer_shapes
 from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
@@ -49,6 +50,15 @@ def check_model(method: str, spec: ArchSpec) -> None:
                              f"encoder: use magnitude, random, wanda_sp or flap")
 
 
+def check_streams(method: str, model: nn.Module | None = None) -> None:
+    """Refuse a method that needs the whole model in memory for a streamed model (``model`` None: the model
+    will be streamed)."""
+    if (model is None or streaming.is_streamed(model)) and not METHODS[method].streams:
+        streamed = ", ".join(name for name, m in METHODS.items() if m.streams)
+        raise PruneflowError(f"method {method} needs the whole model in memory, which exceeds --max-memory; "
+                             f"methods that stream a block at a time: {streamed}")
+
+
 def select_config(cfg: PruneParams, scores: Scores) -> SelectConfig:
     """The selection settings of ``prune.*`` (resolved for the method; compensation only when the scorer
     provides activation means)."""
@@ -70,6 +80,7 @@ def prune(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, windo
     except ValueError as err:
         raise PruneflowError(str(err)) from None
     check_model(method, spec)
+    check_streams(method, model)
     cfg, entry, runtime = cfg.for_method(method), METHODS[method], runtime or Runtime()
     if entry.iterative:
         options = options or entry.options()

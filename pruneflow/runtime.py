@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pruneflow.errors import PruneflowError
+from pruneflow.sizes import format_size, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +75,38 @@ def resolve_dtype(name: str | None) -> torch.dtype | None:
 
 @dataclass(frozen=True)
 class Runtime:
-    """The device models run on and the dtype they compute in (None: the checkpoint's own)."""
+    """The device models run on, the dtype they compute in (None: the checkpoint's own) and the memory budget
+    for model weights (None: the whole model is loaded; smaller than the model: it is streamed a block at a
+    time, see :mod:`pruneflow.streaming`)."""
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype | None = None
+    max_memory: int | None = None
 
     @classmethod
-    def create(cls, device: str = "auto", dtype: str | None = "auto") -> "Runtime":
-        return cls(device=resolve_device(device), dtype=resolve_dtype(dtype))
+    def create(cls, device: str = "auto", dtype: str | None = "auto",
+               max_memory: str | int | None = None) -> "Runtime":
+        return cls(device=resolve_device(device), dtype=resolve_dtype(dtype), max_memory=parse_size(max_memory))
+
+    @classmethod
+    def from_params(cls, params) -> "Runtime":
+        """From params.yaml's ``runtime`` section."""
+        return cls.create(params.device, params.dtype, params.max_memory)
 
     def __str__(self) -> str:
-        return f"{self.device} ({dtype_name(self.dtype) if self.dtype else 'checkpoint dtype'})"
+        budget = f", at most {format_size(self.max_memory)} of weights" if self.max_memory else ""
+        return f"{self.device} ({dtype_name(self.dtype) if self.dtype else 'checkpoint dtype'}{budget})"
+
+    def streams(self, weight_bytes: int) -> bool:
+        """Whether a model of ``weight_bytes`` (in its compute dtype) exceeds the memory budget."""
+        return self.max_memory is not None and weight_bytes > self.max_memory
+
+    def blocks(self, model: torch.nn.Module, spec):
+        """The model's blocks with their weights in memory: all of them, or for a streamed model one at a time
+        (loaded from its files, dropped when the loop moves on)."""
+        from pruneflow.streaming import each_block
+
+        return each_block(model, spec)
 
     @property
     def accum_dtype(self) -> torch.dtype:

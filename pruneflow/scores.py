@@ -10,8 +10,8 @@ from torch import nn
 
 from pruneflow import arch as A
 from pruneflow.arch import ArchSpec
-from pruneflow.losses import run_blocks
 from pruneflow.runtime import Runtime
+from pruneflow.streaming import calibration_pass
 
 CHUNK_TOKENS = 256  # rows of an activation converted to the accumulation dtype at a time
 
@@ -71,29 +71,21 @@ class InputStats:
         return (self.total_sq - self.total ** 2 / self.count) / max(1, self.count - 1)
 
 
-@torch.no_grad()
-def collect_input_stats(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, runtime: Runtime,
-                        batch_size: int = 8) -> tuple[list[InputStats], list[InputStats]]:
-    """One forward pass over the calibration windows; input moments of every o_proj and down_proj."""
-    attn_stats, mlp_stats, handles = [], [], []
-
+def stats_hooks(spec: ArchSpec, runtime: Runtime, attn_stats: list, mlp_stats: list) -> Callable:
+    """``calibration_pass`` hooks that collect the input moments of block i's o_proj and down_proj into
+    ``attn_stats[i]`` / ``mlp_stats[i]``."""
     def recorder(stats: InputStats):
         def hook(_module, args):
             stats.add(args[0].detach().reshape(-1, args[0].shape[-1]), runtime.accum_dtype)  # (tokens, in)
         return hook
 
-    for block in A.blocks(model, spec):
+    def hooks(i: int, block: nn.Module) -> list:
+        handles = []
         for path, bucket in ((spec.o, attn_stats), (spec.down, mlp_stats)):
-            stats = InputStats()
-            bucket.append(stats)
-            handles.append(A.get(block, path).register_forward_pre_hook(recorder(stats)))
-    try:
-        for batch in runtime.batches(model, windows, batch_size, desc="calibration forward"):
-            run_blocks(model, batch, spec.causal_lm)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return attn_stats, mlp_stats
+            bucket.append(InputStats())
+            handles.append(A.get(block, path).register_forward_pre_hook(recorder(bucket[i])))
+        return handles
+    return hooks
 
 
 def column_sums(weight: torch.Tensor, dtype: torch.dtype, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -121,17 +113,20 @@ def from_input_channels(model: nn.Module, spec: ArchSpec, windows: torch.Tensor,
                         with_means: bool = False, standardize: bool = False) -> Scores:
     """Scores from a per-input-channel importance of o_proj (averaged per head) and down_proj.
 
-    ``importance(weight (out, in), stats of the layer's input)`` returns an (in,) tensor. With
+    ``importance(weight (out, in), stats of the layer's input)`` returns an (in,) tensor, computed as soon as
+    the block has seen every calibration window (for a streamed model, while its weights are loaded). With
     ``standardize``, each layer's o_proj and down_proj channel scores are z-scored before heads are
     averaged (FLAP's AL-AM), which makes them comparable across layers and modules.
     """
     head_dim = A.geometry(model.config).head_dim
-    attn_stats, mlp_stats = collect_input_stats(model, spec, windows, runtime)
     norm = zscore if standardize else (lambda x: x)
-    heads, channels = [], []
-    for block, attn, mlp in zip(A.blocks(model, spec), attn_stats, mlp_stats):
-        heads.append(per_head(norm(importance(A.get(block, spec.o).weight, attn)), head_dim).float().cpu())
-        channels.append(norm(importance(A.get(block, spec.down).weight, mlp)).float().cpu())
+    attn_stats, mlp_stats, heads, channels = [], [], [], []
+
+    def done(i: int, block: nn.Module) -> None:
+        heads.append(per_head(norm(importance(A.get(block, spec.o).weight, attn_stats[i])), head_dim).float().cpu())
+        channels.append(norm(importance(A.get(block, spec.down).weight, mlp_stats[i])).float().cpu())
+
+    calibration_pass(model, spec, windows, runtime, stats_hooks(spec, runtime, attn_stats, mlp_stats), done)
     scores = Scores(heads=heads, channels=channels, comparable=standardize)
     if with_means:
         scores.attn_mean = [s.mean.float().cpu() for s in attn_stats]

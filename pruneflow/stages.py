@@ -34,6 +34,7 @@ from pruneflow.methods import METHODS
 from pruneflow.params import Params
 from pruneflow.runtime import Runtime, dtype_name
 from pruneflow.scores import Scores
+from pruneflow.sizes import format_size
 from pruneflow.sources import ModelSource, fingerprint, resolve
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def run(name: str, params: Params, root: Path = Path("artifacts")) -> Path:
     stages = {"source": source, "calibrate": calibrate, "score": score, "prune": prune, "recover": recover,
               "evaluate": evaluate}
     root = Path(root)
-    runtime = Runtime.create(params.runtime.device, params.runtime.dtype)
+    runtime = Runtime.from_params(params.runtime)
     runtime.reset_peak()
     started = time.perf_counter()
     out = stages[name](params, root, runtime)
@@ -54,6 +55,23 @@ def run(name: str, params: Params, root: Path = Path("artifacts")) -> Path:
         "stage": name, "seconds": time.perf_counter() - started, **runtime.peak_bytes(),
         "device": str(runtime.device), "dtype": dtype_name(runtime.dtype) if runtime.dtype else "auto"})
     return out
+
+
+def check_memory(params: Params) -> None:
+    """Before any stage runs: with ``runtime.max_memory`` below the model's weights, every stage must stream."""
+    from pruneflow.prune import check_streams
+
+    if not params.runtime.max_memory:
+        return
+    runtime = Runtime.from_params(params.runtime)
+    _, weight_bytes = checkpoint.compute_size(params.model, runtime)
+    if not runtime.streams(weight_bytes):
+        return
+    check_streams(params.score.method)
+    whole = ["evaluate (perplexity, lm-eval tasks, speed)"] + (["recover (LoRA)"] if params.recover.enabled else [])
+    raise PruneflowError(f"the model's weights ({format_size(weight_bytes)}) exceed runtime.max_memory "
+                         f"({params.runtime.max_memory}) and these stages need the whole model in memory: "
+                         f"{', '.join(whole)}; prune it streamed with `pruneflow prune --max-memory`")
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -145,7 +163,9 @@ def score(params: Params, root: Path, runtime: Runtime) -> Path:
     spec = A.arch_for(checkpoint.read_config(model_source(params, root)).get("model_type", ""))
     check_model(method, spec)  # before the model is loaded
     windows, manifest = C.load(_needs(root / OUTPUTS["calibrate"], "calibrate"))
-    model, _, spec = checkpoint.load(model_source(params, root), runtime, with_tokenizer=False)
+    model, _, spec = checkpoint.load(model_source(params, root), runtime, with_tokenizer=False,
+                                     stream=METHODS[method].streams, calibration=tuple(windows.shape),
+                                     purpose=f"method {method}")
     started = time.perf_counter()
     meta = {"method": method, "calibration_digest": manifest.source_digest}
     with atomic_dir(root / OUTPUTS["score"], overwrite=True) as tmp:
@@ -175,7 +195,7 @@ def prune(params: Params, root: Path, runtime: Runtime) -> Path:
         raise PruneflowError(f"{scores_dir} holds {meta['method']} scores but score.method is "
                              f"{params.score.method}; run the score stage again")
     dense = model_source(params, root)
-    model, tokenizer, spec = checkpoint.load(dense, runtime)
+    model, tokenizer, spec = checkpoint.load(dense, runtime, stream=True)  # streamed: sliced as it is written
     scores = None
     if (scores_dir / "plan.json").exists():
         plan = PrunePlan.load(scores_dir / "plan.json")
@@ -187,7 +207,8 @@ def prune(params: Params, root: Path, runtime: Runtime) -> Path:
     apply(model, plan, spec, scores)
     out = root / OUTPUTS["prune"]
     checkpoint.save(model, tokenizer, out, spec, overwrite=True, dtype=checkpoint.stored_dtype(dense),
-                    extra_files={"plan.json": plan.to_json(), "params.json": params.model_dump_json(indent=1)})
+                    extra_files={"plan.json": plan.to_json(), "params.json": params.model_dump_json(indent=1)},
+                    runtime=runtime)
     return out
 
 
@@ -212,12 +233,13 @@ def recover(params: Params, root: Path, runtime: Runtime) -> Path:
                                   cfg.seed, max_positions)
     teacher, precomputed = None, False
     if cfg.distill_weight > 0:
-        teacher = checkpoint.load(model_source(params, root), runtime, with_tokenizer=False)[0]
+        teacher = checkpoint.load(model_source(params, root), runtime, with_tokenizer=False,
+                                  purpose="LoRA recovery's teacher")[0]
         weights = sum(p.numel() * p.element_size() for p in teacher.parameters())
         if R.precompute_pays(teacher.config, weights, cfg, teacher.dtype):
             teacher, precomputed = R.teacher_states(teacher, windows, cfg, runtime), True
             runtime.free()
-    model, _, spec = checkpoint.load(pruned, runtime, with_tokenizer=False)
+    model, _, spec = checkpoint.load(pruned, runtime, with_tokenizer=False, purpose="LoRA recovery")
     result = R.recover(model, windows, spec, cfg, teacher, runtime)
     first, last = result.history[:10], result.history[-10:]
     summary = {"enabled": True, "seconds": result.seconds, "source_digest": manifest.source_digest,

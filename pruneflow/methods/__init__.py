@@ -29,6 +29,7 @@ class Method:
     allocations: tuple[str, ...] = ALLOCATIONS  # the allocations it supports
     iterative: bool = False  # scores one iteration; prune.py repeats score → select → apply
     options: type[Options] | None = None  # its options model, params key score.<name>
+    streams: bool = False  # scores a model larger than memory a block at a time (runtime.max_memory)
 
     @property
     def score(self) -> Callable:
@@ -43,18 +44,18 @@ class Method:
 # Bonsai) rank units globally; the activation-statistic methods spread the cut uniformly, which measured better
 # for each of them on the reference model (BENCHMARKS.md)
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("magnitude", "magnitude", "data-free: L2 norm of the weights a unit owns"),
-    Method("random", "random_", "control: seeded uniform random scores"),
+    Method("magnitude", "magnitude", "data-free: L2 norm of the weights a unit owns", streams=True),
+    Method("random", "random_", "control: seeded uniform random scores", streams=True),
     Method("wanda_sp", "wanda_sp", "structured Wanda: mean |W| · ‖X‖₂ on o_proj/down_proj inputs",
-           needs=frozenset({ACTIVATIONS})),
+           needs=frozenset({ACTIVATIONS}), streams=True),
     Method("flap", "flap", "FLAP: input fluctuation × ‖W[:, j]‖², standardized per layer, optional bias",
-           needs=frozenset({ACTIVATIONS})),
+           needs=frozenset({ACTIVATIONS}), streams=True),
     Method("taylor", "taylor", "LLM-Pruner's first-order Taylor |W ⊙ ∂L/∂W| (needs gradients)",
            needs=frozenset({ACTIVATIONS, GRADIENTS, CAUSAL_LM}), allocation="global"),
     Method("block_influence", "block_influence", "ShortGPT: 1 − cos(block input, block output), whole blocks",
-           units=("layers",), needs=frozenset({ACTIVATIONS}), allocation="global"),
+           units=("layers",), needs=frozenset({ACTIVATIONS}), allocation="global", streams=True),
     Method("angular", "angular", "Gromov et al.: the contiguous run of blocks with the least angular change",
-           units=("layers",), needs=frozenset({ACTIVATIONS, RATIO}), allocation="global"),
+           units=("layers",), needs=frozenset({ACTIVATIONS, RATIO}), allocation="global", streams=True),
     Method("sleb", "sleb", "SLEB: greedily remove the block whose removal raises the calibration loss least",
            units=("layers",), needs=frozenset({ACTIVATIONS, CAUSAL_LM, RATIO}), allocation="global"),
     Method("bonsai", "bonsai", "Bonsai: importance from the losses of perturbed sub-models, forward passes only",

@@ -2,8 +2,8 @@
 
 Boundary l is the input of block l (boundary L: the output of the last block). For each calibration batch,
 every boundary state is compared with the one ``span`` blocks later as soon as that one is computed, and
-dropped: at most ``span + 1`` states are held, in the model's dtype; cosines are taken in the accumulation
-dtype a few tokens at a time.
+dropped: at most ``span`` states per batch are held, in the model's dtype; cosines are taken in the
+accumulation dtype a few tokens at a time.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from torch import nn
 
 from pruneflow import arch as A
 from pruneflow.arch import ArchSpec
-from pruneflow.losses import run_blocks
 from pruneflow.runtime import Runtime
+from pruneflow.streaming import calibration_pass
 
 CHUNK_TOKENS = 256
 
@@ -33,32 +33,34 @@ def cosine(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float64)
 def boundary_distances(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, runtime: Runtime, span: int,
                        distance: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 8) -> torch.Tensor:
     """(L − span + 1,) float64: for each start l, the mean over calibration tokens of ``distance(cos(h_l,
-    h_{l+span}))``."""
-    blocks = A.blocks(model, spec)
-    totals = torch.zeros(len(blocks) - span + 1, dtype=torch.float64)
-    recent: dict[int, torch.Tensor] = {}  # boundary index → its state, until its partner is computed
+    h_{l+span}))``.
+
+    States are keyed by (batch, boundary): a block's n-th call sees batch n, whether the model runs batch by
+    batch (``span`` states of one batch held) or, streamed, block by block (``span`` states of every batch)."""
+    count = len(A.blocks(model, spec))
+    totals = torch.zeros(count - span + 1, dtype=torch.float64)
+    recent: dict[tuple[int, int], torch.Tensor] = {}  # (batch, boundary) → its state, until its partner is computed
+    calls = [0] * count
 
     def capture(index: int) -> Callable:
         def hook(_module, args, kwargs, output):
+            batch = calls[index]
+            calls[index] += 1
             if index == 0:
-                recent[0] = (args[0] if args else kwargs["hidden_states"]).detach()
-            recent[index + 1] = (output[0] if isinstance(output, tuple) else output).detach()
+                recent[batch, 0] = (args[0] if args else kwargs["hidden_states"]).detach()
+            state = (output[0] if isinstance(output, tuple) else output).detach()
             start = index + 1 - span
             if start >= 0:
-                first = recent.pop(start)
-                cos = cosine(first, recent[index + 1].to(first.device), runtime.accum_dtype)
-                totals[start] += distance(cos).sum().item()
+                first = recent.pop((batch, start))
+                totals[start] += distance(cosine(first, state.to(first.device), runtime.accum_dtype)).sum().item()
+            if index + 1 <= count - span:  # a later boundary compares with it
+                recent[batch, index + 1] = state
         return hook
 
-    handles = [block.register_forward_hook(capture(i), with_kwargs=True) for i, block in enumerate(blocks)]
-    tokens = 0
     try:
-        for batch in runtime.batches(model, windows, batch_size, desc="boundary states"):
-            recent.clear()
-            run_blocks(model, batch, spec.causal_lm)
-            tokens += batch.numel()
+        calibration_pass(model, spec, windows, runtime,
+                         lambda i, block: [block.register_forward_hook(capture(i), with_kwargs=True)],
+                         batch_size=batch_size, desc="boundary states")
     finally:
         recent.clear()
-        for handle in handles:
-            handle.remove()
-    return totals / tokens
+    return totals / windows.numel()

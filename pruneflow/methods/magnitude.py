@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from pruneflow import arch as A
+from pruneflow.runtime import Runtime
 from pruneflow.scores import Scores
 
 
@@ -12,7 +13,7 @@ from pruneflow.scores import Scores
 def score(model, spec, windows=None, runtime=None, **_) -> Scores:
     geo = A.geometry(model.config)
     heads, channels = [], []
-    for block in A.blocks(model, spec):
+    for block in (runtime or Runtime()).blocks(model, spec):  # streamed: one block in memory at a time
         q = A.get(block, spec.q).weight.float()  # (H·d, hidden)
         o = A.get(block, spec.o).weight.float()  # (hidden, H·d)
         head_sq = q.pow(2).sum(1).reshape(-1, geo.head_dim).sum(1) + o.pow(2).sum(0).reshape(-1, geo.head_dim).sum(1)

@@ -1,0 +1,384 @@
+"""Models larger than memory: the weights stay in their safetensors files and one block at a time is loaded.
+
+A *streamed* model is the model's skeleton on the meta device (every shape, no weight bytes; accelerate's
+``init_empty_weights`` keeps buffers such as the RoPE frequencies real) with a :class:`Stream` attached: where
+each tensor lives on disk and the dense block structure those tensors fill. ``checkpoint.load(..., stream=True)``
+returns one when the runtime's ``max_memory`` is smaller than the model's weights.
+
+Everything that touches weights goes through this module:
+
+- :func:`calibration_pass` runs the calibration windows through the blocks. In memory: batch by batch through
+  the whole model (hooks on every block). Streamed: the windows are embedded (the embedding read a chunk of
+  rows at a time), each block's inputs are captured once from the model's own forward (its attention mask,
+  position embeddings; a stand-in per block stops the forward before any weight is needed), then block by
+  block — load it, run every window's activations through it, let the method read it, drop it. Per block and
+  batch the arithmetic is the same as in memory, so statistics match bit for bit.
+- :func:`each_block` yields the blocks with their weights loaded (data-free scorers).
+- :func:`record` takes the plan ``apply`` would have applied (the skeleton gets the pruned shapes, so parameter
+  accounting and configs work as usual) and :func:`save` applies it block by block while writing the output
+  shards: each block is loaded, sliced, written and dropped; embeddings, norms and the head are copied a tensor
+  at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from pruneflow import arch as A
+from pruneflow.arch import ArchSpec
+from pruneflow.errors import PruneflowError
+from pruneflow.losses import run_blocks
+from pruneflow.runtime import Runtime
+from pruneflow.sizes import format_size
+
+EMBED_CHUNK_BYTES = 64 * 2**20  # rows of the embedding matrix read at a time for the lookup
+BATCH = 8  # calibration windows per forward, as in memory
+
+
+@dataclass
+class TensorInfo:
+    file: Path
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+
+    def nbytes(self, dtype: torch.dtype) -> int:
+        return math.prod(self.shape) * dtype.itemsize
+
+
+class LazyWeights:
+    """The tensors of a safetensors checkpoint (one file or shards), read on demand; a file is opened for one
+    read and closed again, so its memory map never holds more than what was just read."""
+
+    def __init__(self, path: Path):
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise PruneflowError(f"{path} has no *.safetensors weights: streaming reads tensors lazily from "
+                                 f"safetensors files (convert .bin/.pt checkpoints with save_pretrained first)")
+        self.path = path
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in files:
+            try:
+                with safe_open(file, framework="pt") as f:
+                    for name in f.keys():
+                        part = f.get_slice(name)
+                        self.tensors[name] = TensorInfo(file, part.get_dtype(), tuple(part.get_shape()))
+            except (SafetensorError, OSError) as err:
+                raise PruneflowError(f"{file} is not a readable safetensors file (truncated or corrupt?): "
+                                     f"{err}") from err
+
+    def nbytes(self, names, dtype: torch.dtype) -> int:
+        return sum(self.tensors[n].nbytes(dtype) for n in names)
+
+    def read(self, names: list[str], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+        """``names`` in ``dtype`` on ``device``; NaN/Inf is an error, as for a loaded checkpoint."""
+        missing = [n for n in names if n not in self.tensors]
+        if missing:
+            raise PruneflowError(f"checkpoint {self.path} lacks tensor(s) {', '.join(missing[:5])}")
+        out = {}
+        for file in dict.fromkeys(self.tensors[n].file for n in names):
+            with safe_open(file, framework="pt") as f:
+                for name in names:
+                    if self.tensors[name].file == file:
+                        tensor = f.get_tensor(name)
+                        out[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+                        if not torch.isfinite(out[name]).all():
+                            raise PruneflowError(f"checkpoint {self.path}: weight {name} contains NaN or Inf")
+        return out
+
+    def rows(self, name: str, start: int, stop: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        with safe_open(self.tensors[name].file, framework="pt") as f:
+            return f.get_slice(name)[start:stop].to(device=device, dtype=dtype)
+
+
+@dataclass
+class Stream:
+    """What a streamed skeleton needs to reach its weights."""
+
+    weights: LazyWeights
+    dense: nn.Module  # meta skeleton with the shapes of the weights on disk (the model itself gets pruned)
+    dtype: torch.dtype  # compute dtype
+    device: torch.device
+    pending: list = field(default_factory=list)  # (plan, scores) recorded by apply, applied by save
+
+
+def stream_of(model: nn.Module) -> Stream | None:
+    return getattr(model, "pruneflow_stream", None)
+
+
+def is_streamed(model: nn.Module) -> bool:
+    return stream_of(model) is not None
+
+
+def skeleton(build: Callable, config, spec: ArchSpec, weights: LazyWeights, dtype: torch.dtype,
+             device: torch.device) -> nn.Module:
+    """``build(config, dtype=...)``'s model on the meta device, its buffers on ``device``, its weights read from
+    ``weights`` when needed."""
+    from accelerate import init_empty_weights
+
+    if not spec.causal_lm:
+        raise PruneflowError("streaming supports decoder language models; this is an encoder (small enough to "
+                             "load: drop --max-memory)")
+    with init_empty_weights(include_buffers=False):
+        model = build(config, dtype=dtype)
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.device.type != "meta":
+                module._buffers[name] = buffer.to(device)
+    model.eval()
+    model.pruneflow_stream = Stream(weights=weights, dense=copy.deepcopy(model), dtype=dtype, device=device)
+    return model
+
+
+def _prefix(model: nn.Module, module: nn.Module) -> str:
+    name = next(n for n, m in model.named_modules() if m is module)
+    return f"{name}." if name else ""
+
+
+def load_module(stream: Stream, module: nn.Module, prefix: str) -> None:
+    """Give a meta ``module`` its weights from disk (``prefix`` is its name in the checkpoint)."""
+    names = list(module.state_dict())
+    tensors = stream.weights.read([prefix + n for n in names], stream.dtype, stream.device)
+    module.load_state_dict({n: tensors[prefix + n] for n in names}, assign=True, strict=True)
+
+
+def offload(module: nn.Module) -> None:
+    module.to("meta")
+
+
+def each_block(model: nn.Module, spec: ArchSpec) -> Iterator[nn.Module]:
+    """The blocks with their weights (streamed: loaded one at a time, dropped when the caller moves on)."""
+    stream = stream_of(model)
+    for i, block in enumerate(A.blocks(model, spec)):
+        if stream is None:
+            yield block
+            continue
+        load_module(stream, block, f"{spec.layers}.{i}.")
+        try:
+            yield block
+        finally:
+            offload(block)
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Catch(nn.Module):
+    """Stands in for block ``index`` during capture: records the arguments the model passes it."""
+
+    def __init__(self, index: int, last: bool, record: dict, block: nn.Module):
+        super().__init__()
+        self.index, self.last, self.record = index, last, record
+        if hasattr(block, "attention_type"):  # the model picks each block's mask by it (sliding windows)
+            self.attention_type = block.attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.index == 0:
+            self.record["hidden"] = hidden_states
+        self.record.setdefault("calls", []).append((args, kwargs))
+        if self.last:
+            raise _Stop
+        return hidden_states
+
+
+def embed(model: nn.Module, stream: Stream, input_ids: torch.Tensor) -> torch.Tensor:
+    """``embed_tokens(input_ids)`` with the embedding matrix read a chunk of rows at a time."""
+    embedding = model.get_input_embeddings()
+    name = _prefix(model, embedding) + "weight"
+    vocab, width = embedding.num_embeddings, embedding.embedding_dim
+    out = torch.empty(*input_ids.shape, width, dtype=stream.dtype, device=stream.device)
+    step = max(1, EMBED_CHUNK_BYTES // (width * stream.dtype.itemsize))
+    for start in range(0, vocab, step):
+        inside = (input_ids >= start) & (input_ids < start + step)
+        if inside.any():
+            rows = stream.weights.rows(name, start, min(vocab, start + step), stream.dtype, stream.device)
+            out[inside] = rows[input_ids[inside] - start]
+    return out
+
+
+def capture(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple]]:
+    """(hidden states entering block 0, the (args, kwargs) every block is called with) for one batch."""
+    stream = stream_of(model)
+    blocks = A.blocks(model, spec)
+    record: dict = {}
+    parent, _, name = spec.layers.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    stand_ins = nn.ModuleList(_Catch(i, i == len(blocks) - 1, record, b) for i, b in enumerate(blocks))
+    setattr(owner, name, stand_ins)
+    try:
+        backbone = getattr(model, model.base_model_prefix)
+        backbone(inputs_embeds=embed(model, stream, input_ids.to(stream.device)), use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        setattr(owner, name, blocks)
+    return record["hidden"], record["calls"]
+
+
+def _output(result) -> torch.Tensor:
+    return result[0] if isinstance(result, tuple) else result
+
+
+@torch.no_grad()
+def calibration_pass(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, runtime: Runtime,
+                     hooks: Callable[[int, nn.Module], list], done: Callable[[int, nn.Module], None] | None = None,
+                     batch_size: int = BATCH, desc: str = "calibration forward") -> None:
+    """Run ``windows`` through every block. ``hooks(i, block)`` registers what watches block ``i`` (returns the
+    handles); ``done(i, block)`` runs once block ``i`` has seen every window, its weights still loaded."""
+    from tqdm import tqdm
+
+    blocks = A.blocks(model, spec)
+    if not is_streamed(model):
+        handles = [h for i, block in enumerate(blocks) for h in hooks(i, block)]
+        try:
+            for batch in runtime.batches(model, windows, batch_size, desc=desc):
+                run_blocks(model, batch, spec.causal_lm)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for i, block in enumerate(blocks):
+            if done is not None:
+                done(i, block)
+        return
+    carried = [capture(model, spec, windows[s:s + batch_size]) for s in range(0, len(windows), batch_size)]
+    states = [hidden for hidden, _ in carried]
+    for i, block in enumerate(tqdm(each_block(model, spec), total=len(blocks), desc=f"{desc} (streamed)",
+                                   unit="block", leave=False)):
+        handles = hooks(i, block)
+        try:
+            for b, (_, calls) in enumerate(carried):
+                args, kwargs = calls[i]
+                states[b] = _output(block(states[b], *args, **kwargs))
+        finally:
+            for handle in handles:
+                handle.remove()
+        if done is not None:
+            done(i, block)
+        runtime.release_host()
+
+
+# ---- budget -------------------------------------------------------------------------------------------------
+
+def block_bytes(weights: LazyWeights, spec: ArchSpec, count: int, dtype: torch.dtype) -> list[int]:
+    names = [[n for n in weights.tensors if n.startswith(f"{spec.layers}.{i}.")] for i in range(count)]
+    return [weights.nbytes(group, dtype) for group in names]
+
+
+def required_bytes(weights: LazyWeights, config, spec: ArchSpec, dtype: torch.dtype, windows: int,
+                   seqlen: int) -> dict[str, int]:
+    """What a streamed prune holds at once: the largest block and its pruned copy (while it is written), the
+    calibration activations of every window (carried from block to block) and one batch's work inside a block
+    (the MLP's widest activations, attention scores)."""
+    blocks = block_bytes(weights, spec, config.num_hidden_layers, dtype)
+    carried = windows * seqlen * config.hidden_size * dtype.itemsize
+    batch = min(windows, BATCH)
+    inner = max(config.intermediate_size * 3, config.hidden_size * 4)
+    work = batch * seqlen * inner * dtype.itemsize + batch * config.num_attention_heads * seqlen * seqlen * 4
+    return {"block": max(blocks), "carried": carried, "work": work, "total": 2 * max(blocks) + carried + work}
+
+
+def check_budget(weights: LazyWeights, config, spec: ArchSpec, dtype: torch.dtype, budget: int, windows: int,
+                 seqlen: int) -> None:
+    need = required_bytes(weights, config, spec, dtype, windows, seqlen)
+    if budget < need["total"]:
+        raise PruneflowError(
+            f"--max-memory {format_size(budget)} is too small to stream this model: one block "
+            f"({format_size(need['block'])}) and its pruned copy, the activations of {windows} × {seqlen} "
+            f"calibration tokens ({format_size(need['carried'])}) and one batch's work "
+            f"({format_size(need['work'])}) need at least {format_size(need['total'], up=True)}")
+
+
+# ---- apply and save -----------------------------------------------------------------------------------------
+
+def record(model: nn.Module, plan, scores, spec: ArchSpec) -> None:
+    """Take ``plan`` for :func:`save` and give the skeleton the pruned shapes."""
+    from pruneflow.apply import block_widths, compensated, remove_layers
+    from pruneflow.modeling_pruneflow import resize_block
+
+    stream = stream_of(model)
+    if stream.pending:
+        raise PruneflowError("a streamed model takes one plan (iterative methods do not stream yet)")
+    stream.pending.append((plan, scores))
+    head_dim = A.geometry(model.config).head_dim
+    for block, layer in zip(A.blocks(model, spec), plan.layers):
+        widths = block_widths(block, spec, layer, *compensated(block, spec, layer, plan, head_dim))
+        resize_block(block, spec.to_dict(), widths, head_dim)
+    if plan.kept_layers is not None and len(plan.kept_layers) < len(plan.layers):
+        remove_layers(model, spec, plan.kept_layers)
+
+
+class ShardWriter:
+    """Tensors into safetensors shards of at most ``limit`` bytes, each written as soon as it is full; names and
+    the index follow ``save_pretrained`` (``model.safetensors`` alone, else ``model-0000k-of-0000n`` + index)."""
+
+    def __init__(self, out: Path, limit: int):
+        self.out, self.limit = out, limit
+        self.pending: dict[str, torch.Tensor] = {}
+        self.files: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and sum(t.numel() * t.element_size() for t in self.pending.values()) + size > self.limit:
+            self.flush()
+        self.pending[name] = tensor.detach().to("cpu").contiguous()
+        self.total += size
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        path = self.out / f"shard-{len(self.files):05d}.part"
+        save_file(self.pending, path, metadata={"format": "pt"})
+        self.files.append((path, list(self.pending)))
+        self.pending = {}
+
+    def close(self) -> None:
+        self.flush()
+        if len(self.files) == 1:
+            self.files[0][0].rename(self.out / "model.safetensors")
+            return
+        weight_map = {}
+        for k, (path, names) in enumerate(self.files, 1):
+            final = f"model-{k:05d}-of-{len(self.files):05d}.safetensors"
+            path.rename(self.out / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+@torch.no_grad()
+def write_weights(model: nn.Module, spec: ArchSpec, out: Path, dtype: torch.dtype, shard_bytes: int,
+                  runtime: Runtime | None = None) -> None:
+    """Apply the recorded plan block by block and write the pruned weights in ``dtype`` to ``out``."""
+    from pruneflow.apply import apply_block
+
+    stream = stream_of(model)
+    if not stream.pending:
+        raise PruneflowError("nothing to save: no plan was applied to the streamed model")
+    plan, scores = stream.pending[0]
+    writer = ShardWriter(out, shard_bytes)
+    prefix = f"{spec.layers}."
+    for name in stream.weights.tensors:  # embeddings, norms, the head: copied a tensor at a time
+        if not name.startswith(prefix):
+            writer.add(name, stream.weights.read([name], dtype, torch.device("cpu"))[name])
+    kept = plan.kept_layers if plan.kept_layers is not None else list(range(len(plan.layers)))
+    for new_index, i in enumerate(kept):
+        block = copy.deepcopy(A.blocks(stream.dense, spec)[i])
+        load_module(stream, block, f"{prefix}{i}.")
+        apply_block(block, spec, plan, scores, i, A.geometry(model.config).head_dim)
+        for name, tensor in block.state_dict().items():
+            writer.add(f"{prefix}{new_index}.{name}", tensor.to(dtype))
+        del block
+        if runtime is not None:
+            runtime.release_host()
+    writer.close()

@@ -1,0 +1,255 @@
+"""Models larger than the memory budget: streamed block by block, the same plan and the same weights as in memory.
+
+Tiny models with many layers (weights dominate what streaming holds at once), sharded on disk; a budget
+below the model's weights makes ``checkpoint.load(..., stream=True)`` return the streamed skeleton.
+"""
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import tiny_causal_lm
+from pruneflow import arch as A
+from pruneflow import checkpoint, streaming
+from pruneflow.errors import PruneflowError
+from pruneflow.methods import METHODS
+from pruneflow.params import PruneParams
+from pruneflow.prune import prune
+from pruneflow.runtime import Runtime, parse_size
+
+WINDOWS = torch.randint(0, 256, (12, 16), generator=torch.Generator().manual_seed(0))  # two batches of 8
+IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+BUDGET = 1_100_000  # bytes: below the models' weights (≥ 1.9 MB), above one block, its copy and the activations
+STREAMED = sorted(name for name, m in METHODS.items() if m.streams)
+
+
+def _dense(tmp_path, kind="llama", dtype=torch.float32, **overrides):
+    path = tmp_path / f"dense-{kind}"
+    model = tiny_causal_lm(kind, num_hidden_layers=8, **overrides).to(dtype)
+    model.save_pretrained(path, max_shard_size="300KB")  # sharded in
+    return path
+
+
+def _tensors(path):
+    out = {}
+    for file in path.glob("*.safetensors"):
+        with safe_open(file, framework="pt") as f:
+            out.update({name: f.get_tensor(name) for name in f.keys()})
+    return out
+
+
+def _both(dense, method, tmp_path, cfg=None, runtime_dtype=None):
+    """Prune ``dense`` in memory and streamed; returns (in-memory result, streamed result, their dirs)."""
+    cfg = cfg or PruneParams(ratio=0.3)
+    results, dirs = [], []
+    for name, budget in (("memory", None), ("streamed", BUDGET)):
+        runtime = Runtime(dtype=runtime_dtype, max_memory=budget)
+        model, _, spec = checkpoint.load(dense, runtime, with_tokenizer=False, stream=True, calibration=WINDOWS.shape)
+        assert streaming.is_streamed(model) == (budget is not None)
+        results.append(prune(model, spec, method, cfg, WINDOWS, seed=3, runtime=runtime))
+        out = tmp_path / name
+        checkpoint.save(model, None, out, spec, dtype=checkpoint.stored_dtype(dense), max_shard_size="300KB",
+                        runtime=runtime)
+        dirs.append(out)
+    return results, dirs
+
+
+@pytest.mark.parametrize("method", STREAMED)
+def test_streamed_methods_give_the_in_memory_plan_and_identical_weights(method, tmp_path):
+    dense = _dense(tmp_path)
+    (memory, streamed), (memory_dir, streamed_dir) = _both(dense, method, tmp_path)
+    assert streamed.plan.layers == memory.plan.layers and streamed.plan.kept_layers == memory.plan.kept_layers
+    assert streamed.plan.params == memory.plan.params
+    a, b = _tensors(memory_dir), _tensors(streamed_dir)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[name], b[name]) for name in a), "streamed weights differ from the in-memory ones"
+    assert (streamed_dir / "model.safetensors.index.json").exists()  # sharded out
+    assert (memory_dir / "config.json").read_text() == (streamed_dir / "config.json").read_text()
+    loaded, _, _ = checkpoint.load(streamed_dir, with_tokenizer=False)
+    reference, _, _ = checkpoint.load(memory_dir, with_tokenizer=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, reference(input_ids=IDS).logits)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "mistral"])
+def test_flap_with_bias_compensation_streams_every_family_identically(kind, tmp_path):
+    """qwen2: q/k/v biases and tied embeddings; qwen3: per-head q/k norms; FLAP's bias compensation; global
+    allocation (per-layer widths: the per-layer loader's config)."""
+    dense = _dense(tmp_path, kind)
+    cfg = PruneParams(ratio=0.3, compensate=True, allocation="global")
+    (memory, streamed), (memory_dir, streamed_dir) = _both(dense, "flap", tmp_path, cfg)
+    assert streamed.plan.layers == memory.plan.layers
+    a, b = _tensors(memory_dir), _tensors(streamed_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert any(name.endswith(("o_proj.bias", "down_proj.bias")) for name in b)  # compensation biases
+
+
+def test_bf16_checkpoint_streams_in_bf16_and_float32_compute(tmp_path):
+    """A bf16 checkpoint scored in float32 (--dtype float32) is written back in bf16, as in memory."""
+    dense = _dense(tmp_path, dtype=torch.bfloat16)
+    (memory, streamed), (memory_dir, streamed_dir) = _both(dense, "wanda_sp", tmp_path, runtime_dtype=torch.float32)
+    a, b = _tensors(memory_dir), _tensors(streamed_dir)
+    assert {t.dtype for t in b.values()} == {torch.bfloat16}
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert (memory_dir / "config.json").read_text() == (streamed_dir / "config.json").read_text()
+
+
+def test_at_most_one_block_has_weights_at_a_time(tmp_path, monkeypatch):
+    dense = _dense(tmp_path)
+    runtime = Runtime(max_memory=BUDGET)
+    model, _, spec = checkpoint.load(dense, runtime, with_tokenizer=False, stream=True, calibration=WINDOWS.shape)
+    most = []
+
+    def loaded_blocks():
+        return sum(any(p.device.type != "meta" for p in block.parameters()) for block in A.blocks(model, spec))
+
+    load = streaming.load_module
+
+    def watched(stream, module, prefix):
+        load(stream, module, prefix)
+        most.append(loaded_blocks())
+
+    monkeypatch.setattr(streaming, "load_module", watched)
+    prune(model, spec, "flap", PruneParams(ratio=0.3), WINDOWS, runtime=runtime)
+    assert most and max(most) == 1
+    assert loaded_blocks() == 0
+    assert all(p.device.type == "meta" for p in model.parameters())  # nothing is left behind
+
+
+def test_a_budget_below_one_block_and_its_activations_is_refused_naming_the_smallest(tmp_path):
+    dense = _dense(tmp_path)
+    with pytest.raises(PruneflowError, match=r"too small to stream.*need at least [\d.]+ (KiB|MiB)") as err:
+        checkpoint.load(dense, Runtime(max_memory=200_000), stream=True, calibration=WINDOWS.shape)
+    smallest = parse_size(str(err.value).rsplit("at least ", 1)[1])
+    model, _, _ = checkpoint.load(dense, Runtime(max_memory=int(smallest * 1.05)), with_tokenizer=False,
+                                  stream=True, calibration=WINDOWS.shape)
+    assert streaming.is_streamed(model)
+
+
+def test_a_step_that_cannot_stream_says_so(tmp_path):
+    dense = _dense(tmp_path)
+    with pytest.raises(PruneflowError, match="LoRA recovery needs the whole model in memory.*--max-memory"):
+        checkpoint.load(dense, Runtime(max_memory=BUDGET), purpose="LoRA recovery")
+
+
+def test_a_checkpoint_without_safetensors_is_refused(tmp_path):
+    dense = _dense(tmp_path)
+    for file in dense.glob("*.safetensors*"):
+        file.unlink()
+    torch.save({}, dense / "pytorch_model.bin")
+    with pytest.raises(PruneflowError, match="safetensors"):
+        checkpoint.load(dense, Runtime(max_memory=BUDGET), stream=True)
+
+
+def test_an_interrupted_streamed_save_leaves_no_output(tmp_path, monkeypatch):
+    dense = _dense(tmp_path)
+    runtime = Runtime(max_memory=BUDGET)
+    model, _, spec = checkpoint.load(dense, runtime, with_tokenizer=False, stream=True, calibration=WINDOWS.shape)
+    prune(model, spec, "magnitude", PruneParams(ratio=0.3), None, runtime=runtime)
+    written = []
+    add = streaming.ShardWriter.add
+
+    def dies_after_a_shard(self, name, tensor):
+        if len(self.files) >= 2:
+            raise KeyboardInterrupt
+        written.append(name)
+        add(self, name, tensor)
+
+    monkeypatch.setattr(streaming.ShardWriter, "add", dies_after_a_shard)
+    out = tmp_path / "pruned"
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(model, None, out, spec, dtype=torch.float32, max_shard_size="100KB", runtime=runtime)
+    assert written and not out.exists()
+    assert not list(tmp_path.glob(".pruned*")), "the temporary directory was left behind"
+
+
+@pytest.fixture
+def deep_checkpoint(tmp_path, tiny_tokenizer):
+    path = tmp_path / "deep"
+    tiny_causal_lm("llama", vocab_size=len(tiny_tokenizer), num_hidden_layers=8).save_pretrained(
+        path, max_shard_size="500KB")
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from pruneflow.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _prune_cli(model, out, calibration, *extra):
+    return _cli("prune", model, "--out", out, "--calibration", calibration, "--n-calibration", 4, "--seqlen", 16,
+                "--method", "flap", "--ratio", 0.3, *extra)
+
+
+def test_cli_prune_with_max_memory_streams_and_matches_the_in_memory_run(deep_checkpoint, calibration_txt, tmp_path):
+    memory = _prune_cli(deep_checkpoint, tmp_path / "memory", calibration_txt)
+    streamed = _prune_cli(deep_checkpoint, tmp_path / "streamed", calibration_txt, "--max-memory", "1MiB",
+                          "--max-shard-size", "400KB")
+    assert memory.exit_code == 0, memory.output
+    assert streamed.exit_code == 0, streamed.output
+    assert "streaming a block at a time" in streamed.output
+    a, b = _tensors(tmp_path / "memory"), _tensors(tmp_path / "streamed")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert (tmp_path / "streamed" / "tokenizer.json").exists() and (tmp_path / "streamed" / "plan.json").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--max-memory", "1MiB", "--method", "taylor"), "method taylor needs the whole model in memory"),
+    (("--max-memory", "1MiB", "--method", "sleb"), "method sleb needs the whole model in memory"),
+    (("--max-memory", "100KiB"), "too small to stream this model"),
+    (("--max-memory", "lots"), "is not a size"),
+])
+def test_cli_refuses_what_cannot_stream_before_any_work(extra, message, deep_checkpoint, calibration_txt, tmp_path,
+                                                         monkeypatch):
+    from pruneflow import calibration
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration ran before the input was checked")
+
+    monkeypatch.setattr(calibration, "prepare", no_calibration)
+    result = _prune_cli(deep_checkpoint, tmp_path / "out", calibration_txt, *extra)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()
+
+
+def _stage_params(path, model, calibration, max_memory, method="flap"):
+    import yaml
+
+    path.write_text(yaml.safe_dump({
+        "model": str(model), "runtime": {"max_memory": max_memory},
+        "calibrate": {"source": str(calibration), "n_windows": 4, "seqlen": 16},
+        "score": {"method": method}, "prune": {"ratio": 0.3, "allocation": "global", "compensate": True},
+        "recover": {"enabled": False}}))
+    return path
+
+
+def test_score_and_prune_stages_stream_under_runtime_max_memory(deep_checkpoint, calibration_txt, tmp_path):
+    for name, budget in (("memory", None), ("streamed", "1MiB")):
+        params = _stage_params(tmp_path / f"{name}.yaml", deep_checkpoint, calibration_txt, budget)
+        for stage in ("source", "calibrate", "score", "prune"):
+            result = _cli("stage", stage, "--params", params, "--artifacts", tmp_path / name)
+            assert result.exit_code == 0, result.output
+    a, b = _tensors(tmp_path / "memory" / "model"), _tensors(tmp_path / "streamed" / "model")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert (tmp_path / "memory" / "model" / "config.json").read_text() == \
+        (tmp_path / "streamed" / "model" / "config.json").read_text()
+
+
+def test_the_flow_refuses_a_model_above_max_memory_naming_the_stages_that_cannot_stream(deep_checkpoint,
+                                                                                      calibration_txt, tmp_path):
+    from pruneflow.params import load_params
+    from pruneflow.stages import check_memory
+
+    params = load_params(_stage_params(tmp_path / "p.yaml", deep_checkpoint, calibration_txt, "1MiB"))
+    with pytest.raises(PruneflowError, match=r"exceed runtime.max_memory.*evaluate") as err:
+        check_memory(params)
+    assert "recover" not in str(err.value)  # recovery is off in these params
+    check_memory(load_params(_stage_params(tmp_path / "q.yaml", deep_checkpoint, calibration_txt, "1GiB")))
+    with pytest.raises(PruneflowError, match="method taylor needs the whole model"):
+        check_memory(load_params(_stage_params(tmp_path / "r.yaml", deep_checkpoint, calibration_txt, "1MiB",
+                                               method="taylor")))
