@@ -283,19 +283,21 @@ def evaluate(
     threads: Optional[int] = typer.Option(None, help="torch threads for the speed measurement"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    max_memory: Optional[str] = typer.Option(
+        None, help="most model weights in memory at once; a larger model is streamed for perplexity (--no-speed)"),
 ) -> None:
     """Measure parameters, size, test perplexity and speed of several checkpoints, one loaded at a time."""
     from pruneflow.params import EvaluateParams, RuntimeParams, validate
 
     try:
         ev = validate(EvaluateParams, {"max_windows": max_windows, "speed": speed}, prefix="evaluate")
-        rt = validate(RuntimeParams, {"device": device, "dtype": dtype}, prefix="runtime")
+        rt = validate(RuntimeParams, {"device": device, "dtype": dtype, "max_memory": max_memory}, prefix="runtime")
         _quiet_libraries()
         from pruneflow.evaluate import evaluate_dirs
         from pruneflow.runtime import Runtime
         from pruneflow.sources import resolve
 
-        runtime = Runtime.create(rt.device, rt.dtype)
+        runtime = Runtime.from_params(rt)
         sources = {name: resolve(name) for name in models}  # every model found before the first is measured
         rows = evaluate_dirs(sources, ev, runtime, threads)
     except PruneflowError as err:

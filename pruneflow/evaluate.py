@@ -9,6 +9,9 @@ from collections.abc import Callable
 
 import torch
 
+from pruneflow import streaming
+from pruneflow.arch import arch_for
+from pruneflow.errors import PruneflowError
 from pruneflow.losses import token_nll
 from pruneflow.runtime import Runtime
 
@@ -32,9 +35,14 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int = PPL_SEQLEN, batch_s
     if n_windows == 0:
         raise ValueError(f"held-out text has {len(token_ids)} tokens, fewer than one {seqlen}-token window")
     windows = token_ids[: n_windows * seqlen].view(n_windows, seqlen)
+    runtime = runtime or Runtime()
+    if streaming.is_streamed(model):  # block by block over the windows, a group at a time
+        spec = arch_for(model.config.model_type)
+        losses = streaming.token_nll_batches(model, spec, windows, runtime, batch_size)
+    else:  # (B, T - 1) per batch, the LM head a chunk of tokens at a time
+        losses = (token_nll(model, batch) for batch in runtime.batches(model, windows, batch_size, desc="perplexity"))
     total_nll, total_tokens = 0.0, 0
-    for batch in (runtime or Runtime()).batches(model, windows, batch_size, desc="perplexity"):
-        nll = token_nll(model, batch)  # (B, T - 1), the LM head a chunk of tokens at a time
+    for nll in losses:
         total_nll += nll.double().sum().item()
         total_tokens += nll.numel()
     return math.exp(total_nll / total_tokens)
@@ -143,6 +151,21 @@ def compare_speed(models: list, causal_lm: bool, tokens: int = PPL_SEQLEN, decod
     return rows
 
 
+def check_streamed(models: dict, ev, runtime: Runtime, tasks: bool) -> None:
+    """Before any model is measured: a model above the runtime's ``max_memory`` is streamed, and only its
+    perplexity can be measured that way (speed and lm-eval tasks need it whole)."""
+    from pruneflow import checkpoint
+
+    if runtime.max_memory is None:
+        return
+    for name, source in models.items():
+        if runtime.streams(checkpoint.compute_size(source, runtime)[1]) and (ev.speed or tasks):
+            asked = " and ".join(what for what, on in (("speed", ev.speed), ("lm-eval tasks", tasks)) if on)
+            raise PruneflowError(f"{name} exceeds --max-memory and is streamed, which measures perplexity only: "
+                                 f"{asked} need the whole model (evaluate.speed: false, evaluate.tasks: [] or "
+                                 f"--no-speed; or a larger --max-memory)")
+
+
 def evaluate_dirs(models: dict, ev, runtime: Runtime | None = None, threads: int | None = None,
                   each: Callable | None = None) -> dict:
     """Parameters, size, test perplexity (and, with ``ev.speed``, speed) of several checkpoints
@@ -156,12 +179,14 @@ def evaluate_dirs(models: dict, ev, runtime: Runtime | None = None, threads: int
     runtime = runtime or Runtime()
     if threads:
         torch.set_num_threads(threads)
+    models = {name: s if isinstance(s, ModelSource) else resolve(s) for name, s in models.items()}
+    check_streamed(models, ev, runtime, tasks=each is not None)
     rows, test_docs, reference = {}, corpus.load_split("test"), None
     sentences = [s for doc in test_docs[:64] for s in doc.split(". ")[:4]]
     for name, source in models.items():
-        source = source if isinstance(source, ModelSource) else resolve(source)
         log.info("evaluating %s on %s", source.name, runtime)
-        model, tokenizer, spec = checkpoint.load(source, runtime, purpose="evaluation")
+        model, tokenizer, spec = checkpoint.load(source, runtime, stream=True, calibration=(8, ev.ppl_seqlen),
+                                                 purpose="evaluation")
         stream = C.token_stream(tokenizer, test_docs) if spec.causal_lm else None
         row = measure(model, tokenizer, spec, source.path, stream, ev.ppl_seqlen, ev.max_windows, speed=ev.speed,
                       decode_tokens=ev.decode_tokens, runtime=runtime)

@@ -51,8 +51,12 @@ def _targets(input_ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def token_nll(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """(B, T - 1) float32 negative log-likelihood of every next token of ``input_ids`` (B, T)."""
-    _, head = lm_parts(model)
-    hidden = hidden_states(model, input_ids)
+    return hidden_nll(lm_parts(model)[1], hidden_states(model, input_ids), input_ids)
+
+
+@torch.no_grad()
+def hidden_nll(head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T - 1) float32 next-token NLL from the final hidden states (B, T, D), the head a chunk at a time."""
     rows = hidden.reshape(-1, hidden.shape[-1])
     targets = _targets(input_ids).to(rows.device)
     nll = torch.empty(len(rows), dtype=torch.float32, device=rows.device)

@@ -58,7 +58,8 @@ def run(name: str, params: Params, root: Path = Path("artifacts")) -> Path:
 
 
 def check_memory(params: Params) -> None:
-    """Before any stage runs: with ``runtime.max_memory`` below the model's weights, every stage must stream."""
+    """Before any stage runs: with ``runtime.max_memory`` below the model's weights, every stage must stream
+    (score with a streaming method, no recovery, evaluate perplexity only)."""
     from pruneflow.prune import check_streams
 
     if not params.runtime.max_memory:
@@ -68,10 +69,14 @@ def check_memory(params: Params) -> None:
     if not runtime.streams(weight_bytes):
         return
     check_streams(params.score.method)
-    whole = ["evaluate (perplexity, lm-eval tasks, speed)"] + (["recover (LoRA)"] if params.recover.enabled else [])
-    raise PruneflowError(f"the model's weights ({format_size(weight_bytes)}) exceed runtime.max_memory "
-                         f"({params.runtime.max_memory}) and these stages need the whole model in memory: "
-                         f"{', '.join(whole)}; prune it streamed with `pruneflow prune --max-memory`")
+    e = params.evaluate
+    whole = [what for what, on in (("recover (LoRA): recover.enabled: false", params.recover.enabled),
+                                   ("evaluate's speed: evaluate.speed: false", e.speed),
+                                   ("evaluate's lm-eval tasks: evaluate.tasks: []", bool(e.tasks))) if on]
+    if whole:
+        raise PruneflowError(f"the model's weights ({format_size(weight_bytes)}) exceed runtime.max_memory "
+                             f"({params.runtime.max_memory}); these need the whole model in memory: "
+                             f"{'; '.join(whole)} (or raise runtime.max_memory)")
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -144,11 +144,13 @@ def _prefix(model: nn.Module, module: nn.Module) -> str:
     return f"{name}." if name else ""
 
 
-def load_module(stream: Stream, module: nn.Module, prefix: str) -> None:
-    """Give a meta ``module`` its weights from disk (``prefix`` is its name in the checkpoint)."""
-    names = list(module.state_dict())
-    tensors = stream.weights.read([prefix + n for n in names], stream.dtype, stream.device)
-    module.load_state_dict({n: tensors[prefix + n] for n in names}, assign=True, strict=True)
+def load_module(stream: Stream, module: nn.Module, prefix: str, tied: str | None = None) -> None:
+    """Give a meta ``module`` its weights from disk (``prefix`` is its name in the checkpoint; a tensor the
+    files lack is read as ``tied``, the input embedding a tied head shares)."""
+    names = {n: prefix + n for n in module.state_dict()}
+    names = {n: key if key in stream.weights.tensors or tied is None else tied for n, key in names.items()}
+    tensors = stream.weights.read(list(dict.fromkeys(names.values())), stream.dtype, stream.device)
+    module.load_state_dict({n: tensors[key] for n, key in names.items()}, assign=True, strict=True)
 
 
 def offload(module: nn.Module) -> None:
@@ -267,6 +269,45 @@ def calibration_pass(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, ru
         runtime.release_host()
 
 
+@torch.no_grad()
+def token_nll_batches(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, runtime: Runtime,
+                      batch_size: int = BATCH) -> Iterator[torch.Tensor]:
+    """(B, T - 1) next-token NLL of each batch of ``windows``, streamed: the windows go through the blocks a
+    group at a time (as many as a quarter of the budget carries; each group reads every block once), then the
+    final norm and the head (loaded for it, dropped after) turn them into losses a chunk of tokens at a time."""
+    from pruneflow.losses import hidden_nll
+
+    stream = stream_of(model)
+    backbone = getattr(model, model.base_model_prefix)
+    per_window = windows.shape[1] * model.config.hidden_size * stream.dtype.itemsize
+    group = max(batch_size, (runtime.max_memory or 0) // 4 // per_window // batch_size * batch_size)
+    finals = [module for name, module in backbone.named_children()
+              if module is not model.get_input_embeddings() and name != spec.layers.rpartition(".")[2]
+              and any(True for _ in module.parameters())]  # the final norm
+    head = model.get_output_embeddings()
+    for start in range(0, len(windows), group):
+        part = windows[start:start + group]
+        batches = [part[s:s + batch_size] for s in range(0, len(part), batch_size)]
+        carried = [capture(model, spec, batch) for batch in batches]
+        states = [hidden for hidden, _ in carried]
+        for i, block in enumerate(each_block(model, spec)):
+            for b, (_, calls) in enumerate(carried):
+                args, kwargs = calls[i]
+                states[b] = _output(block(states[b], *args, **kwargs))
+            runtime.release_host()
+        embedding = _prefix(model, model.get_input_embeddings()) + "weight"
+        for module in (*finals, head):
+            load_module(stream, module, _prefix(model, module), tied=embedding)
+        try:
+            for batch, hidden in zip(batches, states):
+                for module in finals:
+                    hidden = module(hidden)
+                yield hidden_nll(head, hidden, batch.to(hidden.device))
+        finally:
+            for module in (*finals, head):
+                offload(module)
+
+
 # ---- budget -------------------------------------------------------------------------------------------------
 
 def block_bytes(weights: LazyWeights, spec: ArchSpec, count: int, dtype: torch.dtype) -> list[int]:
@@ -294,7 +335,7 @@ def check_budget(weights: LazyWeights, config, spec: ArchSpec, dtype: torch.dtyp
         raise PruneflowError(
             f"--max-memory {format_size(budget)} is too small to stream this model: one block "
             f"({format_size(need['block'])}) and its pruned copy, the activations of {windows} × {seqlen} "
-            f"calibration tokens ({format_size(need['carried'])}) and one batch's work "
+            f"tokens ({format_size(need['carried'])}) and one batch's work "
             f"({format_size(need['work'])}) need at least {format_size(need['total'], up=True)}")
 
 

@@ -224,32 +224,62 @@ def _stage_params(path, model, calibration, max_memory, method="flap"):
         "model": str(model), "runtime": {"max_memory": max_memory},
         "calibrate": {"source": str(calibration), "n_windows": 4, "seqlen": 16},
         "score": {"method": method}, "prune": {"ratio": 0.3, "allocation": "global", "compensate": True},
-        "recover": {"enabled": False}}))
+        "recover": {"enabled": False}, "evaluate": {"speed": False, "tasks": [], "max_windows": 12, "ppl_seqlen": 16}}))
     return path
 
 
-def test_score_and_prune_stages_stream_under_runtime_max_memory(deep_checkpoint, calibration_txt, tmp_path):
+def test_every_stage_streams_under_runtime_max_memory_with_recovery_off(deep_checkpoint, calibration_txt, tmp_path):
+    from pruneflow.graph import STAGES
+
     for name, budget in (("memory", None), ("streamed", "1MiB")):
         params = _stage_params(tmp_path / f"{name}.yaml", deep_checkpoint, calibration_txt, budget)
-        for stage in ("source", "calibrate", "score", "prune"):
+        for stage in STAGES:
             result = _cli("stage", stage, "--params", params, "--artifacts", tmp_path / name)
             assert result.exit_code == 0, result.output
+    import json
+
+    metrics = [json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("memory", "streamed")]
+    for model in ("dense", "pruned"):
+        assert metrics[1][model]["test_ppl"] == metrics[0][model]["test_ppl"]
+        assert metrics[1][model]["non_embedding_params"] == metrics[0][model]["non_embedding_params"]
     a, b = _tensors(tmp_path / "memory" / "model"), _tensors(tmp_path / "streamed" / "model")
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     assert (tmp_path / "memory" / "model" / "config.json").read_text() == \
         (tmp_path / "streamed" / "model" / "config.json").read_text()
 
 
-def test_the_flow_refuses_a_model_above_max_memory_naming_the_stages_that_cannot_stream(deep_checkpoint,
+def test_the_flow_checks_up_front_that_every_stage_can_stream(deep_checkpoint,
                                                                                       calibration_txt, tmp_path):
     from pruneflow.params import load_params
     from pruneflow.stages import check_memory
 
     params = load_params(_stage_params(tmp_path / "p.yaml", deep_checkpoint, calibration_txt, "1MiB"))
-    with pytest.raises(PruneflowError, match=r"exceed runtime.max_memory.*evaluate") as err:
-        check_memory(params)
-    assert "recover" not in str(err.value)  # recovery is off in these params
-    check_memory(load_params(_stage_params(tmp_path / "q.yaml", deep_checkpoint, calibration_txt, "1GiB")))
+    check_memory(params)  # streaming score method, recovery off, perplexity only: every stage streams
+    with pytest.raises(PruneflowError, match=r"exceed runtime.max_memory.*recover.enabled: false.*evaluate.tasks"):
+        check_memory(params.model_copy(update={
+            "recover": params.recover.model_copy(update={"enabled": True}),
+            "evaluate": params.evaluate.model_copy(update={"tasks": ["pruneflow_word_order"]})}))
     with pytest.raises(PruneflowError, match="method taylor needs the whole model"):
         check_memory(load_params(_stage_params(tmp_path / "r.yaml", deep_checkpoint, calibration_txt, "1MiB",
                                                method="taylor")))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # qwen2: the head is tied to the embedding
+def test_streamed_perplexity_equals_the_in_memory_one(kind, tmp_path):
+    from pruneflow.evaluate import perplexity
+
+    dense = _dense(tmp_path, kind)
+    stream = torch.randint(0, 256, (30 * 16,), generator=torch.Generator().manual_seed(2))
+    values = []
+    for budget in (None, BUDGET):
+        runtime = Runtime(max_memory=budget)
+        model, _, _ = checkpoint.load(dense, runtime, with_tokenizer=False, stream=True, calibration=(8, 16))
+        values.append(perplexity(model, stream, seqlen=16, runtime=runtime))
+        assert all(p.device.type == "meta" for p in model.parameters()) == (budget is not None)
+    assert values[1] == values[0]
+
+
+def test_cli_evaluate_refuses_speed_for_a_streamed_model_before_measuring(deep_checkpoint, tmp_path):
+    result = _cli("evaluate", deep_checkpoint, "--max-memory", "1MiB", "--max-windows", 4)
+    assert result.exit_code == 2
+    assert "measures perplexity only: speed need" in " ".join(result.output.split())
