@@ -38,7 +38,8 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int = PPL_SEQLEN, batch_s
     runtime = runtime or Runtime()
     if streaming.is_streamed(model):  # block by block over the windows, a group at a time
         spec = arch_for(model.config.model_type)
-        losses = streaming.token_nll_batches(model, spec, windows, runtime, batch_size)
+        batches = [windows[start:start + batch_size] for start in range(0, len(windows), batch_size)]
+        losses = streaming.token_nll_batches(model, spec, batches, runtime)
     else:  # (B, T - 1) per batch, the LM head a chunk of tokens at a time
         losses = (token_nll(model, batch) for batch in runtime.batches(model, windows, batch_size, desc="perplexity"))
     total_nll, total_tokens = 0.0, 0

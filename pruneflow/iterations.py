@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from pruneflow import streaming
 from pruneflow.plan import LayerShape, PrunePlan
 
 
@@ -21,6 +22,9 @@ def fingerprint(model: torch.nn.Module, windows: torch.Tensor, config: dict) -> 
     """sha256 of everything an iteration's result depends on: weights, calibration windows, parameters."""
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     digest.update(windows.contiguous().cpu().view(-1).to(torch.int64).numpy().tobytes())
+    if streaming.is_streamed(model):  # its weights are the files it reads
+        digest.update(streaming.digest(model))
+        return digest.hexdigest()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -7,7 +7,7 @@ mask, so one forward pass evaluates several sub-models (masks in the batch dimen
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -17,16 +17,10 @@ from pruneflow.arch import ArchSpec
 
 
 @contextmanager
-def unit_masks(model: nn.Module, spec: ArchSpec, head_masks: list[torch.Tensor] | None = None,
-               channel_masks: list[torch.Tensor] | None = None):
-    """Within the block, row b of every batch is computed with ``head_masks[l][b]`` (H_l,) and
-    ``channel_masks[l][b]`` (I_l,) applied in layer l (1 keeps a unit, 0 removes it).
-
-    Masks are (B, H_l) / (B, I_l) per layer, B equal to the batch size of the forward passes made inside.
-    """
-    head_dim = A.geometry(model.config).head_dim
-    handles = []
-
+def block_masks(block: nn.Module, spec: ArchSpec, head_dim: int, head_mask: torch.Tensor | None = None,
+                channel_mask: torch.Tensor | None = None):
+    """Within ``block``, row b of every batch is computed with ``head_mask[b]`` (H,) and ``channel_mask[b]``
+    (I,) applied (1 keeps a unit, 0 removes it); masks are (B, H) / (B, I), B the batch size inside."""
     def hook(mask: torch.Tensor, repeat: int):
         expanded = mask.repeat_interleave(repeat, dim=1) if repeat > 1 else mask  # (B, in_features)
 
@@ -35,13 +29,27 @@ def unit_masks(model: nn.Module, spec: ArchSpec, head_masks: list[torch.Tensor] 
             return (x * expanded[:, None, :].to(device=x.device, dtype=x.dtype),) + tuple(args[1:])
         return pre_hook
 
+    handles = []
     try:
-        for layer, block in enumerate(A.blocks(model, spec)):
-            if head_masks is not None:
-                handles.append(A.get(block, spec.o).register_forward_pre_hook(hook(head_masks[layer], head_dim)))
-            if channel_masks is not None:
-                handles.append(A.get(block, spec.down).register_forward_pre_hook(hook(channel_masks[layer], 1)))
-        yield model
+        if head_mask is not None:
+            handles.append(A.get(block, spec.o).register_forward_pre_hook(hook(head_mask, head_dim)))
+        if channel_mask is not None:
+            handles.append(A.get(block, spec.down).register_forward_pre_hook(hook(channel_mask, 1)))
+        yield block
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def unit_masks(model: nn.Module, spec: ArchSpec, head_masks: list[torch.Tensor] | None = None,
+               channel_masks: list[torch.Tensor] | None = None):
+    """:func:`block_masks` on every block: ``head_masks[l]`` (B, H_l) and ``channel_masks[l]`` (B, I_l) in
+    layer l, B equal to the batch size of the forward passes made inside."""
+    head_dim = A.geometry(model.config).head_dim
+    with ExitStack() as stack:
+        for layer, block in enumerate(A.blocks(model, spec)):
+            stack.enter_context(block_masks(block, spec, head_dim,
+                                            None if head_masks is None else head_masks[layer],
+                                            None if channel_masks is None else channel_masks[layer]))
+        yield model

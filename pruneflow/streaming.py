@@ -157,18 +157,36 @@ def offload(module: nn.Module) -> None:
     module.to("meta")
 
 
-def each_block(model: nn.Module, spec: ArchSpec) -> Iterator[nn.Module]:
-    """The blocks with their weights (streamed: loaded one at a time, dropped when the caller moves on)."""
+def current_block(model: nn.Module, spec: ArchSpec, i: int) -> nn.Module:
+    """Block ``i`` as the model has it now, with its weights: the dense block read from disk, then sliced by
+    every plan applied so far, in order (the same copies the in-memory path made)."""
+    from pruneflow.apply import apply_block
+
     stream = stream_of(model)
-    for i, block in enumerate(A.blocks(model, spec)):
-        if stream is None:
-            yield block
+    if any(plan.kept_layers is not None and len(plan.kept_layers) < len(plan.layers) for plan, _ in stream.pending):
+        raise PruneflowError("blocks of a streamed model whose layers were removed are only written (save)")
+    block = copy.deepcopy(A.blocks(stream.dense, spec)[i])
+    load_module(stream, block, f"{spec.layers}.{i}.")
+    head_dim = A.geometry(model.config).head_dim
+    for plan, scores in stream.pending:
+        apply_block(block, spec, plan, scores, i, head_dim)
+    return block
+
+
+def each_block(model: nn.Module, spec: ArchSpec) -> Iterator[nn.Module]:
+    """The blocks with their weights (streamed: loaded one at a time into the model, dropped when the caller
+    moves on)."""
+    blocks = A.blocks(model, spec)
+    for i in range(len(blocks)):
+        if not is_streamed(model):
+            yield blocks[i]
             continue
-        load_module(stream, block, f"{spec.layers}.{i}.")
+        skeleton_block = blocks[i]
+        blocks[i] = current_block(model, spec, i)
         try:
-            yield block
+            yield blocks[i]
         finally:
-            offload(block)
+            blocks[i] = skeleton_block
 
 
 class _Stop(Exception):
@@ -270,42 +288,46 @@ def calibration_pass(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, ru
 
 
 @torch.no_grad()
-def token_nll_batches(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, runtime: Runtime,
-                      batch_size: int = BATCH) -> Iterator[torch.Tensor]:
-    """(B, T - 1) next-token NLL of each batch of ``windows``, streamed: the windows go through the blocks a
-    group at a time (as many as a quarter of the budget carries; each group reads every block once), then the
-    final norm and the head (loaded for it, dropped after) turn them into losses a chunk of tokens at a time."""
+def token_nll_batches(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor], runtime: Runtime,
+                      around: Callable | None = None) -> Iterator[torch.Tensor]:
+    """(B, T - 1) next-token NLL of each batch of input ids, in order, streamed: the batches go through the
+    blocks a group at a time (as many as a quarter of the budget carries; each group reads every block once),
+    then the final norm and the head (loaded for it, dropped after) turn them into losses a chunk of tokens at
+    a time. ``around(i, block, b)``: a context manager block ``i`` runs batch ``b`` under (e.g. masks)."""
+    from contextlib import nullcontext
+
     from pruneflow.losses import hidden_nll
 
     stream = stream_of(model)
     backbone = getattr(model, model.base_model_prefix)
-    per_window = windows.shape[1] * model.config.hidden_size * stream.dtype.itemsize
-    group = max(batch_size, (runtime.max_memory or 0) // 4 // per_window // batch_size * batch_size)
+    per_batch = max(b.numel() for b in batches) * model.config.hidden_size * stream.dtype.itemsize
+    group = max(1, (runtime.max_memory or 0) // 4 // per_batch)
     finals = [module for name, module in backbone.named_children()
               if module is not model.get_input_embeddings() and name != spec.layers.rpartition(".")[2]
               and any(True for _ in module.parameters())]  # the final norm
     head = model.get_output_embeddings()
-    for start in range(0, len(windows), group):
-        part = windows[start:start + group]
-        batches = [part[s:s + batch_size] for s in range(0, len(part), batch_size)]
-        carried = [capture(model, spec, batch) for batch in batches]
+    embedding = _prefix(model, model.get_input_embeddings()) + "weight"
+    for start in range(0, len(batches), group):
+        part = range(start, min(start + group, len(batches)))
+        carried = [capture(model, spec, batches[b]) for b in part]
         states = [hidden for hidden, _ in carried]
         for i, block in enumerate(each_block(model, spec)):
-            for b, (_, calls) in enumerate(carried):
+            for k, (b, (_, calls)) in enumerate(zip(part, carried)):
                 args, kwargs = calls[i]
-                states[b] = _output(block(states[b], *args, **kwargs))
+                with around(i, block, b) if around is not None else nullcontext():
+                    states[k] = _output(block(states[k], *args, **kwargs))
             runtime.release_host()
-        embedding = _prefix(model, model.get_input_embeddings()) + "weight"
         for module in (*finals, head):
             load_module(stream, module, _prefix(model, module), tied=embedding)
         try:
-            for batch, hidden in zip(batches, states):
+            for b, hidden in zip(part, states):
                 for module in finals:
                     hidden = module(hidden)
-                yield hidden_nll(head, hidden, batch.to(hidden.device))
+                yield hidden_nll(head, hidden, batches[b].to(hidden.device))
         finally:
             for module in (*finals, head):
                 offload(module)
+        del carried, states
 
 
 # ---- budget -------------------------------------------------------------------------------------------------
@@ -342,13 +364,14 @@ def check_budget(weights: LazyWeights, config, spec: ArchSpec, dtype: torch.dtyp
 # ---- apply and save -----------------------------------------------------------------------------------------
 
 def record(model: nn.Module, plan, scores, spec: ArchSpec) -> None:
-    """Take ``plan`` for :func:`save` and give the skeleton the pruned shapes."""
+    """Take ``plan`` (relative to the model as it is now) for the blocks loaded later and for :func:`save`, and
+    give the skeleton the pruned shapes."""
     from pruneflow.apply import block_widths, compensated, remove_layers
     from pruneflow.modeling_pruneflow import resize_block
 
     stream = stream_of(model)
-    if stream.pending:
-        raise PruneflowError("a streamed model takes one plan (iterative methods do not stream yet)")
+    if any(p.kept_layers is not None and len(p.kept_layers) < len(p.layers) for p, _ in stream.pending):
+        raise PruneflowError("a plan that removes layers must be the last one applied to a streamed model")
     stream.pending.append((plan, scores))
     head_dim = A.geometry(model.config).head_dim
     for block, layer in zip(A.blocks(model, spec), plan.layers):
@@ -356,6 +379,21 @@ def record(model: nn.Module, plan, scores, spec: ArchSpec) -> None:
         resize_block(block, spec.to_dict(), widths, head_dim)
     if plan.kept_layers is not None and len(plan.kept_layers) < len(plan.layers):
         remove_layers(model, spec, plan.kept_layers)
+
+
+def digest(model: nn.Module) -> bytes:
+    """sha256 of the checkpoint files a streamed model reads (what its weights are), for resume keys."""
+    import hashlib
+
+    from pruneflow.corpus import sha256_file
+
+    stream = stream_of(model)
+    total = hashlib.sha256()
+    for file in sorted({info.file for info in stream.weights.tensors.values()}):
+        total.update(file.name.encode() + sha256_file(file).encode())
+    for plan, _ in stream.pending:
+        total.update(plan.to_json().encode())
+    return total.digest()
 
 
 class ShardWriter:
@@ -400,23 +438,25 @@ class ShardWriter:
 @torch.no_grad()
 def write_weights(model: nn.Module, spec: ArchSpec, out: Path, dtype: torch.dtype, shard_bytes: int,
                   runtime: Runtime | None = None) -> None:
-    """Apply the recorded plan block by block and write the pruned weights in ``dtype`` to ``out``."""
+    """Apply the recorded plans block by block and write the pruned weights in ``dtype`` to ``out``."""
     from pruneflow.apply import apply_block
 
     stream = stream_of(model)
     if not stream.pending:
         raise PruneflowError("nothing to save: no plan was applied to the streamed model")
-    plan, scores = stream.pending[0]
     writer = ShardWriter(out, shard_bytes)
     prefix = f"{spec.layers}."
     for name in stream.weights.tensors:  # embeddings, norms, the head: copied a tensor at a time
         if not name.startswith(prefix):
             writer.add(name, stream.weights.read([name], dtype, torch.device("cpu"))[name])
-    kept = plan.kept_layers if plan.kept_layers is not None else list(range(len(plan.layers)))
+    last = stream.pending[-1][0]
+    kept = last.kept_layers if last.kept_layers is not None else list(range(len(last.layers)))
+    head_dim = A.geometry(model.config).head_dim
     for new_index, i in enumerate(kept):
         block = copy.deepcopy(A.blocks(stream.dense, spec)[i])
         load_module(stream, block, f"{prefix}{i}.")
-        apply_block(block, spec, plan, scores, i, A.geometry(model.config).head_dim)
+        for plan, scores in stream.pending:
+            apply_block(block, spec, plan, scores, i, head_dim)
         for name, tensor in block.state_dict().items():
             writer.add(f"{prefix}{new_index}.{name}", tensor.to(dtype))
         del block

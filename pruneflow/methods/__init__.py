@@ -60,7 +60,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            units=("layers",), needs=frozenset({ACTIVATIONS, CAUSAL_LM, RATIO}), allocation="global"),
     Method("bonsai", "bonsai", "Bonsai: importance from the losses of perturbed sub-models, forward passes only",
            needs=frozenset({ACTIVATIONS, CAUSAL_LM}), allocation="global", allocations=("global",), iterative=True,
-           options=BonsaiParams),
+           options=BonsaiParams, streams=True),
 )}
 
 

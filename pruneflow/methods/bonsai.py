@@ -35,7 +35,8 @@ from pruneflow.apply import layer_shapes
 from pruneflow.errors import PruneflowError
 from pruneflow.lasso import fit_cv
 from pruneflow.losses import token_nll
-from pruneflow.masking import unit_masks
+from pruneflow import streaming
+from pruneflow.masking import block_masks, unit_masks
 from pruneflow.methods.options import BonsaiParams
 from pruneflow.plan import head_unit, unit_cost
 from pruneflow.runtime import Runtime
@@ -167,21 +168,35 @@ def submodel_losses(model, spec, modules: list[Module], keep: torch.Tensor, wind
 
     Rows of a forward pass are (sub-model, window) pairs, each computed with its own sub-model's masks;
     ``rows_per_forward = n`` is the naive one-sub-model-per-forward loop. The LM head runs a chunk of tokens
-    at a time (``losses.token_nll``), so no rows × T × vocab logits are held.
+    at a time (``losses.token_nll``), so no rows × T × vocab logits are held. A streamed model runs the same
+    batches layer-major (``streaming.token_nll_batches``: as many batches as the budget carries advance one
+    block at a time), so each block's weights are read once per group, not once per batch.
     """
     n, length = windows.shape
     n_models = keep.shape[0]
     runtime = runtime or Runtime()
-    device = runtime.input_device(model)
     nll = torch.zeros(n_models, dtype=torch.float64)
     n_layers = len(A.blocks(model, spec))
-    for start in tqdm(range(0, n_models * n, rows_per_forward), desc=desc, unit="batch", leave=False):
-        rows = torch.arange(start, min(start + rows_per_forward, n_models * n))
-        owner = rows // n  # (B,) sub-model of each row
-        batch = windows[rows % n].to(device)  # (B, T)
-        heads, channels = layer_masks(modules, keep[owner].to(device), n_layers)
+    starts = range(0, n_models * n, rows_per_forward)
+    owners = [torch.arange(start, min(start + rows_per_forward, n_models * n)) // n for start in starts]
+    batches = [windows[(start + torch.arange(len(owner))) % n] for start, owner in zip(starts, owners)]
+    if streaming.is_streamed(model):  # layer-major: every batch advances a block at a time, weights read once
+        masks = [layer_masks(modules, keep[owner], n_layers) for owner in owners]
+        head_dim = A.geometry(model.config).head_dim
+
+        def around(i, block, b):
+            heads, channels = masks[b]
+            return block_masks(block, spec, head_dim, None if heads is None else heads[i].to(runtime.device),
+                               None if channels is None else channels[i].to(runtime.device))
+
+        for owner, row_nll in zip(owners, streaming.token_nll_batches(model, spec, batches, runtime, around)):
+            nll.index_add_(0, owner, row_nll.contiguous().sum(1).double().cpu())
+        return nll / (n * (length - 1))
+    device = runtime.input_device(model)
+    for owner, batch in tqdm(list(zip(owners, batches)), desc=desc, unit="batch", leave=False):
+        heads, channels = layer_masks(modules, keep[owner].to(device), n_layers)  # owner: sub-model of each row
         with unit_masks(model, spec, heads, channels):
-            row_nll = token_nll(model, batch).contiguous().sum(1)  # (B,)
+            row_nll = token_nll(model, batch.to(device)).contiguous().sum(1)  # (B,)
         nll.index_add_(0, owner, row_nll.double().cpu())
         runtime.release_host()
     return nll / (n * (length - 1))

@@ -13,7 +13,7 @@ from pruneflow import arch as A
 from pruneflow import checkpoint, streaming
 from pruneflow.errors import PruneflowError
 from pruneflow.methods import METHODS
-from pruneflow.params import PruneParams
+from pruneflow.params import BonsaiParams, PruneParams
 from pruneflow.prune import prune
 from pruneflow.runtime import Runtime, parse_size
 
@@ -38,6 +38,9 @@ def _tensors(path):
     return out
 
 
+BONSAI = BonsaiParams(preset="fast", sub_models=8, n_windows=4, rows_per_forward=8, tolerance=0.01)
+
+
 def _both(dense, method, tmp_path, cfg=None, runtime_dtype=None):
     """Prune ``dense`` in memory and streamed; returns (in-memory result, streamed result, their dirs)."""
     cfg = cfg or PruneParams(ratio=0.3)
@@ -46,7 +49,8 @@ def _both(dense, method, tmp_path, cfg=None, runtime_dtype=None):
         runtime = Runtime(dtype=runtime_dtype, max_memory=budget)
         model, _, spec = checkpoint.load(dense, runtime, with_tokenizer=False, stream=True, calibration=WINDOWS.shape)
         assert streaming.is_streamed(model) == (budget is not None)
-        results.append(prune(model, spec, method, cfg, WINDOWS, seed=3, runtime=runtime))
+        results.append(prune(model, spec, method, cfg, WINDOWS, seed=3, runtime=runtime,
+                             options=BONSAI if method == "bonsai" else None))
         out = tmp_path / name
         checkpoint.save(model, None, out, spec, dtype=checkpoint.stored_dtype(dense), max_shard_size="300KB",
                         runtime=runtime)
@@ -103,13 +107,14 @@ def test_at_most_one_block_has_weights_at_a_time(tmp_path, monkeypatch):
     def loaded_blocks():
         return sum(any(p.device.type != "meta" for p in block.parameters()) for block in A.blocks(model, spec))
 
-    load = streaming.load_module
+    load = streaming.current_block
 
-    def watched(stream, module, prefix):
-        load(stream, module, prefix)
-        most.append(loaded_blocks())
+    def watched(model_, spec_, i):
+        block = load(model_, spec_, i)
+        most.append(loaded_blocks() + 1)  # the blocks of the model with weights, and this one
+        return block
 
-    monkeypatch.setattr(streaming, "load_module", watched)
+    monkeypatch.setattr(streaming, "current_block", watched)
     prune(model, spec, "flap", PruneParams(ratio=0.3), WINDOWS, runtime=runtime)
     assert most and max(most) == 1
     assert loaded_blocks() == 0
@@ -200,6 +205,7 @@ def test_cli_prune_with_max_memory_streams_and_matches_the_in_memory_run(deep_ch
 @pytest.mark.parametrize("extra, message", [
     (("--max-memory", "1MiB", "--method", "taylor"), "method taylor needs the whole model in memory"),
     (("--max-memory", "1MiB", "--method", "sleb"), "method sleb needs the whole model in memory"),
+    (("--max-memory", "1MiB", "--method", "taylor", "--ratio", "0.2"), "methods that stream a block at a time"),
     (("--max-memory", "100KiB"), "too small to stream this model"),
     (("--max-memory", "lots"), "is not a size"),
 ])
