@@ -162,6 +162,14 @@ GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COM
            "GIT_COMMITTER_EMAIL": "t@example.com"}
 
 
+def interruptible() -> None:
+    """``preexec_fn`` for a process a test stops with SIGINT: a shell's background job (``make test &``) starts
+    with SIGINT ignored, the child would inherit that and Python would install no KeyboardInterrupt handler."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def sh(args, cwd):
     import os
 

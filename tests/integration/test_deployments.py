@@ -12,6 +12,8 @@ import urllib.request
 
 import pytest
 
+from tests.conftest import interruptible
+
 pytestmark = pytest.mark.integration
 POOL = "pruneflow-test"
 
@@ -57,7 +59,7 @@ def pool(stack, project_on_stack):
     logs = project_on_stack.parent / "workers"
     logs.mkdir(exist_ok=True)
     workers = [subprocess.Popen([prefect, "worker", "start", "--pool", POOL, "--type", "process", "--limit", "1",
-                                 "--name", f"worker-{i}"], env=env, start_new_session=True,
+                                 "--name", f"worker-{i}"], env=env, start_new_session=True, preexec_fn=interruptible,
                                 stdout=open(logs / f"worker-{i}.log", "w"), stderr=subprocess.STDOUT)
                for i in range(2)]
     try:

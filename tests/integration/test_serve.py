@@ -11,6 +11,7 @@ import time
 import pytest
 import yaml
 
+from tests.conftest import interruptible
 from tests.integration.test_deployments import api, wait_for
 
 pytestmark = pytest.mark.integration
@@ -26,7 +27,8 @@ def test_served_deployment_runs_from_the_api_and_keeps_its_schedule(stack, proje
     env = {**os.environ, **client_env(stack[1])}
     log = open(project.parent / "serve.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "pruneflow.cli", "serve", "--repo", str(project)], cwd=project,
-                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              preexec_fn=interruptible)  # stopped by SIGINT below
     try:
         deployment = None
         for _ in range(60):
