@@ -245,6 +245,18 @@ def capture(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor) -> tuple[
     return record["hidden"], record["calls"]
 
 
+def advance(block: nn.Module, i: int, states: list[torch.Tensor], carried: list[tuple],
+            around: Callable | None = None) -> None:
+    """Run every carried batch through block ``i`` (with the arguments :func:`capture` recorded for it), in
+    place; ``around(k)`` is a context manager batch ``k`` runs under."""
+    from contextlib import nullcontext
+
+    for k, (_, calls) in enumerate(carried):
+        args, kwargs = calls[i]
+        with around(k) if around is not None else nullcontext():
+            states[k] = _output(block(states[k], *args, **kwargs))
+
+
 def _output(result) -> torch.Tensor:
     return result[0] if isinstance(result, tuple) else result
 
@@ -276,9 +288,7 @@ def calibration_pass(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, ru
                                    unit="block", leave=False)):
         handles = hooks(i, block)
         try:
-            for b, (_, calls) in enumerate(carried):
-                args, kwargs = calls[i]
-                states[b] = _output(block(states[b], *args, **kwargs))
+            advance(block, i, states, carried)
         finally:
             for handle in handles:
                 handle.remove()
@@ -294,8 +304,6 @@ def token_nll_batches(model: nn.Module, spec: ArchSpec, batches: list[torch.Tens
     blocks a group at a time (as many as a quarter of the budget carries; each group reads every block once),
     then the final norm and the head (loaded for it, dropped after) turn them into losses a chunk of tokens at
     a time. ``around(i, block, b)``: a context manager block ``i`` runs batch ``b`` under (e.g. masks)."""
-    from contextlib import nullcontext
-
     from pruneflow.losses import hidden_nll
 
     stream = stream_of(model)
@@ -312,10 +320,8 @@ def token_nll_batches(model: nn.Module, spec: ArchSpec, batches: list[torch.Tens
         carried = [capture(model, spec, batches[b]) for b in part]
         states = [hidden for hidden, _ in carried]
         for i, block in enumerate(each_block(model, spec)):
-            for k, (b, (_, calls)) in enumerate(zip(part, carried)):
-                args, kwargs = calls[i]
-                with around(i, block, b) if around is not None else nullcontext():
-                    states[k] = _output(block(states[k], *args, **kwargs))
+            advance(block, i, states, carried,
+                    None if around is None else lambda k, i=i, block=block: around(i, block, part[k]))
             runtime.release_host()
         for module in (*finals, head):
             load_module(stream, module, _prefix(model, module), tied=embedding)
