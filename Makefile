@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test clean-venv
+.PHONY: install browser lint demo test clean-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,7 +25,19 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/pruneflow run
 
-test: install
+# the UI tests' browser: Debian's chromium + chromium-driver (as root; otherwise install them yourself, or the
+# browser test skips and says so)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null)); \
+	  else echo "warning: no chromium/chromedriver and not root: the browser test will skip"; fi
+
+lint: install
+	$(BIN)/ruff check .
+
+test: install browser lint
 	$(BIN)/python -m pytest -q
 
 clean-venv:

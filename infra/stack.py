@@ -96,7 +96,10 @@ def services(run_dir: Path, ports: dict[str, int]) -> list[Service]:
              "MLFLOW_DISABLE_TELEMETRY": "true"}, f"http://{HOST}:{ports['mlflow']}/health"),
         Service("prefect", ports["prefect"], [
             _bin("prefect"), "server", "start", "--host", HOST, "--port", str(ports["prefect"])],
-            {**base, "PREFECT_HOME": str(run_dir / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
+            # the UI asks /ui-settings where its API is; without these it answers port 4200 whatever --port says
+            {**base, "PREFECT_HOME": str(run_dir / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+             "PREFECT_SERVER_API_HOST": HOST, "PREFECT_SERVER_API_PORT": str(ports["prefect"]),
+             "PREFECT_UI_API_URL": f"http://{HOST}:{ports['prefect']}/api"},
             f"http://{HOST}:{ports['prefect']}/api/health"),
     ]
 

@@ -507,6 +507,17 @@ def report(
 STACK_DIR = Path(".pruneflow/stack")
 
 
+UIS = {"mlflow": "MLflow UI", "prefect": "Prefect UI"}
+
+
+def _services(state: dict) -> None:
+    """A line per service, URLs whole (a table would cut them to fit 80 columns)."""
+    for name, s in state.items():
+        health = "" if "healthy" not in s else ("  healthy" if s["healthy"] else "  NOT ANSWERING")
+        ui = f"  ({UIS[name]})" if name in UIS else ""
+        typer.echo(f"{name:8} {s['url']}{ui}  pid {s['pid']}{health}  log {s['log']}")
+
+
 @app.command()
 def up(
     run_dir: Path = typer.Option(STACK_DIR, help="data, logs and stack.json of the local stack"),
@@ -523,7 +534,7 @@ def up(
         state = stack.up(run_dir, {"s3": s3_port, "mlflow": mlflow_port, "prefect": prefect_port}, timeout)
     except PruneflowError as err:
         _fail(err)
-    _table("local stack", {name: {"url": s["url"], "pid": s["pid"], "log": s["log"]} for name, s in state.items()})
+    _services(state)
     typer.echo("use it from this shell:\n" + "\n".join(f"export {k}={v}" for k, v in stack.client_env(state).items()))
 
 
@@ -536,8 +547,7 @@ def status(run_dir: Path = typer.Option(STACK_DIR, help="the local stack's run d
     if not state:
         typer.echo(f"no local stack in {run_dir} (`pruneflow up`)")
         raise typer.Exit(1)
-    _table("local stack", {name: {"url": s["url"], "pid": s["pid"], "healthy": str(s["healthy"])}
-                           for name, s in state.items()})
+    _services(state)
     if not all(s["healthy"] for s in state.values()):
         raise typer.Exit(1)
 

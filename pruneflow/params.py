@@ -97,13 +97,14 @@ class PruneParams(_Section):
 
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+LoraTarget = Literal[LORA_TARGETS]  # choices in the Prefect form
 
 
 class RecoverParams(_Section):
     """LoRA recovery (peft) of the pruned model on the calibration source's train split."""
 
     enabled: bool = Field(True, description="run LoRA recovery after pruning (false: the stage only records a skip)")
-    targets: list[str] = Field(default_factory=lambda: list(LORA_TARGETS),
+    targets: list[LoraTarget] = Field(default_factory=lambda: list(LORA_TARGETS),
                                description="ArchSpec projections that get LoRA adapters")
     rank: int = Field(8, ge=1, description="LoRA rank r")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale alpha/r)")

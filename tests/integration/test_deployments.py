@@ -131,3 +131,78 @@ def test_a_two_by_two_sweep_runs_on_the_two_workers_and_builds_one_table(pool, s
 def _overlapping(runs) -> bool:
     spans = sorted((r["start_time"], r["end_time"]) for r in runs)
     return any(later_start < end for (_, end), (later_start, _) in zip(spans, spans[1:]))
+
+
+def _field(session, section: str | None, label: str):
+    """The input of the form property ``label`` (inside the ``section`` property when given). Prefect's schema
+    form: a div per property holding its label and a body with its input; nested properties inside it."""
+    prop = lambda name: (f"div[contains(@class,'schema-form-property')][./div/label//span[normalize-space()="  # noqa: E731
+                         f"'{name} (Optional)']]")
+    card = "" if section is None else f"//{prop(section)}"
+    return session.find_element("xpath", f"({card}//{prop(label)}/div[contains(@class,'p-label__body')]"
+                                         f"//*[self::input or self::select or self::textarea])[1]")
+
+
+GATES_ANY_MODEL_PASSES = {"Max Ppl Ratio": "1000", "Min Task Ratio": "0.001", "Ratio Tolerance": "0.9"}
+
+
+def test_the_run_form_in_a_real_browser_starts_a_run_with_the_ratio_typed_in(pool, stack, tmp_path):
+    """Chromium opens the deployment's run form on the stack's (non-default) Prefect port: the params fields
+    show the project's params.yaml, score.method is a choice of every method; prune.ratio is changed, the
+    form submitted (with gates any model passes), a worker runs it, MLflow records that ratio, and MLflow's UI shows the champion alias."""
+    from mlflow import MlflowClient
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.select import Select
+
+    from pruneflow.methods import METHODS
+    from tests.integration import browser
+
+    env, project = pool
+    prefect_url, mlflow_url = stack[1]["prefect"]["url"], stack[1]["mlflow"]["url"]
+    deployment = api(env, "/deployments/name/pruneflow/pruneflow")
+    session = browser.start(tmp_path / "screenshots")
+    try:
+        session.get(f"{prefect_url}/deployments/deployment/{deployment['id']}/run")
+        model = browser.wait(session, lambda s: _field(s, None, "Model"), "the run form")
+        assert model.get_attribute("value") == "models/tiny", browser.snap(session, "form")
+        method = Select(_field(session, "Score", "Method"))
+        assert method.first_selected_option.text.strip() == "wanda_sp", browser.snap(session, "form")
+        assert {o.text.strip() for o in method.options} >= set(METHODS), browser.snap(session, "form")
+        assert _field(session, "Calibrate", "N Windows").get_attribute("value") == "4", browser.snap(session, "form")
+        ratio = _field(session, "Prune", "Ratio")
+        assert ratio.get_attribute("value") == "0.25", browser.snap(session, "form")
+        ratio.send_keys(Keys.CONTROL, "a")
+        ratio.send_keys("0.3")
+        for label, value in GATES_ANY_MODEL_PASSES.items():  # the tiny random model would not be promoted
+            gate = _field(session, "Evaluate", label)
+            gate.send_keys(Keys.CONTROL, "a")
+            gate.send_keys(value)
+        name = session.find_element("css selector", ".flow-run-name-input input")
+        name.send_keys(Keys.CONTROL, "a")
+        name.send_keys("from-the-browser")
+        browser.snap(session, "form-filled")
+        session.find_element("xpath", "//button[@type='submit'][normalize-space()='Submit']").click()
+        runs = browser.wait(session, lambda s: api(env, "/flow_runs/filter", {"flow_runs": {"name": {
+            "any_": ["from-the-browser"]}}}), "the flow run the form created")
+        assert len(runs) == 1 and runs[0]["deployment_id"] == deployment["id"]
+        flow_run_id = runs[0]["id"]
+        finished = wait_for(env, flow_run_id)
+        session.get(f"{prefect_url}/flow-runs/flow-run/{flow_run_id}")
+        browser.wait(session, lambda s: "Completed" in s.find_element("tag name", "body").text,
+                     "the finished run shown as Completed")
+        assert finished["state_type"] == "COMPLETED", finished["state"]
+        assert finished["parameters"]["params"]["prune"]["ratio"] == 0.3
+        client = MlflowClient(mlflow_url)
+        (parent,) = client.search_runs([client.get_experiment_by_name("pruneflow").experiment_id],
+                                       f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+        assert parent.data.params["prune.ratio"] == "0.3" and parent.info.status == "FINISHED"
+        assert parent.data.params["evaluate.max_ppl_ratio"] == "1000.0"
+        name = parent.data.tags["pruneflow.registered_model"].split("/")[0]
+        champion = client.get_model_version_by_alias(name, "champion")
+        session.get(f"{mlflow_url}/#/models/{name}")
+        browser.wait(session, lambda s: "champion" in s.find_element("tag name", "body").text,
+                     "the champion alias on MLflow's registered-model page")
+        assert f"Version {champion.version}" in session.find_element("tag name", "body").text, \
+            browser.snap(session, "mlflow-model")
+    finally:
+        session.quit()

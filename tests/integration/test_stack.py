@@ -21,6 +21,18 @@ def test_status_reports_every_service_healthy_and_nothing_secret_is_written(stac
     assert result.exit_code == 0, result.output
     assert sorted(state) == ["mlflow", "prefect", "s3"]
     assert all(s["url"].startswith("http://127.0.0.1:") for s in state.values())
+    assert all(f"{s['url']} " in result.output for s in state.values()), result.output  # whole, never cut
+    assert result.output.count("healthy") == 3
+
+
+def test_the_prefect_ui_is_told_the_api_of_the_port_it_runs_on(stack):
+    """The UI reads its API's address from /ui-settings; on a non-default port it used to say 4200."""
+    import json
+    import urllib.request
+
+    url = stack[1]["prefect"]["url"]
+    settings = json.loads(urllib.request.urlopen(f"{url}/ui-settings", timeout=10).read())
+    assert settings["api_url"] == f"{url}/api"
     written = "".join(p.read_text(errors="ignore") for p in run_dir.rglob("*")
                       if p.is_file() and p.stat().st_size < 5_000_000 and p.name != "s3.json")
     assert SECRET not in written  # only the identities file (0600) holds it

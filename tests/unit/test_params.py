@@ -87,3 +87,29 @@ def test_bonsai_presets_fill_only_what_is_not_given():
 def test_bonsai_cannot_score_on_more_windows_than_calibration_has():
     with pytest.raises(PruneflowError, match="score.bonsai.n_windows=32 exceeds calibrate.n_windows=16"):
         load_params(ROOT / "params.yaml", ["score.method=bonsai", "calibrate.n_windows=16"])
+
+
+def test_every_fixed_vocabulary_is_a_choice_in_the_prefect_form():
+    """The run form is built from the flow's parameter schema: a field with a fixed set of values must carry an
+    enum there (a <select> in the UI), never be a free text field."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.deployments import load_flow
+    from pruneflow.methods import METHODS
+    from pruneflow.params import LORA_TARGETS
+
+    schema = parameter_schema(load_flow("flows/pipeline.py:pipeline").fn).model_dump()["definitions"]
+
+    def choices(model, field):
+        prop = schema[model]["properties"][field]
+        options = [prop, *prop.get("anyOf", []), prop.get("items", {})]
+        options += [o.get("items", {}) for o in prop.get("anyOf", [])]
+        return {v for o in options for v in o.get("enum", []) + ([o["const"]] if "const" in o else [])}
+
+    assert choices("ScoreParams", "method") == set(METHODS)
+    assert choices("PruneParams", "allocation") == {"auto", "uniform", "global"}
+    assert choices("PruneParams", "head_mode") == {"auto", "query", "group"}
+    assert choices("PruneParams", "units") == {"auto", "heads", "channels", "layers"}
+    assert choices("RuntimeParams", "dtype") == {"auto", "bfloat16", "float16", "float32"}
+    assert choices("RecoverParams", "targets") == set(LORA_TARGETS)
+    assert choices("BonsaiParams", "preset") >= {"paper", "fast"}
