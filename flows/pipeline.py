@@ -21,10 +21,10 @@ from pruneflow.errors import PruneflowError
 from pruneflow.params import Params, load_params
 from pruneflow.graph import STAGES
 from pruneflow.report import run_table
-from tasks import tracking
-from tasks.remote import check_tracking_uri, preflight, push, record_process
-from tasks.stage import run_stage
-from tasks.workspace import close_workspace, code_version, exclusive, open_workspace, save_experiment
+from pruneflow.tasks import tracking
+from pruneflow.tasks.remote import check_tracking_uri, preflight, push, record_process
+from pruneflow.tasks.stage import run_stage
+from pruneflow.tasks.workspace import close_workspace, code_version, exclusive, open_workspace, save_experiment
 
 
 def stage_names(workspace: Path) -> list[str]:

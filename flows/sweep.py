@@ -19,8 +19,8 @@ from prefect.runtime import flow_run
 from pruneflow.errors import PruneflowError
 from pruneflow.params import Params, validate
 from pruneflow.report import run_table, task_table
-from tasks import tracking
-from tasks.remote import record_process
+from pruneflow.tasks import tracking
+from pruneflow.tasks.remote import record_process
 
 DEPLOYMENT = "pruneflow/pruneflow"  # flow name / deployment name, as `pruneflow deploy` creates it
 

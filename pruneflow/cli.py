@@ -58,7 +58,7 @@ def _exit_if_prefect_lost(err: Exception) -> None:
 def _prefect_checks() -> None:
     """Before a flow: the Prefect API must answer; flow runs of this host whose process died unreported are
     marked Crashed (a failure there only warns: it must not stop the run)."""
-    from tasks.remote import check_prefect_api, mark_orphaned_runs
+    from pruneflow.tasks.remote import check_prefect_api, mark_orphaned_runs
 
     check_prefect_api()
     if not os.environ.get("PREFECT_API_URL"):
@@ -307,13 +307,19 @@ def evaluate(
 
 @app.command()
 def demo(
-    params_file: Path = typer.Option(Path("params.yaml"), "--params", help="parameters"),
+    params_file: Optional[Path] = typer.Option(
+        None, "--params", help="parameters (default: ./params.yaml if there is one, else the built-in defaults, "
+                               "which the checkout's params.yaml repeats)"),
     overrides: list[str] = typer.Option([], "--set", help="override a parameter: section.key=value"),
     out: Path = typer.Option(Path("artifacts/demo"), help="directory for the demo's outputs (replaced)"),
 ) -> None:
     """The main job on the embedded default: prune the reference model, evaluate dense vs pruned."""
     from pruneflow.params import load_params
 
+    if params_file is None:
+        params_file = Path("params.yaml") if Path("params.yaml").is_file() else None
+        if params_file is None:
+            _step("no ./params.yaml: the built-in defaults (the packaged reference model and corpus)")
     try:
         params = load_params(params_file, overrides)
         _check_out_dir(out / "pruned", force=True)
@@ -362,10 +368,10 @@ def run_pipeline(
 ) -> None:
     """Run the pipeline flow (dvc.yaml's stages as Prefect tasks). Params equal to params.yaml run in place;
     others run in an isolated worktree and are saved as a DVC experiment."""
-    from flows.pipeline import pipeline
+    from pruneflow.flows.pipeline import pipeline
     from pruneflow.params import load_params
-    from tasks.stage import StageFailed
-    from tasks.workspace import repo_root
+    from pruneflow.tasks.stage import StageFailed
+    from pruneflow.tasks.workspace import repo_root
 
     try:
         params = load_params(params_file, overrides)
@@ -397,10 +403,10 @@ def serve(
 ) -> None:
     """Serve prefect.yaml's deployments from this process (cron schedules included) until Ctrl-C;
     trigger them from the Prefect UI form or the API. Needs PREFECT_API_URL (e.g. from `pruneflow up`)."""
-    from flows import deployments
-    from tasks.workspace import repo_root
+    from pruneflow.flows import deployments
+    from pruneflow.tasks.workspace import repo_root
 
-    from tasks.remote import check_prefect_api
+    from pruneflow.tasks.remote import check_prefect_api
 
     try:
         check_prefect_api()
@@ -417,10 +423,10 @@ def deploy(
     repo: Path = typer.Option(Path("."), help="the checkout the runs work in (params.yaml fills the forms)"),
 ) -> None:
     """Register prefect.yaml's deployments on a work pool; run them with `prefect worker start --pool POOL`."""
-    from flows import deployments
-    from tasks.workspace import repo_root
+    from pruneflow.flows import deployments
+    from pruneflow.tasks.workspace import repo_root
 
-    from tasks.remote import check_prefect_api
+    from pruneflow.tasks.remote import check_prefect_api
 
     try:
         check_prefect_api()
@@ -442,9 +448,9 @@ def sweep(
 ) -> None:
     """Run methods × ratios as separate runs of the pipeline deployment (its pool's workers set the
     parallelism), then print one comparison table (also a Prefect artifact and an MLflow run)."""
-    from flows.sweep import sweep as sweep_flow
+    from pruneflow.flows.sweep import sweep as sweep_flow
     from pruneflow.params import load_params
-    from tasks.workspace import repo_root
+    from pruneflow.tasks.workspace import repo_root
 
     try:
         params = load_params(params_file, overrides)
@@ -491,7 +497,7 @@ def report(
                 except json.JSONDecodeError as err:
                     raise PruneflowError(f"{f} is not valid JSON: {err}") from None
         else:
-            from tasks.tracking import metrics_by_run
+            from pruneflow.tasks.tracking import metrics_by_run
 
             loaded = metrics_by_run(str(repo.resolve()), runs or None)
         if not loaded:
@@ -527,7 +533,7 @@ def up(
     timeout: float = typer.Option(120, help="seconds each service may take to answer its health check"),
 ) -> None:
     """Start SeaweedFS (S3, your AWS_* credentials enforced), MLflow and Prefect servers on 127.0.0.1."""
-    from infra import stack
+    from pruneflow.infra import stack
 
     try:
         _step(f"starting the local stack in {run_dir}")
@@ -541,7 +547,7 @@ def up(
 @app.command()
 def status(run_dir: Path = typer.Option(STACK_DIR, help="the local stack's run directory")) -> None:
     """Is each service of the local stack alive and answering its health check? Exit 1 if not."""
-    from infra import stack
+    from pruneflow.infra import stack
 
     state = stack.status(run_dir)
     if not state:
@@ -555,7 +561,7 @@ def status(run_dir: Path = typer.Option(STACK_DIR, help="the local stack's run d
 @app.command()
 def down(run_dir: Path = typer.Option(STACK_DIR, help="the local stack's run directory")) -> None:
     """Stop the local stack (data and logs stay in RUN_DIR)."""
-    from infra import stack
+    from pruneflow.infra import stack
 
     stopped = stack.down(run_dir)
     _step(f"stopped {', '.join(stopped)}" if stopped else f"no local stack in {run_dir}")

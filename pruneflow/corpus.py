@@ -21,11 +21,12 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from pruneflow import packaged
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CORPUS_DIR = REPO_ROOT / "data" / "corpus"
+CORPUS_DIR = packaged.path(packaged.CORPUS)
 
 
 @dataclass(frozen=True)

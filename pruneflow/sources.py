@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from pruneflow import packaged
 from pruneflow.corpus import sha256_file
 from pruneflow.errors import PruneflowError
 
@@ -40,6 +41,8 @@ def resolve(name: str | Path) -> ModelSource:
     """A local checkpoint directory, or a hub id resolved through the local cache (downloading when allowed)."""
     text = str(name)
     path = Path(text).expanduser()
+    if text == packaged.REFERENCE and not path.exists():  # the default, outside a checkout: the shipped copy
+        path = packaged.path(packaged.REFERENCE)
     if path.exists():
         if not path.is_dir():
             raise PruneflowError(f"checkpoint {text} is a file, not a directory")

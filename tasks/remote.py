@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pruneflow.atomic import pid_alive
 from pruneflow.errors import PruneflowError
-from tasks.workspace import run_dvc
+from pruneflow.tasks.workspace import run_dvc
 
 
 def default_remote(workspace: Path) -> tuple[str, str] | None:

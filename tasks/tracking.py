@@ -178,7 +178,7 @@ def register_model(repo: str, run_id: str, workspace: str, name: str) -> dict:
 
 def _dir_md5(workspace: Path, model_dir: Path) -> str:
     """The model directory's hash as dvc.lock records it (the same model has the same hash on every run)."""
-    from tasks.stage import locked_outputs
+    from pruneflow.tasks.stage import locked_outputs
 
     rel = model_dir.relative_to(workspace).as_posix()
     return next((md5 for stage in ("recover", "prune") for path, md5 in locked_outputs(workspace, stage).items()

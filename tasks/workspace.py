@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pruneflow.errors import PruneflowError
 from pruneflow.params import Params, load_params
-from tasks.stage import dvc_bin, dvc_env
+from pruneflow.tasks.stage import dvc_bin, dvc_env
 
 
 def run_git(args: list[str], cwd: Path) -> str:

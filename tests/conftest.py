@@ -188,7 +188,7 @@ def make_project(tmp_path, tiny_checkpoint, calibration_txt):
     import yaml
 
     from pruneflow.params import Params
-    from tasks.stage import dvc_bin
+    from pruneflow.tasks.stage import dvc_bin
 
     repo = tmp_path / "project"
     repo.mkdir()
@@ -221,7 +221,7 @@ def stack(tmp_path_factory):
     import json
     import os
 
-    from infra.stack import free_port
+    from pruneflow.infra.stack import free_port
     from tests.pipeline.test_cli import run as run_cli
 
     os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = KEY, SECRET

@@ -47,7 +47,7 @@ def wait_for(env, flow_run_id, timeout=600):
 @pytest.fixture(scope="module")
 def pool(stack, project_on_stack):
     """`pruneflow deploy` onto a process pool served by two workers (one flow run each)."""
-    from infra.stack import client_env
+    from pruneflow.infra.stack import client_env
 
     env = {**os.environ, **client_env(stack[1]), "PREFECT_WORKER_QUERY_SECONDS": "1"}
     prefect = os.path.join(os.path.dirname(sys.executable), "prefect")

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_served_deployment_runs_from_the_api_and_keeps_its_schedule(stack, project):
-    from infra.stack import client_env
+    from pruneflow.infra.stack import client_env
     from pruneflow.params import load_params
 
     (project / "prefect.yaml").write_text(yaml.safe_dump({"deployments": [{

@@ -24,6 +24,11 @@ def test_status_reports_every_service_healthy_and_nothing_secret_is_written(stac
     assert all(f"{s['url']} " in result.output for s in state.values()), result.output  # whole, never cut
     assert result.output.count("healthy") == 3
 
+    written = "".join(p.read_text(errors="ignore") for p in run_dir.rglob("*")
+                      if p.is_file() and p.stat().st_size < 5_000_000 and p.name != "s3.json")
+    assert SECRET not in written  # only the identities file (0600) holds it
+    assert oct((run_dir / "seaweedfs" / "s3.json").stat().st_mode)[-3:] == "600"
+
 
 def test_the_prefect_ui_is_told_the_api_of_the_port_it_runs_on(stack):
     """The UI reads its API's address from /ui-settings; on a non-default port it used to say 4200."""
@@ -33,10 +38,6 @@ def test_the_prefect_ui_is_told_the_api_of_the_port_it_runs_on(stack):
     url = stack[1]["prefect"]["url"]
     settings = json.loads(urllib.request.urlopen(f"{url}/ui-settings", timeout=10).read())
     assert settings["api_url"] == f"{url}/api"
-    written = "".join(p.read_text(errors="ignore") for p in run_dir.rglob("*")
-                      if p.is_file() and p.stat().st_size < 5_000_000 and p.name != "s3.json")
-    assert SECRET not in written  # only the identities file (0600) holds it
-    assert oct((run_dir / "seaweedfs" / "s3.json").stat().st_mode)[-3:] == "600"
 
 
 def test_s3_refuses_anonymous_and_wrong_key_requests(stack):
@@ -87,8 +88,8 @@ def test_the_flow_on_the_real_stack_tracks_pushes_and_a_pull_restores_identical_
     import boto3
     from mlflow import MlflowClient
 
-    from infra.stack import client_env
-    from tasks.stage import dvc_bin
+    from pruneflow.infra.stack import client_env
+    from pruneflow.tasks.stage import dvc_bin
     from tests.conftest import sh
 
     state = stack[1]
@@ -136,10 +137,10 @@ def test_the_flow_on_the_real_stack_tracks_pushes_and_a_pull_restores_identical_
 def test_preflight_fails_fast_when_the_remote_rejects_the_credentials(stack, project, monkeypatch):
     from prefect.logging import disable_run_logger
 
-    from infra.stack import client_env
+    from pruneflow.infra.stack import client_env
     from pruneflow.errors import PruneflowError
-    from tasks.remote import preflight
-    from tasks.stage import dvc_bin
+    from pruneflow.tasks.remote import preflight
+    from pruneflow.tasks.stage import dvc_bin
     from tests.conftest import sh
 
     env = client_env(stack[1])

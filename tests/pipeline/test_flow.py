@@ -17,9 +17,9 @@ def prefect_api():
 
 
 def test_flow_runs_the_stages_then_serves_them_from_cache_and_isolates_overrides(prefect_api, project):
-    from flows.pipeline import pipeline
+    from pruneflow.flows.pipeline import pipeline
     from pruneflow.params import load_params
-    from tasks.stage import dvc_bin
+    from pruneflow.tasks.stage import dvc_bin
 
     params = load_params(project / "params.yaml")
     first = pipeline(params=params, repo=str(project), run_name="first")
@@ -122,7 +122,7 @@ def test_the_flow_prunes_a_bf16_hub_model_from_the_local_cache(prefect_api, tmp_
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from flows.pipeline import pipeline
+    from pruneflow.flows.pipeline import pipeline
     from pruneflow.evaluate import size_on_disk
     from pruneflow.params import load_params
     from tests.conftest import hub_cache, make_project

@@ -36,7 +36,7 @@ def test_gates_decide_the_champion_alias(workspace, tmp_path, monkeypatch):
     from mlflow import MlflowClient
     from prefect.logging import disable_run_logger
 
-    from tasks.tracking import register_model, start_run
+    from pruneflow.tasks.tracking import register_model, start_run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     repo = tmp_path / "repo"
@@ -58,7 +58,7 @@ def test_a_per_layer_checkpoint_is_registered_as_its_directory(tmp_path, tiny_to
     from mlflow import MlflowClient
     from prefect.logging import disable_run_logger
 
-    from tasks.tracking import register_model, start_run
+    from pruneflow.tasks.tracking import register_model, start_run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     workspace = _workspace(tmp_path / "ws", tiny_tokenizer, "global")
@@ -79,7 +79,7 @@ def test_the_same_model_is_registered_once(workspace, tmp_path, monkeypatch):
     import yaml
     from prefect.logging import disable_run_logger
 
-    from tasks.tracking import register_model, start_run
+    from pruneflow.tasks.tracking import register_model, start_run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     repo = tmp_path / "repo"

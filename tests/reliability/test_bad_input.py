@@ -183,7 +183,7 @@ def test_malformed_mlflow_uri_fails_before_any_work(uri, project, monkeypatch):
     from prefect.logging import disable_run_logger
 
     from pruneflow.errors import PruneflowError
-    from tasks.remote import preflight
+    from pruneflow.tasks.remote import preflight
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     with disable_run_logger(), pytest.raises(PruneflowError, match="is not a tracking URI MLflow can use"):
@@ -194,7 +194,7 @@ def test_malformed_mlflow_uri_fails_before_any_work(uri, project, monkeypatch):
 
 
 def test_dvc_yaml_out_of_sync_with_the_code(project):
-    from flows.pipeline import stage_names
+    from pruneflow.flows.pipeline import stage_names
     from pruneflow.errors import PruneflowError
 
     dvc = yaml.safe_load((project / "dvc.yaml").read_text())

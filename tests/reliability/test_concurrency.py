@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tasks.stage import dvc_bin
+from pruneflow.tasks.stage import dvc_bin
 from tests.conftest import dvc_up_to_date
 
 

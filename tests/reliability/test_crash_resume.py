@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from pruneflow.graph import STAGES
-from tasks.stage import dvc_bin, dvc_env
+from pruneflow.tasks.stage import dvc_bin, dvc_env
 from tests.conftest import make_project
 
 COMPLETE = {"calibration": "manifest.json", "scores": "scores.json", "model": "pruneflow.json",

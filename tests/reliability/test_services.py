@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.stack import free_port
+from pruneflow.infra.stack import free_port
 from tests.conftest import dvc_up_to_date, sh
 from tests.integration.test_deployments import api
 
@@ -38,7 +38,7 @@ def test_the_prefect_server_dying_mid_run_loses_no_finished_stage(project, tmp_p
     warn), so they go on; the first API call that must answer fails after the client's bounded retries: the run
     exits 2 with an error naming the API, at once (no minutes of draining events to a dead server). Restarted,
     the next run recomputes nothing and finishes with the same metrics."""
-    from infra import stack
+    from pruneflow.infra import stack
     from tests.conftest import KEY, SECRET
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)  # the stack's service table wants them; Prefect does not
@@ -143,11 +143,11 @@ def test_s3_stopped_mid_push_loses_nothing_and_the_next_run_completes_the_push(
     nothing, completes the push, and a `dvc pull` into an empty cache restores identical files."""
     import boto3
 
-    from flows.pipeline import pipeline
-    from infra import stack
+    from pruneflow.flows.pipeline import pipeline
+    from pruneflow.infra import stack
     from pruneflow.params import load_params
-    from tasks import remote
-    from tasks.stage import dvc_bin
+    from pruneflow.tasks import remote
+    from pruneflow.tasks.stage import dvc_bin
     from tests.conftest import KEY, SECRET
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)

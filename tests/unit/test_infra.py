@@ -73,7 +73,7 @@ def test_the_gpu_work_pool_template_declares_its_variables_and_renders_a_gpu_job
 def test_prefect_yaml_names_real_flows_and_valid_schedules():
     from prefect.schedules import Cron
 
-    from flows import deployments
+    from pruneflow.flows import deployments
 
     entries = deployments.read(ROOT)
     assert [d["name"] for d in entries] == ["pruneflow", "sweep"]
@@ -86,7 +86,7 @@ def test_prefect_yaml_names_real_flows_and_valid_schedules():
 
 
 def test_a_dvc_failure_is_reported_by_its_error_lines_without_the_support_footer():
-    from tasks.workspace import dvc_error
+    from pruneflow.tasks.workspace import dvc_error
 
     stderr = ("Collecting\nERROR: failed to transfer 'ba3e' - Connection was closed\nERROR: unexpected error - "
               "Could not connect to the endpoint URL: \"http://127.0.0.1:9/dvc\"\n\nHaving any troubles? Hit us "

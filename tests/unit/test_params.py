@@ -94,7 +94,7 @@ def test_every_fixed_vocabulary_is_a_choice_in_the_prefect_form():
     enum there (a <select> in the UI), never be a free text field."""
     from prefect.utilities.callables import parameter_schema
 
-    from flows.deployments import load_flow
+    from pruneflow.flows.deployments import load_flow
     from pruneflow.methods import METHODS
     from pruneflow.params import LORA_TARGETS
 
