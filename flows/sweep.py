@@ -64,13 +64,14 @@ def sweep(methods: list[str] = ["flap", "wanda_sp"], ratios: list[float] = [0.2,
     for label, future in futures.items():
         future.wait()
         state = future.state
-        if state.is_completed():
-            members[label] = tracking.run_metrics(repo, future.result())
-        else:
+        if not state.is_completed():
             failed[label] = state.message or state.name
+        elif (metrics := tracking.run_metrics(repo, future.result())) is None:
+            failed[label] = f"flow run {future.result()} completed but no MLflow run of it has metrics.json"
+        else:
+            members[label] = metrics
     seconds = time.perf_counter() - started
-    done = {label: m for label, m in members.items() if m}
-    table = run_table(done) + task_table(done)
+    table = run_table(members) + task_table(members)
     if failed:
         table += "\nFailed points: " + "; ".join(f"{k}: {v}" for k, v in failed.items()) + "\n"
     create_markdown_artifact(markdown=f"# {name}\n\n{len(points)} points in {seconds:.0f} s\n\n{table}",

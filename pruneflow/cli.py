@@ -499,7 +499,10 @@ def report(
         else:
             from pruneflow.tasks.tracking import metrics_by_run
 
-            loaded = metrics_by_run(str(repo.resolve()), runs or None)
+            loaded, skipped = metrics_by_run(str(repo.resolve()), runs or None)
+            if skipped:
+                _step(f"skipped {len(skipped)} run(s) that never reached the evaluate stage (no metrics.json): "
+                      f"{', '.join(skipped)}")
         if not loaded:
             raise PruneflowError("no runs with metrics to compare")
         with atomic_dir(out, overwrite=True) as tmp:

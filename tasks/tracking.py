@@ -254,8 +254,11 @@ def log_sweep(repo: str, name: str, table: str, members: dict[str, dict], tags: 
     return run.info.run_id
 
 
-def metrics_by_run(repo: str, names: list[str] | None = None) -> dict[str, dict]:
-    """{run name: metrics.json} of pipeline runs, by run name or id (all finished pipeline runs if none named)."""
+def metrics_by_run(repo: str, names: list[str] | None = None) -> tuple[dict[str, dict], list[str]]:
+    """({run name: metrics.json}, names of runs skipped) of pipeline runs, by run name or id (all finished
+    pipeline runs if none named). A run without metrics.json (it never reached evaluate) is skipped when not
+    named and an error when named; any other failure to read a run (the server, the artifact store, a corrupt
+    file) is an error naming the run and the cause, never a silent skip."""
     from pruneflow.errors import PruneflowError
 
     client = _client(Path(repo))
@@ -270,10 +273,21 @@ def metrics_by_run(repo: str, names: list[str] | None = None) -> dict[str, dict]
         if missing:
             raise PruneflowError(f"no finished pipeline run named {', '.join(missing)} in MLflow")
         runs = [by_key[n] for n in names]
-    out = {}
+    out, skipped = {}, []
     for r in runs:
+        what = f"MLflow run {r.info.run_name} ({r.info.run_id})"
         try:
+            logged = {a.path for a in client.list_artifacts(r.info.run_id)}
+            if "metrics.json" not in logged:
+                if names:
+                    raise PruneflowError(f"{what} has no metrics.json: it never reached the evaluate stage")
+                skipped.append(r.info.run_name)
+                continue
             out[r.info.run_name] = _metrics_artifact(client, r.info.run_id)
-        except Exception:  # noqa: BLE001 - a run that never reached evaluate has no metrics to compare
-            continue
-    return out
+        except PruneflowError:
+            raise
+        except json.JSONDecodeError as err:
+            raise PruneflowError(f"{what}: its metrics.json is not valid JSON ({err})") from None
+        except Exception as err:  # noqa: BLE001 - the server, the store or the network: said, with the cause
+            raise PruneflowError(f"cannot read the metrics of {what}: {type(err).__name__}: {err}") from None
+    return out, skipped

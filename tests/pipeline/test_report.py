@@ -58,3 +58,35 @@ def test_report_reads_runs_from_mlflow(two_runs, tmp_path, monkeypatch):
     missing = run("report", "nope", "--out", tmp_path / "cmp2")
     assert missing.exit_code == 2 and "no finished pipeline run named nope" in missing.output
     assert not (tmp_path / "cmp2").exists()
+
+
+def test_report_says_which_mlflow_runs_it_skips_or_cannot_read(two_runs, tmp_path, monkeypatch):
+    """A run that never reached evaluate is skipped and named (an error when asked for by name); a run whose
+    metrics cannot be read fails the report with the run and the cause, never a silent skip."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("pruneflow", artifact_location=(tmp_path / "art").as_uri())
+    ids = {}
+    for path in two_runs:
+        run_ = client.create_run(experiment, run_name=path.name)
+        client.log_artifact(run_.info.run_id, str(path / "metrics.json"))
+        client.set_terminated(run_.info.run_id)
+        ids[path.name] = run_.info.run_id
+    early = client.create_run(experiment, run_name="died-in-score")
+    client.set_terminated(early.info.run_id)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+
+    every = run("report", "--out", tmp_path / "all")
+    assert every.exit_code == 0, every.output
+    assert "skipped 1 run(s) that never reached the evaluate stage (no metrics.json): died-in-score" in every.output
+    named = run("report", "died-in-score", "flap-0.3", "--out", tmp_path / "named")
+    assert named.exit_code == 2 and "died-in-score" in named.output and "never reached the evaluate" in named.output
+    assert not (tmp_path / "named").exists()
+
+    (stored,) = (tmp_path / "art").glob(f"{ids['flap-0.3']}/artifacts/metrics.json")
+    stored.write_text("{truncated")
+    broken = run("report", "--out", tmp_path / "broken")
+    assert broken.exit_code == 2 and f"MLflow run flap-0.3 ({ids['flap-0.3']})" in broken.output
+    assert "not valid JSON" in broken.output and not (tmp_path / "broken").exists()
