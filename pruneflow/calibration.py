@@ -2,7 +2,8 @@
 
 Sources: ``corpus`` (the packaged corpus, train split; ``corpus:validation`` etc. for another split), a local
 ``.txt`` file (blank lines separate documents) or ``.jsonl`` file (a ``text`` field per line), or
-``hf:NAME[:CONFIG]`` for a ``datasets`` dataset available locally (train split).
+``hf:NAME[:CONFIG][:SPLIT]`` for a ``datasets`` dataset (its cache, ``HF_DATASETS_OFFLINE``; train split unless
+named). :func:`held_out` reads the same sources for evaluation (test split by default).
 """
 
 from __future__ import annotations
@@ -44,20 +45,30 @@ def _read_jsonl(path: Path) -> list[str]:
     return docs
 
 
-def read_source(source: str) -> tuple[list[str], str]:
-    """The documents of a calibration source and a digest identifying their content."""
+def parse_hf(source: str) -> tuple[str, str | None, str | None]:
+    """``hf:NAME[:CONFIG][:SPLIT]`` → (NAME, CONFIG or None, SPLIT or None)."""
+    parts = source.removeprefix("hf:").split(":")
+    if not parts[0] or len(parts) > 3 or any(not p for p in parts[1:]):
+        raise PruneflowError(f"text source {source!r}: expected hf:NAME[:CONFIG][:SPLIT], e.g. "
+                             f"hf:wikitext:wikitext-2-raw-v1:test")
+    return parts[0], (parts[1] if len(parts) > 1 else None), (parts[2] if len(parts) > 2 else None)
+
+
+def read_source(source: str, split: str = "train", what: str = "calibration source") -> tuple[list[str], str]:
+    """The documents of a text source and a digest identifying their content (``split``: the corpus's or the
+    dataset's split when the source names none; ``what``: the source's role, for errors)."""
     if source == "corpus" or source.startswith("corpus:"):
-        split = source.partition(":")[2] or "train"
+        split = source.partition(":")[2] or split
         try:
             return corpus.load_split(split), f"corpus:{split}:{corpus.digest()}"
         except corpus.CorpusError as err:
             raise PruneflowError(str(err)) from err
     if source.startswith("hf:"):
-        return _read_datasets(source[3:])
+        return _read_datasets(source, split)
     path = Path(source)
     if not path.is_file():
-        raise PruneflowError(f"calibration source {source!r} not found (expected 'corpus', a .txt/.jsonl file "
-                             f"or hf:NAME)")
+        raise PruneflowError(f"{what} {source!r} not found (expected 'corpus', a .txt/.jsonl file "
+                             f"or hf:NAME[:CONFIG][:SPLIT])")
     if path.suffix == ".jsonl":
         docs = _read_jsonl(path)
     else:
@@ -65,17 +76,19 @@ def read_source(source: str) -> tuple[list[str], str]:
     return docs, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _read_datasets(name: str) -> tuple[list[str], str]:
+def _read_datasets(source: str, split: str) -> tuple[list[str], str]:
+    name, config, asked = parse_hf(source)
     try:
         import datasets
     except ImportError as err:
-        raise PruneflowError("calibration source hf:... needs the `datasets` package") from err
-    path, _, config = name.partition(":")
+        raise PruneflowError("text source hf:... needs the `datasets` package") from err
     try:
-        data = datasets.load_dataset(path, config or None, split="train")
+        data = datasets.load_dataset(name, config, split=asked or split)
     except Exception as err:  # datasets raises many types for "not available offline"
-        raise PruneflowError(f"dataset {name!r} is not available: {str(err).splitlines()[0][:200]}") from err
-    return [row["text"] for row in data if row.get("text")], f"hf:{name}:{data._fingerprint}"
+        raise PruneflowError(f"dataset {source!r} is not available: {str(err).splitlines()[0][:300]}") from err
+    if "text" not in data.column_names:
+        raise PruneflowError(f"dataset {source!r} has no 'text' column (columns: {', '.join(data.column_names)})")
+    return list(data["text"]), f"{source}:{asked or split}:{data._fingerprint}"
 
 
 def token_stream(tokenizer, documents: list[str]) -> torch.Tensor:
@@ -91,6 +104,35 @@ def token_stream(tokenizer, documents: list[str]) -> torch.Tensor:
     return torch.frombuffer(ids, dtype=torch.long).clone() if ids else torch.empty(0, dtype=torch.long)
 
 
+HELD_OUT = "evaluation text"
+
+
+def held_out(tokenizer, source: str = "corpus", read: tuple[list[str], str] | None = None) -> tuple[torch.Tensor, dict]:
+    """The evaluation token stream of ``source`` (test split unless it names one) and what identifies it.
+
+    ``corpus`` and files: documents joined by EOS, as calibration reads them. ``hf:...``: the field's protocol
+    for WikiText-2 / C4 perplexity (SparseGPT's, Wanda's and FLAP's evaluation code): the split's ``text`` rows
+    joined by blank lines and tokenized as one string (with the tokenizer's own special tokens, e.g. BOS); the
+    windows are then cut from it as from any stream (``evaluate.ppl_seqlen`` tokens, non-overlapping).
+    ``read``: what ``read_source(source, split="test")`` returned, when the caller read it already."""
+    documents, digest = read or read_source(source, split="test", what=HELD_OUT)
+    if source.startswith("hf:"):
+        text = "\n\n".join(documents)
+        ids = tokenizer(text, verbose=False)["input_ids"] if text else []
+        stream = torch.tensor(ids, dtype=torch.long)
+    else:
+        stream = token_stream(tokenizer, [d for d in documents if d])
+    return stream, {"source": source, "digest": digest, "tokens": len(stream)}
+
+
+def describe_held_out(source: str) -> dict:
+    """What identifies an evaluation text (recorded beside the perplexities it produced)."""
+    _, digest = read_source(source, split="test", what=HELD_OUT)
+    return {"source": source, "digest": digest,
+            "protocol": "rows joined by blank lines, one tokenization" if source.startswith("hf:")
+            else "documents joined by EOS"}
+
+
 def tokenizer_digest(tokenizer) -> str:
     return hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()[:16]
 
@@ -103,7 +145,7 @@ def prepare(tokenizer, source: str, n_windows: int, seqlen: int, seed: int,
     if max_positions is not None and seqlen > max_positions:
         raise PruneflowError(f"calibration seqlen {seqlen} exceeds the model's max positions ({max_positions})")
     documents, digest = read_source(source)
-    stream = token_stream(tokenizer, documents)
+    stream = token_stream(tokenizer, [d for d in documents if d])
     if len(stream) < seqlen:
         raise PruneflowError(f"calibration source {source!r} has {len(stream)} tokens, fewer than one "
                              f"{seqlen}-token window")

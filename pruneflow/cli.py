@@ -27,6 +27,7 @@ def _quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    logging.getLogger("datasets").setLevel(logging.ERROR)  # "using the latest cached version" on every offline read
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
 
@@ -108,6 +109,11 @@ def _fmt(value) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+def _text_title(ev) -> str:
+    where = "the packaged corpus's test split" if ev.source == "corpus" else ev.source
+    return f"perplexity on {where}, {ev.ppl_seqlen}-token windows"
 
 
 def _check_out_dir(out: Path, force: bool) -> None:
@@ -280,6 +286,10 @@ def evaluate(
                                                  "reference for encoder fidelity)"),
     max_windows: Optional[int] = typer.Option(None, help="cap on perplexity windows"),
     speed: bool = typer.Option(True, "--speed/--no-speed", help="measure prefill latency and decode speed"),
+    text: Optional[str] = typer.Option(None, help="held-out text (default corpus): corpus (the packaged test split) | FILE (.txt/.jsonl) | "
+                                            "hf:NAME[:CONFIG][:SPLIT], e.g. hf:wikitext:wikitext-2-raw-v1:test"),
+    seqlen: Optional[int] = typer.Option(None, help="perplexity context length (default 256; windows do not "
+                                                    "overlap); the field uses 2048 or 4096 on WikiText-2"),
     threads: Optional[int] = typer.Option(None, help="torch threads for the speed measurement"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
@@ -290,7 +300,9 @@ def evaluate(
     from pruneflow.params import EvaluateParams, RuntimeParams, validate
 
     try:
-        ev = validate(EvaluateParams, {"max_windows": max_windows, "speed": speed}, prefix="evaluate")
+        given = {"source": text, "ppl_seqlen": seqlen}
+        ev = validate(EvaluateParams, {"max_windows": max_windows, "speed": speed,
+                                       **{k: v for k, v in given.items() if v is not None}}, prefix="evaluate")
         rt = validate(RuntimeParams, {"device": device, "dtype": dtype, "max_memory": max_memory}, prefix="runtime")
         _quiet_libraries()
         from pruneflow.evaluate import evaluate_dirs
@@ -302,7 +314,8 @@ def evaluate(
         rows = evaluate_dirs(sources, ev, runtime, threads)
     except PruneflowError as err:
         _fail(err)
-    _table("evaluation (packaged corpus test split)", rows)
+    _step(_text_title(ev))
+    _table("evaluation", rows)
 
 
 @app.command()
@@ -335,7 +348,8 @@ def demo(
     except PruneflowError as err:
         _fail(err)
     (out / "metrics.json").write_text(json.dumps(rows, indent=1) + "\n")
-    _table("dense vs pruned (packaged corpus test split)", rows)
+    _step(_text_title(params.evaluate))
+    _table("dense vs pruned", rows)
 
 
 @app.command()

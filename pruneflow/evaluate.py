@@ -174,7 +174,7 @@ def evaluate_dirs(models: dict, ev, runtime: Runtime | None = None, threads: int
     loaded, measured (then ``each(name, model, tokenizer, row)`` runs, e.g. lm-eval) and freed before the next.
     Encoders get cosine fidelity to the first."""
     from pruneflow import calibration as C
-    from pruneflow import checkpoint, corpus
+    from pruneflow import checkpoint
     from pruneflow.sources import ModelSource, resolve
 
     runtime = runtime or Runtime()
@@ -182,19 +182,23 @@ def evaluate_dirs(models: dict, ev, runtime: Runtime | None = None, threads: int
         torch.set_num_threads(threads)
     models = {name: s if isinstance(s, ModelSource) else resolve(s) for name, s in models.items()}
     check_streamed(models, ev, runtime, tasks=each is not None)
-    rows, test_docs, reference = {}, corpus.load_split("test"), None
-    sentences = [s for doc in test_docs[:64] for s in doc.split(". ")[:4]]
+    text = C.read_source(ev.source, split="test", what=C.HELD_OUT)  # a missing file or dataset: said before any model loads
+    rows, reference = {}, None
+    sentences = [s for doc in text[0][:64] if doc for s in doc.split(". ")[:4]]
     for name, source in models.items():
         log.info("evaluating %s on %s", source.name, runtime)
         model, tokenizer, spec = checkpoint.load(source, runtime, stream=True, calibration=(8, ev.ppl_seqlen),
                                                  purpose="evaluation")
-        stream = C.token_stream(tokenizer, test_docs) if spec.causal_lm else None
+        stream, held = C.held_out(tokenizer, ev.source, text) if spec.causal_lm else (None, None)
         row = measure(model, tokenizer, spec, source.path, stream, ev.ppl_seqlen, ev.max_windows, speed=ev.speed,
                       decode_tokens=ev.decode_tokens, runtime=runtime)
         if not spec.causal_lm:
             embeddings = mean_pooled_embeddings(model, tokenizer, sentences, runtime=runtime)
             reference = embeddings if reference is None else reference
             row["cosine_to_first"] = torch.nn.functional.cosine_similarity(reference, embeddings, dim=-1).mean().item()
+        if held is not None and "test_ppl" in row:
+            limit = held["tokens"] // ev.ppl_seqlen
+            row["ppl_windows"] = min(limit, ev.max_windows) if ev.max_windows else limit
         if each is not None:
             each(name, model, tokenizer, row)
         rows[name] = row

@@ -127,7 +127,11 @@ class RecoverParams(_Section):
 
 
 class EvaluateParams(_Section):
-    ppl_seqlen: int = Field(256, ge=2, description="window length of the perplexity protocol")
+    source: str = Field("corpus", description="held-out text for perplexity: 'corpus' (the packaged test split), "
+                                              "a .txt/.jsonl file, or hf:NAME[:CONFIG][:SPLIT], e.g. "
+                                              "hf:wikitext:wikitext-2-raw-v1:test (the field's protocol)")
+    ppl_seqlen: int = Field(256, ge=2, description="window length of the perplexity protocol (context length; "
+                                                   "windows do not overlap)")
     max_windows: int | None = Field(None, ge=1, description="cap on test windows (None: the whole split)")
     speed: bool = True
     decode_tokens: int = Field(64, ge=1)
@@ -140,6 +144,18 @@ class EvaluateParams(_Section):
     max_ppl_ratio: float = Field(1.5, gt=1, description="quality gate: final test ppl / dense test ppl at most")
     min_task_ratio: float = Field(0.9, gt=0, le=1, description="quality gate: final / dense accuracy, every task")
     ratio_tolerance: float = Field(0.02, ge=0, lt=1, description="quality gate: |achieved − prune.ratio| at most")
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        if value.startswith("hf:"):
+            from pruneflow.calibration import parse_hf
+
+            try:
+                parse_hf(value)
+            except PruneflowError as err:
+                raise ValueError(str(err)) from None
+        return value
 
     @field_validator("tasks")
     @classmethod

@@ -149,7 +149,10 @@ def write_report(out_dir, runs: dict[str, dict], plan: dict | None = None, dense
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = "# pruneflow report\n\n" + run_table(runs) + task_table(runs)
+    texts = sorted({f"{m['ppl_text']['source']} ({m['ppl_text']['seqlen']}-token windows)"
+                    for m in runs.values() if isinstance(m.get("ppl_text"), dict)})
+    where = f"Perplexity on {', '.join(texts)}.\n\n" if texts else ""
+    text = "# pruneflow report\n\n" + where + run_table(runs) + task_table(runs)
     text += "\n![perplexity vs parameters](ppl_vs_params.png)\n"
     pareto_plot([p for label, m in runs.items() for p in points_of(label, m)], out_dir / "ppl_vs_params.png")
     if plan is not None and dense_widths is not None:

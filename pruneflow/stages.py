@@ -336,9 +336,12 @@ def _write_report(dense: ModelSource, params: Params, metrics: dict, plan: dict,
 
 
 def _metrics(params: Params, rows: dict[str, dict], plan: dict) -> dict:
+    from pruneflow.calibration import describe_held_out
+
     metrics = dict(rows)
     final = "recovered" if "recovered" in rows else "pruned"  # the model the gates judge and the registry gets
-    metrics |= {"final": final, "achieved_ratio": plan["params"]["achieved_ratio"], "method": plan["method"]}
+    metrics |= {"final": final, "achieved_ratio": plan["params"]["achieved_ratio"], "method": plan["method"],
+                "ppl_text": {**describe_held_out(params.evaluate.source), "seqlen": params.evaluate.ppl_seqlen}}
     if "test_ppl" in metrics["dense"]:
         for name in rows.keys() - {"dense"}:
             metrics[f"ppl_ratio_{name}"] = metrics[name]["test_ppl"] / metrics["dense"]["test_ppl"]
