@@ -23,7 +23,7 @@ from pruneflow.graph import STAGES
 from pruneflow.report import run_table
 from pruneflow.tasks import tracking
 from pruneflow.tasks.remote import check_tracking_uri, preflight, push, record_process
-from pruneflow.tasks.stage import run_stage
+from pruneflow.tasks.stage import dvc_status, run_stage, up_to_date
 from pruneflow.tasks.workspace import close_workspace, code_version, exclusive, open_workspace, save_experiment
 
 
@@ -76,9 +76,13 @@ def _run(params: Params, repo_path: Path, run_name: str, version: str) -> dict:
             stages = []
             # the main checkout's state dir: a crashed isolated Bonsai run resumes although its worktree is gone
             state = str(repo_path / "artifacts" / ".state")
+            changed = None  # DVC's status of the stages, asked again after any stage ran
             for name in stage_names(path):
                 started = time.perf_counter()
-                stages.append(stage(name, str(path), state, return_state=True).result())
+                changed = dvc_status(str(path)) if changed is None else changed
+                skip = up_to_date(name, str(path), changed, state)
+                stages.append(stage(name, str(path), state, skip, return_state=True).result())
+                changed = changed if skip else None
                 tracking.log_stage(str(repo_path), run_id, stages[-1], str(path), time.perf_counter() - started)
             metrics = json.loads((path / "artifacts" / "metrics.json").read_text())
             report = path / "artifacts" / "report" / "report.md"

@@ -37,10 +37,11 @@ class ModelSource:
         return f"{self.repo_id}@{self.commit}" if self.repo_id and self.commit else self.name
 
 
-def resolve(name: str | Path) -> ModelSource:
-    """A local checkpoint directory, or a hub id resolved through the local cache (downloading when allowed)."""
+def resolve(name: str | Path, base: Path | None = None) -> ModelSource:
+    """A local checkpoint directory (relative to ``base`` when given, else to the working directory), or a hub
+    id resolved through the local cache (downloading when allowed)."""
     text = str(name)
-    path = Path(text).expanduser()
+    path = Path(base or ".") / Path(text).expanduser()
     if text == packaged.REFERENCE and not path.exists():  # the default, outside a checkout: the shipped copy
         path = packaged.path(packaged.REFERENCE)
     if path.exists():

@@ -22,25 +22,31 @@ from pruneflow.errors import PruneflowError
 from pruneflow.tasks.workspace import run_dvc
 
 
+def _remote_config(workspace: Path) -> tuple[str | None, dict[str, dict]]:
+    """(the default remote's name, every remote's settings) from DVC's config, every level merged (system,
+    global, the repository's, local), read in this process: a `dvc remote ...` process costs ~1 s of start-up."""
+    from dvc.config import ConfigError
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(workspace)) as repo:
+            config = repo.config
+            return config["core"].get("remote"), {k: dict(v) for k, v in config.get("remote", {}).items()}
+    except ConfigError as err:
+        raise PruneflowError(f"DVC's config in {workspace} is not valid: {err}") from None
+
+
 def default_remote(workspace: Path) -> tuple[str, str] | None:
     """(name, url) of the default DVC remote, or None."""
-    try:
-        name = run_dvc(["remote", "default"], workspace).strip()
-    except PruneflowError:  # "No default remote set" (exit 1)
-        return None
-    for line in run_dvc(["remote", "list"], workspace).splitlines():
-        parts = line.split()
-        if parts and parts[0] == name:
-            return name, parts[1]
-    return None
+    name, remotes = _remote_config(workspace)
+    url = remotes.get(name, {}).get("url") if name else None
+    return (name, str(url)) if url else None
 
 
 def remote_endpoint(workspace: Path, name: str) -> str | None:
     """The remote's `endpointurl` (any config level), else AWS_ENDPOINT_URL, else None (AWS itself)."""
-    try:
-        return run_dvc(["config", f"remote.{name}.endpointurl"], workspace).strip() or None
-    except PruneflowError:  # not set
-        return os.environ.get("AWS_ENDPOINT_URL")
+    _, remotes = _remote_config(workspace)
+    return remotes.get(name, {}).get("endpointurl") or os.environ.get("AWS_ENDPOINT_URL")
 
 
 def _check_s3(url: str, endpoint: str | None) -> None:

@@ -52,6 +52,15 @@ def _local_store_lock(repo: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def open_store(repo: Path) -> None:
+    """Open the tracking store now (MLflow keeps one per URI): its schema check and the experiment lookup then
+    happen before the flow, e.g. while a temporary Prefect server boots. A server URI: nothing to open."""
+    if os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://")):
+        return
+    with _local_store_lock(Path(repo)):
+        _experiment(_client(Path(repo)), Path(repo))
+
+
 def _experiment(client, repo: Path) -> str:
     found = client.get_experiment_by_name(EXPERIMENT)
     if found is not None:
