@@ -119,7 +119,8 @@ def locked_outputs(workspace: Path, stage: str) -> dict[str, str]:
     lock = workspace / "dvc.lock"
     if not lock.exists():
         return {}
-    entry = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage, {})
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's: ~8× faster on a large dvc.lock
+    entry = (yaml.load(lock.read_text(), Loader=loader) or {}).get("stages", {}).get(stage, {})
     return {out["path"]: out.get("md5", "") for out in entry.get("outs", [])}
 
 
