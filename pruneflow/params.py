@@ -120,10 +120,10 @@ class RecoverParams(_Section):
                             "would outweigh the weights")
     seed: int = 0
 
-    @field_validator("targets")
+    @field_validator("targets", mode="before")
     @classmethod
-    def _targets(cls, value: list[str]) -> list[str]:
-        return _subset(value, LORA_TARGETS, "targets")
+    def _targets(cls, value):
+        return _subset(value, LORA_TARGETS, "targets") if isinstance(value, list) else value
 
 
 class EvaluateParams(_Section):
