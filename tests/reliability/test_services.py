@@ -72,7 +72,7 @@ def test_the_prefect_server_dying_mid_run_loses_no_finished_stage(project, tmp_p
         start_prefect()
         again = subprocess.run(cli + ["again"], cwd=project, capture_output=True, text=True, env=env, timeout=600)
         assert again.returncode == 0, again.stderr[-3000:]
-        assert ("again: source (ran), calibrate (cached), score (cached), prune (cached), recover (cached), "
+        assert ("again: source (cached), calibrate (cached), score (cached), prune (cached), recover (cached), "
                 "evaluate (cached)" in again.stderr)
         assert (project / "artifacts" / "metrics.json").read_text() == metrics
         # the restarted server showed the dead run as Running; the next run marked it Crashed
