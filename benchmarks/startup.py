@@ -59,7 +59,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-               "date": time.strftime("%Y-%m-%d"), "runs": args.runs, "help": {}}
+               "date": time.strftime("%Y-%m-%d"), "runs": args.runs, "help": {},
+               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                        text=True).stdout.strip()}
     for command in COMMANDS:
         results["help"][" ".join(command) or "(none)"] = seconds([CLI, *command, "--help"], args.runs)
     results["methods"] = seconds([CLI, "methods"], args.runs)
