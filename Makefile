@@ -4,8 +4,6 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-export HF_HUB_OFFLINE := 1
-export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install browser lint demo test clean-venv
@@ -37,6 +35,9 @@ browser:
 lint: install
 	$(BIN)/ruff check .
 
+# the tests run offline (the product never forces it: `make demo` and users may load hub models)
+test: export HF_HUB_OFFLINE := 1
+test: export HF_DATASETS_OFFLINE := 1
 test: install browser lint
 	$(BIN)/python -m pytest -q
 

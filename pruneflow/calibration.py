@@ -107,22 +107,19 @@ def token_stream(tokenizer, documents: list[str]) -> torch.Tensor:
 HELD_OUT = "evaluation text"
 
 
-def held_out(tokenizer, source: str = "corpus", read: tuple[list[str], str] | None = None) -> tuple[torch.Tensor, dict]:
-    """The evaluation token stream of ``source`` (test split unless it names one) and what identifies it.
+def held_out(tokenizer, source: str = "corpus", read: tuple[list[str], str] | None = None) -> torch.Tensor:
+    """The evaluation token stream of ``source`` (test split unless it names one).
 
     ``corpus`` and files: documents joined by EOS, as calibration reads them. ``hf:...``: the field's protocol
     for WikiText-2 / C4 perplexity (SparseGPT's, Wanda's and FLAP's evaluation code): the split's ``text`` rows
     joined by blank lines and tokenized as one string (with the tokenizer's own special tokens, e.g. BOS); the
     windows are then cut from it as from any stream (``evaluate.ppl_seqlen`` tokens, non-overlapping).
     ``read``: what ``read_source(source, split="test")`` returned, when the caller read it already."""
-    documents, digest = read or read_source(source, split="test", what=HELD_OUT)
+    documents, _ = read or read_source(source, split="test", what=HELD_OUT)
     if source.startswith("hf:"):
         text = "\n\n".join(documents)
-        ids = tokenizer(text, verbose=False)["input_ids"] if text else []
-        stream = torch.tensor(ids, dtype=torch.long)
-    else:
-        stream = token_stream(tokenizer, [d for d in documents if d])
-    return stream, {"source": source, "digest": digest, "tokens": len(stream)}
+        return torch.tensor(tokenizer(text, verbose=False)["input_ids"] if text else [], dtype=torch.long)
+    return token_stream(tokenizer, [d for d in documents if d])
 
 
 def describe_held_out(source: str) -> dict:

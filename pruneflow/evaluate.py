@@ -20,6 +20,11 @@ log = logging.getLogger(__name__)
 PPL_SEQLEN = 256
 
 
+def windows_of(tokens: int, seqlen: int, max_windows: int | None = None) -> int:
+    """How many ``seqlen``-token windows the perplexity protocol cuts from ``tokens`` (the tail is dropped)."""
+    return tokens // seqlen if max_windows is None else min(tokens // seqlen, max_windows)
+
+
 @torch.no_grad()
 def perplexity(model, token_ids: torch.Tensor, seqlen: int = PPL_SEQLEN, batch_size: int = 8,
                max_windows: int | None = None, runtime: Runtime | None = None) -> float:
@@ -29,9 +34,7 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int = PPL_SEQLEN, batch_s
     consecutive windows of exactly ``seqlen`` tokens (the tail shorter than a window is dropped); every
     token but each window's first is predicted; the result is exp of the mean NLL over all of them.
     """
-    n_windows = len(token_ids) // seqlen
-    if max_windows is not None:
-        n_windows = min(n_windows, max_windows)
+    n_windows = windows_of(len(token_ids), seqlen, max_windows)
     if n_windows == 0:
         raise ValueError(f"held-out text has {len(token_ids)} tokens, fewer than one {seqlen}-token window")
     windows = token_ids[: n_windows * seqlen].view(n_windows, seqlen)
@@ -189,16 +192,15 @@ def evaluate_dirs(models: dict, ev, runtime: Runtime | None = None, threads: int
         log.info("evaluating %s on %s", source.name, runtime)
         model, tokenizer, spec = checkpoint.load(source, runtime, stream=True, calibration=(8, ev.ppl_seqlen),
                                                  purpose="evaluation")
-        stream, held = C.held_out(tokenizer, ev.source, text) if spec.causal_lm else (None, None)
+        stream = C.held_out(tokenizer, ev.source, text) if spec.causal_lm else None
         row = measure(model, tokenizer, spec, source.path, stream, ev.ppl_seqlen, ev.max_windows, speed=ev.speed,
                       decode_tokens=ev.decode_tokens, runtime=runtime)
         if not spec.causal_lm:
             embeddings = mean_pooled_embeddings(model, tokenizer, sentences, runtime=runtime)
             reference = embeddings if reference is None else reference
             row["cosine_to_first"] = torch.nn.functional.cosine_similarity(reference, embeddings, dim=-1).mean().item()
-        if held is not None and "test_ppl" in row:
-            limit = held["tokens"] // ev.ppl_seqlen
-            row["ppl_windows"] = min(limit, ev.max_windows) if ev.max_windows else limit
+        if "test_ppl" in row:
+            row["ppl_windows"] = windows_of(len(stream), ev.ppl_seqlen, ev.max_windows)
         if each is not None:
             each(name, model, tokenizer, row)
         rows[name] = row

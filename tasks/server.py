@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +20,11 @@ import urllib.request
 from pathlib import Path
 
 from pruneflow.errors import PruneflowError
+from pruneflow.infra.stack import free_port
 
 # what SubprocessASGIServer sets for its child (prefect 3.9): no UI, ephemeral-server mode
 SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
 PORT_IN_USE = 3  # uvicorn's exit code when it cannot bind
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Temporary:
@@ -44,7 +38,7 @@ class Temporary:
         self._spawn()
 
     def _spawn(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--app-dir", self._app_dir, "--factory",
