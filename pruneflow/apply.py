@@ -70,7 +70,8 @@ def compensated(block: nn.Module, spec: ArchSpec, layer: LayerPlan, plan: PruneP
     """Whether ``plan`` adds a compensation bias to the block's o_proj / down_proj: only where it removes units."""
     heads_cut = len(layer.kept_heads) < A.get(block, spec.q).out_features // head_dim
     channels_cut = len(layer.kept_channels) < A.get(block, spec.up).out_features
-    return plan.compensate and heads_cut, plan.compensate and channels_cut
+    bias = plan.reconstruct == "bias"
+    return bias and heads_cut, bias and channels_cut
 
 
 @torch.no_grad()
@@ -113,10 +114,11 @@ def apply_block(block: nn.Module, spec: ArchSpec, plan: PrunePlan, scores: Score
 
 
 def apply(model: nn.Module, plan: PrunePlan, spec: ArchSpec, scores: Scores | None = None) -> nn.Module:
-    """Slice the model in place to what ``plan`` keeps; with ``plan.compensate``, add FLAP bias compensation."""
+    """Slice the model in place to what ``plan`` keeps; with ``plan.reconstruct == "bias"``, add FLAP's bias
+    compensation (``lstsq`` re-fits after slicing: :func:`pruneflow.reconstruct.refit`)."""
     shapes = layer_shapes(model, spec)
     _check(plan, shapes)
-    if plan.compensate and (scores is None or scores.attn_mean is None):
+    if plan.reconstruct == "bias" and (scores is None or scores.attn_mean is None):
         raise PruneflowError(f"method {plan.method!r} provides no activation means for bias compensation")
     if streaming.is_streamed(model):  # the weights are sliced while they are written (streaming.write_weights)
         streaming.record(model, plan, scores, spec)

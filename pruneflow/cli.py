@@ -149,7 +149,9 @@ def prune(
     seed: Optional[int] = typer.Option(None, help="seed for calibration sampling and random scores"),
     n_calibration: Optional[int] = typer.Option(None, help="calibration windows"),
     seqlen: Optional[int] = typer.Option(None, help="calibration window length"),
-    compensate: Optional[bool] = typer.Option(None, "--compensate/--no-compensate", help="bias compensation"),
+    reconstruct: Optional[str] = typer.Option(
+        None, help="none | bias (FLAP's compensation) | lstsq (re-fit o_proj/down_proj to the dense outputs) | "
+                   "auto (the method's own)"),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
     max_shard_size: str = typer.Option("5GB", help="largest safetensors file written (bigger weights are sharded)"),
@@ -168,7 +170,7 @@ def prune(
     options = {"calibrate.source": calibration, "calibrate.seed": seed, "calibrate.n_windows": n_calibration,
                "calibrate.seqlen": seqlen, "score.method": method, "prune.ratio": ratio,
                "prune.units": units and units.split(","), "prune.allocation": allocation,
-               "prune.head_mode": head_mode, "prune.round_to": round_to, "prune.compensate": compensate,
+               "prune.head_mode": head_mode, "prune.round_to": round_to, "prune.reconstruct": reconstruct,
                "runtime.device": device, "runtime.dtype": dtype, "runtime.max_memory": max_memory, "model": model_dir}
     try:
         params = load_params(params_file, overrides, updates={k: v for k, v in options.items() if v is not None})
@@ -616,7 +618,10 @@ def methods() -> None:
 
 @reference_app.command("build")
 def reference_build(
-    out: Path = typer.Option(Path("models/reference"), help="where to write the model"),
+    config: str = typer.Option("default", help="geometry: default (8 layers, hidden 256, 8/4 heads) | deep "
+                                               "(12 layers, hidden 192, 6/2 heads, tied embeddings)"),
+    out: Optional[Path] = typer.Option(None, help="where to write the model (default: models/reference for "
+                                                  "default, models/reference-deep for deep)"),
     train_tokens: Optional[int] = typer.Option(None, help="training tokens (default: the committed model's)"),
     threads: Optional[int] = typer.Option(None, help="torch threads (changes float rounding, so results)"),
 ) -> None:
@@ -625,9 +630,11 @@ def reference_build(
 
     from pruneflow import reference
 
+    if config not in reference.CONFIGS:
+        _fail(PruneflowError(f"unknown reference config {config!r}; choose from {', '.join(reference.CONFIGS)}"))
     _quiet_libraries()
-    cfg = reference.ReferenceConfig()
-    cfg = replace(cfg, **{k: v for k, v in {"train_tokens": train_tokens, "threads": threads}.items() if v})
+    out = out or Path(reference.OUT_DIRS[config])
+    cfg = replace(reference.CONFIGS[config], **{k: v for k, v in {"train_tokens": train_tokens, "threads": threads}.items() if v})
     try:
         results = reference.build(out, cfg)
     except PruneflowError as err:

@@ -12,7 +12,7 @@ from pruneflow.errors import PruneflowError
 from pruneflow.methods import METHODS
 from pruneflow.methods.options import BONSAI_PRESETS, BonsaiParams, Options  # noqa: F401  (score.bonsai's model)
 from pruneflow.sizes import parse_size
-from pruneflow.units import ALIASES, UNIT_TYPES
+from pruneflow.units import ALIASES, RECONSTRUCTIONS, UNIT_TYPES
 
 MethodName = Literal[tuple(METHODS)]  # a choice in the Prefect form
 UnitName = Literal[UNIT_TYPES]
@@ -74,13 +74,30 @@ class PruneParams(_Section):
     ratio: float = Field(0.3, gt=0, lt=1, description="fraction of non-embedding parameters to remove")
     allocation: Literal["auto", "uniform", "global"] = Field(
         "auto", description="same share from every layer, or ranked across layers (non-uniform widths); "
-                            "auto: the method's own (global for bonsai, taylor and depth, else uniform)")
+                            "auto: the method's own (global for flap, bonsai, taylor and depth, else uniform)")
     units: Literal["auto"] | list[UnitName] = Field(
         "auto", description="unit types to remove: heads, channels (MLP), layers; auto: the method's own")
     head_mode: Literal["auto", "query", "group"] = Field(
         "auto", description="GQA head unit: a query head from every group, a whole KV group, or the finer")
     round_to: int = Field(1, ge=1, description="keep MLP widths a multiple of this")
-    compensate: bool = Field(False, description="add bias compensation when the method provides it (flap)")
+    reconstruct: Literal[("auto", *RECONSTRUCTIONS)] = Field(
+        "auto", description="what replaces the removed units: none; bias (FLAP: their mean contribution as an "
+                            "o_proj/down_proj bias); lstsq (re-fit the kept input columns of o_proj/down_proj to the "
+                            "dense block's outputs, block by block); auto: the method's own (bias for flap, else none)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _compensate(cls, data):
+        # ``compensate: true|false``, the key before prune.reconstruct, is still read
+        if isinstance(data, dict) and "compensate" in data:
+            data = dict(data)
+            value = data.pop("compensate")
+            if "reconstruct" in data:
+                raise ValueError("prune.compensate is the old name of prune.reconstruct; give only reconstruct")
+            if not isinstance(value, bool):
+                raise ValueError(f"prune.compensate must be true or false, got {value!r}")
+            data["reconstruct"] = "bias" if value else "none"
+        return data
 
     @field_validator("units", mode="before")
     @classmethod
@@ -93,7 +110,9 @@ class PruneParams(_Section):
         """These settings with ``auto`` replaced by what it means for ``method``."""
         entry = METHODS[method]
         return self.model_copy(update={"allocation": entry.allocation if self.allocation == "auto" else self.allocation,
-                                       "units": list(entry.units) if self.units == "auto" else self.units})
+                                       "units": list(entry.units) if self.units == "auto" else self.units,
+                                       "reconstruct": entry.reconstruct if self.reconstruct == "auto"
+                                       else self.reconstruct})
 
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -205,6 +224,12 @@ def check_method(method: str, cfg: PruneParams) -> None:
         raise ValueError(f"prune.allocation: {method} removes units {' or '.join(entry.allocations)}ly across "
                          f"layers and modules; set prune.allocation: {entry.allocations[0]} or auto "
                          f"(got {resolved.allocation})")
+    if resolved.reconstruct != "none" and entry.depth:
+        raise ValueError(f"prune.reconstruct: {resolved.reconstruct} re-fits the projections of sliced blocks; "
+                         f"{method} removes whole blocks: use reconstruct: none (or auto)")
+    if resolved.reconstruct != "none" and "layers" in resolved.units:
+        raise ValueError(f"prune.reconstruct: {resolved.reconstruct} is for heads and channels; "
+                         f"units include layers: use reconstruct: none (or auto)")
 
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:

@@ -34,7 +34,7 @@ class PrunePlan:
     head_mode: str
     units: list[str]
     round_to: int
-    compensate: bool
+    reconstruct: str  # none | bias (a compensation bias is part of the plan's parameters) | lstsq
     seed: int
     layers: list[LayerPlan]
     params: dict = field(default_factory=dict)  # before/after/achieved ratio, filled by select
@@ -46,6 +46,8 @@ class PrunePlan:
     @classmethod
     def from_dict(cls, data: dict) -> "PrunePlan":
         data = dict(data)
+        if "compensate" in data:  # plans written before prune.reconstruct
+            data["reconstruct"] = "bias" if data.pop("compensate") else "none"
         data["layers"] = [LayerPlan(**layer) for layer in data["layers"]]
         return cls(**data)
 
@@ -86,7 +88,11 @@ class SelectConfig:
     units: tuple[str, ...] = ("channels", "heads")
     head_mode: str = "auto"  # "auto" | "query" | "group"
     round_to: int = 1
-    compensate: bool = False
+    reconstruct: str = "none"
+
+    @property
+    def compensate(self) -> bool:  # compensation biases count in the parameter target
+        return self.reconstruct == "bias"
 
 
 @dataclass
@@ -270,7 +276,7 @@ def removed_parameters(plan: PrunePlan, shapes: list[LayerShape]) -> int:
         lost_channels = shape.channels - len(layer.kept_channels)
         total += lost_heads * shape.head_cost + (shape.kv_heads - len(layer.kept_kv_heads)) * shape.kv_cost
         total += lost_channels * shape.channel_cost
-        if plan.compensate:
+        if plan.reconstruct == "bias":
             total -= shape.hidden * ((lost_heads > 0 and not shape.o_bias) + (lost_channels > 0 and not shape.down_bias))
     return total
 
@@ -291,7 +297,7 @@ def select(scores: Scores, shapes: list[LayerShape], params: dict[str, int], cfg
     else:
         removed = _select_uniform(units, shapes, target, cfg)
     plan = PrunePlan(method=method, ratio=cfg.ratio, allocation=cfg.allocation, head_mode=cfg.head_mode,
-                     units=list(cfg.units), round_to=cfg.round_to, compensate=cfg.compensate, seed=seed,
+                     units=list(cfg.units), round_to=cfg.round_to, reconstruct=cfg.reconstruct, seed=seed,
                      layers=[_layer_plan(i, s, removed, scores, cfg) for i, s in enumerate(shapes)])
     if "layers" in cfg.units:
         plan.kept_layers = [i for i in range(len(shapes)) if not removed.get((i, "layer"))]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pruneflow import arch as A
-from pruneflow import streaming
+from pruneflow import reconstruct, streaming
 from pruneflow.apply import apply, layer_shapes
 from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
@@ -32,6 +32,7 @@ class PruneResult:
     scores: Scores
     seconds: dict[str, float] = field(default_factory=dict)
     iterations: list[dict] = field(default_factory=list)  # iterative methods: one summary per iteration
+    reconstruction: list[dict] = field(default_factory=list)  # lstsq: per block, relative error before/after
 
 
 def score(model: nn.Module, spec: ArchSpec, method: str, windows: torch.Tensor | None, seed: int = 0,
@@ -62,8 +63,9 @@ def check_streams(method: str, model: nn.Module | None = None) -> None:
 def select_config(cfg: PruneParams, scores: Scores) -> SelectConfig:
     """The selection settings of ``prune.*`` (resolved for the method; compensation only when the scorer
     provides activation means)."""
+    reconstruct = "none" if cfg.reconstruct == "bias" and scores.attn_mean is None else cfg.reconstruct
     return SelectConfig(ratio=cfg.ratio, allocation=cfg.allocation, units=tuple(cfg.units), head_mode=cfg.head_mode,
-                        round_to=cfg.round_to, compensate=cfg.compensate and scores.attn_mean is not None)
+                        round_to=cfg.round_to, reconstruct=reconstruct)
 
 
 def prune(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, windows: torch.Tensor | None,
@@ -82,15 +84,17 @@ def prune(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, windo
     check_model(method, spec)
     check_streams(method, model)
     cfg, entry, runtime = cfg.for_method(method), METHODS[method], runtime or Runtime()
+    check_reconstruct(model, spec, cfg, windows, runtime)
     if entry.iterative:
         options = options or entry.options()
         return prune_iteratively(model, spec, method, cfg, windows, seed, options, state_dir, runtime)
     started = time.perf_counter()
     scores = score(model, spec, method, windows, seed, cfg.ratio, runtime)
+    scores = means_for(model, spec, cfg, scores, windows, runtime)
     scored = time.perf_counter()
     plan = select(scores, layer_shapes(model, spec), A.count_parameters(model), select_config(cfg, scores),
                   method=method, seed=seed)
-    apply(model, plan, spec, scores)
+    fit = apply_plan(model, spec, plan, scores, windows, runtime)
     actual = A.count_parameters(model)["non_embedding"]
     if actual != plan.params["non_embedding_after"]:
         raise RuntimeError(f"parameter accounting is off: plan says {plan.params['non_embedding_after']}, "
@@ -98,15 +102,50 @@ def prune(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, windo
     if abs(plan.params["achieved_ratio"] - cfg.ratio) > 0.02:
         log.warning("achieved ratio %.4f is more than 0.02 from the target %.4f (unit granularity)",
                     plan.params["achieved_ratio"], cfg.ratio)
-    return PruneResult(plan=plan, scores=scores,
+    return PruneResult(plan=plan, scores=scores, reconstruction=fit,
                        seconds={"score": scored - started, "select_apply": time.perf_counter() - scored})
+
+
+def means_for(model: nn.Module, spec: ArchSpec, cfg: PruneParams, scores: Scores | None,
+              windows: torch.Tensor | None, runtime: Runtime) -> Scores | None:
+    """``scores`` with the dense model's input means when ``reconstruct: bias`` needs them and the scorer did
+    not compute them (one calibration pass; ``scores`` None: an iterative method's composed plan)."""
+    if cfg.reconstruct != "bias" or (scores is not None and scores.attn_mean is not None):
+        return scores
+    return reconstruct.with_means(scores or Scores([], []), *reconstruct.input_means(model, spec, windows, runtime),
+                                  None, A.geometry(model.config).head_dim)
+
+
+def apply_plan(model: nn.Module, spec: ArchSpec, plan: PrunePlan, scores: Scores | None,
+               windows: torch.Tensor | None, runtime: Runtime) -> list[dict]:
+    """Apply ``plan`` to the dense ``model`` with its reconstruction (bias: from ``scores``' means; lstsq: the
+    re-fit, which returns its per-block report)."""
+    if plan.reconstruct != "lstsq":
+        apply(model, plan, spec, scores)
+        return []
+    if streaming.is_streamed(model):
+        apply(model, plan, spec, scores)  # records the plan; the re-fit reads the dense blocks from the files
+    return reconstruct.refit(model, spec, plan, scores, windows, runtime)
+
+
+def check_reconstruct(model: nn.Module, spec: ArchSpec, cfg: PruneParams, windows: torch.Tensor | None,
+                       runtime: Runtime) -> None:
+    """Refuse a reconstruction that cannot work here, before any forward pass."""
+    if cfg.reconstruct == "bias" and windows is None:
+        raise PruneflowError("prune.reconstruct: bias needs calibration windows (the removed inputs' means)")
+    if cfg.reconstruct == "lstsq":
+        reconstruct.check(model, spec, windows, runtime)
 
 
 def prune_iteratively(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, windows: torch.Tensor,
                       seed: int, options: Options, state_dir: Path | None = None,
-                      runtime: Runtime | None = None) -> PruneResult:
+                      runtime: Runtime | None = None, refit: bool = True) -> PruneResult:
     """Repeat score → select → apply, each step removing ``prune_frac`` of the original non-embedding
-    parameters (the last one what remains), until the achieved ratio is within ``tolerance`` of the target."""
+    parameters (the last one what remains), until the achieved ratio is within ``tolerance`` of the target.
+
+    ``reconstruct: bias`` adds each iteration's compensation as it goes (later iterations score the compensated
+    model); ``lstsq`` re-fits once, at the end, against the dense blocks — unless ``refit`` is false (the
+    pipeline's score stage: its prune stage re-applies the composed plan to the dense model and re-fits there)."""
     try:
         check_method(method, cfg)
     except ValueError as err:
@@ -122,6 +161,9 @@ def prune_iteratively(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneP
         store = IterationStore(state_dir, key)
         if store.completed():
             log.info("resuming %s at iteration %d from %s", method, store.completed(), store.dir)
+    head_dim = A.geometry(model.config).head_dim
+    means = reconstruct.input_means(model, spec, windows, runtime) if cfg.reconstruct == "bias" else None
+    dense = reconstruct.dense_copy(model, spec) if cfg.reconstruct == "lstsq" and refit else None
     steps, summaries, scores = [], [], None
     while (removed := original - A.count_parameters(model)["non_embedding"]) < (cfg.ratio - options.tolerance) * original:
         k, current = len(steps), A.count_parameters(model)
@@ -136,13 +178,15 @@ def prune_iteratively(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneP
         if plan.params["non_embedding_after"] == current["non_embedding"]:
             raise PruneflowError(f"{method} iteration {k} removed nothing: every remaining unit is protected; "
                                  f"lower prune.ratio or allow more unit types")
-        apply(model, plan, spec)
+        # bias: each iteration adds the removed units' mean contribution (dense means, at the current indices)
+        apply(model, plan, spec, None if means is None else
+              reconstruct.with_means(Scores([], []), *means, compose(shapes, steps), head_dim))
         runtime.free()  # the sliced-away weights and the iteration's activations
         summary["achieved_ratio"] = (original - A.count_parameters(model)["non_embedding"]) / original
         steps.append(plan)
         summaries.append(summary)
     plan = PrunePlan(method=method, ratio=cfg.ratio, allocation="global", head_mode=cfg.head_mode,
-                     units=list(cfg.units), round_to=cfg.round_to, compensate=False, seed=seed,
+                     units=list(cfg.units), round_to=cfg.round_to, reconstruct=cfg.reconstruct, seed=seed,
                      layers=[LayerPlan(**kept) for kept in compose(shapes, steps)])
     gone = removed_parameters(plan, shapes)
     plan.params = {"total_before": params["total"], "total_after": params["total"] - gone,
@@ -150,7 +194,10 @@ def prune_iteratively(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneP
                    "achieved_ratio": gone / original}
     if A.count_parameters(model)["non_embedding"] != plan.params["non_embedding_after"]:
         raise RuntimeError("parameter accounting is off: the composed plan does not match the pruned model")
-    return PruneResult(plan=plan, scores=scores, iterations=summaries,
+    fit = reconstruct.refit(model, spec, plan, None, windows, runtime, dense=dense) \
+        if cfg.reconstruct == "lstsq" and refit else []
+    del dense
+    return PruneResult(plan=plan, scores=scores, iterations=summaries, reconstruction=fit,
                        seconds={"score": time.perf_counter() - started, "select_apply": 0.0})
 
 
@@ -163,7 +210,9 @@ def _iteration(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, 
     current = A.count_parameters(model)
     plan = select(scores, layer_shapes(model, spec), current,
                   SelectConfig(ratio=step / current["non_embedding"], allocation="global", units=tuple(cfg.units),
-                               head_mode=cfg.head_mode, round_to=cfg.round_to), method=method, seed=seed)
+                               head_mode=cfg.head_mode, round_to=cfg.round_to,
+                               reconstruct="bias" if cfg.reconstruct == "bias" else "none"),
+                  method=method, seed=seed)
     record = scores.extra[method]
     summary = {"iteration": k, "seconds": time.perf_counter() - began, "sub_models": len(record["losses"]),
                "loss_min": float(record["losses"].min()), "loss_max": float(record["losses"].max()),

@@ -46,6 +46,21 @@ class ReferenceConfig:
     eval_windows: int = 64
     seed: int = 0
     threads: int = 2
+    tie_word_embeddings: bool = False
+    name: str = "default"
+
+
+#: The committed reference models (``pruneflow reference build --config NAME``). ``deep`` is the second geometry
+#: every default is checked on: half again as deep, narrower, a 3:1 query/KV ratio instead of 2:1, tied
+#: embeddings; same corpus, tokenizer, token budget and schedule. It trains on one thread (so a second job can run
+#: beside it on a 2-core machine); thread count changes float rounding, not the recipe.
+CONFIGS: dict[str, ReferenceConfig] = {
+    "default": ReferenceConfig(),
+    "deep": ReferenceConfig(hidden_size=192, intermediate_size=512, num_hidden_layers=12, num_attention_heads=6,
+                            num_key_value_heads=2, tie_word_embeddings=True, threads=1, name="deep"),
+}
+#: Where each is committed.
+OUT_DIRS = {"default": "models/reference", "deep": "models/reference-deep"}
 
 
 def train_tokenizer(documents: list[str], vocab_size: int):
@@ -81,7 +96,7 @@ def llama_config(cfg: ReferenceConfig, tokenizer):
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=2048,
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+        tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=False, mlp_bias=False,
     )
 
 
@@ -194,13 +209,13 @@ def _write_card(out_dir: Path, cfg: ReferenceConfig, results: dict, curve: list[
                      for p in curve[:: max(1, len(curve) // 12)] + curve[-1:])
     (out_dir / "README.md").write_text(f"""# pruneflow reference model
 
-A small GQA `LlamaForCausalLM` trained by `pruneflow reference build` on the packaged corpus (`data/corpus/`:
+A small GQA `LlamaForCausalLM` trained by `pruneflow reference build --config {cfg.name}` on the packaged corpus (`data/corpus/`:
 Wikipedia summaries, CC BY-SA 3.0, and the Brown corpus; see `data/corpus/ATTRIBUTION.md`). It exists so the
 pipeline has a real trained model to prune without any model hub.
 
 - **Architecture**: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} query
   heads / {cfg.num_key_value_heads} KV heads (head_dim {cfg.hidden_size // cfg.num_attention_heads}),
-  intermediate {cfg.intermediate_size}, byte-level BPE vocabulary of {cfg.vocab_size}, untied embeddings;
+  intermediate {cfg.intermediate_size}, byte-level BPE vocabulary of {cfg.vocab_size}, {'tied' if cfg.tie_word_embeddings else 'untied'} embeddings;
   {results['parameters']:,} parameters.
 - **Training**: {cfg.train_tokens:,} tokens ({cfg.batch_size} × {cfg.seq_len} per step, random windows of the
   train split), AdamW lr {cfg.lr} with {cfg.warmup_steps} warm-up steps and cosine decay, weight decay

@@ -110,20 +110,24 @@ def zscore(values: torch.Tensor) -> torch.Tensor:
 
 def from_input_channels(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, runtime: Runtime,
                         importance: Callable[[torch.Tensor, InputStats], torch.Tensor],
-                        with_means: bool = False, standardize: bool = False) -> Scores:
+                        with_means: bool = False, standardize: bool = False,
+                        attn_importance: Callable[[torch.Tensor, InputStats], torch.Tensor] | None = None) -> Scores:
     """Scores from a per-input-channel importance of o_proj (averaged per head) and down_proj.
 
     ``importance(weight (out, in), stats of the layer's input)`` returns an (in,) tensor, computed as soon as
-    the block has seen every calibration window (for a streamed model, while its weights are loaded). With
+    the block has seen every calibration window (for a streamed model, while its weights are loaded);
+    ``attn_importance``, if given, is o_proj's instead. With
     ``standardize``, each layer's o_proj and down_proj channel scores are z-scored before heads are
     averaged (FLAP's AL-AM), which makes them comparable across layers and modules.
     """
     head_dim = A.geometry(model.config).head_dim
     norm = zscore if standardize else (lambda x: x)
+    attn_importance = attn_importance or importance
     attn_stats, mlp_stats, heads, channels = [], [], [], []
 
     def done(i: int, block: nn.Module) -> None:
-        heads.append(per_head(norm(importance(A.get(block, spec.o).weight, attn_stats[i])), head_dim).float().cpu())
+        heads.append(per_head(norm(attn_importance(A.get(block, spec.o).weight, attn_stats[i])), head_dim)
+                     .float().cpu())
         channels.append(norm(importance(A.get(block, spec.down).weight, mlp_stats[i])).float().cpu())
 
     calibration_pass(model, spec, windows, runtime, stats_hooks(spec, runtime, attn_stats, mlp_stats), done)

@@ -176,7 +176,7 @@ def score(params: Params, root: Path, runtime: Runtime) -> Path:
     with atomic_dir(root / OUTPUTS["score"], overwrite=True) as tmp:
         if METHODS[method].iterative:  # the plan is the score: it comes out of the score → select → apply loop
             result = prune_iteratively(model, spec, method, params.prune, windows, seed, method_options(params),
-                                       state_dir=state_dir(root), runtime=runtime)
+                                       state_dir=state_dir(root), runtime=runtime, refit=False)
             (tmp / "plan.json").write_text(result.plan.to_json() + "\n")
             (tmp / "iterations.json").write_text(json.dumps(result.iterations, indent=1) + "\n")
             meta["comparable"] = True
@@ -190,9 +190,9 @@ def score(params: Params, root: Path, runtime: Runtime) -> Path:
 
 
 def prune(params: Params, root: Path, runtime: Runtime) -> Path:
-    from pruneflow.apply import apply, layer_shapes
+    from pruneflow.apply import layer_shapes
     from pruneflow.plan import PrunePlan, select
-    from pruneflow.prune import select_config
+    from pruneflow.prune import apply_plan, check_reconstruct, means_for, select_config
 
     scores_dir = _needs(root / OUTPUTS["score"], "score")
     meta = json.loads((scores_dir / "scores.json").read_text())
@@ -200,16 +200,21 @@ def prune(params: Params, root: Path, runtime: Runtime) -> Path:
         raise PruneflowError(f"{scores_dir} holds {meta['method']} scores but score.method is "
                              f"{params.score.method}; run the score stage again")
     dense = model_source(params, root)
+    cfg = params.prune.for_method(meta["method"])
+    windows = None
+    if cfg.reconstruct != "none":  # the removed inputs' means, or the re-fit's activations
+        windows, _ = C.load(_needs(root / OUTPUTS["calibrate"], "calibrate"))
     model, tokenizer, spec = checkpoint.load(dense, runtime, stream=True)  # streamed: sliced as it is written
+    check_reconstruct(model, spec, cfg, windows, runtime)
     scores = None
     if (scores_dir / "plan.json").exists():
         plan = PrunePlan.load(scores_dir / "plan.json")
+        scores = means_for(model, spec, cfg, None, windows, runtime)
     else:
-        scores = load_scores(scores_dir)
-        plan = select(scores, layer_shapes(model, spec), A.count_parameters(model),
-                      select_config(params.prune.for_method(meta["method"]), scores), method=meta["method"],
-                      seed=params.calibrate.seed)
-    apply(model, plan, spec, scores)
+        scores = means_for(model, spec, cfg, load_scores(scores_dir), windows, runtime)
+        plan = select(scores, layer_shapes(model, spec), A.count_parameters(model), select_config(cfg, scores),
+                      method=meta["method"], seed=params.calibrate.seed)
+    apply_plan(model, spec, plan, scores, windows, runtime)
     out = root / OUTPUTS["prune"]
     checkpoint.save(model, tokenizer, out, spec, overwrite=True, dtype=checkpoint.stored_dtype(dense),
                     extra_files={"plan.json": plan.to_json(), "params.json": params.model_dump_json(indent=1)},

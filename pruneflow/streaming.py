@@ -109,6 +109,7 @@ class Stream:
     dtype: torch.dtype  # compute dtype
     device: torch.device
     pending: list = field(default_factory=list)  # (plan, scores) recorded by apply, applied by save
+    fitted: object | None = None  # pruneflow.reconstruct.Fitted: re-fitted projections, applied after the plans
 
 
 def stream_of(model: nn.Module) -> Stream | None:
@@ -165,11 +166,20 @@ def current_block(model: nn.Module, spec: ArchSpec, i: int) -> nn.Module:
     stream = stream_of(model)
     if any(plan.kept_layers is not None and len(plan.kept_layers) < len(plan.layers) for plan, _ in stream.pending):
         raise PruneflowError("blocks of a streamed model whose layers were removed are only written (save)")
-    block = copy.deepcopy(A.blocks(stream.dense, spec)[i])
-    load_module(stream, block, f"{spec.layers}.{i}.")
+    block = dense_block(model, spec, i)
     head_dim = A.geometry(model.config).head_dim
     for plan, scores in stream.pending:
         apply_block(block, spec, plan, scores, i, head_dim)
+    if stream.fitted is not None:
+        stream.fitted.install(block, spec, i)
+    return block
+
+
+def dense_block(model: nn.Module, spec: ArchSpec, i: int) -> nn.Module:
+    """Block ``i`` of a streamed model as its files have it (before any plan)."""
+    stream = stream_of(model)
+    block = copy.deepcopy(A.blocks(stream.dense, spec)[i])
+    load_module(stream, block, f"{spec.layers}.{i}.")
     return block
 
 
@@ -227,8 +237,14 @@ def embed(model: nn.Module, stream: Stream, input_ids: torch.Tensor) -> torch.Te
 
 
 def capture(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple]]:
-    """(hidden states entering block 0, the (args, kwargs) every block is called with) for one batch."""
+    """(hidden states entering block 0, the (args, kwargs) every block is called with) for one batch (streamed
+    or in memory)."""
     stream = stream_of(model)
+    if stream is not None:
+        embeds = embed(model, stream, input_ids.to(stream.device))
+    else:
+        embedding = model.get_input_embeddings()
+        embeds = embedding(input_ids.to(embedding.weight.device))
     blocks = A.blocks(model, spec)
     record: dict = {}
     parent, _, name = spec.layers.rpartition(".")
@@ -237,7 +253,7 @@ def capture(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor) -> tuple[
     setattr(owner, name, stand_ins)
     try:
         backbone = getattr(model, model.base_model_prefix)
-        backbone(inputs_embeds=embed(model, stream, input_ids.to(stream.device)), use_cache=False)
+        backbone(inputs_embeds=embeds, use_cache=False)
     except _Stop:
         pass
     finally:
@@ -463,6 +479,8 @@ def write_weights(model: nn.Module, spec: ArchSpec, out: Path, dtype: torch.dtyp
         load_module(stream, block, f"{prefix}{i}.")
         for plan, scores in stream.pending:
             apply_block(block, spec, plan, scores, i, head_dim)
+        if stream.fitted is not None:
+            stream.fitted.install(block, spec, i)
         for name, tensor in block.state_dict().items():
             writer.add(f"{prefix}{new_index}.{name}", tensor.to(dtype))
         del block

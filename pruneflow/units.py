@@ -16,4 +16,7 @@ UNIT_TYPES = ("heads", "channels", "layers")
 WIDTH_UNITS = ("heads", "channels")
 HEAD_MODES = ("auto", "query", "group")
 ALLOCATIONS = ("uniform", "global")
+# what replaces the removed units' contribution (prune.reconstruct): nothing, their mean as a bias (FLAP), or a
+# least-squares re-fit of the kept input columns of o_proj/down_proj (pruneflow.reconstruct)
+RECONSTRUCTIONS = ("none", "bias", "lstsq")
 ALIASES = {"mlp": "channels"}  # the name params files used before; still read

@@ -27,6 +27,7 @@ class Method:
     needs: frozenset[str] = frozenset()  # ACTIVATIONS, GRADIENTS, CAUSAL_LM, RATIO
     allocation: str = "uniform"  # what prune.allocation: auto means for it
     allocations: tuple[str, ...] = ALLOCATIONS  # the allocations it supports
+    reconstruct: str = "none"  # what prune.reconstruct: auto means for it
     iterative: bool = False  # scores one iteration; prune.py repeats score → select → apply
     options: type[Options] | None = None  # its options model, params key score.<name>
     streams: bool = False  # scores a model larger than memory a block at a time (runtime.max_memory)
@@ -40,16 +41,17 @@ class Method:
         return self.units == ("layers",)
 
 
-# allocation defaults: methods whose scores share one scale across layers and modules (loss changes: Taylor,
-# Bonsai) rank units globally; the activation-statistic methods spread the cut uniformly, which measured better
-# for each of them on the reference model (BENCHMARKS.md)
+# allocation and reconstruction defaults (``auto``): a method named after a paper does what that paper's code
+# does — FLAP ranks globally (AL-AM) and compensates with a bias, LLM-Pruner's Taylor and Bonsai rank globally,
+# Wanda-sp is uniform (FLAP's prune_wanda_sp); the controls (magnitude, random) are uniform
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("magnitude", "magnitude", "data-free: L2 norm of the weights a unit owns", streams=True),
     Method("random", "random_", "control: seeded uniform random scores", streams=True),
     Method("wanda_sp", "wanda_sp", "structured Wanda: mean |W| · ‖X‖₂ on o_proj/down_proj inputs",
            needs=frozenset({ACTIVATIONS}), streams=True),
-    Method("flap", "flap", "FLAP: input fluctuation × ‖W[:, j]‖², standardized per layer, optional bias",
-           needs=frozenset({ACTIVATIONS}), streams=True),
+    Method("flap", "flap", "FLAP: input fluctuation × ‖W[:, j]‖² (squared for heads), standardized per layer, "
+           "ranked globally, bias compensation", needs=frozenset({ACTIVATIONS}), allocation="global",
+           reconstruct="bias", streams=True),
     Method("taylor", "taylor", "LLM-Pruner's first-order Taylor |W ⊙ ∂L/∂W| (needs gradients)",
            needs=frozenset({ACTIVATIONS, GRADIENTS, CAUSAL_LM}), allocation="global"),
     Method("block_influence", "block_influence", "ShortGPT: 1 − cos(block input, block output), whole blocks",

@@ -80,7 +80,7 @@ def test_flap_with_bias_compensation_streams_every_family_identically(kind, tmp_
     """qwen2: q/k/v biases and tied embeddings; qwen3: per-head q/k norms; FLAP's bias compensation; global
     allocation (per-layer widths: the per-layer loader's config)."""
     dense = _dense(tmp_path, kind)
-    cfg = PruneParams(ratio=0.3, compensate=True, allocation="global")
+    cfg = PruneParams(ratio=0.3, reconstruct="bias", allocation="global")
     (memory, streamed), (memory_dir, streamed_dir) = _both(dense, "flap", tmp_path, cfg)
     assert streamed.plan.layers == memory.plan.layers
     a, b = _tensors(memory_dir), _tensors(streamed_dir)
@@ -229,7 +229,7 @@ def _stage_params(path, model, calibration, max_memory, method="flap"):
     path.write_text(yaml.safe_dump({
         "model": str(model), "runtime": {"max_memory": max_memory},
         "calibrate": {"source": str(calibration), "n_windows": 4, "seqlen": 16},
-        "score": {"method": method}, "prune": {"ratio": 0.3, "allocation": "global", "compensate": True},
+        "score": {"method": method}, "prune": {"ratio": 0.3, "allocation": "global", "reconstruct": "bias"},
         "recover": {"enabled": False}, "evaluate": {"speed": False, "tasks": [], "max_windows": 12, "ppl_seqlen": 16}}))
     return path
 

@@ -16,7 +16,7 @@ PLAN_LAYERS = [  # 4 query heads in 2 KV groups (2 per group), 256 channels
 
 def make_plan(compensate=False):
     return PrunePlan(method="test", ratio=0.5, allocation="global", head_mode="query", units=["channels", "heads"],
-                     round_to=1, compensate=compensate, seed=0, layers=[LayerPlan(**vars(layer)) for layer in PLAN_LAYERS])
+                     round_to=1, reconstruct="bias" if compensate else "none", seed=0, layers=[LayerPlan(**vars(layer)) for layer in PLAN_LAYERS])
 
 
 @torch.no_grad()

@@ -38,7 +38,7 @@ def test_masking_units_equals_slicing_them_out_row_by_row():
     # Slicing needs equal group sizes, so compare against the slice of a plan that masks a whole query head:
     # head 2 sits in group 1 with head 3; zeroing it is equivalent to removing only its o_proj columns.
     plan = PrunePlan(method="m", ratio=0.1, allocation="global", head_mode="query", units=["channels", "heads"],
-                     round_to=1, compensate=False, seed=0,
+                     round_to=1, reconstruct="none", seed=0,
                      layers=[LayerPlan(kept_heads=[0, 1, 2, 3], kept_kv_heads=[0, 1],
                                        kept_channels=kept[0].kept_channels),
                              LayerPlan(kept_heads=[0, 1, 2, 3], kept_kv_heads=[0, 1],

@@ -52,7 +52,10 @@ def test_method_and_units_are_checked_together_before_any_model_is_loaded():
         load_params(None, ["score.method=bonsai", "prune.allocation=uniform", "calibrate.n_windows=64"])
     bonsai = load_params(None, ["score.method=bonsai"]).prune.for_method("bonsai")
     assert (bonsai.allocation, bonsai.units) == ("global", ["heads", "channels"])
-    assert load_params(None, ["score.method=flap"]).prune.for_method("flap").allocation == "uniform"
+    flap = load_params(None, ["score.method=flap"]).prune.for_method("flap")
+    assert (flap.allocation, flap.reconstruct) == ("global", "bias")  # FLAP's code: AL-AM, bias compensation
+    wanda = load_params(None, ["score.method=wanda_sp"]).prune.for_method("wanda_sp")
+    assert (wanda.allocation, wanda.reconstruct) == ("uniform", "none")
     assert load_params(None, ["score.method=angular"]).prune.for_method("angular").units == ["layers"]
 
 

@@ -123,7 +123,7 @@ def test_ratio_outside_open_interval_is_refused(ratio):
 def test_compensation_biases_are_counted():
     layer_shapes = shapes()
     params = counts(layer_shapes)
-    plan = select(scores(layer_shapes), layer_shapes, params, SelectConfig(ratio=0.3, compensate=True))
+    plan = select(scores(layer_shapes), layer_shapes, params, SelectConfig(ratio=0.3, reconstruct="bias"))
     s = layer_shapes[0]
     expected = 0
     for layer in plan.layers:

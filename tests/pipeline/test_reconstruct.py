@@ -1,0 +1,141 @@
+"""prune.reconstruct: FLAP's bias for every width method, and the lstsq re-fit (in memory, streamed, iterative)."""
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import tiny_causal_lm
+from pruneflow import arch as A
+from pruneflow import checkpoint, reconstruct, streaming
+from pruneflow.errors import PruneflowError
+from pruneflow.params import BonsaiParams, PruneParams, load_params
+from pruneflow.plan import PrunePlan
+from pruneflow.prune import prune
+from pruneflow.runtime import Runtime
+
+WINDOWS = torch.randint(0, 256, (24, 16), generator=torch.Generator().manual_seed(0))  # 384 tokens ≥ 256 columns
+BUDGET = 1_400_000  # below the 8-layer models' weights, above one block, its copy, the activations and the Grams
+BONSAI = BonsaiParams(preset="fast", sub_models=8, n_windows=4, rows_per_forward=8, tolerance=0.01)
+
+
+def _distance(model, dense) -> float:
+    """Mean squared difference of the logits on the calibration windows from the dense model's (random-init tiny
+    models predict near-uniformly, so their loss says little; reproducing the dense model is what lstsq does)."""
+    with torch.no_grad():
+        return float((model(input_ids=WINDOWS).logits.float() - dense(input_ids=WINDOWS).logits.float()).pow(2).mean())
+
+
+def _tensors(path):
+    out = {}
+    for file in path.glob("*.safetensors"):
+        with safe_open(file, framework="pt") as f:
+            out.update({name: f.get_tensor(name) for name in f.keys()})
+    return out
+
+
+@pytest.mark.parametrize("method", ["wanda_sp", "flap", "magnitude"])
+def test_lstsq_fits_the_dense_outputs_better_than_slicing_alone(method):
+    """Every re-fitted projection reproduces the dense outputs at least as well as its sliced dense weights
+    (the prior), and the whole model's logits are closer to the dense model's than without reconstruction."""
+    losses, dense = {}, tiny_causal_lm(num_hidden_layers=3)
+    for mode in ("none", "lstsq"):
+        model = tiny_causal_lm(num_hidden_layers=3)
+        result = prune(model, A.arch_for("llama"), method, PruneParams(ratio=0.4, reconstruct=mode), WINDOWS)
+        assert result.plan.reconstruct == mode
+        losses[mode] = _distance(model, dense)
+        assert A.count_parameters(model)["non_embedding"] == result.plan.params["non_embedding_after"]
+    assert len(result.reconstruction) == 3
+    for block in result.reconstruction:
+        for name in ("o", "down"):
+            assert block[name]["error_after"] <= block[name]["error_before"] + 1e-9
+        assert block["down"]["error_after"] < block["down"]["error_before"]
+    assert losses["lstsq"] < losses["none"]
+    assert not any(name.endswith(("o_proj.bias", "down_proj.bias")) for name, _ in model.named_parameters())
+
+
+def test_the_gram_solve_is_the_ridge_solution_towards_the_prior():
+    torch.manual_seed(0)
+    x, w_true, prior = torch.randn(500, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64), \
+        torch.zeros(3, 6, dtype=torch.float64)
+    gram = reconstruct.Gram(torch.float64)
+    gram.add(x[:200], x[:200] @ w_true.T)
+    gram.add(x[200:], x[200:] @ w_true.T)
+    damp = reconstruct.DAMPING * float((x * x).sum(0).mean())
+    expected = torch.linalg.solve(x.T @ x + damp * torch.eye(6, dtype=torch.float64), x.T @ (x @ w_true.T)).T
+    assert torch.allclose(gram.solve(prior), expected, atol=1e-10)
+    assert gram.error(w_true) < 1e-12 and gram.error(prior) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_lstsq_streamed_is_the_in_memory_result(kind, tmp_path):
+    """qwen2: q/k/v biases, tied head. The streamed re-fit (dense blocks read from the files, the re-fitted
+    projections kept on disk until the save) writes the in-memory weights."""
+    dense = tmp_path / "dense"
+    tiny_causal_lm(kind, num_hidden_layers=8).save_pretrained(dense, max_shard_size="300KB")
+    dirs = []
+    for name, budget in (("memory", None), ("streamed", BUDGET)):
+        runtime = Runtime(max_memory=budget)
+        model, _, spec = checkpoint.load(dense, runtime, with_tokenizer=False, stream=True, calibration=WINDOWS.shape)
+        assert streaming.is_streamed(model) == (budget is not None)
+        prune(model, spec, "flap", PruneParams(ratio=0.3, reconstruct="lstsq"), WINDOWS, runtime=runtime)
+        checkpoint.save(model, None, tmp_path / name, spec, dtype=torch.float32, runtime=runtime)
+        dirs.append(tmp_path / name)
+    a, b = _tensors(dirs[0]), _tensors(dirs[1])
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[n], b[n], atol=1e-6, rtol=1e-5) for n in a)
+    assert not all(torch.equal(a[n], _tensors(dense)[n]) for n in a if n in _tensors(dense))
+
+
+def test_lstsq_for_bonsai_refits_against_the_dense_blocks():
+    dense = tiny_causal_lm(num_hidden_layers=2)
+    results = {}
+    for mode in ("none", "lstsq"):
+        model = tiny_causal_lm(num_hidden_layers=2)
+        results[mode] = prune(model, A.arch_for("llama"), "bonsai", PruneParams(ratio=0.3, reconstruct=mode),
+                              WINDOWS, options=BONSAI)
+        results[mode].distance = _distance(model, dense)
+    assert results["none"].plan.layers == results["lstsq"].plan.layers  # the re-fit comes after the search
+    assert results["lstsq"].distance < results["none"].distance
+    assert len(results["lstsq"].reconstruction) == 2
+
+
+@pytest.mark.parametrize("method", ["wanda_sp", "bonsai"])
+def test_bias_works_for_methods_without_their_own_means(method):
+    """The means come from one calibration pass of the dense model; Bonsai adds each iteration's bias."""
+    model = tiny_causal_lm(num_hidden_layers=2)
+    result = prune(model, A.arch_for("llama"), method, PruneParams(ratio=0.3, reconstruct="bias"), WINDOWS,
+                   options=BONSAI if method == "bonsai" else None)
+    assert result.plan.reconstruct == "bias"
+    biases = [name for name, _ in model.named_parameters() if name.endswith(("o_proj.bias", "down_proj.bias"))]
+    assert biases
+    assert A.count_parameters(model)["non_embedding"] == result.plan.params["non_embedding_after"]
+
+
+def test_bf16_lstsq_keeps_the_dtype():
+    model = tiny_causal_lm(num_hidden_layers=2).to(torch.bfloat16)
+    prune(model, A.arch_for("llama"), "wanda_sp", PruneParams(ratio=0.3, reconstruct="lstsq"), WINDOWS)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.isfinite(torch.tensor(_distance(model, tiny_causal_lm(num_hidden_layers=2))))
+
+
+def test_too_few_calibration_tokens_is_an_error_naming_the_minimum():
+    model = tiny_causal_lm(num_hidden_layers=2)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(PruneflowError, match=r"256 input columns.*12 × 16 = 192.*n_windows ≥ 16 at seqlen 16"):
+        prune(model, A.arch_for("llama"), "flap", PruneParams(ratio=0.3, reconstruct="lstsq"), WINDOWS[:12])
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())  # nothing touched
+
+
+def test_reconstruction_params_and_old_plans():
+    assert load_params(None, ["prune.compensate=true"]).prune.reconstruct == "bias"  # the old key
+    assert load_params(None, ["prune.compensate=false"]).prune.reconstruct == "none"
+    with pytest.raises(PruneflowError, match="give only reconstruct"):
+        load_params(None, ["prune.compensate=true", "prune.reconstruct=lstsq"])
+    with pytest.raises(PruneflowError, match="prune.reconstruct"):
+        load_params(None, ["prune.reconstruct=ols"])
+    with pytest.raises(PruneflowError, match="removes whole blocks"):
+        prune(tiny_causal_lm(), A.arch_for("llama"), "block_influence", PruneParams(ratio=0.3, reconstruct="lstsq"),
+              WINDOWS)
+    old = {"method": "flap", "ratio": 0.3, "allocation": "uniform", "head_mode": "auto", "units": ["heads"],
+           "round_to": 1, "compensate": True, "seed": 0, "layers": []}
+    assert PrunePlan.from_dict(old).reconstruct == "bias"
