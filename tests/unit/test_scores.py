@@ -54,3 +54,51 @@ def test_taylor_saliency_matches_a_hand_computed_value():
     # |W ⊙ g| = [[2, 2, 2], [0, 3, 4]]
     assert_close(_row_saliency(layer), torch.tensor([6.0, 7.0], dtype=torch.float64))
     assert_close(_column_saliency(layer), torch.tensor([2.0, 5.0, 6.0], dtype=torch.float64))
+
+
+def test_flap_head_scores_follow_flaps_code_on_a_hand_computed_case():
+    """FLAP squares the attention WIFV before the per-layer standardization, then averages per head. Head A has
+    channel WIFVs (0, 4) — mean 2 — and head B (2, 2.5) — mean 2.25: unsquared B ranks first; squared, A's
+    (0, 16) mean 8 beats B's (4, 6.25) mean 5.125, so FLAP keeps A."""
+    from pruneflow.scores import zscore
+
+    wifv = torch.tensor([0.0, 4.0, 2.0, 2.5], dtype=torch.float64)
+    squared = wifv ** 2
+    # z-scores of (0, 16, 4, 6.25): mean 6.5625, unbiased std 6.9057…
+    z = (squared - 6.5625) / torch.tensor([(0 - 6.5625) ** 2 + (16 - 6.5625) ** 2 + (4 - 6.5625) ** 2
+                                           + (6.25 - 6.5625) ** 2], dtype=torch.float64).div(3).sqrt()
+    assert_close(zscore(squared), z)
+    heads = per_head(zscore(squared), head_dim=2)
+    assert heads[0] > heads[1] and per_head(zscore(wifv), head_dim=2)[0] < per_head(zscore(wifv), head_dim=2)[1]
+
+
+def test_flap_score_is_flaps_prune_flap_on_a_tiny_model():
+    """flap.score against FLAP's lib/prune.py written out: WIFV per o_proj/down_proj input channel, attention
+    squared, (x - mean) / std per layer over channels, heads = mean over head_dim."""
+    from conftest import tiny_causal_lm
+    from pruneflow import arch as A
+    from pruneflow.methods import flap
+    from pruneflow.runtime import Runtime
+
+    model, spec = tiny_causal_lm(num_hidden_layers=2), A.arch_for("llama")
+    windows = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(0))
+    inputs = {}
+    handles = [A.get(block, path).register_forward_pre_hook(
+        lambda _m, args, key=(i, name): inputs.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1])))
+        for i, block in enumerate(A.blocks(model, spec)) for name, path in (("o", spec.o), ("down", spec.down))]
+    with torch.no_grad():
+        model(input_ids=windows)
+    for handle in handles:
+        handle.remove()
+    std = lambda x: (x - x.mean(dim=1, keepdim=True)) / x.std(dim=1, keepdim=True)  # noqa: E731  FLAP's
+    attn, mlp = [], []
+    for i, block in enumerate(A.blocks(model, spec)):
+        for name, path, out in (("o", spec.o, attn), ("down", spec.down, mlp)):
+            x = torch.cat(inputs[(i, name)]).double()
+            metric = x.var(0) * A.get(block, path).weight.double().pow(2).sum(0)
+            out.append(metric ** 2 if name == "o" else metric)
+    heads = std(torch.stack(attn)).reshape(2, -1, 16).mean(dim=2)
+    channels = std(torch.stack(mlp))
+    scores = flap.score(model, spec, windows, Runtime())
+    assert_close(torch.stack(scores.heads).double(), heads, rtol=1e-5, atol=1e-5)
+    assert_close(torch.stack(scores.channels).double(), channels, rtol=1e-5, atol=1e-5)
