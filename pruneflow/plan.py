@@ -164,7 +164,7 @@ def _capacity(kind: str, shape: LayerShape) -> int:
     return {"channel": shape.channels, "group": shape.kv_heads, "query": shape.group_size}[kind] - 1
 
 
-def _removal_target(shapes: list[LayerShape], non_embedding: int, cfg: SelectConfig) -> int:
+def removal_target(shapes: list[LayerShape], non_embedding: int, cfg: SelectConfig) -> int:
     """Parameters to remove so that, after any compensation biases are added, ``ratio`` is met."""
     added = 0
     if cfg.compensate:
@@ -291,11 +291,33 @@ def select(scores: Scores, shapes: list[LayerShape], params: dict[str, int], cfg
     units = _units(scores, shapes, cfg)
     if not units:
         raise PruneflowError(f"prune.units: nothing to prune in {list(cfg.units)}")
-    target = _removal_target(shapes, params["non_embedding"], cfg)
+    target = removal_target(shapes, params["non_embedding"], cfg)
     if cfg.allocation == "global":
         removed = _select_global(units, shapes, target)
-    else:
+    elif cfg.allocation == "uniform":
         removed = _select_uniform(units, shapes, target, cfg)
+    else:
+        raise PruneflowError(f"prune.allocation: {cfg.allocation} is not a selection rule (search: prune.prune)")
+    return plan_from_removed(scores, shapes, params, cfg, removed, method, seed)
+
+
+def ranked_units(scores: Scores, shapes: list[LayerShape], cfg: SelectConfig) -> dict[tuple[int, str], list[int]]:
+    """Per (layer, unit kind), the unit indices weakest first, as selection ranks them (query steps: in order)."""
+    if not scores.comparable:
+        scores = _standardize(scores)
+    by_key: dict[tuple[int, str], list[_Unit]] = {}
+    for unit in _units(scores, shapes, cfg):
+        by_key.setdefault((unit.layer, unit.kind), []).append(unit)
+    return {key: [u.index for u in sorted(members, key=lambda u: (u.score, u.index))]
+            for key, members in by_key.items()}
+
+
+def plan_from_removed(scores: Scores, shapes: list[LayerShape], params: dict[str, int], cfg: SelectConfig,
+                      removed: dict, method: str = "", seed: int = 0) -> PrunePlan:
+    """The plan that removes ``removed`` ({(layer, kind): indices}; query steps: ``range(n)``), with its exact
+    parameter accounting."""
+    if cfg.allocation == "global" and not scores.comparable:
+        scores = _standardize(scores)
     plan = PrunePlan(method=method, ratio=cfg.ratio, allocation=cfg.allocation, head_mode=cfg.head_mode,
                      units=list(cfg.units), round_to=cfg.round_to, reconstruct=cfg.reconstruct, seed=seed,
                      layers=[_layer_plan(i, s, removed, scores, cfg) for i, s in enumerate(shapes)])

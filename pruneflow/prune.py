@@ -33,6 +33,7 @@ class PruneResult:
     seconds: dict[str, float] = field(default_factory=dict)
     iterations: list[dict] = field(default_factory=list)  # iterative methods: one summary per iteration
     reconstruction: list[dict] = field(default_factory=list)  # lstsq: per block, relative error before/after
+    search: dict | None = None  # allocation search: start/best calibration loss, history
 
 
 def score(model: nn.Module, spec: ArchSpec, method: str, windows: torch.Tensor | None, seed: int = 0,
@@ -92,8 +93,7 @@ def prune(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, windo
     scores = score(model, spec, method, windows, seed, cfg.ratio, runtime)
     scores = means_for(model, spec, cfg, scores, windows, runtime)
     scored = time.perf_counter()
-    plan = select(scores, layer_shapes(model, spec), A.count_parameters(model), select_config(cfg, scores),
-                  method=method, seed=seed)
+    plan, searched = choose(model, spec, method, cfg, scores, windows, runtime, seed)
     fit = apply_plan(model, spec, plan, scores, windows, runtime)
     actual = A.count_parameters(model)["non_embedding"]
     if actual != plan.params["non_embedding_after"]:
@@ -102,8 +102,28 @@ def prune(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, windo
     if abs(plan.params["achieved_ratio"] - cfg.ratio) > 0.02:
         log.warning("achieved ratio %.4f is more than 0.02 from the target %.4f (unit granularity)",
                     plan.params["achieved_ratio"], cfg.ratio)
-    return PruneResult(plan=plan, scores=scores, reconstruction=fit,
+    return PruneResult(plan=plan, scores=scores, reconstruction=fit, search=searched,
                        seconds={"score": scored - started, "select_apply": time.perf_counter() - scored})
+
+
+def choose(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, scores: Scores,
+           windows: torch.Tensor | None, runtime: Runtime, seed: int = 0) -> tuple[PrunePlan, dict | None]:
+    """The plan for ``scores`` (``cfg`` resolved for the method): select's rule, or the allocation search from
+    the method's own plan (returns its summary too)."""
+    from pruneflow import search
+
+    shapes, params = layer_shapes(model, spec), A.count_parameters(model)
+    if cfg.allocation != "search":
+        return select(scores, shapes, params, select_config(cfg, scores), method=method, seed=seed), None
+    if windows is None:
+        raise PruneflowError("prune.allocation: search needs calibration windows")
+    start_cfg = select_config(cfg.model_copy(update={"allocation": METHODS[method].allocation}), scores)
+    start = select(scores, shapes, params, start_cfg, method=method, seed=seed)
+    s = cfg.search
+    result = search.search(model, spec, scores, shapes, params, select_config(cfg, scores), start, windows, runtime,
+                           s.budget, s.windows, s.offspring, s.seed, method)
+    return result.plan, {"start_allocation": start_cfg.allocation, "start_loss": result.start_loss,
+                         "best_loss": result.best_loss, "history": result.history}
 
 
 def means_for(model: nn.Module, spec: ArchSpec, cfg: PruneParams, scores: Scores | None,

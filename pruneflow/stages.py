@@ -190,9 +190,8 @@ def score(params: Params, root: Path, runtime: Runtime) -> Path:
 
 
 def prune(params: Params, root: Path, runtime: Runtime) -> Path:
-    from pruneflow.apply import layer_shapes
-    from pruneflow.plan import PrunePlan, select
-    from pruneflow.prune import apply_plan, check_reconstruct, means_for, select_config
+    from pruneflow.plan import PrunePlan
+    from pruneflow.prune import apply_plan, check_reconstruct, choose, means_for
 
     scores_dir = _needs(root / OUTPUTS["score"], "score")
     meta = json.loads((scores_dir / "scores.json").read_text())
@@ -202,23 +201,26 @@ def prune(params: Params, root: Path, runtime: Runtime) -> Path:
     dense = model_source(params, root)
     cfg = params.prune.for_method(meta["method"])
     windows = None
-    if cfg.reconstruct != "none":  # the removed inputs' means, or the re-fit's activations
+    if cfg.reconstruct != "none" or cfg.allocation == "search":  # means, the re-fit's activations, the search's
         windows, _ = C.load(_needs(root / OUTPUTS["calibrate"], "calibrate"))
     model, tokenizer, spec = checkpoint.load(dense, runtime, stream=True)  # streamed: sliced as it is written
     check_reconstruct(model, spec, cfg, windows, runtime)
-    scores = None
+    scores, extra = None, {}
     if (scores_dir / "plan.json").exists():
         plan = PrunePlan.load(scores_dir / "plan.json")
         scores = means_for(model, spec, cfg, None, windows, runtime)
     else:
         scores = means_for(model, spec, cfg, load_scores(scores_dir), windows, runtime)
-        plan = select(scores, layer_shapes(model, spec), A.count_parameters(model), select_config(cfg, scores),
-                      method=meta["method"], seed=params.calibrate.seed)
-    apply_plan(model, spec, plan, scores, windows, runtime)
+        plan, searched = choose(model, spec, meta["method"], cfg, scores, windows, runtime, params.calibrate.seed)
+        if searched is not None:
+            extra["search.json"] = json.dumps(searched, indent=1)
+    fit = apply_plan(model, spec, plan, scores, windows, runtime)
+    if fit:
+        extra["reconstruction.json"] = json.dumps(fit, indent=1)
     out = root / OUTPUTS["prune"]
     checkpoint.save(model, tokenizer, out, spec, overwrite=True, dtype=checkpoint.stored_dtype(dense),
-                    extra_files={"plan.json": plan.to_json(), "params.json": params.model_dump_json(indent=1)},
-                    runtime=runtime)
+                    extra_files={"plan.json": plan.to_json(), "params.json": params.model_dump_json(indent=1),
+                                 **extra}, runtime=runtime)
     return out
 
 

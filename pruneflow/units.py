@@ -15,7 +15,7 @@ Selection units — what ``plan.select`` ranks and removes, one of: a ``channel`
 UNIT_TYPES = ("heads", "channels", "layers")
 WIDTH_UNITS = ("heads", "channels")
 HEAD_MODES = ("auto", "query", "group")
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "search")  # search: pruneflow.search, from the method's own plan
 # what replaces the removed units' contribution (prune.reconstruct): nothing, their mean as a bias (FLAP), or a
 # least-squares re-fit of the kept input columns of o_proj/down_proj (pruneflow.reconstruct)
 RECONSTRUCTIONS = ("none", "bias", "lstsq")

@@ -19,6 +19,16 @@ BONSAI_PRESETS = {
 }
 
 
+class SearchParams(Options):
+    """``prune.allocation: search`` (pruneflow.search): a (1 + λ) evolutionary search of per-layer counts."""
+
+    budget: int = Field(128, ge=1, description="candidate allocations evaluated, the starting plan included: "
+                                               "one forward pass over the fitness windows each")
+    windows: int = Field(8, ge=1, description="calibration windows each candidate's loss is measured on")
+    offspring: int = Field(8, ge=1, description="children of the best allocation per generation (λ)")
+    seed: int = Field(0, description="seeds the fitness windows and the mutations")
+
+
 class BonsaiParams(Options):
     """Bonsai's hyper-parameters; ``preset`` fills the ones not given explicitly."""
 

@@ -20,7 +20,7 @@ def test_every_shipped_params_yaml_loads():
     ("prune.ratio=-0.5", "prune.ratio: Input should be greater than 0"),
     ("prune.ratio=.nan", "prune.ratio: Input should be a finite number"),
     ("prune.ratio=abc", "prune.ratio: Input should be a valid number"),
-    ("prune.allocation=random", "prune.allocation: Input should be 'auto', 'uniform' or 'global'"),
+    ("prune.allocation=random", "prune.allocation: Input should be 'auto', 'uniform', 'global' or 'search'"),
     ("prune.units=[layers]", "prune.units: method flap scores heads, channels, not layers; depth methods"),
     ("score.method=sleb", None),  # units: auto means the method's own (layers)
     ("runtime.device=gpu", "runtime.device: String should match pattern"),
@@ -110,7 +110,8 @@ def test_every_fixed_vocabulary_is_a_choice_in_the_prefect_form():
         return {v for o in options for v in o.get("enum", []) + ([o["const"]] if "const" in o else [])}
 
     assert choices("ScoreParams", "method") == set(METHODS)
-    assert choices("PruneParams", "allocation") == {"auto", "uniform", "global"}
+    assert choices("PruneParams", "allocation") == {"auto", "uniform", "global", "search"}
+    assert choices("PruneParams", "reconstruct") == {"auto", "none", "bias", "lstsq"}
     assert choices("PruneParams", "head_mode") == {"auto", "query", "group"}
     assert choices("PruneParams", "units") == {"auto", "heads", "channels", "layers"}
     assert choices("RuntimeParams", "dtype") == {"auto", "bfloat16", "float16", "float32"}

@@ -1,0 +1,108 @@
+"""prune.allocation: search — per-layer counts searched from the method's own plan on calibration loss."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_causal_lm
+from pruneflow import arch as A
+from pruneflow import checkpoint, streaming
+from pruneflow.apply import layer_shapes
+from pruneflow.errors import PruneflowError
+from pruneflow.params import PruneParams, load_params
+from pruneflow.plan import removal_target
+from pruneflow.prune import prune, select_config
+from pruneflow.runtime import Runtime
+from pruneflow.search import masked_loss
+
+WINDOWS = torch.randint(0, 256, (16, 16), generator=torch.Generator().manual_seed(0))
+SEARCH = {"budget": 12, "windows": 4, "offspring": 4, "seed": 1}
+
+
+def _search(model, method="wanda_sp", ratio=0.4, **prune):
+    cfg = PruneParams(ratio=ratio, allocation="search", search=SEARCH, **prune)
+    return prune_(model, method, cfg)
+
+
+def prune_(model, method, cfg, runtime=None):
+    return prune(model, A.arch_for("llama"), method, cfg, WINDOWS, runtime=runtime)
+
+
+def test_search_keeps_the_exact_ratio_and_never_loses_to_its_start():
+    model = tiny_causal_lm(num_hidden_layers=4, intermediate_size=128)
+    shapes, params = layer_shapes(model, A.arch_for("llama")), A.count_parameters(model)
+    result = _search(model)
+    summary = result.search
+    assert summary["start_allocation"] == "uniform"  # wanda_sp's own
+    assert summary["best_loss"] <= summary["start_loss"]
+    assert [h["evaluated"] for h in summary["history"]] == [1, 5, 9, 12]  # the budget, start included
+    assert all(a["loss"] >= b["loss"] for a, b in zip(summary["history"], summary["history"][1:]))
+    target = removal_target(shapes, params["non_embedding"], select_config(PruneParams(ratio=0.4), result.scores))
+    removed = params["non_embedding"] - A.count_parameters(model)["non_embedding"]
+    assert abs(removed - target) <= max(s.channel_cost for s in shapes) / 2
+    assert result.plan.allocation == "search"
+    widths = {len(layer.kept_channels) for layer in result.plan.layers}
+    assert len(widths) > 1  # the search moved channels between layers
+
+
+def test_search_is_seeded_and_its_fitness_is_the_masked_models_loss():
+    plans = [_search(tiny_causal_lm(num_hidden_layers=3, intermediate_size=128)).plan for _ in range(2)]
+    assert plans[0].layers == plans[1].layers
+    dense = tiny_causal_lm(num_hidden_layers=3, intermediate_size=128)
+    spec = A.arch_for("llama")
+    shapes = layer_shapes(dense, spec)
+    masked = masked_loss(dense, spec, plans[0], shapes, WINDOWS[:4], Runtime())
+    sliced = tiny_causal_lm(num_hidden_layers=3, intermediate_size=128)
+    from pruneflow.apply import apply
+    from pruneflow.losses import token_nll
+
+    apply(sliced, plans[0], spec)
+    with torch.no_grad():
+        assert masked == pytest.approx(float(token_nll(sliced, WINDOWS[:4]).double().mean()), rel=1e-5)
+
+
+def test_search_streams(tmp_path):
+    dense = tmp_path / "dense"
+    tiny_causal_lm(num_hidden_layers=8).save_pretrained(dense, max_shard_size="300KB")
+    plans = []
+    for budget in (None, 1_100_000):
+        runtime = Runtime(max_memory=budget)
+        model, _, spec = checkpoint.load(dense, runtime, with_tokenizer=False, stream=True, calibration=WINDOWS.shape)
+        assert streaming.is_streamed(model) == (budget is not None)
+        plans.append(prune_(model, "flap", PruneParams(ratio=0.3, allocation="search", search=SEARCH), runtime).plan)
+    assert plans[0].layers == plans[1].layers
+
+
+def test_search_bad_input():
+    with pytest.raises(PruneflowError, match="prune.search.budget"):
+        load_params(None, ["prune.allocation=search", "prune.search.budget=0"])
+    with pytest.raises(PruneflowError, match="search moves heads and MLP channels"):
+        load_params(None, ["prune.allocation=search", "prune.units=[heads]"])
+    with pytest.raises(PruneflowError, match="search moves heads and MLP channels"):
+        load_params(None, ["prune.allocation=search", "score.method=angular"])
+    with pytest.raises(PruneflowError, match="bonsai removes units globally"):
+        load_params(None, ["prune.allocation=search", "score.method=bonsai"])
+
+
+def test_the_prune_stage_searches_and_reconstructs(tiny_checkpoint, calibration_txt, tmp_path):
+    """The pipeline's prune stage runs the search and the lstsq re-fit on the calibration windows and keeps
+    their reports beside the plan."""
+    from tests.pipeline.test_cli import run
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "model": str(tiny_checkpoint), "calibrate": {"source": str(calibration_txt), "n_windows": 16, "seqlen": 32},
+        "score": {"method": "flap"},
+        "prune": {"ratio": 0.3, "allocation": "search", "reconstruct": "lstsq", "search": SEARCH}}))
+    artifacts = tmp_path / "artifacts"
+    for name in ("source", "calibrate", "score", "prune"):
+        result = run("stage", name, "--params", params, "--artifacts", artifacts)
+        assert result.exit_code == 0, result.output
+    model_dir = artifacts / "model"
+    plan = json.loads((model_dir / "plan.json").read_text())
+    assert (plan["allocation"], plan["reconstruct"]) == ("search", "lstsq")
+    assert len(json.loads((model_dir / "search.json").read_text())["history"]) == 4
+    assert {"o", "down"} <= set(json.loads((model_dir / "reconstruction.json").read_text())[0])
+    checkpoint.load(model_dir)
