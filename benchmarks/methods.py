@@ -155,6 +155,8 @@ def main() -> None:
     parser.add_argument("--reconstructs", nargs="*", default=[],
                         help="prune.reconstruct values to run each width configuration with (default: the "
                              "method's own, plus FLAP without its bias)")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="jobs run at once (each --threads threads); timings then share the machine")
     parser.add_argument("--no-speed", dest="speed", action="store_false",
                         help="skip the dense-vs-pruned speed rounds of the pruned rows")
     parser.add_argument("--out", type=Path, default=RESULTS,
@@ -174,16 +176,23 @@ def main() -> None:
         todo = [job for job in todo if job["method"] != "dense"]
         new_keys = {_key(job) for job in todo}
         kept = [row for row in kept if _key(row) not in new_keys]
-    for i, job in enumerate(todo, 1):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(numbered):
+        i, job = numbered
         print(f"[{i}/{len(todo)}] {job['method']} {job['ratio']} {job['allocation']} seed={job['seed']} "
               f"{job.get('reconstruct', '')} {Path(job['model']).name}", file=sys.stderr, flush=True)
         proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], capture_output=True,
                               text=True, env=env)
         if proc.returncode != 0:
             raise SystemExit(f"job failed: {job}\n{proc.stderr[-2000:]}")
-        rows.append(json.loads(proc.stdout.split("RESULT ", 1)[1]))
+        return json.loads(proc.stdout.split("RESULT ", 1)[1])
+
+    with ThreadPoolExecutor(args.parallel) as pool:  # each job its own process (its own peak RSS)
+        rows = list(pool.map(one, enumerate(todo, 1)))
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "cpus": os.cpu_count(), "threads": args.threads, "python": platform.python_version(),
+               "cpus": os.cpu_count(), "threads": args.threads, "parallel": args.parallel,
+               "python": platform.python_version(),
                "torch": __import__("torch").__version__, "date": time.strftime("%Y-%m-%d")}
     machine["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                        cwd=ROOT).stdout.strip()

@@ -26,13 +26,25 @@ def test_stream(reference):
     return C.token_stream(reference[1], corpus.load_split("test"))
 
 
-def test_reference_model_reproduces_its_model_card(reference, test_stream):
-    model, tokenizer, spec = reference
-    card = json.loads((REFERENCE / "training.json").read_text())
-    assert model.config.num_attention_heads == 8 and model.config.num_key_value_heads == 4
-    assert model.config.num_hidden_layers >= 6 and card["config"]["train_tokens"] >= 6_000_000
-    assert len(test_stream) == card["results"]["split_tokens"]["test"]
-    ppl = perplexity(model, test_stream, PPL_SEQLEN)
+@pytest.mark.parametrize("name", ["default", "deep"])
+def test_reference_models_reproduce_their_model_cards(name):
+    """Both committed reference models (the second geometry every default is checked on): the geometry their
+    build config names, and the card's test perplexity."""
+    from dataclasses import asdict
+
+    from pruneflow.reference import CONFIGS, OUT_DIRS
+
+    path = ROOT / OUT_DIRS[name]
+    model, tokenizer, _ = checkpoint.load(path)
+    card = json.loads((path / "training.json").read_text())
+    config = asdict(CONFIGS[name])
+    assert card["config"] == {k: v for k, v in config.items() if k in card["config"]}  # older cards lack new keys
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "tie_word_embeddings"):
+        assert getattr(model.config, key) == config[key]
+    stream = C.token_stream(tokenizer, corpus.load_split("test"))
+    assert len(stream) == card["results"]["split_tokens"]["test"]
+    ppl = perplexity(model, stream, PPL_SEQLEN)
     assert ppl == pytest.approx(card["results"]["test_ppl"], rel=1e-4)
     assert ppl < card["results"]["unigram_test_ppl"] / 4  # it learned far more than word frequencies
 
