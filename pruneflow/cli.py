@@ -225,6 +225,10 @@ def _prune(params, out: Path, force: bool, state_dir: Path | None = None,
              "params.json": params.model_dump_json(indent=1)}
     if result.iterations:
         extra["iterations.json"] = json.dumps(result.iterations, indent=1)
+    if result.search:
+        extra["search.json"] = json.dumps(result.search, indent=1)
+    if result.reconstruction:
+        extra["reconstruction.json"] = json.dumps(result.reconstruction, indent=1)
     info = checkpoint.save(model, tokenizer, out, spec, overwrite=force, extra_files=extra, dtype=stored,
                            max_shard_size=max_shard_size, runtime=runtime)
     p = result.plan.params
@@ -237,9 +241,20 @@ def _prune(params, out: Path, force: bool, state_dir: Path | None = None,
                   "save seconds": time.perf_counter() - saving,
                   f"scoring peak MB ({peak['measure']})": peak["peak_bytes"] / 1e6,
                   **({"iterations": len(result.iterations)} if result.iterations else {}),
+                  **({"search calibration loss": f"{result.search['start_loss']:.4f} → "
+                                                 f"{result.search['best_loss']:.4f}"} if result.search else {}),
+                  **({"lstsq relative error (mean)": _fit_summary(result.reconstruction)}
+                     if result.reconstruction else {}),
                   "dtype": str(stored).removeprefix("torch."),
                   "loader": "vanilla" if info["vanilla"] else "per-layer (remote code)"},
     }
+
+
+def _fit_summary(blocks: list[dict]) -> str:
+    """Mean relative output error of the re-fitted projections: sliced dense weights → re-fitted."""
+    def mean(key):
+        return sum(b[name][key] for b in blocks for name in ("o", "down")) / (2 * len(blocks))
+    return f"{mean('error_before'):.4f} → {mean('error_after'):.4f}"
 
 
 def _size_mb(path: Path) -> float:

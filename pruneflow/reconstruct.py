@@ -292,7 +292,7 @@ def refit(model: nn.Module, spec: ArchSpec, plan: PrunePlan, scores: Scores | No
             continue
         report = _fit_block(dense_block, pruned_block, i, spec, dense_states, pruned_states, carried, runtime)
         reports.append({"layer": i, **report})
-        log.info("lstsq block %d: o_proj error %.4f → %.4f, down_proj %.4f → %.4f", i,
+        log.debug("lstsq block %d: o_proj error %.4f → %.4f, down_proj %.4f → %.4f", i,
                  report["o"]["error_before"], report["o"]["error_after"], report["down"]["error_before"],
                  report["down"]["error_after"])
         if streamed:
