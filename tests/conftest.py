@@ -73,6 +73,17 @@ def tiny_causal_lm(kind: str = "llama", vocab_size: int = 256, seed: int = 0, **
     return model
 
 
+def safetensors_of(path) -> dict:
+    """Every tensor of a checkpoint directory's safetensors files, by name."""
+    from safetensors import safe_open
+
+    out = {}
+    for file in Path(path).glob("*.safetensors"):
+        with safe_open(file, framework="pt") as f:
+            out.update({name: f.get_tensor(name) for name in f.keys()})
+    return out
+
+
 def tiny_bert(vocab_size: int = 256, seed: int = 0):
     from transformers import BertConfig, BertModel
 

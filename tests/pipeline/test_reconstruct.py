@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from safetensors import safe_open
 
+from conftest import safetensors_of as _tensors
 from conftest import tiny_causal_lm
 from pruneflow import arch as A
 from pruneflow import checkpoint, reconstruct, streaming
@@ -24,13 +24,6 @@ def _distance(model, dense) -> float:
     with torch.no_grad():
         return float((model(input_ids=WINDOWS).logits.float() - dense(input_ids=WINDOWS).logits.float()).pow(2).mean())
 
-
-def _tensors(path):
-    out = {}
-    for file in path.glob("*.safetensors"):
-        with safe_open(file, framework="pt") as f:
-            out.update({name: f.get_tensor(name) for name in f.keys()})
-    return out
 
 
 @pytest.mark.parametrize("method", ["wanda_sp", "flap", "magnitude"])

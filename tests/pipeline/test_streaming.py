@@ -6,8 +6,8 @@ below the model's weights makes ``checkpoint.load(..., stream=True)`` return the
 
 import pytest
 import torch
-from safetensors import safe_open
 
+from conftest import safetensors_of as _tensors
 from conftest import tiny_causal_lm
 from pruneflow import arch as A
 from pruneflow import checkpoint, streaming
@@ -29,13 +29,6 @@ def _dense(tmp_path, kind="llama", dtype=torch.float32, **overrides):
     model.save_pretrained(path, max_shard_size="300KB")  # sharded in
     return path
 
-
-def _tensors(path):
-    out = {}
-    for file in path.glob("*.safetensors"):
-        with safe_open(file, framework="pt") as f:
-            out.update({name: f.get_tensor(name) for name in f.keys()})
-    return out
 
 
 BONSAI = BonsaiParams(preset="fast", sub_models=8, n_windows=4, rows_per_forward=8, tolerance=0.01)
