@@ -128,14 +128,14 @@ class Gram:
             xs, ys = xs.to(self.dtype), ys.to(device=x.device, dtype=self.dtype)
             self.xx += xs.T @ xs
             self.xy += xs.T @ ys
-            self.yy += float((ys * ys).sum())
+            self.yy = self.yy + (ys * ys).sum()  # stays on the device: no sync per chunk
         self.count += x.shape[0]
 
     def error(self, weight: torch.Tensor) -> float:
         """‖X Wᵀ − Y‖² / ‖Y‖² of an (out, in) weight on the accumulated tokens."""
-        w = weight.to(self.dtype)
-        sse = self.yy - 2 * float((w.T * self.xy).sum()) + float(((w @ self.xx) * w).sum())
-        return max(sse, 0.0) / self.yy if self.yy > 0 else 0.0
+        w, yy = weight.to(self.dtype), float(self.yy)
+        sse = yy - 2 * float((w.T * self.xy).sum()) + float(((w @ self.xx) * w).sum())
+        return max(sse, 0.0) / yy if yy > 0 else 0.0
 
     def solve(self, prior: torch.Tensor) -> torch.Tensor:
         """The ridge fit pulled towards ``prior`` (out, in); returns (out, in) in the accumulation dtype."""
