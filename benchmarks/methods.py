@@ -197,6 +197,8 @@ def main() -> None:
     machine["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                        cwd=ROOT).stdout.strip()
     machine["command"] = " ".join(["python", "benchmarks/methods.py", *sys.argv[1:]])
+    for row in rows:  # each row says what produced it (a --merge keeps older rows with theirs)
+        row.update(commit=machine["commit"], command=machine["command"])
     args.out.write_text(json.dumps({"machine": machine, "rows": kept + rows}, indent=1) + "\n")
     if args.out.resolve() == RECONSTRUCT.resolve():
         from benchmarks.report import write_reconstruct

@@ -144,9 +144,12 @@ def write_reconstruct(results: Path, markdown: Path) -> None:
     """Rewrite the reconstruction table of BENCHMARKS.md (between its ``reconstruct`` markers)."""
     data = json.loads(results.read_text())
     m = data["machine"]
-    table = (f"Measured {m['date']} at commit {m.get('commit', '?')} with `{m.get('command', 'benchmarks/methods.py')}` "
-             f"({m['processor']}, {m['cpus']} CPUs, {m['threads']} torch threads, torch {m['torch']}); "
-             f"{results.name}.\n\n" + _reconstruct_table(data["rows"]))
+    commands = sorted({(r.get("commit", "?"), r.get("command", "?")) for r in data["rows"]})
+    produced = "; ".join(f"`{command}` at commit {commit}" for commit, command in commands)
+    table = (f"Measured {m['date']} ({m['processor']}, {m['cpus']} CPUs, {m['threads']} torch threads per job, "
+             f"{m.get('parallel', 1)} jobs at once, torch {m['torch']}) by {produced}; every row of "
+             f"`benchmarks/{results.name}` records its commit and command. Bold: the best reconstruction of the row."
+             f"\n\n" + _reconstruct_table(data["rows"]))
     text = markdown.read_text()
     start, end = "<!-- reconstruct -->", "<!-- /reconstruct -->"
     if start not in text:
