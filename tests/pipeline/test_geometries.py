@@ -85,7 +85,8 @@ def ratio_for(model, spec, kind: str, count: int = 1) -> float:
 
 
 def _prune(model, spec, method, ratio, units, allocation="auto", head_mode="auto"):
-    cfg = PruneParams(ratio=ratio, units=units, allocation=allocation, head_mode=head_mode)
+    # no compensation biases: ratio_for counts the planted units' parameters only (FLAP's bias would add some)
+    cfg = PruneParams(ratio=ratio, units=units, allocation=allocation, head_mode=head_mode, reconstruct="none")
     windows = own_text(model)
     return prune(model, spec, method, cfg, windows, seed=0, options=BONSAI if method == "bonsai" else None).plan
 
