@@ -9,8 +9,8 @@ restored in random layers until the parameters removed are within half a channel
 replaces its parent only if its fitness is lower. Fitness is the mean next-token loss on ``windows``
 calibration windows (a seeded subset of the calibration set; never test text), computed with per-layer masks
 on the dense model (no weight copies; :mod:`pruneflow.masking`). ``budget`` counts the candidates evaluated,
-the starting plan included: each is one forward pass over the fitness windows (streamed: a pass over the
-blocks).
+the starting plan included: each is one forward pass over the fitness windows (streamed, a generation's
+children share the passes over the blocks).
 """
 
 from __future__ import annotations
@@ -132,21 +132,34 @@ def _masks(plan: PrunePlan, shapes: list[LayerShape]) -> tuple[list[torch.Tensor
 def masked_loss(model: nn.Module, spec: ArchSpec, plan: PrunePlan, shapes: list[LayerShape],
                 windows: torch.Tensor, runtime: Runtime) -> float:
     """Mean next-token loss of ``windows`` with what ``plan`` removes masked out of the dense ``model``."""
-    heads, channels = _masks(plan, shapes)
+    return masked_losses(model, spec, [plan], shapes, windows, runtime)[0]
+
+
+@torch.no_grad()
+def masked_losses(model: nn.Module, spec: ArchSpec, plans: list[PrunePlan], shapes: list[LayerShape],
+                  windows: torch.Tensor, runtime: Runtime) -> list[float]:
+    """:func:`masked_loss` of each plan. In memory one forward pass each; streamed, the candidates share the
+    passes over the blocks (as many per pass as the memory budget carries), so a generation of the search
+    reads each block once instead of once per candidate."""
+    masks = [_masks(plan, shapes) for plan in plans]
     rows = len(windows)
     if streaming.is_streamed(model):
         head_dim = A.geometry(model.config).head_dim
 
-        def around(i, block, _b):
+        def around(i, block, b):
+            heads, channels = masks[b]
             return block_masks(block, spec, head_dim, heads[i].to(runtime.device).expand(rows, -1),
                                channels[i].to(runtime.device).expand(rows, -1))
 
-        nll = next(streaming.token_nll_batches(model, spec, [windows], runtime, around))
-        return float(nll.double().mean())
+        nlls = streaming.token_nll_batches(model, spec, [windows] * len(plans), runtime, around)
+        return [float(nll.double().mean()) for nll in nlls]
     device = runtime.input_device(model)
-    with unit_masks(model, spec, [h.to(device).expand(rows, -1) for h in heads],
-                    [c.to(device).expand(rows, -1) for c in channels]):
-        return float(token_nll(model, windows.to(device)).double().mean())
+    losses = []
+    for heads, channels in masks:
+        with unit_masks(model, spec, [h.to(device).expand(rows, -1) for h in heads],
+                        [c.to(device).expand(rows, -1) for c in channels]):
+            losses.append(float(token_nll(model, windows.to(device)).double().mean()))
+    return losses
 
 
 def search(model: nn.Module, spec: ArchSpec, scores: Scores, shapes: list[LayerShape], params: dict[str, int],
@@ -188,15 +201,13 @@ def search(model: nn.Module, spec: ArchSpec, scores: Scores, shapes: list[LayerS
     evaluated, history = 1, [{"evaluated": 1, "loss": start_loss}]
     bar = tqdm(total=budget, initial=1, desc="allocation search", unit="candidate", leave=False)
     while evaluated < budget:
-        best = None
-        for _ in range(min(offspring, budget - evaluated)):
-            child = _mutate(parent, space, target, rng)
-            child_plan = plan_of(child)
-            loss = masked_loss(model, spec, child_plan, shapes, fit, runtime)
-            evaluated += 1
-            bar.update(1)
-            if best is None or loss < best[0]:
-                best = (loss, child, child_plan)
+        children = [_mutate(parent, space, target, rng) for _ in range(min(offspring, budget - evaluated))]
+        child_plans = [plan_of(child) for child in children]
+        losses = masked_losses(model, spec, child_plans, shapes, fit, runtime)
+        evaluated += len(children)
+        bar.update(len(children))
+        best = min(zip(losses, range(len(children))))  # the first of equal losses, as before
+        best = (best[0], children[best[1]], child_plans[best[1]])
         if best[0] < parent_loss:
             parent_loss, parent, parent_plan = best
         history.append({"evaluated": evaluated, "loss": parent_loss})

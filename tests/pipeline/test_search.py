@@ -75,6 +75,34 @@ def test_search_streams(tmp_path):
     assert plans[0].layers == plans[1].layers
 
 
+def test_a_streamed_generation_reads_each_block_once(tmp_path, monkeypatch):
+    """Streamed, the candidates of one generation share one pass over the blocks (not one pass each)."""
+    dense = tmp_path / "dense"
+    tiny_causal_lm(num_hidden_layers=4).save_pretrained(dense, max_shard_size="300KB")
+    runtime = Runtime(max_memory=1_100_000)
+    model, _, spec = checkpoint.load(dense, runtime, with_tokenizer=False, stream=True, calibration=WINDOWS.shape)
+    candidates, passes, inside = [], [], []
+    real_nll, real_blocks = streaming.token_nll_batches, streaming.each_block
+
+    def token_nll_batches(model, spec, batches, runtime, around=None):
+        candidates.append(len(batches))
+        passes.append(0)
+        inside.append(True)
+        yield from real_nll(model, spec, batches, runtime, around)
+        inside.pop()
+
+    def each_block(*args, **kwargs):
+        if inside:
+            passes[-1] += 1
+        return real_blocks(*args, **kwargs)
+
+    monkeypatch.setattr(streaming, "token_nll_batches", token_nll_batches)
+    monkeypatch.setattr(streaming, "each_block", each_block)
+    prune_(model, "flap", PruneParams(ratio=0.3, allocation="search", search=SEARCH), runtime)
+    assert candidates == [1, 4, 4, 3]  # the start, then generations of `offspring` up to the budget of 12
+    assert passes == [1, 1, 1, 1]
+
+
 def test_search_bad_input():
     with pytest.raises(PruneflowError, match="prune.search.budget"):
         load_params(None, ["prune.allocation=search", "prune.search.budget=0"])
