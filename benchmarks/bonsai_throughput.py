@@ -1,14 +1,18 @@
 """Benchmark: seconds per Bonsai sub-model, masks in the batch dimension vs one sub-model per forward pass.
 
 Same masks, same windows, same model (the reference model); only the number of (sub-model, window) rows per
-forward pass changes. ``rows = n_windows`` is the naive loop (one mask per forward). Prints a markdown table;
-not a test. Usage: `python benchmarks/bonsai_throughput.py [--sub-models 32] [--n-windows 8] [--threads 2]`.
+forward pass changes. ``rows = n_windows`` is the naive loop (one mask per forward). Prints a markdown table and
+writes benchmarks/bonsai_throughput.json (with the commit and command); not a test. Usage:
+`python benchmarks/bonsai_throughput.py [--sub-models 32] [--n-windows 8] [--threads 2]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +34,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--multiples", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "bonsai_throughput.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     runtime = Runtime.create(args.device)
@@ -42,7 +47,7 @@ def main() -> None:
     print(f"{args.sub_models} sub-models × {args.n_windows} windows × {args.seqlen} tokens on {runtime.device} "
           f"({platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__})\n")
     print("| rows per forward | sub-models per forward | s / sub-model | vs naive |\n|---:|---:|---:|---:|")
-    baseline, reference = None, None
+    baseline, reference, results = None, None, []
     for multiple in args.multiples:
         rows = multiple * args.n_windows
         runtime.synchronize()
@@ -54,6 +59,16 @@ def main() -> None:
         reference = losses if reference is None else reference
         drift = float((losses - reference).abs().max())
         print(f"| {rows} | {multiple} | {per_model:.3f} | {baseline / per_model:.2f}× (max loss diff {drift:.1e}) |")
+        results.append({"rows_per_forward": rows, "sub_models_per_forward": multiple,
+                        "seconds_per_sub_model": per_model, "max_loss_diff": drift})
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
+    args.out.write_text(json.dumps({
+        "machine": {"device": str(runtime.device), "processor": platform.processor() or platform.machine(),
+                    "threads": args.threads, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")},
+        "commit": commit, "command": " ".join(["python", "benchmarks/bonsai_throughput.py", *sys.argv[1:]]),
+        "sub_models": args.sub_models, "n_windows": args.n_windows, "seqlen": args.seqlen, "rows": results},
+        indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -34,9 +34,20 @@ def _aggregate(rows: list[dict]) -> list[dict]:
                 merged[key] = statistics.mean(values)
                 merged[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else None
         merged["seeds"] = len(members)
+        merged["params_per_seed"] = [m["non_embedding_params"] for m in members]
         merged["name"] = name
         out.append(merged)
     return out
+
+
+def _params(row: dict) -> str:
+    """Non-embedding parameters; an aggregated row gives each seed's count (the same count once, "each")."""
+    counts = row.get("params_per_seed") or [row["non_embedding_params"]]
+    if len(counts) == 1:
+        return f"{counts[0]:,}"
+    if len(set(counts)) == 1:
+        return f"{counts[0]:,} (each seed)"
+    return " / ".join(f"{c:,}" for c in counts)
 
 
 def _lm_table(rows: list[dict], dense: dict) -> str:
@@ -49,7 +60,7 @@ def _lm_table(rows: list[dict], dense: dict) -> str:
         seeds = f" ({r['seeds']} seeds)" if r["seeds"] > 1 else ""
         lines.append(
             f"| {r['name']}{seeds} | {r['allocation']} | {r['ratio']:.0%} | {r['achieved_ratio']:.1%} | "
-            f"{r['non_embedding_params']:,} | {r['test_ppl']:.2f}{spread} | {r['score_seconds']:.1f} | "
+            f"{_params(r)} | {r['test_ppl']:.2f}{spread} | {r['score_seconds']:.1f} | "
             f"{r['peak_rss_mb']:.0f} | {r['prefill_ms']:.1f} ({r['dense_prefill_ms'] / r['prefill_ms']:.2f}) | "
             f"{r['decode_tok_s']:.0f} ({r['decode_tok_s'] / r['dense_decode_tok_s']:.2f}) |")
     return "\n".join(lines)
@@ -114,13 +125,14 @@ def _reconstruct_table(rows: list[dict]) -> str:
     """Per model, method, allocation and ratio: test perplexity with each reconstruction, its prune seconds and
     the peak RSS as a multiple of the model's dense inference row."""
     modes = ["none", "bias", "lstsq"]
-    dense = {r["model"]: r for r in rows if r["method"] == "dense"}
+    dense = {Path(r["model"]).name: r for r in rows if r["method"] == "dense"}  # by name: rows from any checkout
     cells: dict[tuple, dict] = defaultdict(dict)
     for r in rows:
         if r["method"] == "dense":
             continue
         rec = r.get("reconstruct") or "none"
-        cells[(Path(r["model"]).name, r["method"], r["allocation"], r["ratio"])][rec] = r
+        method = r["method"] + (f" ({r['bonsai']['preset']})" if r.get("bonsai", {}).get("preset") else "")
+        cells[(Path(r["model"]).name, method, r["allocation"], r["ratio"])][rec] = r
     lines = ["| model | method | allocation | target | " + " | ".join(f"ppl {m}" for m in modes)
              + " | achieved (lstsq) | prune s none / lstsq | peak RSS ÷ inference (lstsq) |",
              "|---|---|---|---:|" + "---:|" * len(modes) + "---:|---:|---:|"]
@@ -131,12 +143,12 @@ def _reconstruct_table(rows: list[dict]) -> str:
         best = min((row[m]["test_ppl"], m) for m in row)[1]
         ppl = [f"**{p}**" if m == best else p for p, m in zip(ppl, modes)]
         ref = row.get("lstsq") or next(iter(row.values()))
-        base = dense.get(ref["model"])
+        base = dense.get(model)
         seconds = " / ".join(f"{row[m]['prune_seconds']:.1f}" if m in row else "–" for m in ("none", "lstsq"))
         memory = f"{ref['peak_rss_mb'] / base['peak_rss_mb']:.2f}" if base else "–"
         lines.append(f"| {model} | {method} | {allocation} | {ratio:.0%} | " + " | ".join(ppl)
                      + f" | {ref['achieved_ratio']:.1%} | {seconds} | {memory} |")
-    dense_line = "; ".join(f"{Path(m).name} {r['test_ppl']:.2f} ({r['peak_rss_mb']:.0f} MB)" for m, r in dense.items())
+    dense_line = "; ".join(f"{m} {r['test_ppl']:.2f} ({r['peak_rss_mb']:.0f} MB)" for m, r in dense.items())
     return "\n".join(lines) + f"\n\nDense test perplexity (peak RSS of inference): {dense_line}."
 
 

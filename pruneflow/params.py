@@ -226,17 +226,20 @@ def check_method(method: str, cfg: PruneParams) -> None:
         raise ValueError(f"prune.allocation: {method} removes units {' or '.join(entry.allocations)}ly across "
                          f"layers and modules; set prune.allocation: {entry.allocations[0]} or auto "
                          f"(got {resolved.allocation})")
+    problems = []  # every conflict at once: switching the method may need more than one key changed
     if resolved.allocation == "search" and (entry.depth or "channels" not in resolved.units
                                             or "layers" in resolved.units):
-        raise ValueError(f"prune.allocation: search moves heads and MLP channels between layers and balances the "
-                         f"exact ratio with channels; it needs units including channels and not layers "
-                         f"(method {method}, units {resolved.units})")
+        problems.append(f"prune.allocation: search moves heads and MLP channels between layers and balances the "
+                        f"exact ratio with channels; it needs units including channels and not layers "
+                        f"(method {method}, units {resolved.units}): use allocation: auto")
     if resolved.reconstruct != "none" and entry.depth:
-        raise ValueError(f"prune.reconstruct: {resolved.reconstruct} re-fits the projections of sliced blocks; "
-                         f"{method} removes whole blocks: use reconstruct: none (or auto)")
-    if resolved.reconstruct != "none" and "layers" in resolved.units:
-        raise ValueError(f"prune.reconstruct: {resolved.reconstruct} is for heads and channels; "
-                         f"units include layers: use reconstruct: none (or auto)")
+        problems.append(f"prune.reconstruct: {resolved.reconstruct} re-fits the projections of sliced blocks; "
+                        f"{method} removes whole blocks: use reconstruct: none (or auto)")
+    elif resolved.reconstruct != "none" and "layers" in resolved.units:
+        problems.append(f"prune.reconstruct: {resolved.reconstruct} is for heads and channels; "
+                        f"units include layers: use reconstruct: none (or auto)")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:

@@ -112,6 +112,9 @@ def test_search_bad_input():
         load_params(None, ["prune.allocation=search", "score.method=angular"])
     with pytest.raises(PruneflowError, match="bonsai removes units globally"):
         load_params(None, ["prune.allocation=search", "score.method=bonsai"])
+    # a depth method under params that search and re-fit: one error names both keys to change
+    with pytest.raises(PruneflowError, match=r"use allocation: auto.*use reconstruct: none \(or auto\)"):
+        load_params(None, ["prune.allocation=search", "prune.reconstruct=lstsq", "score.method=sleb"])
 
 
 def test_the_prune_stage_searches_and_reconstructs(tiny_checkpoint, calibration_txt, tmp_path):
