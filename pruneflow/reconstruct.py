@@ -21,7 +21,9 @@ produces. The config stays vanilla (no bias is added).
 It works a block at a time in every case — the dense block and its pruned copy are the only weights it holds
 beyond the model: in memory the block is sliced and re-fitted in place of the dense one; for a streamed model
 the dense block is read from the files, the pruned one is the dense one sliced by the recorded plans, and the
-re-fitted projections go to a temporary safetensors file per block that loading and saving apply.
+re-fitted projections go to a temporary safetensors file per block that loading and saving apply. After an
+iterative method (Bonsai) the dense blocks come from a temporary safetensors copy taken before its first
+iteration (:class:`DenseBlocks`), read back one at a time.
 """
 
 from __future__ import annotations
@@ -250,7 +252,7 @@ def _fit_block(dense: nn.Module, pruned: nn.Module, i: int, spec: ArchSpec, dens
 
 @torch.no_grad()
 def refit(model: nn.Module, spec: ArchSpec, plan: PrunePlan, scores: Scores | None, windows: torch.Tensor,
-          runtime: Runtime, dense: list[nn.Module] | None = None) -> list[dict]:
+          runtime: Runtime, dense: DenseBlocks | None = None) -> list[dict]:
     """Make ``model`` what ``plan`` keeps, with o_proj/down_proj re-fitted (see the module docstring).
 
     In memory, with ``dense`` None: the model is still dense and each block is sliced here (``apply`` is not
@@ -285,7 +287,7 @@ def refit(model: nn.Module, spec: ArchSpec, plan: PrunePlan, scores: Scores | No
                 pruned_block = copy.deepcopy(dense_block)
                 apply_block(pruned_block, spec, plan, scores, i, head_dim)
         else:
-            dense_block = copy.deepcopy(dense[i]).to(next(blocks[i].parameters()).device)
+            dense_block = dense[i].to(next(blocks[i].parameters()).device)
             pruned_block = blocks[i]
         if pruned_block is None:  # a removed block: the pruned activations skip it
             streaming.advance(dense_block, i, dense_states, carried)
@@ -306,11 +308,39 @@ def refit(model: nn.Module, spec: ArchSpec, plan: PrunePlan, scores: Scores | No
     return reports
 
 
-def dense_copy(model: nn.Module, spec: ArchSpec) -> list[nn.Module] | None:
-    """The dense blocks an iterative method's lstsq needs at the end, on the CPU (None for a streamed model,
-    whose dense blocks stay in its files)."""
+class DenseBlocks:
+    """The dense blocks of an in-memory model, kept on disk while an iterative method prunes it (a safetensors
+    file per block in a temporary directory, removed with this object; a structure-only copy on the meta
+    device): holding them in memory would need the weights twice. ``blocks[i]`` reads block ``i`` back, on
+    the CPU."""
+
+    def __init__(self, model: nn.Module, spec: ArchSpec):
+        self._dir = tempfile.TemporaryDirectory(prefix="pruneflow-dense-")
+        self.skeletons = []
+        for i, block in enumerate(A.blocks(model, spec)):
+            tensors = dict(block.named_parameters()) | dict(block.named_buffers())
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, self._path(i))
+            self.skeletons.append(copy.deepcopy(block).to("meta"))
+
+    def __len__(self) -> int:
+        return len(self.skeletons)
+
+    def __getitem__(self, i: int) -> nn.Module:
+        block = copy.deepcopy(self.skeletons[i]).to_empty(device="cpu")
+        stored = load_file(self._path(i))
+        for name, tensor in (*block.named_parameters(), *block.named_buffers()):
+            tensor.data.copy_(stored[name])
+        return block
+
+    def _path(self, i: int) -> str:
+        return str(Path(self._dir.name) / f"block{i}.safetensors")
+
+
+def dense_copy(model: nn.Module, spec: ArchSpec) -> DenseBlocks | None:
+    """The dense blocks an iterative method's lstsq needs at the end, on disk (None for a streamed model, whose
+    dense blocks stay in its files)."""
     if streaming.is_streamed(model):
         return None
-    return [copy.deepcopy(block).to("cpu") for block in A.blocks(model, spec)]
+    return DenseBlocks(model, spec)
 
 

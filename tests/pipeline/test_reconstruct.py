@@ -79,6 +79,20 @@ def test_lstsq_streamed_is_the_in_memory_result(kind, tmp_path):
     assert not all(torch.equal(a[n], _tensors(dense)[n]) for n in a if n in _tensors(dense))
 
 
+def test_the_dense_blocks_an_iterative_method_keeps_are_on_disk_not_in_memory():
+    model = tiny_causal_lm(num_hidden_layers=2).to(torch.bfloat16)
+    spec = A.arch_for("llama")
+    kept = reconstruct.dense_copy(model, spec)
+    assert len(kept) == 2
+    assert all(t.is_meta for s in kept.skeletons for t in (*s.parameters(), *s.buffers()))
+    for i, block in enumerate(A.blocks(model, spec)):
+        back = kept[i]
+        want = dict(block.state_dict())
+        assert back.state_dict().keys() == want.keys()
+        assert all(torch.equal(back.state_dict()[k], v) and back.state_dict()[k].dtype == torch.bfloat16
+                   for k, v in want.items())
+
+
 def test_lstsq_for_bonsai_refits_against_the_dense_blocks():
     dense = tiny_causal_lm(num_hidden_layers=2)
     results = {}
