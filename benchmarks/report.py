@@ -34,7 +34,7 @@ def _aggregate(rows: list[dict]) -> list[dict]:
                 merged[key] = statistics.mean(values)
                 merged[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else None
         merged["seeds"] = len(members)
-        merged["params_per_seed"] = [m["non_embedding_params"] for m in members]
+        merged["params_per_seed"] = [m["non_embedding_params"] for m in members if "non_embedding_params" in m]
         merged["name"] = name
         out.append(merged)
     return out
