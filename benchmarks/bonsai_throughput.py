@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -61,15 +60,15 @@ def main() -> None:
         print(f"| {rows} | {multiple} | {per_model:.3f} | {baseline / per_model:.2f}× (max loss diff {drift:.1e}) |")
         results.append({"rows_per_forward": rows, "sub_models_per_forward": multiple,
                         "seconds_per_sub_model": per_model, "max_loss_diff": drift})
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
+    from benchmarks import provenance
+
     args.out.write_text(json.dumps({
         "machine": {"device": str(runtime.device), "processor": platform.processor() or platform.machine(),
                     "threads": args.threads, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")},
-        "commit": commit, "command": " ".join(["python", "benchmarks/bonsai_throughput.py", *sys.argv[1:]]),
-        "sub_models": args.sub_models, "n_windows": args.n_windows, "seqlen": args.seqlen, "rows": results},
+        **provenance(), "sub_models": args.sub_models, "n_windows": args.n_windows, "seqlen": args.seqlen, "rows": results},
         indent=1) + "\n")
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
     main()

@@ -15,7 +15,6 @@ import argparse
 import json
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -89,11 +88,11 @@ def main() -> None:
     variants = [("defaults", [])] + [(v[0], v[1:]) for v in args.variant]
     started = time.strftime("%Y-%m-%d")
     rows = [row for model in args.models for row in run_model(model, variants, args.params, args.threads)]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
-    command = " ".join(["python", "benchmarks/mainjob.py", *sys.argv[1:]])
+    from benchmarks import provenance
+
+    produced = provenance()
     for row in rows:
-        row.update(commit=commit, command=command)
+        row.update(produced)
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "threads": args.threads, "torch": __import__("torch").__version__, "date": started}
     args.out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")

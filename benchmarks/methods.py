@@ -194,9 +194,9 @@ def main() -> None:
                "cpus": os.cpu_count(), "threads": args.threads, "parallel": args.parallel,
                "python": platform.python_version(),
                "torch": __import__("torch").__version__, "date": time.strftime("%Y-%m-%d")}
-    machine["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                       cwd=ROOT).stdout.strip()
-    machine["command"] = " ".join(["python", "benchmarks/methods.py", *sys.argv[1:]])
+    from benchmarks import provenance
+
+    machine.update(provenance())
     for row in rows:  # each row says what produced it (a --merge keeps older rows with theirs)
         row.update(commit=machine["commit"], command=machine["command"])
     args.out.write_text(json.dumps({"machine": machine, "rows": kept + rows}, indent=1) + "\n")

@@ -58,10 +58,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "pruneflow-bench" / "startup")
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
+    from benchmarks import provenance
+
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
                "date": time.strftime("%Y-%m-%d"), "runs": args.runs, "help": {},
-               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                        text=True).stdout.strip()}
+               "commit": provenance()["commit"]}
     for command in COMMANDS:
         results["help"][" ".join(command) or "(none)"] = seconds([CLI, *command, "--help"], args.runs)
     results["methods"] = seconds([CLI, "methods"], args.runs)
@@ -84,4 +85,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
     main()
