@@ -84,7 +84,11 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--table", action="store_true", help="print the table of --out's rows and exit (no runs)")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(args.out.read_text())["rows"]))
+        return
     variants = [("defaults", [])] + [(v[0], v[1:]) for v in args.variant]
     started = time.strftime("%Y-%m-%d")
     rows = [row for model in args.models for row in run_model(model, variants, args.params, args.threads)]

@@ -18,8 +18,10 @@ from pruneflow.errors import PruneflowError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Structured pruning of LLMs.")
 reference_app = typer.Typer(no_args_is_help=True, help="The embedded reference model.")
 corpus_app = typer.Typer(no_args_is_help=True, help="The packaged public-text corpus.")
+export_app = typer.Typer(no_args_is_help=True, help="Write a checkpoint in a serving engine's format.")
 app.add_typer(reference_app, name="reference")
 app.add_typer(corpus_app, name="corpus")
+app.add_typer(export_app, name="export")
 
 
 def _quiet_libraries() -> None:
@@ -629,6 +631,29 @@ def methods() -> None:
         typer.echo(f"{m.name:16s} {m.summary}\n{'':16s} units: {', '.join(m.units)}; needs: {needs}; "
                    f"allocation auto: {m.allocation}" + ("; iterative" if m.iterative else "")
                    + ("; streams (--max-memory)" if m.streams else ""))
+
+
+@export_app.command("gguf")
+def export_gguf(
+    checkpoint: str = typer.Argument(..., help="checkpoint: a directory (pruneflow's or transformers') or a hub "
+                                               "id ORG/NAME[@REVISION]"),
+    out: Path = typer.Argument(..., help="the .gguf file to write (must not exist)"),
+    dtype: str = typer.Option("auto", help="auto (the checkpoint's: bf16/f16 stay, else f32) | f32 | f16 | bf16; "
+                                           "norms and biases are always f32"),
+    force: bool = typer.Option(False, help="replace OUT if it exists"),
+) -> None:
+    """Write CHECKPOINT as one GGUF file for llama.cpp: uniform widths as the model's own architecture
+    (llama, qwen2, qwen3), per-layer widths as llama.cpp's `deci`."""
+    from pruneflow.export import export_gguf as run_export
+
+    _quiet_libraries()
+    try:
+        summary = run_export(checkpoint, out, dtype, overwrite=force)
+    except PruneflowError as err:
+        _fail(err)
+    typer.echo(f"wrote {summary['path']}: {summary['architecture']}, {summary['blocks']} blocks, "
+               f"{summary['dtype']}, {summary['tensors']} tensors, {summary['bytes'] / 2**20:.1f} MiB; tokenizer "
+               f"{summary['tokenizer']['model']} ({summary['tokenizer']['tokens']} tokens)")
 
 
 @reference_app.command("build")
