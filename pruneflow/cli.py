@@ -656,6 +656,26 @@ def export_gguf(
                f"{summary['tokenizer']['model']} ({summary['tokenizer']['tokens']} tokens)")
 
 
+@export_app.command("onnx")
+def export_onnx(
+    checkpoint: str = typer.Argument(..., help="checkpoint: a directory (pruneflow's or transformers') or a hub "
+                                               "id ORG/NAME[@REVISION]"),
+    out_dir: Path = typer.Argument(..., help="the directory to write (must not exist)"),
+    force: bool = typer.Option(False, help="replace OUT_DIR if it exists"),
+) -> None:
+    """Write CHECKPOINT as an ONNX model (float32, dynamic batch and length, no KV cache), checked in ONNX
+    Runtime against torch before it is written."""
+    from pruneflow.export import export_onnx as run_export
+
+    _quiet_libraries()
+    try:
+        summary = run_export(checkpoint, out_dir, overwrite=force)
+    except PruneflowError as err:
+        _fail(err)
+    typer.echo(f"wrote {summary['path']}: model.onnx ({summary['output']}), {summary['bytes'] / 2**20:.1f} MiB; "
+               f"ONNX Runtime vs torch: {summary['onnxruntime_max_diff']:.1e}")
+
+
 @reference_app.command("build")
 def reference_build(
     config: str = typer.Option("default", help="geometry: default (8 layers, hidden 256, 8/4 heads) | deep "

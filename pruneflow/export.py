@@ -1,4 +1,5 @@
-"""Export a checkpoint to GGUF, the format llama.cpp (and llama-cpp-python, Ollama, LM Studio) loads.
+"""Export a checkpoint for serving engines: GGUF, the format llama.cpp (and llama-cpp-python, Ollama, LM
+Studio) loads, and ONNX (ONNX Runtime; :func:`export_onnx`, at the end).
 
 A checkpoint whose blocks all have the same widths is written as its family's own llama.cpp architecture
 (``llama`` for Llama and Mistral, ``qwen2``, ``qwen3``); per-layer widths — any non-uniform plan — as
@@ -396,3 +397,77 @@ def _add_hparams(writer, layout: Layout, config: dict, source: ModelSource, file
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     writer.add_vocab_size(layout.vocab)
     writer.add_file_type(file_type)
+
+
+ONNX_TOLERANCE = 1e-3  # largest |logit| difference to torch on the check batch before an export is refused
+
+
+class _Forward(torch.nn.Module):
+    """What the ONNX graph computes: (input_ids, attention_mask) → logits (causal LMs, no KV cache) or the last
+    hidden states (encoders)."""
+
+    def __init__(self, model, causal_lm: bool):
+        super().__init__()
+        self.model, self.causal_lm = model, causal_lm
+
+    def forward(self, input_ids, attention_mask):
+        if self.causal_lm:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def export_onnx(checkpoint: str | Path | ModelSource, out_dir: Path, overwrite: bool = False) -> dict:
+    """Write ``checkpoint`` (per-layer widths, FLAP biases and removed blocks included) as an ONNX model in
+    ``out_dir``: ``model.onnx`` (+ its external weights file), the tokenizer and ``export.json``.
+
+    The graph is float32, dynamic in batch and sequence length, without a KV cache: causal LMs give
+    ``logits``, encoders ``last_hidden_state``. Before the directory is renamed into place the exported model is
+    run in ONNX Runtime on a padded batch and compared with torch; above ``ONNX_TOLERANCE`` it is an error.
+    """
+    try:
+        import onnxruntime
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError as err:
+        raise PruneflowError(f"ONNX export needs onnx, onnxscript and onnxruntime: pip install 'pruneflow[onnx]' "
+                             f"({err})") from None
+    from pruneflow import checkpoint as C
+    from pruneflow.atomic import atomic_dir
+    from pruneflow.runtime import Runtime
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise PruneflowError(f"output directory {out_dir} already exists; choose another or pass --force")
+    source = checkpoint if isinstance(checkpoint, ModelSource) else resolve(checkpoint)
+    model, tokenizer, spec = C.load(source, Runtime.create("cpu", "float32"))
+    forward = _Forward(model, spec.causal_lm).eval()
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(1, vocab, (2, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # a left-padded row: the mask input is live in the graph
+    batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("sequence", min=2, max=1 << 17)
+    output = "logits" if spec.causal_lm else "last_hidden_state"
+    with atomic_dir(out_dir, overwrite) as tmp, torch.no_grad():
+        program = torch.onnx.export(forward, (ids, mask), tmp / "model.onnx", dynamo=True, external_data=True,
+                                    input_names=["input_ids", "attention_mask"], output_names=[output],
+                                    dynamic_shapes={"input_ids": {0: batch, 1: seq},
+                                                    "attention_mask": {0: batch, 1: seq}})
+        if program is None:
+            raise PruneflowError("torch.onnx.export produced no program")
+        session = onnxruntime.InferenceSession(str(tmp / "model.onnx"), providers=["CPUExecutionProvider"])
+        check_ids, check_mask = ids[:, :17], mask[:, :17]  # another length than the traced one
+        got = session.run(None, {"input_ids": check_ids.numpy(), "attention_mask": check_mask.numpy()})[0]
+        want = forward(check_ids, check_mask).numpy()
+        valid = check_mask.numpy().astype(bool)
+        diff = float(np.abs(got - want)[valid].max())
+        if not diff <= ONNX_TOLERANCE:
+            raise PruneflowError(f"the exported ONNX model differs from torch by {diff:.2e} (> {ONNX_TOLERANCE}); "
+                                 f"nothing was written")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        info = {"source": source.pinned, "inputs": ["input_ids", "attention_mask"], "output": output,
+                "dtype": "float32", "kv_cache": False, "onnxruntime_max_diff": diff,
+                "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
+        # the source's config goes in here, not as config.json: a per-layer one names remote code (auto_map)
+        # that AutoTokenizer.from_pretrained(OUT_DIR) would then offer to run
+        (tmp / "export.json").write_text(json.dumps({**info, "config": C.read_config(source)}, indent=1) + "\n")
+    return {"path": str(out_dir), **info, "bytes": sum(p.stat().st_size for p in out_dir.iterdir())}

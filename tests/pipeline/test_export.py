@@ -253,3 +253,44 @@ def test_export_cli_prints_what_it_wrote(tmp_path, tiny_checkpoint):
     import gguf
 
     assert gguf.GGUFReader(tmp_path / "tiny.gguf").fields["general.architecture"].contents() == "llama"
+
+
+@pytest.mark.parametrize("kind", ["per-layer-bias", "qwen2-per-layer", "removed-and-per-layer", "bert"])
+def test_onnx_runtime_runs_each_kind_with_the_outputs_of_torch(kind, tmp_path, tiny_tokenizer):
+    """Per-layer widths, FLAP biases, q/k/v biases, removed blocks and an encoder: ONNX Runtime's output on a
+    new batch (another length, a padded row) within 1e-4 of torch's; the tokenizer loads from the directory."""
+    import onnxruntime
+    from transformers import AutoTokenizer
+
+    from pruneflow.export import export_onnx
+
+    if kind == "bert":
+        source = tmp_path / "bert"
+        model = tiny_bert(vocab_size=len(tiny_tokenizer))
+        checkpoint.save(model, tiny_tokenizer, source, A.arch_for("bert"))
+    else:
+        source = build(tmp_path / kind, kind, tiny_tokenizer)
+    summary = export_onnx(source, tmp_path / "onnx")
+    assert summary["output"] == ("last_hidden_state" if kind == "bert" else "logits")
+    session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = torch.randint(1, len(tiny_tokenizer), (3, 31), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[2, :9] = 0
+    got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    model, _, spec = checkpoint.load(source)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+    want = (out.logits if spec.causal_lm else out.last_hidden_state).numpy()
+    valid = mask.numpy().astype(bool)
+    assert np.abs(got - want)[valid].max() < 1e-4
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "onnx")
+    assert tokenizer("the river")["input_ids"] == tiny_tokenizer("the river")["input_ids"]
+
+
+def test_an_onnx_export_onto_an_existing_directory_fails_with_exit_2_and_keeps_it(tmp_path, tiny_checkpoint):
+    out = tmp_path / "onnx"
+    out.mkdir()
+    (out / "mine.txt").write_text("mine")
+    result = run("export", "onnx", tiny_checkpoint, out)
+    assert result.exit_code == 2 and "already exists" in result.output
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
