@@ -4,10 +4,11 @@ For each committed reference model: the dense model and each method × ratio (ea
 `pruneflow prune` runs them) are exported with `pruneflow export gguf` (f32), then measured in llama.cpp:
 - agreement: tokenization of the first 20 test documents equal to transformers', and the largest logit
   difference to transformers over the first 200 tokens of the first document (f32 KV cache);
-- speed: prefill of 256 tokens (ms) and greedy decode of 64 tokens after a 16-token prompt (tokens/s), on
-  ``--threads`` threads, one warm-up round then ``--rounds`` rounds round-robin over dense and pruned (the
-  protocol of the transformers speed columns), medians; beside them the ideal, the ratio of non-embedding
-  parameters.
+- speed (``pruneflow.evaluate.llama_cpp_speed``, what ``evaluate.llama_cpp`` runs): prefill of 256 tokens
+  (ms) and greedy decode of 64 tokens after a 16-token prompt (tokens/s), on ``--threads`` threads, one
+  warm-up round then ``--rounds`` rounds round-robin over dense and pruned (the protocol of the transformers
+  speed columns), medians; beside them the ideal, the ratio of non-embedding parameters;
+- ONNX: ``pruneflow export onnx``'s own check, ONNX Runtime vs torch on a padded batch.
 
 Writes ``benchmarks/serving.json`` (with commit and command) and prints a markdown table. Not a test: run
 it by hand on an otherwise idle machine, ``python benchmarks/serving.py`` (about 5 minutes on 2 cores).
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -28,18 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "serving.json"
 
 
-def _engine(path: Path, threads: int, logits_all: bool = False):
-    from llama_cpp import Llama
-
-    return Llama(model_path=str(path), n_ctx=512, n_batch=512, logits_all=logits_all, type_k=0, type_v=0,
-                 flash_attn=False, n_threads=threads, n_threads_batch=threads, verbose=False)
-
-
 def agreement(model, tokenizer, gguf: Path, docs: list[str], threads: int) -> dict:
     import numpy as np
     import torch
 
-    llm = _engine(gguf, threads, logits_all=True)
+    from pruneflow.evaluate import llama_cpp_engine
+
+    llm = llama_cpp_engine(gguf, threads, logits_all=True)
     same = sum(llm.tokenize(d.encode(), add_bos=False, special=False) == tokenizer(d)["input_ids"] for d in docs)
     ids = tokenizer(docs[0])["input_ids"][:200]
     with torch.no_grad():
@@ -50,49 +45,14 @@ def agreement(model, tokenizer, gguf: Path, docs: list[str], threads: int) -> di
     return {"tokenization_equal": f"{same}/{len(docs)}", "max_logit_diff": diff, "tokens": len(ids)}
 
 
-def prefill_ms(llm, ids: list[int]) -> float:
-    llm.reset()
-    started = time.perf_counter()
-    llm.eval(ids)
-    return (time.perf_counter() - started) * 1e3
-
-
-def decode_tok_s(llm, prompt: list[int], new_tokens: int) -> float:
-    import numpy as np
-
-    llm.reset()
-    llm.eval(prompt)
-    started = time.perf_counter()
-    for _ in range(new_tokens):
-        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-    return new_tokens / (time.perf_counter() - started)
-
-
-def speed(ggufs: list[Path], vocab: int, threads: int, rounds: int) -> list[dict]:
-    import torch
-
-    ids = torch.randint(1, vocab, (256,), generator=torch.Generator().manual_seed(0)).tolist()
-    engines = [_engine(path, threads) for path in ggufs]
-    prefill, decode = [[] for _ in engines], [[] for _ in engines]
-    for round_ in range(rounds + 1):  # round 0 warms up
-        for i, llm in enumerate(engines):
-            p, d = prefill_ms(llm, ids), decode_tok_s(llm, ids[:16], 64)
-            if round_:
-                prefill[i].append(p)
-                decode[i].append(d)
-    for llm in engines:
-        llm.close()
-    return [{"prefill_ms": statistics.median(p), "decode_tok_s": statistics.median(d)}
-            for p, d in zip(prefill, decode)]
-
-
 def run_model(name: str, configs: list[tuple[str, float]], threads: int, rounds: int, work: Path) -> list[dict]:
     import torch
 
     from pruneflow import calibration as C
     from pruneflow import checkpoint, corpus
     from pruneflow.arch import count_parameters
-    from pruneflow.export import export_gguf
+    from pruneflow.evaluate import llama_cpp_speed
+    from pruneflow.export import export_gguf, export_onnx
     from pruneflow.methods import METHODS
     from pruneflow.params import PruneParams
     from pruneflow.prune import prune
@@ -121,10 +81,14 @@ def run_model(name: str, configs: list[tuple[str, float]], threads: int, rounds:
                "achieved_ratio": result.plan.params["achieved_ratio"],
                "ideal_speedup": dense_params / count_parameters(model)["non_embedding"],
                "gguf_mb": summary["bytes"] / 2**20, "dense_gguf_mb": dense_summary["bytes"] / 2**20,
-               **agreement(model, tokenizer, out.with_suffix(".gguf"), docs, threads)}
-        pruned_speed, dense_speed = speed([out.with_suffix(".gguf"), dense_gguf], len(tokenizer), threads, rounds)
-        row.update(pruned_speed, dense_prefill_ms=dense_speed["prefill_ms"],
-                   dense_decode_tok_s=dense_speed["decode_tok_s"])
+               **agreement(model, tokenizer, out.with_suffix(".gguf"), docs, threads),
+               "onnx_max_diff": export_onnx(out, work / f"{out.name}-onnx")["onnxruntime_max_diff"]}
+        pruned_speed, dense_speed = llama_cpp_speed([out.with_suffix(".gguf"), dense_gguf], len(tokenizer),
+                                                    threads, rounds=rounds)
+        row.update(prefill_ms=pruned_speed["llama_cpp_prefill_ms"],
+                   decode_tok_s=pruned_speed["llama_cpp_decode_tok_s"],
+                   dense_prefill_ms=dense_speed["llama_cpp_prefill_ms"],
+                   dense_decode_tok_s=dense_speed["llama_cpp_decode_tok_s"])
         print(f"{name} {method} {ratio}: {row}", file=sys.stderr, flush=True)
         rows.append(row)
         del model
@@ -135,19 +99,20 @@ def run_model(name: str, configs: list[tuple[str, float]], threads: int, rounds:
 
 def table(rows: list[dict]) -> str:
     lines = ["| model | method · allocation · reconstruct | target | GGUF arch | GGUF MB (dense) | prefill ms "
-             "(speed-up) | decode tok/s (speed-up) | ideal (params) | tokens equal | max logit diff |",
-             "|---|---|---:|---|---:|---:|---:|---:|---|---:|"]
+             "(speed-up) | decode tok/s (speed-up) | ideal (params) | tokens equal | max logit diff | ONNX diff |",
+             "|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
         if r["method"] == "dense":
             lines.append(f"| {r['model']} | dense | – | {r['architecture']} | – | – | – | – | "
-                         f"{r['tokenization_equal']} | {r['max_logit_diff']:.1e} |")
+                         f"{r['tokenization_equal']} | {r['max_logit_diff']:.1e} | – |")
             continue
         lines.append(
             f"| {r['model']} | {r['method']} · {r['allocation']} · {r['reconstruct']} | {r['ratio']:.0%} | "
             f"{r['architecture']} | {r['gguf_mb']:.1f} ({r['dense_gguf_mb']:.1f}) | "
             f"{r['prefill_ms']:.2f} ({r['dense_prefill_ms'] / r['prefill_ms']:.2f}×) | "
             f"{r['decode_tok_s']:.0f} ({r['decode_tok_s'] / r['dense_decode_tok_s']:.2f}×) | "
-            f"{r['ideal_speedup']:.2f}× | {r['tokenization_equal']} | {r['max_logit_diff']:.1e} |")
+            f"{r['ideal_speedup']:.2f}× | {r['tokenization_equal']} | {r['max_logit_diff']:.1e} | "
+            f"{r['onnx_max_diff']:.1e} |")
     return "\n".join(lines)
 
 

@@ -155,6 +155,71 @@ def compare_speed(models: list, causal_lm: bool, tokens: int = PPL_SEQLEN, decod
     return rows
 
 
+def llama_cpp_engine(path, threads: int, logits_all: bool = False, n_ctx: int = 512):
+    """A llama-cpp-python model on the CPU with an f32 KV cache (the exact one) and no flash attention."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise PruneflowError("llama.cpp speed needs llama-cpp-python (pip install llama-cpp-python; it builds "
+                             "llama.cpp from source)") from None
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all, type_k=0, type_v=0,
+                 flash_attn=False, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+
+def llama_cpp_speed(ggufs: list, vocab: int, threads: int, tokens: int = PPL_SEQLEN, decode_tokens: int = 64,
+                    rounds: int = 5) -> list[dict]:
+    """llama.cpp's prefill latency (``tokens`` tokens, ms) and greedy decode speed (``decode_tokens`` after a
+    16-token prompt, tokens/s) of GGUF files, by the protocol of :func:`compare_speed`: one warm-up round, then
+    ``rounds`` rounds round-robin over the files, medians."""
+    import numpy as np
+
+    ids = torch.randint(1, vocab, (max(tokens, 16),), generator=torch.Generator().manual_seed(0)).tolist()
+    engines = [llama_cpp_engine(path, threads, n_ctx=max(tokens, 16 + decode_tokens)) for path in ggufs]
+    prefill, decode = [[] for _ in engines], [[] for _ in engines]
+    try:
+        for round_ in range(rounds + 1):  # round 0 warms up
+            for i, llm in enumerate(engines):
+                llm.reset()
+                start = time.perf_counter()
+                llm.eval(ids[:tokens])
+                seconds = time.perf_counter() - start
+                llm.reset()
+                llm.eval(ids[:16])
+                start = time.perf_counter()
+                for _ in range(decode_tokens):
+                    llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+                rate = decode_tokens / (time.perf_counter() - start)
+                if round_:
+                    prefill[i].append(seconds * 1e3)
+                    decode[i].append(rate)
+    finally:
+        for llm in engines:
+            llm.close()
+    return [{"llama_cpp_prefill_ms": _median(p), "llama_cpp_decode_tok_s": _median(d)}
+            for p, d in zip(prefill, decode)]
+
+
+def add_llama_cpp_speed(models: dict, rows: dict, ev, threads: int) -> None:
+    """Each causal LM exported to a temporary f32 GGUF and measured in llama.cpp (:func:`llama_cpp_speed`),
+    round-robin over all of them; the figures go into ``rows``."""
+    import tempfile
+    from pathlib import Path
+
+    from pruneflow import checkpoint
+    from pruneflow.export import export_gguf
+
+    with tempfile.TemporaryDirectory(prefix="pruneflow-gguf-") as tmp:
+        files = {}
+        for name, source in models.items():
+            files[name] = Path(tmp) / f"{name}.gguf"
+            log.info("exporting %s to GGUF for llama.cpp", source.name)
+            export_gguf(source, files[name], "f32")
+        vocab = checkpoint.read_config(next(iter(models.values()))).get("vocab_size", 2)
+        speeds = llama_cpp_speed(list(files.values()), vocab, threads, ev.ppl_seqlen, ev.decode_tokens)
+    for name, speed in zip(files, speeds):
+        rows[name].update(speed)
+
+
 def check_streamed(models: dict, ev, runtime: Runtime, tasks: bool) -> None:
     """Before any model is measured: a model above the runtime's ``max_memory`` is streamed, and only its
     perplexity can be measured that way (speed and lm-eval tasks need it whole)."""
@@ -206,4 +271,7 @@ def evaluate_dirs(models: dict, ev, runtime: Runtime | None = None, threads: int
         rows[name] = row
         del model
         runtime.free()
+    if ev.llama_cpp and all(arch_for(checkpoint.read_config(s).get("model_type", "")).causal_lm
+                            for s in models.values()):
+        add_llama_cpp_speed(models, rows, ev, torch.get_num_threads())
     return rows

@@ -156,6 +156,9 @@ class EvaluateParams(_Section):
     max_windows: int | None = Field(None, ge=1, description="cap on test windows (None: the whole split)")
     speed: bool = True
     decode_tokens: int = Field(64, ge=1)
+    llama_cpp: bool = Field(False, description="also prefill/decode speed in llama.cpp: each model exported to a "
+                                               "temporary f32 GGUF and measured round-robin (needs "
+                                               "llama-cpp-python)")
     tasks: list[str] = Field(
         default_factory=lambda: ["pruneflow_word_order", "pruneflow_next_sentence"],
         description="lm-eval tasks: the local ones made from the held-out split, or standard names (arc_easy, ...)")
@@ -165,6 +168,16 @@ class EvaluateParams(_Section):
     max_ppl_ratio: float = Field(1.5, gt=1, description="quality gate: final test ppl / dense test ppl at most")
     min_task_ratio: float = Field(0.9, gt=0, le=1, description="quality gate: final / dense accuracy, every task")
     ratio_tolerance: float = Field(0.02, ge=0, lt=1, description="quality gate: |achieved − prune.ratio| at most")
+
+    @field_validator("llama_cpp")
+    @classmethod
+    def _llama_cpp(cls, value: bool) -> bool:
+        import importlib.util
+
+        if value and importlib.util.find_spec("llama_cpp") is None:
+            raise ValueError("needs llama-cpp-python, which is not installed (pip install llama-cpp-python; it "
+                             "builds llama.cpp from source, ~10 min on 2 cores)")
+        return value
 
     @field_validator("source")
     @classmethod

@@ -15,6 +15,10 @@ COLUMNS = [  # (header, key in a model's row, format)
     ("prefill ms", "prefill_ms", "{:.1f}"),
     ("decode tok/s", "decode_tok_s", "{:.0f}"),
 ]
+LLAMA_CPP_COLUMNS = [  # shown when a run measured them (evaluate.llama_cpp)
+    ("llama.cpp prefill ms", "llama_cpp_prefill_ms", "{:.1f}"),
+    ("llama.cpp decode tok/s", "llama_cpp_decode_tok_s", "{:.0f}"),
+]
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
@@ -43,7 +47,9 @@ def table_rows(runs: dict[str, dict]):
 
 def run_table(runs: dict[str, dict]) -> str:
     """A markdown table of several runs: {label: metrics.json}."""
-    header = ["model", "ratio", *(h for h, _, _ in COLUMNS), "ppl ÷ dense", "gates"]
+    measured = any("llama_cpp_prefill_ms" in row for _, _, row, _ in table_rows(runs))
+    columns = COLUMNS + (LLAMA_CPP_COLUMNS if measured else [])
+    header = ["model", "ratio", *(h for h, _, _ in columns), "ppl ÷ dense", "gates"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for title, name, row, metrics in table_rows(runs):
         if name == "dense":
@@ -54,7 +60,7 @@ def run_table(runs: dict[str, dict]) -> str:
             vs = f"{row['test_ppl'] / dense_ppl:.2f}" if dense_ppl and "test_ppl" in row else "–"
             final = name == metrics.get("final", "pruned")
             gates = ("pass" if metrics.get("gates_passed") else "fail") if final else ""
-        cells = [title, ratio, *(_cell(row, key, fmt) for _, key, fmt in COLUMNS), vs, gates]
+        cells = [title, ratio, *(_cell(row, key, fmt) for _, key, fmt in columns), vs, gates]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

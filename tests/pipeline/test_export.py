@@ -294,3 +294,35 @@ def test_an_onnx_export_onto_an_existing_directory_fails_with_exit_2_and_keeps_i
     result = run("export", "onnx", tiny_checkpoint, out)
     assert result.exit_code == 2 and "already exists" in result.output
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+def test_evaluate_with_llama_cpp_measures_each_model_in_the_engine_and_the_report_shows_it(tmp_path,
+                                                                                         tiny_tokenizer):
+    from pruneflow.evaluate import evaluate_dirs
+    from pruneflow.params import EvaluateParams
+    from pruneflow.report import run_table
+
+    llama_cpp()
+    dense = build(tmp_path / "dense", "llama", tiny_tokenizer)
+    pruned = build(tmp_path / "pruned", "per-layer", tiny_tokenizer)
+    ev = EvaluateParams(max_windows=2, speed=False, llama_cpp=True, ppl_seqlen=32, decode_tokens=4)
+    rows = evaluate_dirs({"dense": dense, "pruned": pruned}, ev)
+    for row in rows.values():
+        assert row["llama_cpp_prefill_ms"] > 0 and row["llama_cpp_decode_tok_s"] > 0
+    table = run_table({"run": {**rows, "achieved_ratio": 0.3, "gates_passed": True}})
+    assert "llama.cpp decode tok/s" in table.splitlines()[0]
+    assert "llama.cpp" not in run_table({"run": {"dense": {"test_ppl": 1.0}}})
+
+
+def test_evaluate_llama_cpp_without_llama_cpp_python_is_refused_when_the_params_load(monkeypatch):
+    import importlib.util
+
+    from pydantic import ValidationError
+
+    from pruneflow.params import EvaluateParams
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    with pytest.raises(ValidationError, match="llama-cpp-python"):
+        EvaluateParams(llama_cpp=True)
+    assert EvaluateParams().llama_cpp is False
