@@ -119,7 +119,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["reference", "reference-deep"])
-    parser.add_argument("--methods", nargs="+", default=["flap", "wanda_sp", "sleb"])
+    parser.add_argument("--methods", nargs="+", default=["flap", "wanda_sp", "block_influence"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.5])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
