@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -92,14 +91,9 @@ def main() -> None:
     variants = [("defaults", [])] + [(v[0], v[1:]) for v in args.variant]
     started = time.strftime("%Y-%m-%d")
     rows = [row for model in args.models for row in run_model(model, variants, args.params, args.threads)]
-    from benchmarks import provenance
+    from benchmarks import write_results
 
-    produced = provenance()
-    for row in rows:
-        row.update(produced)
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "threads": args.threads, "torch": __import__("torch").__version__, "date": started}
-    args.out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
+    write_results(args.out, rows, args.threads, started)
     print(table(rows))
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -135,17 +134,10 @@ def main() -> None:
         rows = [row for name in args.models for row in run_model(name, configs, args.threads, args.rounds,
                                                                  Path(tmp))]
     import llama_cpp
-    import torch
 
-    from benchmarks import provenance
+    from benchmarks import write_results
 
-    produced = provenance()
-    for row in rows:
-        row.update(produced)
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "threads": args.threads, "torch": torch.__version__, "llama_cpp_python": llama_cpp.__version__,
-               "date": started}
-    args.out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
+    write_results(args.out, rows, args.threads, started, llama_cpp_python=llama_cpp.__version__)
     print(table(rows))
 
 
