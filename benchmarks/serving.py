@@ -71,7 +71,7 @@ def run_model(name: str, configs: list[tuple[str, float]], threads: int, rounds:
         windows, _ = C.prepare(tokenizer, "corpus", 64, 256, 0, model.config.max_position_embeddings)
         units = ["layers"] if METHODS[method].depth else ["channels", "heads"]
         result = prune(model, spec, method, PruneParams(ratio=ratio, units=units), windows, runtime=runtime)
-        out = work / f"{name}-{method}-{ratio}"
+        out = work / f"{name}-{method}-{round(ratio * 100)}pct"
         checkpoint.save(model, tokenizer, out, spec)
         summary = export_gguf(out, out.with_suffix(".gguf"), "f32")
         row = {"model": name, "method": method, "ratio": ratio, "allocation": result.plan.allocation,
