@@ -200,8 +200,9 @@ def llama_cpp_speed(ggufs: list, vocab: int, threads: int, tokens: int = PPL_SEQ
 
 
 def add_llama_cpp_speed(models: dict, rows: dict, ev, threads: int) -> None:
-    """Each causal LM exported to a temporary f32 GGUF and measured in llama.cpp (:func:`llama_cpp_speed`),
-    round-robin over all of them; the figures go into ``rows``."""
+    """Each causal LM exported to a temporary GGUF in its checkpoint's dtype (what would be deployed: an 8B bf16
+    model is 16 GB there, not 32) and measured in llama.cpp (:func:`llama_cpp_speed`), round-robin over all of
+    them; the figures go into ``rows``."""
     import tempfile
     from pathlib import Path
 
@@ -213,7 +214,7 @@ def add_llama_cpp_speed(models: dict, rows: dict, ev, threads: int) -> None:
         for name, source in models.items():
             files[name] = Path(tmp) / f"{name}.gguf"
             log.info("exporting %s to GGUF for llama.cpp", source.name)
-            export_gguf(source, files[name], "f32")
+            export_gguf(source, files[name], "auto")
         vocab = checkpoint.read_config(next(iter(models.values()))).get("vocab_size", 2)
         speeds = llama_cpp_speed(list(files.values()), vocab, threads, ev.ppl_seqlen, ev.decode_tokens)
     for name, speed in zip(files, speeds):
@@ -251,7 +252,7 @@ def evaluate_dirs(models: dict, ev, runtime: Runtime | None = None, threads: int
     models = {name: s if isinstance(s, ModelSource) else resolve(s) for name, s in models.items()}
     check_streamed(models, ev, runtime, tasks=each is not None)
     text = C.read_source(ev.source, split="test", what=C.HELD_OUT)  # a missing file or dataset: said before any model loads
-    rows, reference = {}, None
+    rows, reference, causal_lm = {}, None, True
     sentences = [s for doc in text[0][:64] if doc for s in doc.split(". ")[:4]]
     for name, source in models.items():
         log.info("evaluating %s on %s", source.name, runtime)
@@ -269,9 +270,9 @@ def evaluate_dirs(models: dict, ev, runtime: Runtime | None = None, threads: int
         if each is not None:
             each(name, model, tokenizer, row)
         rows[name] = row
+        causal_lm = causal_lm and spec.causal_lm
         del model
         runtime.free()
-    if ev.llama_cpp and all(arch_for(checkpoint.read_config(s).get("model_type", "")).causal_lm
-                            for s in models.values()):
+    if ev.llama_cpp and causal_lm:
         add_llama_cpp_speed(models, rows, ev, torch.get_num_threads())
     return rows

@@ -157,7 +157,7 @@ class EvaluateParams(_Section):
     speed: bool = True
     decode_tokens: int = Field(64, ge=1)
     llama_cpp: bool = Field(False, description="also prefill/decode speed in llama.cpp: each model exported to a "
-                                               "temporary f32 GGUF and measured round-robin (needs "
+                                               "temporary GGUF (its own dtype) and measured round-robin (needs "
                                                "llama-cpp-python)")
     tasks: list[str] = Field(
         default_factory=lambda: ["pruneflow_word_order", "pruneflow_next_sentence"],
