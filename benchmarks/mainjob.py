@@ -21,14 +21,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "mainjob.json"
-STAGES = ["source", "calibrate", "score", "prune", "recover", "evaluate"]
 
 
 def run_model(model: str, variants: list[tuple[str, list[str]]], params_file: Path, threads: int) -> list[dict]:
     import torch
 
     from pruneflow import stages
-    from pruneflow.graph import OUTPUTS, RESOURCES
+    from pruneflow.graph import OUTPUTS, RESOURCES, STAGES
     from pruneflow.params import load_params
 
     torch.set_num_threads(threads)
@@ -41,7 +40,7 @@ def run_model(model: str, variants: list[tuple[str, list[str]]], params_file: Pa
             todo = STAGES
             if name != "defaults" and all(o.startswith("recover.") for o in overrides) and base.exists():
                 shutil.copytree(base, root)  # same pruned model: only recover and evaluate run again
-                todo = ["recover", "evaluate"]
+                todo = STAGES[STAGES.index("recover"):]
             for stage in todo:
                 print(f"{model} {name}: {stage}", file=sys.stderr, flush=True)
                 stages.run(stage, params, root)

@@ -67,6 +67,8 @@ def run_one(job: dict) -> dict:
             pruned_speed, dense_speed = compare_speed([model, dense], True, runtime=runtime)
             row.update(pruned_speed, dense_prefill_ms=dense_speed["prefill_ms"],
                        dense_decode_tok_s=dense_speed["decode_tok_s"])
+        if job.get("llama_cpp") and job["method"] != "dense":
+            row.update(llama_cpp_speeds(model, tokenizer, spec, job))
     else:
         dense, _, _ = checkpoint.load(job["model"], runtime)
         sentences = [s for doc in test_docs[:100] for s in doc.split(". ")[:4]]
@@ -74,6 +76,23 @@ def run_one(job: dict) -> dict:
                    fidelity=embedding_fidelity(dense, model, tokenizer, sentences, runtime))
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return row
+
+
+def llama_cpp_speeds(model, tokenizer, spec, job: dict) -> dict:
+    """llama.cpp prefill/decode of the pruned model and the dense one, round-robin (``evaluate.llama_cpp``'s
+    protocol: each exported to a temporary GGUF in its checkpoint's dtype)."""
+    import tempfile
+
+    from pruneflow import checkpoint
+    from pruneflow.evaluate import add_llama_cpp_speed
+    from pruneflow.params import EvaluateParams
+
+    with tempfile.TemporaryDirectory(prefix="pruneflow-methods-") as tmp:
+        checkpoint.save(model, tokenizer, Path(tmp) / "pruned", spec, dtype=checkpoint.stored_dtype(job["model"]))
+        rows = {"pruned": {}, "dense": {}}
+        add_llama_cpp_speed({"pruned": Path(tmp) / "pruned", "dense": job["model"]}, rows, EvaluateParams(),
+                            job["threads"])
+    return {**rows["pruned"], **{f"dense_{k}": v for k, v in rows["dense"].items()}}
 
 
 def jobs(args) -> list[dict]:
@@ -98,7 +117,8 @@ def jobs(args) -> list[dict]:
 
 def _jobs_for(args, model: str, depth: set, causal_only: set) -> list[dict]:
     base = {"model": model, "n_windows": 64, "seqlen": 256, "threads": args.threads,
-            "units": ["channels", "heads"], "device": args.device, "dtype": args.dtype, "speed": args.speed}
+            "units": ["channels", "heads"], "device": args.device, "dtype": args.dtype, "speed": args.speed,
+            "llama_cpp": args.llama_cpp}
     out = [{**base, "method": "dense", "ratio": 0.0, "allocation": "-", "seed": 0, "speed": True}]
     for method in args.methods:
         if method in depth:  # whole blocks: ranked across the model whatever the allocation
@@ -159,6 +179,9 @@ def main() -> None:
                         help="jobs run at once (each --threads threads); timings then share the machine")
     parser.add_argument("--no-speed", dest="speed", action="store_false",
                         help="skip the dense-vs-pruned speed rounds of the pruned rows")
+    parser.add_argument("--llama-cpp", action="store_true",
+                        help="also llama.cpp prefill/decode of each pruned causal LM and the dense one, "
+                             "round-robin (columns llama_cpp_*; needs llama-cpp-python)")
     parser.add_argument("--out", type=Path, default=RESULTS,
                         help="results JSON; only the default also rewrites BENCHMARKS.md's tables and logs to MLflow")
     parser.add_argument("--merge", action="store_true",

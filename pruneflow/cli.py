@@ -373,7 +373,7 @@ def demo(
 
 @app.command()
 def stage(
-    name: str = typer.Argument(..., help="source | calibrate | score | prune | recover | evaluate"),
+    name: str = typer.Argument(..., help="source | calibrate | score | prune | recover | evaluate | export"),
     params_file: Path = typer.Option(Path("params.yaml"), "--params", help="parameters"),
     overrides: list[str] = typer.Option([], "--set", help="override a parameter: section.key=value"),
     artifacts: Path = typer.Option(Path("artifacts"), help="the artifacts directory stages read and write"),

@@ -121,14 +121,36 @@ def llama3_rope_factors(rope: dict, head_dim: int) -> torch.Tensor:
     return factors.to(torch.float32)
 
 
-def plan_layout(config: dict, weights) -> Layout:
-    """Check that llama.cpp can hold this checkpoint and how: the architecture, per-block widths (read from the
-    weights' shapes, so vanilla and per-layer checkpoints alike) and which blocks need a zero pad."""
+def check_family(config: dict) -> str:
+    """What llama.cpp cannot hold whatever the plan (the model type, its activation, its RoPE): an error naming
+    it. Returns the family. Cheap (the config only), so a pipeline that exports checks it before any work."""
     family = A.base_model_type(config.get("model_type", ""))
     if family not in FAMILIES:
         raise PruneflowError(f"model type {family or '?'!r} has no GGUF export (supported: {', '.join(FAMILIES)})")
     if config.get("hidden_act", "silu") != "silu":
         raise PruneflowError(f"activation {config['hidden_act']!r}: llama.cpp's llama/deci/qwen blocks use SiLU")
+    _rope(config)
+    return family
+
+
+def check_plan(config: dict, per_layer: bool, output_bias: bool) -> None:
+    """Before pruning: whether the checkpoint a plan will give can be written as GGUF. ``per_layer``: blocks
+    may end up with different widths (a global or searched allocation); ``output_bias``: FLAP's bias on
+    o_proj/down_proj (``reconstruct: bias``). The same rules :func:`plan_layout` applies to the weights."""
+    if check_family(config) != "qwen3":
+        return
+    if per_layer:
+        raise PruneflowError("a qwen3 model with per-layer widths is not representable in GGUF: llama.cpp's "
+                             "per-layer architecture (deci) has no q/k norms; prune with allocation: uniform")
+    if output_bias:
+        raise PruneflowError("llama.cpp's qwen3 has no o_proj/down_proj bias (FLAP's reconstruct: bias): prune "
+                             "with reconstruct: none or lstsq to export to GGUF")
+
+
+def plan_layout(config: dict, weights) -> Layout:
+    """Check that llama.cpp can hold this checkpoint and how: the architecture, per-block widths (read from the
+    weights' shapes, so vanilla and per-layer checkpoints alike) and which blocks need a zero pad."""
+    family = check_family(config)
     names = weights.tensors
     unknown = [n for n in names if n not in GLOBAL_NAMES and not re.fullmatch(
         r"model\.layers\.\d+\.(" + "|".join(map(re.escape, BLOCK_NAMES)) + ")", n)]
@@ -160,12 +182,7 @@ def plan_layout(config: dict, weights) -> Layout:
     uniform = len({(b.heads, b.kv_heads, b.channels) for b in blocks}) == 1
     out_bias = any({"self_attn.o_proj.bias", "mlp.down_proj.bias"} & has for has in biases)
     if family == "qwen3":
-        if not uniform:
-            raise PruneflowError("a qwen3 model with per-layer widths is not representable in GGUF: llama.cpp's "
-                                 "per-layer architecture (deci) has no q/k norms; prune with allocation: uniform")
-        if out_bias:
-            raise PruneflowError("llama.cpp's qwen3 has no o_proj/down_proj bias (FLAP's reconstruct: bias): prune "
-                                 "with reconstruct: none or lstsq to export to GGUF")
+        check_plan(config, per_layer=not uniform, output_bias=out_bias)
         arch = "qwen3"
     elif family == "qwen2" and uniform and not out_bias and blocks[0].heads * head_dim == config["hidden_size"]:
         arch = "qwen2"  # its loader needs q = hidden and has no output biases; anything else goes as deci

@@ -203,6 +203,28 @@ class EvaluateParams(_Section):
         return list(dict.fromkeys(value))
 
 
+ExportFormat = Literal["gguf", "onnx"]  # choices in the Prefect form
+
+
+class ExportParams(_Section):
+    formats: list[ExportFormat] = Field(
+        default_factory=list, description="the final model (recovered, else pruned) also as: gguf (llama.cpp, "
+        "artifacts/export/model.gguf), onnx (ONNX Runtime, artifacts/export/onnx/); []: nothing exported")
+    dtype: Literal["auto", "f32", "f16", "bf16"] = Field(
+        "auto", description="GGUF matrices: auto (the checkpoint's dtype), f32, f16 or bf16 (ONNX is float32)")
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, value: list[str]) -> list[str]:
+        import importlib.util
+
+        missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+        if "onnx" in value and missing:
+            raise ValueError(f"onnx needs {', '.join(missing)}, which is not installed (pip install "
+                             f"'pruneflow[onnx]')")
+        return list(dict.fromkeys(value))
+
+
 class Params(_Section):
     model: str = Field("models/reference", description="checkpoint directory, or hub id ORG/NAME[@REVISION]")
     runtime: RuntimeParams = Field(default_factory=RuntimeParams)
@@ -211,6 +233,7 @@ class Params(_Section):
     prune: PruneParams = Field(default_factory=PruneParams)
     recover: RecoverParams = Field(default_factory=RecoverParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    export: ExportParams = Field(default_factory=ExportParams)
 
     @model_validator(mode="after")
     def _method_fits(self):

@@ -11,6 +11,7 @@ also records its seconds and peak memory in ``artifacts/resources/<stage>.json``
     prune      model + scores + prune.*               → artifacts/model/        (checkpoint + plan.json)
     recover    model + artifacts/model + recover.*    → artifacts/recovered/    (LoRA-merged checkpoint, or a skip)
     evaluate   model + both checkpoints + evaluate.*  → artifacts/metrics.json  (dense vs pruned vs recovered)
+    export     the final checkpoint + export.*        → artifacts/export/       (GGUF / ONNX, or nothing)
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def run(name: str, params: Params, root: Path = Path("artifacts")) -> Path:
     if name not in STAGES:
         raise PruneflowError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     stages = {"source": source, "calibrate": calibrate, "score": score, "prune": prune, "recover": recover,
-              "evaluate": evaluate}
+              "evaluate": evaluate, "export": export}
     root = Path(root)
     runtime = Runtime.from_params(params.runtime)
     runtime.reset_peak()
@@ -72,7 +73,9 @@ def check_memory(params: Params) -> None:
     e = params.evaluate
     whole = [what for what, on in (("recover (LoRA): recover.enabled: false", params.recover.enabled),
                                    ("evaluate's speed: evaluate.speed: false", e.speed),
-                                   ("evaluate's lm-eval tasks: evaluate.tasks: []", bool(e.tasks))) if on]
+                                   ("evaluate's lm-eval tasks: evaluate.tasks: []", bool(e.tasks)),
+                                   ("the ONNX export (float32, traced whole): drop onnx from export.formats",
+                                    "onnx" in params.export.formats)) if on]
     if whole:
         raise PruneflowError(f"the model's weights ({format_size(weight_bytes)}) exceed runtime.max_memory "
                              f"({params.runtime.max_memory}); these need the whole model in memory: "
@@ -103,10 +106,26 @@ def source(params: Params, root: Path, runtime: Runtime) -> Path:
     """Resolve ``model`` and record what identifies its content (DVC tracks this file, not the model's path:
     a hub id has none in the workspace). Unchanged content gives the same file, so later stages stay cached."""
     model = resolve(params.model)
-    checkpoint.read_config(model)  # a directory without config.json fails here, not three stages later
+    config = checkpoint.read_config(model)  # a directory without config.json fails here, not three stages later
     checkpoint.weight_dtypes(model.path)
+    check_export(params, config)
     _write_json(root / OUTPUTS["source"], fingerprint(model, state_dir(root) / "digests.json"))
     return root / OUTPUTS["source"]
+
+
+def check_export(params: Params, config: dict) -> None:
+    """A GGUF export the model or the planned widths cannot take fails in the source stage, before any work."""
+    if "gguf" not in params.export.formats:
+        return
+    from pruneflow.export import check_plan
+
+    method = METHODS[params.score.method]
+    cfg = params.prune.for_method(params.score.method)
+    try:
+        check_plan(config, per_layer=cfg.allocation != "uniform" and not method.depth,
+                   output_bias=cfg.reconstruct == "bias")
+    except PruneflowError as err:
+        raise PruneflowError(f"export.formats has gguf, but {err}") from None
 
 
 def state_dir(root: Path) -> Path:
@@ -287,11 +306,9 @@ def evaluate(params: Params, root: Path, runtime: Runtime) -> Path:
     from pruneflow.evaluate import evaluate_dirs
 
     pruned = _needs(root / OUTPUTS["prune"], "prune")
-    recovered = _needs(root / OUTPUTS["recover"], "recover")
+    which, final = final_model(root)
     dense = model_source(params, root)
-    models = {"dense": dense, "pruned": pruned}
-    if (recovered / "config.json").exists():
-        models["recovered"] = recovered
+    models = {"dense": dense, "pruned": pruned} | ({"recovered": final} if which == "recovered" else {})
     plan = json.loads((pruned / "plan.json").read_text())
     with atomic_dir(root / REPORT, overwrite=True) as report_dir:
         manager = _task_setup(params, dense, report_dir)  # unknown task names fail here, before any evaluation
@@ -315,6 +332,36 @@ def evaluate(params: Params, root: Path, runtime: Runtime) -> Path:
         tmp.write_text(json.dumps(metrics, indent=1) + "\n")
         os.replace(tmp, out)
     return out
+
+
+def final_model(root: Path) -> tuple[str, Path]:
+    """The model the gates judge, the registry gets and the export writes: the recovered checkpoint when
+    recovery ran, else the pruned one."""
+    recovered = _needs(root / OUTPUTS["recover"], "recover")
+    if (recovered / "config.json").exists():
+        return "recovered", recovered
+    return "pruned", _needs(root / OUTPUTS["prune"], "prune")
+
+
+def export(params: Params, root: Path, runtime: Runtime) -> Path:
+    """The final model in the formats of ``export.formats`` under ``artifacts/export/`` (``model.gguf``,
+    ``onnx/``) with ``export.json`` (what was exported from which model); with none, ``export.json`` only."""
+    from pruneflow.export import export_gguf, export_onnx
+
+    which, model = final_model(root)
+    formats = params.export.formats
+    summary: dict = {"formats": formats, "model": which if formats else None}
+    with atomic_dir(root / OUTPUTS["export"], overwrite=True) as tmp:
+        if "gguf" in formats:
+            log.info("exporting the %s model to GGUF", which)
+            info = export_gguf(model, tmp / "model.gguf", params.export.dtype)
+            summary["gguf"] = {**info, "path": "model.gguf"}
+        if "onnx" in formats:
+            log.info("exporting the %s model to ONNX", which)
+            info = export_onnx(model, tmp / "onnx")
+            summary["onnx"] = {**info, "path": "onnx"}
+        (tmp / "export.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return root / OUTPUTS["export"]
 
 
 def _task_setup(params: Params, dense: ModelSource, report_dir: Path):

@@ -21,7 +21,8 @@ from pruneflow.graph import RESOURCES
 
 EXPERIMENT = "pruneflow"
 STAGE_FILES = {"source": ["source.json"], "score": ["scores/scores.json", "scores/iterations.json"], "prune": ["model/plan.json"],
-               "recover": ["recovered/recovery.json", "recovered/loss.csv"], "evaluate": ["metrics.json", "report"]}
+               "recover": ["recovered/recovery.json", "recovered/loss.csv"], "evaluate": ["metrics.json", "report"],
+               "export": ["export/export.json"]}
 
 
 def tracking_uri(repo: Path) -> str:
@@ -181,8 +182,32 @@ def register_model(repo: str, run_id: str, workspace: str, name: str) -> dict:
         client.set_registered_model_alias(name, "champion", version.version)
     logger.info("registered %s version %s as candidate%s", name, version.version,
                 " and champion" if promoted else " (gates failed: not promoted)")
+    exports = _log_exports(client, run_id, name, version, artifacts / "export")
     return {"name": name, "version": str(version.version), "champion": promoted, "flavor":
-            "transformers" if vanilla else "artifacts"}
+            "transformers" if vanilla else "artifacts", "exports": exports}
+
+
+def _log_exports(client, run_id: str, name: str, version, export_dir: Path) -> dict[str, str]:
+    """The export stage's files (GGUF, ONNX) logged beside the registered version, each version tagged with
+    where its file is (``pruneflow.export.gguf`` = ``runs:/RUN/export/model.gguf``); {format: that URI}. A
+    version that already has a format's tag (a cached re-run of the same model) keeps it: nothing re-logged."""
+    path = export_dir / "export.json"
+    if not path.exists():
+        return {}
+    summary, tags = json.loads(path.read_text()), dict(version.tags or {})
+    out = {}
+    for fmt in summary.get("formats", []):
+        key = f"pruneflow.export.{fmt}"
+        if key not in tags:
+            target, rel = export_dir / summary[fmt]["path"], f"export/{summary[fmt]['path']}"
+            if target.is_dir():
+                client.log_artifacts(run_id, str(target), rel)
+            else:
+                client.log_artifact(run_id, str(target), "export")
+            tags[key] = f"runs:/{run_id}/{rel}"
+            client.set_model_version_tag(name, str(version.version), key, tags[key])
+        out[fmt] = tags[key]
+    return out
 
 
 def _dir_md5(workspace: Path, model_dir: Path) -> str:

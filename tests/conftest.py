@@ -212,7 +212,7 @@ def make_project(tmp_path, tiny_checkpoint, calibration_txt):
         "model": "models/tiny", "calibrate": {"source": "calib.txt", "n_windows": 4, "seqlen": 32},
         "score": {"method": "wanda_sp"}, "prune": {"ratio": 0.25, "allocation": "global"},
         "recover": {"steps": 3, "batch_size": 2, "seqlen": 32, "warmup_steps": 1},
-        "evaluate": {"max_windows": 4, "speed": False, "task_examples": 20}})
+        "evaluate": {"max_windows": 4, "speed": False, "task_examples": 20}, "export": {"formats": ["gguf"]}})
     (repo / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
     dvc = dvc_bin()
     sh(["git", "init", "-q"], repo)

@@ -1,6 +1,7 @@
 """The Prefect flow over dvc.yaml's stages, against a real (test-harness) Prefect API and real DVC/git."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -25,9 +26,10 @@ def test_flow_runs_the_stages_then_serves_them_from_cache_and_isolates_overrides
     first = pipeline(params=params, repo=str(project), run_name="first")
     assert [(s["stage"], s["cached"]) for s in first["stages"]] == [
         ("source", False), ("calibrate", False), ("score", False), ("prune", False), ("recover", False),
-        ("evaluate", False)]
+        ("evaluate", False), ("export", False)]
     assert first["experiment"] is None and first["metrics"]["achieved_ratio"] == pytest.approx(0.25, abs=0.02)
     assert all(s["outs"] for s in first["stages"][:5])  # dvc.lock hashes of every output
+    assert first["stages"][6]["outs"]["artifacts/export"].endswith(".dir")  # DVC tracks the exported GGUF
     assert first["metrics"]["final"] == "recovered" and "test_ppl" in first["metrics"]["recovered"]
 
     _check_tracking(project, first)
@@ -35,12 +37,12 @@ def test_flow_runs_the_stages_then_serves_them_from_cache_and_isolates_overrides
     second = pipeline(params=params, repo=str(project), run_name="second")
     # the model is re-checked (its fingerprint equals artifacts/source.json) and DVC's status lists nothing
     # else: no stage command runs
-    assert [s["cached"] for s in second["stages"]] == [True, True, True, True, True, True]
+    assert [s["cached"] for s in second["stages"]] == [True] * 7
 
     metrics = (project / "artifacts" / "metrics.json").read_bytes()
     (project / "artifacts" / "metrics.json").unlink()  # an output gone: DVC's status says so, DVC restores it
     restored = pipeline(params=params, repo=str(project), run_name="restored")
-    assert [s["cached"] for s in restored["stages"]] == [True, True, True, True, True, True]
+    assert [s["cached"] for s in restored["stages"]] == [True] * 7
     assert (project / "artifacts" / "metrics.json").read_bytes() == metrics
 
     users_files = {p: p.read_bytes() for p in (project / "params.yaml", project / "dvc.lock",
@@ -48,7 +50,7 @@ def test_flow_runs_the_stages_then_serves_them_from_cache_and_isolates_overrides
     fewer = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"max_windows": 2})})
     third = pipeline(params=fewer, repo=str(project), run_name="fewer-windows")
     # a fresh worktree has no outputs: the source stage runs, the rest come from DVC's cache, evaluate re-ran
-    assert [s["cached"] for s in third["stages"]] == [False, True, True, True, True, False]
+    assert [s["cached"] for s in third["stages"]] == [False, True, True, True, True, False, True]
     assert third["experiment"] == "fewer-windows"
     assert {p: p.read_bytes() for p in users_files} == users_files  # the checkout is untouched
     dvc = dvc_bin()
@@ -70,8 +72,8 @@ def _check_tracking(project, result):
     assert parent.data.metrics["achieved_ratio"] == pytest.approx(result["metrics"]["achieved_ratio"])
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted(r.info.run_name for r in children) == ["calibrate", "evaluate", "prune", "recover", "score",
-                                                          "source"]
+    assert sorted(r.info.run_name for r in children) == ["calibrate", "evaluate", "export", "prune", "recover",
+                                                          "score", "source"]
     score_run = next(r for r in children if r.info.run_name == "score")
     assert score_run.data.metrics["peak_memory_mb"] > 1  # from artifacts/resources/score.json
     recover_run = next(r for r in children if r.info.run_name == "recover")
@@ -87,6 +89,15 @@ def _check_tracking(project, result):
         assert str(client.get_model_version_by_alias(model["name"], "champion").version) == model["version"]
     else:
         assert not model["champion"]
+    # the exported GGUF is logged with the registered version, which names it, byte-identical to DVC's copy
+    version = client.get_model_version(model["name"], model["version"])
+    assert model["exports"] == {"gguf": f"runs:/{parent.info.run_id}/export/model.gguf"}
+    assert version.tags["pruneflow.export.gguf"] == model["exports"]["gguf"]
+    import mlflow
+
+    logged = mlflow.artifacts.download_artifacts(model["exports"]["gguf"], tracking_uri=client.tracking_uri,
+                                                 dst_path=str(project / ".." / "downloaded"))
+    assert Path(logged).read_bytes() == (project / "artifacts" / "export" / "model.gguf").read_bytes()
 
 
 def _find(tree, name):

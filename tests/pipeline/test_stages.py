@@ -52,8 +52,8 @@ def test_the_stages_run_in_order_and_write_their_outputs(params_file, tmp_path, 
     assert [p.shape for p in recovered.parameters()] == [p.shape for p in model.parameters()]
     recovery = json.loads((artifacts / "recovered" / "recovery.json").read_text())
     assert len(recovery["history"]) == 4 and (artifacts / "recovered" / "loss.csv").read_text().count("\n") == 5
-    assert sorted(p.name for p in artifacts.iterdir()) == [".state", "calibration", "metrics.json", "model",
-                                                           "recovered", "report", "resources", "scores",
+    assert sorted(p.name for p in artifacts.iterdir()) == [".state", "calibration", "export", "metrics.json",
+                                                           "model", "recovered", "report", "resources", "scores",
                                                            "source.json"]
     for name in ("dense", "pruned", "recovered"):  # lm-eval accuracy on the local tasks, every model
         assert set(metrics[name]["tasks"]) == {"pruneflow_word_order", "pruneflow_next_sentence"}
@@ -64,16 +64,62 @@ def test_the_stages_run_in_order_and_write_their_outputs(params_file, tmp_path, 
     assert "| wanda_sp −0.25 recovered |" in (report / "report.md").read_text()
     assert metrics["gates"]["achieved_ratio"]["passed"] and metrics["gates"]["ppl_ratio"]["limit"] == 1.5
     assert metrics["gates_passed"] == all(g["passed"] for g in metrics["gates"].values())
+    assert [p.name for p in (artifacts / "export").iterdir()] == ["export.json"]  # export.formats: [] by default
+    assert json.loads((artifacts / "export" / "export.json").read_text()) == {"formats": [], "model": None}
+
+    assert stage("export", params_file, artifacts, "--set", "export.formats=[gguf]").exit_code == 0
+    _assert_gguf_of(artifacts, artifacts / "recovered", "recovered")
+
+
+def _assert_gguf_of(artifacts, model_dir, which):
+    """artifacts/export holds a GGUF of ``model_dir``'s weights (one a LoRA merge changes: v_proj of block 0)."""
+    import gguf
+    import numpy as np
+
+    from tests.conftest import safetensors_of
+
+    summary = json.loads((artifacts / "export" / "export.json").read_text())
+    assert summary["formats"] == ["gguf"] and summary["model"] == which
+    weights = safetensors_of(model_dir)
+    channels = [weights[f"model.layers.{i}.mlp.up_proj.weight"].shape[0] for i in range(summary["gguf"]["blocks"])]
+    assert summary["gguf"]["path"] == "model.gguf" and summary["gguf"]["channels"] == channels
+    uniform = len(set(zip(summary["gguf"]["heads"], channels))) == 1
+    assert summary["gguf"]["architecture"] == ("llama" if uniform else "deci")
+    reader = gguf.GGUFReader(artifacts / "export" / "model.gguf")
+    v = weights["model.layers.0.self_attn.v_proj.weight"]
+    written = next(t for t in reader.tensors if t.name == "blk.0.attn_v.weight")
+    assert np.array_equal(np.asarray(written.data).reshape(v.shape), v.float().numpy())
 
 
 def test_recovery_off_records_a_skip_and_evaluate_judges_the_pruned_model(params_file, tmp_path):
     artifacts = tmp_path / "artifacts"
-    for name in ("calibrate", "score", "prune", "recover", "evaluate"):
-        assert stage(name, params_file, artifacts, "--set", "recover.enabled=false").exit_code == 0
+    for name in ("calibrate", "score", "prune", "recover", "evaluate", "export"):
+        assert stage(name, params_file, artifacts, "--set", "recover.enabled=false",
+                     "--set", "export.formats=[gguf]").exit_code == 0
     assert [p.name for p in (artifacts / "recovered").iterdir()] == ["recovery.json"]
     metrics = json.loads((artifacts / "metrics.json").read_text())
     assert metrics["final"] == "pruned" and "recovered" not in metrics
     assert metrics["ppl_ratio"] == metrics["ppl_ratio_pruned"]
+    _assert_gguf_of(artifacts, artifacts / "model", "pruned")  # the export writes the final model too
+
+
+def test_an_export_the_model_cannot_take_fails_in_the_source_stage(tmp_path, tiny_tokenizer, calibration_txt):
+    """Checked on the config before any work: a qwen3 (q/k norms) with per-layer widths has no GGUF form."""
+    from tests.conftest import tiny_causal_lm
+
+    qwen3 = tmp_path / "qwen3"
+    tiny_causal_lm("qwen3", vocab_size=len(tiny_tokenizer)).save_pretrained(qwen3)
+    tiny_tokenizer.save_pretrained(qwen3)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"model": str(qwen3), "calibrate": {"source": str(calibration_txt)},
+                                      "score": {"method": "wanda_sp"}, "prune": {"allocation": "global"},
+                                      "export": {"formats": ["gguf"]}}))
+    artifacts = tmp_path / "artifacts"
+    result = stage("source", params, artifacts)
+    assert result.exit_code == 2
+    assert "export.formats has gguf, but a qwen3 model with per-layer widths is not representable" in result.output
+    assert not (artifacts / "source.json").exists()
+    assert stage("source", params, artifacts, "--set", "prune.allocation=uniform").exit_code == 0
 
 
 def test_gates_fail_an_over_pruned_model_and_a_missed_ratio():

@@ -94,3 +94,38 @@ def test_the_same_model_is_registered_once(workspace, tmp_path, monkeypatch):
 
     first, again, changed = register("aaa.dir"), register("aaa.dir"), register("bbb.dir")
     assert first["version"] == again["version"] != changed["version"]
+
+
+def test_the_exported_gguf_is_logged_with_the_registered_version(workspace, tmp_path, monkeypatch):
+    """The export stage's GGUF goes to MLflow beside the version it was made from; the version's tag names it.
+    A re-registration of the same model (a cached re-run) keeps that tag and logs nothing again."""
+    import yaml
+    from mlflow import MlflowClient
+    from prefect.logging import disable_run_logger
+
+    from pruneflow import stages
+    from pruneflow.params import Params
+    from pruneflow.runtime import Runtime
+    from pruneflow.tasks.tracking import register_model, start_run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    artifacts = workspace / "artifacts"
+    (artifacts / "recovered").mkdir()
+    (artifacts / "recovered" / "recovery.json").write_text('{"enabled": false}')  # recovery off: the pruned model
+    stages.export(Params(export={"formats": ["gguf"]}), artifacts, Runtime.create("cpu"))
+    _metrics(workspace, passed=True)
+    (workspace / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"prune": {
+        "outs": [{"path": "artifacts/model", "md5": "aaa.dir"}]}}}))
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    with disable_run_logger():
+        first_run = start_run.fn(str(repo), {}, "a", {})
+        first = register_model.fn(str(repo), first_run, str(workspace), "tiny-gguf")
+        again = register_model.fn(str(repo), start_run.fn(str(repo), {}, "b", {}), str(workspace), "tiny-gguf")
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    uri = f"runs:/{first_run}/export/model.gguf"
+    assert first["exports"] == again["exports"] == {"gguf": uri} and first["version"] == again["version"]
+    assert client.get_model_version("tiny-gguf", first["version"]).tags["pruneflow.export.gguf"] == uri
+    assert [f.path for f in client.list_artifacts(first_run, "export")] == ["export/model.gguf"]
+    logged = client.download_artifacts(first_run, "export/model.gguf", str(tmp_path))
+    assert open(logged, "rb").read() == (artifacts / "export" / "model.gguf").read_bytes()

@@ -18,7 +18,7 @@ from pruneflow.tasks.stage import dvc_bin, dvc_env
 from tests.conftest import make_project
 
 COMPLETE = {"calibration": "manifest.json", "scores": "scores.json", "model": "pruneflow.json",
-            "recovered": "recovery.json"}  # written inside the temp dir, so present iff the output is whole
+            "recovered": "recovery.json", "export": "export.json"}  # written inside the temp dir, so present iff the output is whole
 
 
 def _repro(project, *args):
@@ -57,7 +57,8 @@ def _finals(project) -> dict:
     artifacts = project / "artifacts"
     metrics = json.loads((artifacts / "metrics.json").read_text())
     return {"model": _digest(artifacts / "model" / "model.safetensors"),
-            "recovered": _digest(artifacts / "recovered" / "model.safetensors"), "metrics": metrics}
+            "recovered": _digest(artifacts / "recovered" / "model.safetensors"),
+            "gguf": _digest(artifacts / "export" / "model.gguf"), "metrics": metrics}
 
 
 def _assert_nothing_partial(project):
