@@ -86,12 +86,13 @@ def llama_cpp_speeds(model, tokenizer, spec, job: dict) -> dict:
     from pruneflow import checkpoint
     from pruneflow.evaluate import add_llama_cpp_speed
     from pruneflow.params import EvaluateParams
+    from pruneflow.sources import resolve
 
     with tempfile.TemporaryDirectory(prefix="pruneflow-methods-") as tmp:
         checkpoint.save(model, tokenizer, Path(tmp) / "pruned", spec, dtype=checkpoint.stored_dtype(job["model"]))
         rows = {"pruned": {}, "dense": {}}
-        add_llama_cpp_speed({"pruned": Path(tmp) / "pruned", "dense": job["model"]}, rows, EvaluateParams(),
-                            job["threads"])
+        add_llama_cpp_speed({"pruned": resolve(Path(tmp) / "pruned"), "dense": resolve(job["model"])}, rows,
+                            EvaluateParams(), job["threads"])
     return {**rows["pruned"], **{f"dense_{k}": v for k, v in rows["dense"].items()}}
 
 
