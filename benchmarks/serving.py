@@ -6,7 +6,7 @@ For each committed reference model: the dense model and each method × ratio (ea
   difference to transformers over the first 200 tokens of the first document (f32 KV cache);
 - speed (``pruneflow.evaluate.llama_cpp_speed``, what ``evaluate.llama_cpp`` runs): prefill of 256 tokens
   (ms) and greedy decode of 64 tokens after a 16-token prompt (tokens/s), on ``--threads`` threads, one
-  warm-up round then ``--rounds`` rounds round-robin over dense and pruned (the protocol of the transformers
+  warm-up round then ``--rounds`` (20) rounds round-robin over dense and pruned (the protocol of the transformers
   speed columns), medians; beside them the ideal, the ratio of non-embedding parameters;
 - ONNX: ``pruneflow export onnx``'s own check, ONNX Runtime vs torch on a padded batch.
 
@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["flap", "wanda_sp", "block_influence"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.5])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--table", action="store_true", help="print the table of --out's rows and exit (no runs)")
     args = parser.parse_args()

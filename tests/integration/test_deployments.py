@@ -99,8 +99,8 @@ def test_a_deployment_run_triggered_through_the_api_with_overrides_completes(poo
                                    f"tags.`prefect.flow_run_id` = '{created['id']}'")
     assert parent.data.params["prune.ratio"] == "0.3" and parent.info.status == "FINISHED"
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted(r.info.run_name for r in children) == ["calibrate", "evaluate", "prune", "recover", "score",
-                                                          "source"]
+    assert sorted(r.info.run_name for r in children) == ["calibrate", "evaluate", "export", "prune", "recover",
+                                                          "score", "source"]
 
 
 def test_a_two_by_two_sweep_runs_on_the_two_workers_and_builds_one_table(pool, stack):

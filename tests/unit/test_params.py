@@ -35,6 +35,8 @@ def test_every_shipped_params_yaml_loads():
     ("score.bonsai.preset=huge", "score.bonsai.preset: Input should be 'paper' or 'fast'"),
     ("score.bonsai.drop_count=some", "score.bonsai.drop_count: Input should be 'fixed' or 'varied'"),
     ("score.bonsai.sub_modles=8", "score.bonsai.sub_modles: Extra inputs are not permitted"),
+    ("export.formats=[safetensors]", "export.formats.0: Input should be 'gguf' or 'onnx'"),
+    ("export.dtype=q4", "export.dtype: Input should be 'auto', 'f32', 'f16' or 'bf16'"),
 ])
 def test_bad_params_name_the_key(override, message):
     if message is None:
@@ -117,3 +119,5 @@ def test_every_fixed_vocabulary_is_a_choice_in_the_prefect_form():
     assert choices("RuntimeParams", "dtype") == {"auto", "bfloat16", "float16", "float32"}
     assert choices("RecoverParams", "targets") == set(LORA_TARGETS)
     assert choices("BonsaiParams", "preset") >= {"paper", "fast"}
+    assert choices("ExportParams", "formats") == {"gguf", "onnx"}
+    assert choices("ExportParams", "dtype") == {"auto", "f32", "f16", "bf16"}
