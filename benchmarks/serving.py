@@ -44,7 +44,8 @@ def agreement(model, tokenizer, gguf: Path, docs: list[str], threads: int) -> di
     return {"tokenization_equal": f"{same}/{len(docs)}", "max_logit_diff": diff, "tokens": len(ids)}
 
 
-def run_model(name: str, configs: list[tuple[str, float]], threads: int, rounds: int, work: Path) -> list[dict]:
+def run_model(name: str, configs: list[tuple[str, float]], threads: int, rounds: int, work: Path,
+              round_to: int = 1) -> list[dict]:
     import torch
 
     from pruneflow import calibration as C
@@ -70,12 +71,14 @@ def run_model(name: str, configs: list[tuple[str, float]], threads: int, rounds:
         model, _, _ = checkpoint.load(source, runtime)
         windows, _ = C.prepare(tokenizer, "corpus", 64, 256, 0, model.config.max_position_embeddings)
         units = ["layers"] if METHODS[method].depth else ["channels", "heads"]
-        result = prune(model, spec, method, PruneParams(ratio=ratio, units=units), windows, runtime=runtime)
+        cfg = PruneParams(ratio=ratio, units=units, round_to=1 if METHODS[method].depth else round_to)
+        result = prune(model, spec, method, cfg, windows, runtime=runtime)
         out = work / f"{name}-{method}-{round(ratio * 100)}pct"
         checkpoint.save(model, tokenizer, out, spec)
         summary = export_gguf(out, out.with_suffix(".gguf"), "f32")
         row = {"model": name, "method": method, "ratio": ratio, "allocation": result.plan.allocation,
-               "reconstruct": result.plan.reconstruct, "architecture": summary["architecture"],
+               "reconstruct": result.plan.reconstruct, "round_to": cfg.round_to,
+               "architecture": summary["architecture"],
                "dense_architecture": dense_summary["architecture"],
                "achieved_ratio": result.plan.params["achieved_ratio"],
                "ideal_speedup": dense_params / count_parameters(model)["non_embedding"],
@@ -106,7 +109,8 @@ def table(rows: list[dict]) -> str:
                          f"{r['tokenization_equal']} | {r['max_logit_diff']:.1e} | – |")
             continue
         lines.append(
-            f"| {r['model']} | {r['method']} · {r['allocation']} · {r['reconstruct']} | {r['ratio']:.0%} | "
+            f"| {r['model']} | {r['method']} · {r['allocation']} · {r['reconstruct']}"
+            f"{f' · round_to {rt}' if (rt := r.get('round_to', 1)) > 1 else ''} | {r['ratio']:.0%} | "
             f"{r['architecture']} | {r['gguf_mb']:.1f} ({r['dense_gguf_mb']:.1f}) | "
             f"{r['prefill_ms']:.2f} ({r['dense_prefill_ms'] / r['prefill_ms']:.2f}×) | "
             f"{r['decode_tok_s']:.0f} ({r['decode_tok_s'] / r['dense_decode_tok_s']:.2f}×) | "
@@ -122,6 +126,8 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.5])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--round-to", type=int, default=1,
+                        help="prune.round_to of the width methods: MLP widths kept a multiple of this")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--table", action="store_true", help="print the table of --out's rows and exit (no runs)")
     args = parser.parse_args()
@@ -132,7 +138,7 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d")
     with tempfile.TemporaryDirectory(prefix="pruneflow-serving-") as tmp:
         rows = [row for name in args.models for row in run_model(name, configs, args.threads, args.rounds,
-                                                                 Path(tmp))]
+                                                                 Path(tmp), args.round_to)]
     import llama_cpp
 
     from benchmarks import write_results
