@@ -235,13 +235,16 @@ def _refuse_empty(kind: str, layer: int, count: int, shape: LayerShape, cfg: Sel
 
 def _round_channels(removed: list[int], scores: torch.Tensor, shape: LayerShape, round_to: int,
                     layer: int) -> list[int]:
-    """Re-pick removed channels so the kept width is a multiple of ``round_to`` (nearest, at least one)."""
+    """Re-pick removed channels so the kept width is the multiple of ``round_to`` nearest the selected one (ties:
+    the smaller), or the layer's own width when that is nearer: never more channels than the layer has."""
     if round_to <= 1:
         return removed
     if round_to > shape.channels:
         raise PruneflowError(f"prune.round_to={round_to} is larger than layer {layer}'s MLP width "
                              f"({shape.channels} channels)")
-    kept = max(round_to, round((shape.channels - len(removed)) / round_to) * round_to)
+    want = shape.channels - len(removed)
+    widths = [*range(round_to, shape.channels + 1, round_to), shape.channels]
+    kept = min(widths, key=lambda width: (abs(width - want), width))
     order = sorted(range(shape.channels), key=lambda j: (float(scores[j]), j))
     return order[: shape.channels - kept]
 

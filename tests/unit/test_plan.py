@@ -107,6 +107,19 @@ def test_round_to_keeps_multiples(allocation):
     assert all(len(layer.kept_channels) % 16 == 0 for layer in plan.layers)
 
 
+@pytest.mark.parametrize("channels,removed,kept", [(688, 0, 688), (688, 5, 688), (688, 10, 672), (700, 5, 700),
+                                                   (700, 30, 672), (200, 150, 64), (200, 199, 32)])
+def test_round_to_never_keeps_more_channels_than_the_layer_has(channels, removed, kept):
+    """A width that is not a multiple (688 = 21.5 × 32) rounds to the nearest multiple below it or stays whole;
+    rounding up past it once wrapped around and removed all but 16 channels of a barely pruned layer."""
+    from pruneflow.plan import _round_channels
+
+    shape = shapes(layers=1, channels=channels)[0]
+    values = torch.arange(channels, dtype=torch.float32)
+    gone = _round_channels(list(range(removed)), values, shape, 32, 0)
+    assert channels - len(gone) == kept and gone == list(range(channels - kept))  # the lowest scores go
+
+
 def test_round_to_larger_than_a_layer_is_an_error():
     layer_shapes = shapes()
     with pytest.raises(PruneflowError, match="round_to=256 is larger than layer 0's MLP width"):
