@@ -2,6 +2,7 @@
 
 For each committed reference model: the dense model and each method × ratio (each method's own settings, as
 `pruneflow prune` runs them) are exported with `pruneflow export gguf` (f32), then measured in llama.cpp:
+- test perplexity (transformers, the packaged test split, 256-token windows), as the pruning left it;
 - agreement: tokenization of the first 20 test documents equal to transformers', and the largest logit
   difference to transformers over the first 200 tokens of the first document (f32 KV cache);
 - speed (``pruneflow.evaluate.llama_cpp_speed``, what ``evaluate.llama_cpp`` runs): prefill of 256 tokens
@@ -51,7 +52,7 @@ def run_model(name: str, configs: list[tuple[str, float]], threads: int, rounds:
     from pruneflow import calibration as C
     from pruneflow import checkpoint, corpus
     from pruneflow.arch import count_parameters
-    from pruneflow.evaluate import llama_cpp_speed
+    from pruneflow.evaluate import llama_cpp_speed, perplexity
     from pruneflow.export import export_gguf, export_onnx
     from pruneflow.methods import METHODS
     from pruneflow.params import PruneParams
@@ -61,8 +62,10 @@ def run_model(name: str, configs: list[tuple[str, float]], threads: int, rounds:
     torch.set_num_threads(threads)
     runtime = Runtime.create("cpu", "auto")
     source = ROOT / "models" / name
-    docs = corpus.load_split("test")[:20]
+    test = corpus.load_split("test")
+    docs = test[:20]
     dense, tokenizer, spec = checkpoint.load(source, runtime)
+    stream = C.token_stream(tokenizer, test)
     dense_params = count_parameters(dense)["non_embedding"]
     dense_gguf = work / f"{name}-dense.gguf"
     dense_summary = export_gguf(source, dense_gguf, "f32")
@@ -81,6 +84,7 @@ def run_model(name: str, configs: list[tuple[str, float]], threads: int, rounds:
                "architecture": summary["architecture"],
                "dense_architecture": dense_summary["architecture"],
                "achieved_ratio": result.plan.params["achieved_ratio"],
+               "test_ppl": perplexity(model, stream, 256, runtime=runtime),
                "ideal_speedup": dense_params / count_parameters(model)["non_embedding"],
                "gguf_mb": summary["bytes"] / 2**20, "dense_gguf_mb": dense_summary["bytes"] / 2**20,
                **agreement(model, tokenizer, out.with_suffix(".gguf"), docs, threads),
@@ -95,22 +99,27 @@ def run_model(name: str, configs: list[tuple[str, float]], threads: int, rounds:
         rows.append(row)
         del model
     rows.insert(0, {"model": name, "method": "dense", "ratio": 0.0, "architecture": dense_summary["architecture"],
+                    "test_ppl": perplexity(dense, stream, 256, runtime=runtime),
                     **agreement(dense, tokenizer, dense_gguf, docs, threads)})
     return rows
 
 
+def _ppl(row: dict) -> str:
+    return f"{row['test_ppl']:.2f}" if "test_ppl" in row else "–"
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| model | method · allocation · reconstruct | target | GGUF arch | GGUF MB (dense) | prefill ms "
-             "(speed-up) | decode tok/s (speed-up) | ideal (params) | tokens equal | max logit diff | ONNX diff |",
-             "|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|"]
+    lines = ["| model | method · allocation · reconstruct | target | test ppl | GGUF arch | GGUF MB (dense) | "
+             "prefill ms (speed-up) | decode tok/s (speed-up) | ideal (params) | tokens equal | max logit diff | "
+             "ONNX diff |", "|---|---|---:|---:|---|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
         if r["method"] == "dense":
-            lines.append(f"| {r['model']} | dense | – | {r['architecture']} | – | – | – | – | "
+            lines.append(f"| {r['model']} | dense | – | {_ppl(r)} | {r['architecture']} | – | – | – | – | "
                          f"{r['tokenization_equal']} | {r['max_logit_diff']:.1e} | – |")
             continue
         lines.append(
             f"| {r['model']} | {r['method']} · {r['allocation']} · {r['reconstruct']}"
-            f"{f' · round_to {rt}' if (rt := r.get('round_to', 1)) > 1 else ''} | {r['ratio']:.0%} | "
+            f"{f' · round_to {rt}' if (rt := r.get('round_to', 1)) > 1 else ''} | {r['ratio']:.0%} | {_ppl(r)} | "
             f"{r['architecture']} | {r['gguf_mb']:.1f} ({r['dense_gguf_mb']:.1f}) | "
             f"{r['prefill_ms']:.2f} ({r['dense_prefill_ms'] / r['prefill_ms']:.2f}×) | "
             f"{r['decode_tok_s']:.0f} ({r['decode_tok_s'] / r['dense_decode_tok_s']:.2f}×) | "
