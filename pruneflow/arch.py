@@ -26,13 +26,16 @@ class ArchSpec:
     down: str
     gate: str | None = None  # None for a plain 2-layer MLP (BERT)
     causal_lm: bool = True  # loaded with AutoModelForCausalLM, else AutoModel
+    norms: tuple[str, ...] = ()  # a block's norms over the hidden dimension (their outputs feed attention, MLP)
+    final_norm: str | None = None  # the norm after the last block; with ``norms``: the hidden unit is supported
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 LLAMA = ArchSpec(layers="model.layers", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-                 o="self_attn.o_proj", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj")
+                 o="self_attn.o_proj", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
+                 norms=("input_layernorm", "post_attention_layernorm"), final_norm="model.norm")
 BERT = ArchSpec(layers="encoder.layer", q="attention.self.query", k="attention.self.key",
                 v="attention.self.value", o="attention.output.dense", up="intermediate.dense",
                 down="output.dense", causal_lm=False)

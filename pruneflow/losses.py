@@ -69,35 +69,37 @@ def hidden_nll(head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor) -
 
 
 def _chunk_losses(head: nn.Module, rows: torch.Tensor, targets: torch.Tensor,
-                  teacher_rows: torch.Tensor | None) -> torch.Tensor:
+                  teacher_rows: torch.Tensor | None, teacher_head: nn.Module | None = None) -> torch.Tensor:
     """[Σ CE, Σ KL(teacher ‖ student)] over one chunk of positions."""
     logits = head(rows).float()
     ce = F.cross_entropy(logits, targets, reduction="sum", ignore_index=IGNORE)
     if teacher_rows is None:
         return torch.stack([ce, ce.new_zeros(())])
     with torch.no_grad():
-        teacher = F.log_softmax(head(teacher_rows).float(), dim=-1)
+        teacher = F.log_softmax((teacher_head or head)(teacher_rows).float(), dim=-1)
     kd = F.kl_div(F.log_softmax(logits, dim=-1), teacher, log_target=True, reduction="sum")
     return torch.stack([ce, kd])
 
 
-def training_losses(model: nn.Module, input_ids: torch.Tensor,
-                    teacher_hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def training_losses(model: nn.Module, input_ids: torch.Tensor, teacher_hidden: torch.Tensor | None = None,
+                    teacher_head: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean next-token CE, mean per-token KL(teacher ‖ student)) with gradients, chunked and checkpointed.
 
     ``teacher_hidden`` (B, T, D) are the teacher's final hidden states: the student's own head turns them into
-    the teacher's logits (pruning and LoRA leave the head untouched, so the two heads are the same weights).
+    the teacher's logits (pruning heads, channels or blocks and LoRA leave the head untouched, so the two heads
+    are the same weights), or ``teacher_head`` when the student's is narrower (the hidden unit).
     """
     _, head = lm_parts(model)
     hidden = hidden_states(model, input_ids)
     rows = hidden.reshape(-1, hidden.shape[-1])
     targets = _targets(input_ids).to(rows.device)
-    teacher = None if teacher_hidden is None else teacher_hidden.reshape(-1, hidden.shape[-1]).to(rows.device)
+    teacher = None if teacher_hidden is None else \
+        teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).to(rows.device)
     total = rows.new_zeros(2, dtype=torch.float32)
     step = chunk_rows(head.out_features)
     for start in range(0, len(rows), step):
         part = slice(start, start + step)
         total = total + checkpoint(_chunk_losses, head, rows[part], targets[part],
-                                   None if teacher is None else teacher[part], use_reentrant=False)
+                                   None if teacher is None else teacher[part], teacher_head, use_reentrant=False)
     batch, length = input_ids.shape
     return total[0] / (batch * (length - 1)), total[1] / (batch * length)

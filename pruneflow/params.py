@@ -78,7 +78,8 @@ class PruneParams(_Section):
                             "(global for flap, bonsai, taylor and depth, else uniform)")
     search: SearchParams = Field(default_factory=SearchParams, description="allocation: search settings")
     units: Literal["auto"] | list[UnitName] = Field(
-        "auto", description="unit types to remove: heads, channels (MLP), layers; auto: the method's own")
+        "auto", description="unit types to remove: heads, channels (MLP), layers, hidden (the embedding "
+                            "dimension, alone); auto: the method's own")
     head_mode: Literal["auto", "query", "group"] = Field(
         "auto", description="GQA head unit: a query head from every group, a whole KV group, or the finer")
     round_to: int = Field(1, ge=1, description="keep MLP widths a multiple of this")
@@ -112,7 +113,8 @@ class PruneParams(_Section):
         """These settings with ``auto`` replaced by what it means for ``method``."""
         entry = METHODS[method]
         return self.model_copy(update={"allocation": entry.allocation if self.allocation == "auto" else self.allocation,
-                                       "units": list(entry.units) if self.units == "auto" else self.units,
+                                       "units": list(entry.auto_units or entry.units) if self.units == "auto"
+                                       else self.units,
                                        "reconstruct": entry.reconstruct if self.reconstruct == "auto"
                                        else self.reconstruct})
 
@@ -263,6 +265,12 @@ def check_method(method: str, cfg: PruneParams) -> None:
                          f"layers and modules; set prune.allocation: {entry.allocations[0]} or auto "
                          f"(got {resolved.allocation})")
     problems = []  # every conflict at once: switching the method may need more than one key changed
+    if "hidden" in resolved.units and len(resolved.units) > 1:
+        problems.append(f"prune.units: hidden channels are pruned on their own (units: [hidden]), not with "
+                        f"{', '.join(u for u in resolved.units if u != 'hidden')}")
+    if "hidden" in resolved.units and resolved.reconstruct != "none":
+        problems.append(f"prune.reconstruct: {resolved.reconstruct} re-fits o_proj/down_proj inputs; hidden "
+                        f"channels are their outputs: use reconstruct: none (or auto)")
     if resolved.allocation == "search" and (entry.depth or "channels" not in resolved.units
                                             or "layers" in resolved.units):
         problems.append(f"prune.allocation: search moves heads and MLP channels between layers and balances the "

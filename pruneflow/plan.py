@@ -39,6 +39,7 @@ class PrunePlan:
     layers: list[LayerPlan]
     params: dict = field(default_factory=dict)  # before/after/achieved ratio, filled by select
     kept_layers: list[int] | None = None  # blocks kept (None: all); ``layers`` still has one entry per block
+    kept_hidden: list[int] | None = None  # hidden channels kept (None: all; the hidden unit, pruneflow.hidden)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

@@ -61,6 +61,18 @@ def check_streams(method: str, model: nn.Module | None = None) -> None:
                              f"methods that stream a block at a time: {streamed}")
 
 
+def check_hidden(model: nn.Module, spec: ArchSpec, cfg: PruneParams) -> None:
+    """The hidden unit (``cfg`` resolved) on a model it cannot slice: an error before any forward pass."""
+    if "hidden" not in cfg.units:
+        return
+    from pruneflow import hidden
+
+    hidden.check(model, spec)
+    if streaming.is_streamed(model):
+        raise PruneflowError("prune.units: hidden channels are sliced in memory; this model is streamed (above "
+                             "runtime.max_memory): raise the budget")
+
+
 def select_config(cfg: PruneParams, scores: Scores) -> SelectConfig:
     """The selection settings of ``prune.*`` (resolved for the method; compensation only when the scorer
     provides activation means)."""
@@ -85,6 +97,7 @@ def prune(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, windo
     check_model(method, spec)
     check_streams(method, model)
     cfg, entry, runtime = cfg.for_method(method), METHODS[method], runtime or Runtime()
+    check_hidden(model, spec, cfg)
     check_reconstruct(model, spec, cfg, windows, runtime)
     if entry.iterative:
         options = options or entry.options()
@@ -112,6 +125,10 @@ def choose(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, scor
     the method's own plan (returns its summary too)."""
     from pruneflow import search
 
+    if "hidden" in cfg.units:
+        from pruneflow import hidden
+
+        return hidden.select(model, spec, scores, select_config(cfg, scores), method, seed), None
     shapes, params = layer_shapes(model, spec), A.count_parameters(model)
     if cfg.allocation != "search":
         return select(scores, shapes, params, select_config(cfg, scores), method=method, seed=seed), None

@@ -13,6 +13,7 @@ training (:func:`teacher_states`), after which the teacher is not needed. Losses
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import time
@@ -46,6 +47,7 @@ class TeacherStates:
 
     states: list[torch.Tensor]
     head_digest: str  # sha256 of the teacher's LM head: the student's must be the same weights
+    head: nn.Module | None = None  # the teacher's head itself, kept when the student's is narrower (hidden unit)
 
 
 def target_modules(model: nn.Module, spec: ArchSpec, targets: list[str]) -> list[str]:
@@ -98,14 +100,16 @@ def _head_digest(model: nn.Module) -> str:
 
 @torch.no_grad()
 def teacher_states(teacher: nn.Module, windows: torch.Tensor, cfg: RecoverParams,
-                   runtime: Runtime | None = None) -> TeacherStates:
-    """The teacher's final hidden states of every step's batch, kept in host memory."""
+                   runtime: Runtime | None = None, keep_head: bool = False) -> TeacherStates:
+    """The teacher's final hidden states of every step's batch, kept in host memory (with a copy of its LM head
+    when ``keep_head``: a student pruned in the hidden dimension has a narrower one)."""
     runtime = runtime or Runtime()
     teacher.eval()
     device = runtime.input_device(teacher)
     states = [hidden_states(teacher, windows[rows].to(device)).cpu()
               for rows in tqdm(batch_order(len(windows), cfg), desc="teacher states", unit="batch", leave=False)]
-    return TeacherStates(states=states, head_digest=_head_digest(teacher))
+    head = copy.deepcopy(lm_parts(teacher)[1]).cpu().requires_grad_(False) if keep_head else None
+    return TeacherStates(states=states, head_digest=_head_digest(teacher), head=head)
 
 
 def needs_checkpointing(model: nn.Module, cfg: RecoverParams, runtime: Runtime) -> bool:
@@ -142,7 +146,22 @@ def recover(model: nn.Module, windows: torch.Tensor, spec: ArchSpec, cfg: Recove
                           gradient_checkpointing=checkpointing)
 
 
+def teacher_head(model: nn.Module, teacher: nn.Module | TeacherStates) -> nn.Module | None:
+    """The head that turns the teacher's hidden states into its logits when the student's cannot (a student
+    pruned in the hidden dimension); None: the student's own (the same weights, checked)."""
+    head = teacher.head if isinstance(teacher, TeacherStates) else lm_parts(teacher)[1]
+    student = lm_parts(model)[1]
+    if head is None or head.in_features == student.in_features:
+        return None
+    if head.out_features != student.out_features:
+        raise PruneflowError(f"distillation: the teacher's vocabulary ({head.out_features}) is not the pruned "
+                             f"model's ({student.out_features})")
+    return head
+
+
 def _check_teacher(model: nn.Module, teacher: nn.Module | TeacherStates) -> None:
+    if teacher_head(model, teacher) is not None:
+        return  # a narrower student (hidden unit): the teacher's logits come from its own head
     same = (_head_digest(model) == teacher.head_digest if isinstance(teacher, TeacherStates)
             else torch.equal(lm_parts(model)[1].weight.cpu(), lm_parts(teacher)[1].weight.cpu()))
     if not same:
@@ -158,10 +177,14 @@ def train_lora(model: nn.Module, windows: torch.Tensor, spec: ArchSpec, cfg: Rec
 
     runtime = runtime or Runtime()
     distill = teacher is not None and cfg.distill_weight > 0
+    head = None
     if distill:
         _check_teacher(model, teacher)
         if isinstance(teacher, nn.Module):
             teacher.eval().requires_grad_(False)
+        head = teacher_head(model, teacher)
+        if head is not None:
+            head = head.to(lm_parts(model)[1].weight.device)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(cfg.seed)
@@ -185,7 +208,7 @@ def train_lora(model: nn.Module, windows: torch.Tensor, spec: ArchSpec, cfg: Rec
         elif distill:
             with torch.no_grad():
                 target = hidden_states(teacher, batch.to(runtime.input_device(teacher)))
-        ce, kd = training_losses(student, batch, target)
+        ce, kd = training_losses(student, batch, target, head)
         loss = ce + cfg.distill_weight * kd
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

@@ -35,6 +35,7 @@ class Scores:
     kv_heads: list[torch.Tensor] | None = None  # (KV_l,) what removing a KV head adds (whole-group units only)
     attn_mean: list[torch.Tensor] | None = None
     mlp_mean: list[torch.Tensor] | None = None
+    hidden: torch.Tensor | None = None  # (D,) per hidden channel, for the hidden unit (one for the whole model)
     extra: dict = field(default_factory=dict)
 
 

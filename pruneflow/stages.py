@@ -156,8 +156,9 @@ def save_scores(scores: Scores, out_dir: Path) -> None:
     tensors |= {f"channels.{i}": t for i, t in enumerate(scores.channels)}
     for kind in ("attn_mean", "mlp_mean", "kv_heads"):
         tensors |= {f"{kind}.{i}": t for i, t in enumerate(getattr(scores, kind) or [])}
-    if scores.layers is not None:
-        tensors["layers"] = scores.layers
+    for kind in ("layers", "hidden"):
+        if getattr(scores, kind) is not None:
+            tensors[kind] = getattr(scores, kind)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(out_dir / "scores.safetensors"))
 
 
@@ -169,7 +170,7 @@ def load_scores(out_dir: Path) -> Scores:
         return [tensors[f"{kind}.{i}"] for i in range(sum(k.startswith(f"{kind}.") for k in tensors))]
 
     return Scores(heads=series("heads"), channels=series("channels"), comparable=meta["comparable"],
-                  layers=tensors.get("layers"), attn_mean=series("attn_mean") or None,
+                  layers=tensors.get("layers"), hidden=tensors.get("hidden"), attn_mean=series("attn_mean") or None,
                   mlp_mean=series("mlp_mean") or None, kv_heads=series("kv_heads") or None)
 
 
@@ -210,7 +211,7 @@ def score(params: Params, root: Path, runtime: Runtime) -> Path:
 
 def prune(params: Params, root: Path, runtime: Runtime) -> Path:
     from pruneflow.plan import PrunePlan
-    from pruneflow.prune import apply_plan, check_reconstruct, choose, means_for
+    from pruneflow.prune import apply_plan, check_hidden, check_reconstruct, choose, means_for
 
     scores_dir = _needs(root / OUTPUTS["score"], "score")
     meta = json.loads((scores_dir / "scores.json").read_text())
@@ -224,6 +225,7 @@ def prune(params: Params, root: Path, runtime: Runtime) -> Path:
         windows, _ = C.load(_needs(root / OUTPUTS["calibrate"], "calibrate"))
     model, tokenizer, spec = checkpoint.load(dense, runtime, stream=True)  # streamed: sliced as it is written
     check_reconstruct(model, spec, cfg, windows, runtime)
+    check_hidden(model, spec, cfg)
     scores, extra = None, {}
     if (scores_dir / "plan.json").exists():
         plan = PrunePlan.load(scores_dir / "plan.json")
@@ -268,7 +270,8 @@ def recover(params: Params, root: Path, runtime: Runtime) -> Path:
                                   purpose="LoRA recovery's teacher")[0]
         weights = sum(p.numel() * p.element_size() for p in teacher.parameters())
         if R.precompute_pays(teacher.config, weights, cfg, teacher.dtype):
-            teacher, precomputed = R.teacher_states(teacher, windows, cfg, runtime), True
+            narrower = checkpoint.read_config(pruned).get("hidden_size") != teacher.config.hidden_size
+            teacher, precomputed = R.teacher_states(teacher, windows, cfg, runtime, keep_head=narrower), True
             runtime.free()
     model, _, spec = checkpoint.load(pruned, runtime, with_tokenizer=False, purpose="LoRA recovery")
     result = R.recover(model, windows, spec, cfg, teacher, runtime)

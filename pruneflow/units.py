@@ -4,6 +4,9 @@ Unit types — ``prune.units``, the fields of ``Scores``, a layer's widths, Bons
     heads      attention heads (query heads; with GQA, removed as ``head_mode`` says)
     channels   MLP intermediate channels (one row of gate/up and one column of down each)
     layers     whole decoder blocks
+    hidden     channels of the hidden (embedding) dimension every block shares: one column of the embedding,
+               of every projection reading the residual stream and of the head, one row of o/down, one entry of
+               every norm (Minitron); pruned on its own, the same channels everywhere
 Head modes — ``prune.head_mode``, how GQA heads are removed so every KV group keeps the same size:
     query      one query head from every KV group of a layer at a time
     group      one whole KV group (its KV head and its query heads) at a time
@@ -12,7 +15,7 @@ Selection units — what ``plan.select`` ranks and removes, one of: a ``channel`
 ``group``, a ``layer``.
 """
 
-UNIT_TYPES = ("heads", "channels", "layers")
+UNIT_TYPES = ("heads", "channels", "layers", "hidden")
 WIDTH_UNITS = ("heads", "channels")
 HEAD_MODES = ("auto", "query", "group")
 ALLOCATIONS = ("uniform", "global", "search")  # search: pruneflow.search, from the method's own plan

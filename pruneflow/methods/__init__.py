@@ -31,6 +31,7 @@ class Method:
     iterative: bool = False  # scores one iteration; prune.py repeats score → select → apply
     options: type[Options] | None = None  # its options model, params key score.<name>
     streams: bool = False  # scores a model larger than memory a block at a time (runtime.max_memory)
+    auto_units: tuple[str, ...] | None = None  # what prune.units: auto means for it (None: all of ``units``)
 
     @property
     def score(self) -> Callable:
@@ -63,6 +64,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("bonsai", "bonsai", "Bonsai: importance from the losses of perturbed sub-models, forward passes only",
            needs=frozenset({ACTIVATIONS, CAUSAL_LM}), allocation="global", allocations=("global",), iterative=True,
            options=BonsaiParams, streams=True),
+    Method("minitron", "minitron", "Minitron: activation magnitude, mean |x| over the sequence then L2 over the "
+           "batch, of the norm outputs (hidden), o_proj inputs (heads), down_proj inputs (channels)",
+           units=("hidden", "heads", "channels"), needs=frozenset({ACTIVATIONS}), allocations=("uniform",),
+           auto_units=("hidden",)),  # hidden channels are sliced in memory: no streaming
 )}
 
 

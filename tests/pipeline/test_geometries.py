@@ -102,7 +102,9 @@ def _fresh(geometry: str):
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
-@pytest.mark.parametrize("method", SOUND)
+# minitron reads o_proj's inputs only (no weights): a head weakened in its q rows and o columns attends evenly
+# but still outputs values of normal size, so it is not the weakest there (its KV group, weakened below, is)
+@pytest.mark.parametrize("method", [m for m in SOUND if m != "minitron"])
 def test_query_mode_removes_the_planted_head_of_every_kv_group_first(geometry, method):
     for allocation in _allocations(method):
         model, spec, geo = _fresh(geometry)

@@ -1,0 +1,134 @@
+"""The hidden unit: channels of the residual stream (the embedding dimension), pruned the same everywhere.
+
+A hidden channel is one column of the embedding, of every projection that reads the residual stream (q, k, v,
+gate, up) and of the head; one row (and bias entry) of every projection that writes it (o, down); one entry
+of every norm over it (each block's and the final one). Heads keep their head_dim; the config gets the new
+``hidden_size`` and an explicit ``head_dim``, so the checkpoint stays vanilla. The kept width is a multiple of
+the number of query heads (transformers' configs require ``hidden_size % num_attention_heads == 0``) and of
+``prune.round_to``. RMSNorms then average over the kept channels only, as Minitron's pruning leaves them
+(recovery with distillation is its recipe).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pruneflow import arch as A
+from pruneflow.arch import ArchSpec
+from pruneflow.errors import PruneflowError
+from pruneflow.plan import LayerPlan, PrunePlan, SelectConfig
+from pruneflow.scores import Scores
+
+READERS = ("q", "k", "v", "gate", "up")  # projections whose input is the residual stream
+WRITERS = ("o", "down")  # projections whose output is added to it
+
+
+def check(model: nn.Module, spec: ArchSpec) -> None:
+    """Refuse a model whose hidden dimension this module cannot slice consistently."""
+    if not spec.norms or spec.final_norm is None or not spec.causal_lm:
+        raise PruneflowError("prune.units: hidden is supported for decoder LMs whose ArchSpec names their norms "
+                             "(llama, mistral, qwen2, qwen3), not this architecture")
+    if getattr(model.config, "model_type", "").startswith(A.PRUNED_PREFIX):
+        raise PruneflowError("prune.units: hidden needs a checkpoint with uniform widths; this one has per-layer "
+                             "widths (prune the hidden dimension first, then heads and channels)")
+
+
+def _tensors(model: nn.Module, spec: ArchSpec) -> list[tuple[nn.Module, str, int, bool]]:
+    """Every (module, parameter name, hidden axis, counts as embedding) that holds the hidden dimension."""
+    out = [(model.get_input_embeddings(), "weight", 1, True)]
+    for block in A.blocks(model, spec):
+        for name in READERS:
+            path = getattr(spec, name)
+            if path:
+                out.append((A.get(block, path), "weight", 1, False))
+        for name in WRITERS:
+            module = A.get(block, getattr(spec, name))
+            out.append((module, "weight", 0, False))
+            if module.bias is not None:
+                out.append((module, "bias", 0, False))
+        for path in spec.norms:
+            norm = A.get(block, path)
+            out += [(norm, p, 0, False) for p in ("weight", "bias") if getattr(norm, p, None) is not None]
+    final = A.get(model, spec.final_norm)
+    out += [(final, p, 0, False) for p in ("weight", "bias") if getattr(final, p, None) is not None]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not model.get_input_embeddings().weight:
+        out.append((head, "weight", 1, True))
+    return out
+
+
+def channel_cost(model: nn.Module, spec: ArchSpec) -> int:
+    """Non-embedding parameters one hidden channel owns (the same for every channel)."""
+    hidden = model.config.hidden_size
+    return sum(getattr(m, p).numel() // hidden for m, p, _, embedding in _tensors(model, spec) if not embedding)
+
+
+def select(model: nn.Module, spec: ArchSpec, scores: Scores, cfg: SelectConfig, method: str = "",
+           seed: int = 0) -> PrunePlan:
+    """Keep the highest-scoring hidden channels: as many as leave ``cfg.ratio`` of the non-embedding parameters
+    removed, rounded to a multiple of the query heads and of ``cfg.round_to``; every block keeps its widths."""
+    check(model, spec)
+    if scores.hidden is None:
+        raise PruneflowError(f"prune.units: method {method} gives no hidden-channel scores (use minitron)")
+    hidden, heads = model.config.hidden_size, model.config.num_attention_heads
+    params, cost = A.count_parameters(model), channel_cost(model, spec)
+    step = math.lcm(heads, cfg.round_to)
+    want = hidden - cfg.ratio * params["non_embedding"] / cost
+    kept = round(want / step) * step
+    if kept < step or kept >= hidden:
+        share = step * cost / params["non_embedding"]
+        raise PruneflowError(f"prune.ratio={cfg.ratio}: the hidden size {hidden} is kept a multiple of {step} (query "
+                             f"heads {heads}, round_to {cfg.round_to}), a step of {share:.1%} of the parameters; "
+                             f"choose a ratio between {share:.1%} and {(hidden - step) * cost / params['non_embedding']:.1%}")
+    order = torch.argsort(scores.hidden.float(), descending=True, stable=True)
+    widths = A.layer_widths(model, spec)
+    plan = PrunePlan(method=method, ratio=cfg.ratio, allocation=cfg.allocation, head_mode=cfg.head_mode,
+                     units=["hidden"], round_to=cfg.round_to, reconstruct="none", seed=seed,
+                     layers=[LayerPlan(kept_heads=list(range(w["heads"])), kept_kv_heads=list(range(w["kv_heads"])),
+                                       kept_channels=list(range(w["channels"]))) for w in widths],
+                     kept_hidden=sorted(int(i) for i in order[:kept]))
+    gone = (hidden - kept) * cost
+    plan.params = {"total_before": params["total"],
+                   "total_after": params["total"] - gone - (hidden - kept) * _embedding_cost(model, spec),
+                   "non_embedding_before": params["non_embedding"],
+                   "non_embedding_after": params["non_embedding"] - gone,
+                   "achieved_ratio": gone / params["non_embedding"], "hidden_before": hidden, "hidden_after": kept}
+    return plan
+
+
+def _embedding_cost(model: nn.Module, spec: ArchSpec) -> int:
+    hidden = model.config.hidden_size
+    return sum(getattr(m, p).numel() // hidden for m, p, _, embedding in _tensors(model, spec) if embedding)
+
+
+@torch.no_grad()
+def apply(model: nn.Module, spec: ArchSpec, kept: list[int]) -> None:
+    """Slice every tensor holding the hidden dimension to the channels ``kept`` (in place); update the config."""
+    check(model, spec)
+    hidden = model.config.hidden_size
+    if not kept or len(set(kept)) != len(kept) or min(kept) < 0 or max(kept) >= hidden:
+        raise PruneflowError(f"plan keeps hidden channels outside 0..{hidden - 1} or repeats some")
+    if len(kept) % model.config.num_attention_heads:
+        raise PruneflowError(f"plan keeps {len(kept)} hidden channels, not a multiple of the "
+                             f"{model.config.num_attention_heads} query heads the config needs")
+    head_dim = A.geometry(model.config).head_dim
+    tied = model.get_output_embeddings() is not None and \
+        model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    for module, name, axis, _ in _tensors(model, spec):
+        old = getattr(module, name)
+        index = torch.as_tensor(kept, dtype=torch.long, device=old.device)
+        setattr(module, name, nn.Parameter(old.index_select(axis, index).contiguous(), requires_grad=old.requires_grad))
+        if isinstance(module, nn.Linear):
+            module.in_features, module.out_features = module.weight.shape[1], module.weight.shape[0]
+        elif isinstance(module, nn.Embedding):
+            module.embedding_dim = module.weight.shape[1]
+        elif hasattr(module, "normalized_shape"):
+            module.normalized_shape = (len(kept),)
+    if tied:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+        model.get_output_embeddings().in_features = len(kept)
+    model.config.hidden_size = len(kept)
+    model.config.head_dim = head_dim  # explicit: hidden_size // num_attention_heads no longer gives it
