@@ -117,6 +117,8 @@ def jobs(args) -> list[dict]:
 
 
 def _jobs_for(args, model: str, depth: set, causal_only: set) -> list[dict]:
+    from pruneflow.methods import METHODS
+
     base = {"model": model, "n_windows": 64, "seqlen": 256, "threads": args.threads,
             "units": ["channels", "heads"], "device": args.device, "dtype": args.dtype, "speed": args.speed,
             "llama_cpp": args.llama_cpp}
@@ -132,12 +134,14 @@ def _jobs_for(args, model: str, depth: set, causal_only: set) -> list[dict]:
                      "reconstruct": rec}
                     for r in args.ratios for seed in args.seeds for rec in args.reconstructs or ["none"]]
             continue
+        auto_units = METHODS[method].auto_units  # e.g. minitron: hidden channels
+        units = {"units": list(auto_units)} if auto_units else {}
         for ratio in args.ratios:
             for allocation in args.allocations:
                 for seed in (args.seeds if method == "random" else args.seeds[:1]):
                     for rec in args.reconstructs or ["bias" if method == "flap" else "none"]:
                         out.append({**base, "method": method, "ratio": ratio, "allocation": allocation, "seed": seed,
-                                    "reconstruct": rec})
+                                    "reconstruct": rec, **units})
                 if method == "flap" and not args.reconstructs:  # ablation: FLAP's bias compensation off
                     out.append({**base, "method": method, "ratio": ratio, "allocation": allocation, "seed": 0,
                                 "reconstruct": "none"})

@@ -144,7 +144,7 @@ def prune(
     method: Optional[str] = typer.Option(None, help="importance method; see `pruneflow methods`"),
     ratio: Optional[float] = typer.Option(None, help="fraction of non-embedding parameters to remove"),
     calibration: Optional[str] = typer.Option(None, help="'corpus', a .txt/.jsonl file, or hf:NAME"),
-    units: Optional[str] = typer.Option(None, help="comma-separated: mlp,heads"),
+    units: Optional[str] = typer.Option(None, help="comma-separated: heads,channels | layers | hidden"),
     allocation: Optional[str] = typer.Option(None, help="uniform | global | search (per-layer counts searched on calibration loss) | auto"),
     head_mode: Optional[str] = typer.Option(None, help="auto | query (a head from every KV group) | group (whole KV groups)"),
     round_to: Optional[int] = typer.Option(None, help="keep MLP widths a multiple of N"),
