@@ -628,7 +628,8 @@ def methods() -> None:
 
     for m in METHODS.values():
         needs = ", ".join(sorted(m.needs)) or "weights only"
-        typer.echo(f"{m.name:16s} {m.summary}\n{'':16s} units: {', '.join(m.units)}; needs: {needs}; "
+        auto = f" (auto: {', '.join(m.auto_units)})" if m.auto_units else ""
+        typer.echo(f"{m.name:16s} {m.summary}\n{'':16s} units: {', '.join(m.units)}{auto}; needs: {needs}; "
                    f"allocation auto: {m.allocation}" + ("; iterative" if m.iterative else "")
                    + ("; streams (--max-memory)" if m.streams else ""))
 
