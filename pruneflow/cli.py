@@ -729,9 +729,10 @@ def main() -> None:
         if exit_.code is not None and not isinstance(exit_.code, int):
             raise  # a message to print: let Python's own exit do it
         code = exit_.code or 0
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    # as the interpreter does at exit: threading's own exit callbacks first (they stop idle thread pools such as
+    # MLflow's artifact uploader, whose workers wait for work forever), then every non-daemon thread is joined
+    # (joining before those callbacks kept `pruneflow sweep` alive ~5 min after its flow had finished)
+    threading._shutdown()
     atexit._run_exitfuncs()
     logging.shutdown()
     sys.stdout.flush()

@@ -247,3 +247,17 @@ def test_calibrate_from_a_per_layer_checkpoint_never_prompts(tiny_checkpoint, ca
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
     assert "custom code" not in output and (tmp_path / "calib" / "manifest.json").exists()
+
+
+def test_the_console_script_exits_although_a_thread_pool_was_never_shut_down():
+    """MLflow's artifact uploads leave an idle ThreadPoolExecutor behind; `main` stops it as the interpreter
+    would (threading's exit callbacks, then the join) instead of joining its workers forever."""
+    script = ("import concurrent.futures, sys\n"
+              "pool = concurrent.futures.ThreadPoolExecutor(1)\n"
+              "pool.submit(int).result()\n"
+              "sys.argv = ['pruneflow', 'methods']\n"
+              "from pruneflow.cli import main\n"
+              "main()\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "minitron" in proc.stdout
