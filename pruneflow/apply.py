@@ -120,16 +120,13 @@ def apply(model: nn.Module, plan: PrunePlan, spec: ArchSpec, scores: Scores | No
     _check(plan, shapes)
     if plan.reconstruct == "bias" and (scores is None or scores.attn_mean is None):
         raise PruneflowError(f"method {plan.method!r} provides no activation means for bias compensation")
-    if streaming.is_streamed(model):  # the weights are sliced while they are written (streaming.write_weights)
-        if plan.kept_hidden is not None:
-            raise PruneflowError("prune.units: hidden channels are sliced in memory; this model is streamed "
-                                 "(above runtime.max_memory): raise the budget")
-        streaming.record(model, plan, scores, spec)
-        return model
-    if plan.kept_hidden is not None:  # the hidden unit keeps every block's widths
+    if plan.kept_hidden is not None:  # the hidden unit keeps every block's widths (in memory only)
         from pruneflow import hidden
 
         hidden.apply(model, spec, plan.kept_hidden)
+        return model
+    if streaming.is_streamed(model):  # the weights are sliced while they are written (streaming.write_weights)
+        streaming.record(model, plan, scores, spec)
         return model
     for i, block in enumerate(A.blocks(model, spec)):
         apply_block(block, spec, plan, scores, i, A.geometry(model.config).head_dim)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pruneflow import arch as A
+from pruneflow import streaming
 from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
 from pruneflow.plan import LayerPlan, PrunePlan, SelectConfig
@@ -34,6 +35,9 @@ def check(model: nn.Module, spec: ArchSpec) -> None:
     if getattr(model.config, "model_type", "").startswith(A.PRUNED_PREFIX):
         raise PruneflowError("prune.units: hidden needs a checkpoint with uniform widths; this one has per-layer "
                              "widths (prune the hidden dimension first, then heads and channels)")
+    if streaming.is_streamed(model):
+        raise PruneflowError("prune.units: hidden channels are sliced in memory; this model is streamed (above "
+                             "runtime.max_memory): raise the budget")
 
 
 def _tensors(model: nn.Module, spec: ArchSpec) -> list[tuple[nn.Module, str, int, bool]]:
@@ -60,10 +64,12 @@ def _tensors(model: nn.Module, spec: ArchSpec) -> list[tuple[nn.Module, str, int
     return out
 
 
-def channel_cost(model: nn.Module, spec: ArchSpec) -> int:
-    """Non-embedding parameters one hidden channel owns (the same for every channel)."""
-    hidden = model.config.hidden_size
-    return sum(getattr(m, p).numel() // hidden for m, p, _, embedding in _tensors(model, spec) if not embedding)
+def _costs(model: nn.Module, spec: ArchSpec) -> tuple[int, int]:
+    """(non-embedding, embedding) parameters one hidden channel owns (the same for every channel)."""
+    hidden, costs = model.config.hidden_size, [0, 0]
+    for module, name, _, embedding in _tensors(model, spec):
+        costs[embedding] += getattr(module, name).numel() // hidden
+    return costs[0], costs[1]
 
 
 def select(model: nn.Module, spec: ArchSpec, scores: Scores, cfg: SelectConfig, method: str = "",
@@ -74,7 +80,7 @@ def select(model: nn.Module, spec: ArchSpec, scores: Scores, cfg: SelectConfig, 
     if scores.hidden is None:
         raise PruneflowError(f"prune.units: method {method} gives no hidden-channel scores (use minitron)")
     hidden, heads = model.config.hidden_size, model.config.num_attention_heads
-    params, cost = A.count_parameters(model), channel_cost(model, spec)
+    params, (cost, embedding_cost) = A.count_parameters(model), _costs(model, spec)
     step = math.lcm(heads, cfg.round_to)
     want = hidden - cfg.ratio * params["non_embedding"] / cost
     kept = round(want / step) * step
@@ -92,16 +98,11 @@ def select(model: nn.Module, spec: ArchSpec, scores: Scores, cfg: SelectConfig, 
                      kept_hidden=sorted(int(i) for i in order[:kept]))
     gone = (hidden - kept) * cost
     plan.params = {"total_before": params["total"],
-                   "total_after": params["total"] - gone - (hidden - kept) * _embedding_cost(model, spec),
+                   "total_after": params["total"] - gone - (hidden - kept) * embedding_cost,
                    "non_embedding_before": params["non_embedding"],
                    "non_embedding_after": params["non_embedding"] - gone,
                    "achieved_ratio": gone / params["non_embedding"], "hidden_before": hidden, "hidden_after": kept}
     return plan
-
-
-def _embedding_cost(model: nn.Module, spec: ArchSpec) -> int:
-    hidden = model.config.hidden_size
-    return sum(getattr(m, p).numel() // hidden for m, p, _, embedding in _tensors(model, spec) if embedding)
 
 
 @torch.no_grad()

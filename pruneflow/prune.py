@@ -68,9 +68,6 @@ def check_hidden(model: nn.Module, spec: ArchSpec, cfg: PruneParams) -> None:
     from pruneflow import hidden
 
     hidden.check(model, spec)
-    if streaming.is_streamed(model):
-        raise PruneflowError("prune.units: hidden channels are sliced in memory; this model is streamed (above "
-                             "runtime.max_memory): raise the budget")
 
 
 def select_config(cfg: PruneParams, scores: Scores) -> SelectConfig:

@@ -159,9 +159,12 @@ def teacher_head(model: nn.Module, teacher: nn.Module | TeacherStates) -> nn.Mod
     return head
 
 
-def _check_teacher(model: nn.Module, teacher: nn.Module | TeacherStates) -> None:
-    if teacher_head(model, teacher) is not None:
-        return  # a narrower student (hidden unit): the teacher's logits come from its own head
+def _check_teacher(model: nn.Module, teacher: nn.Module | TeacherStates) -> nn.Module | None:
+    """The teacher's own head for a narrower student (hidden unit), else None after checking that the student's
+    head is the teacher's."""
+    head = teacher_head(model, teacher)
+    if head is not None:
+        return head
     same = (_head_digest(model) == teacher.head_digest if isinstance(teacher, TeacherStates)
             else torch.equal(lm_parts(model)[1].weight.cpu(), lm_parts(teacher)[1].weight.cpu()))
     if not same:
@@ -179,10 +182,9 @@ def train_lora(model: nn.Module, windows: torch.Tensor, spec: ArchSpec, cfg: Rec
     distill = teacher is not None and cfg.distill_weight > 0
     head = None
     if distill:
-        _check_teacher(model, teacher)
+        head = _check_teacher(model, teacher)
         if isinstance(teacher, nn.Module):
             teacher.eval().requires_grad_(False)
-        head = teacher_head(model, teacher)
         if head is not None:
             head = head.to(lm_parts(model)[1].weight.device)
     if checkpointing:
