@@ -116,6 +116,11 @@ def apply_block(block: nn.Module, spec: ArchSpec, plan: PrunePlan, scores: Score
 def apply(model: nn.Module, plan: PrunePlan, spec: ArchSpec, scores: Scores | None = None) -> nn.Module:
     """Slice the model in place to what ``plan`` keeps; with ``plan.reconstruct == "bias"``, add FLAP's bias
     compensation (``lstsq`` re-fits after slicing: :func:`pruneflow.reconstruct.refit`)."""
+    if plan.kept_experts is not None:  # the experts unit keeps every block's attention and expert widths
+        from pruneflow import experts
+
+        experts.apply(model, spec, plan.kept_experts)
+        return model
     shapes = layer_shapes(model, spec)
     _check(plan, shapes)
     if plan.reconstruct == "bias" and (scores is None or scores.attn_mean is None):

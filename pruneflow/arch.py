@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -22,12 +22,20 @@ class ArchSpec:
     k: str
     v: str
     o: str
-    up: str
-    down: str
+    up: str | None  # None where the MLP is a Mixture of Experts (``experts``)
+    down: str | None
     gate: str | None = None  # None for a plain 2-layer MLP (BERT)
     causal_lm: bool = True  # loaded with AutoModelForCausalLM, else AutoModel
     norms: tuple[str, ...] = ()  # a block's norms over the hidden dimension (their outputs feed attention, MLP)
     final_norm: str | None = None  # the norm after the last block; with ``norms``: the hidden unit is supported
+    # Mixture of Experts (the experts unit, pruneflow.experts): the router (a ``weight`` of (E, D), ``top_k``,
+    # ``num_experts``) and the fused experts (``gate_up_proj`` (E, 2I, D), ``down_proj`` (E, D, I), ``num_experts``)
+    router: str | None = None
+    experts: str | None = None
+
+    @property
+    def moe(self) -> bool:
+        return self.experts is not None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -40,9 +48,15 @@ BERT = ArchSpec(layers="encoder.layer", q="attention.self.query", k="attention.s
                 v="attention.self.value", o="attention.output.dense", up="intermediate.dense",
                 down="output.dense", causal_lm=False)
 
+# transformers 5's sparse MoE blocks (Qwen3-MoE, Mixtral, OLMoE): the same attention and norms, the MLP a router
+# plus fused experts
+MOE = replace(LLAMA, gate=None, up=None, down=None, router="mlp.gate", experts="mlp.experts")
+
 # qwen2 adds q/k/v biases and qwen3 per-head q/k RMSNorms of size head_dim: both are sliced (biases) or
 # shared across heads (norms) by the same rules, so they reuse the Llama layout.
-ARCHS: dict[str, ArchSpec] = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA, "bert": BERT}
+ARCHS: dict[str, ArchSpec] = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA, "bert": BERT,
+                             "qwen3_moe": MOE, "mixtral": MOE}
+EXPERT_KEYS = ("num_experts", "num_local_experts")  # where configs keep the expert count (one aliases the other)
 
 
 def base_model_type(model_type: str) -> str:
@@ -87,17 +101,21 @@ def blocks(model: nn.Module, arch: ArchSpec) -> nn.ModuleList:
 
 
 def layer_widths(model: nn.Module, arch: ArchSpec) -> list[dict]:
-    """Per layer: query heads, KV heads, MLP channels and whether o/down carry a bias."""
+    """Per layer: query heads, KV heads, MLP channels (of one expert, in an MoE block), experts (MoE only) and
+    whether o/down carry a bias."""
     geo = geometry(model.config)
     widths = []
     for block in blocks(model, arch):
-        widths.append({
-            "heads": get(block, arch.q).out_features // geo.head_dim,
-            "kv_heads": get(block, arch.k).out_features // geo.head_dim,
-            "channels": get(block, arch.up).out_features,
-            "o_bias": get(block, arch.o).bias is not None,
-            "down_bias": get(block, arch.down).bias is not None,
-        })
+        width = {"heads": get(block, arch.q).out_features // geo.head_dim,
+                 "kv_heads": get(block, arch.k).out_features // geo.head_dim}
+        if arch.moe:
+            experts = get(block, arch.experts)
+            width |= {"channels": experts.down_proj.shape[2], "experts": experts.down_proj.shape[0]}
+        else:
+            width["channels"] = get(block, arch.up).out_features
+        width |= {"o_bias": get(block, arch.o).bias is not None,
+                  "down_bias": not arch.moe and get(block, arch.down).bias is not None}
+        widths.append(width)
     return widths
 
 

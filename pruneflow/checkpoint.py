@@ -62,7 +62,11 @@ def vanilla_config(model: nn.Module, spec: ArchSpec):
     model_type = A.base_model_type(model.config.model_type)
     config_cls, model_cls = _stock_classes(model, model_type)
     data = _base_dict(model.config)
-    data.update(num_attention_heads=widths[0]["heads"], intermediate_size=widths[0]["channels"])
+    data["num_attention_heads"] = widths[0]["heads"]
+    if spec.moe:  # the expert count; expert widths are not pruned (intermediate_size may be a dense MLP's)
+        data.update({key: widths[0]["experts"] for key in A.EXPERT_KEYS if key in data})
+    else:
+        data["intermediate_size"] = widths[0]["channels"]
     if "num_key_value_heads" in data:
         data["num_key_value_heads"] = widths[0]["kv_heads"]
     data["head_dim"] = A.geometry(model.config).head_dim  # explicit: a stock config may not carry it (qwen2)

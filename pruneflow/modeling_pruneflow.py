@@ -9,8 +9,10 @@ transformers class and, after the stock ``__init__``, resizes every block's proj
 from __future__ import annotations
 
 from torch import nn
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers import (BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                          MistralForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 
 def set_head_counts(attn: nn.Module, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
@@ -30,17 +32,32 @@ def _replace(block: nn.Module, path: str, in_features: int, out_features: int, b
     return new
 
 
+def resize_experts(block: nn.Module, arch: dict, count: int) -> None:
+    """Give one MoE block ``count`` experts (fused expert tensors and router rows, uninitialised); the router's
+    top-k is never above them (plans keep at least top-k experts)."""
+    router, experts = block.get_submodule(arch["router"]), block.get_submodule(arch["experts"])
+    for module, name in ((experts, "gate_up_proj"), (experts, "down_proj"), (router, "weight"), (router, "bias")):
+        old = getattr(module, name, None)
+        if old is not None:
+            setattr(module, name, nn.Parameter(old.new_empty((count, *old.shape[1:]))))
+    experts.num_experts = router.num_experts = count
+
+
 def resize_block(block: nn.Module, arch: dict, widths: dict, head_dim: int) -> None:
-    """Give one block's projections the widths of ``widths`` (heads, kv_heads, channels, o/down bias)."""
+    """Give one block's projections the widths of ``widths`` (heads, kv_heads, channels, o/down bias; an MoE
+    block: its expert count)."""
     hidden = block.get_submodule(arch["q"]).in_features
     q_dim, kv_dim = widths["heads"] * head_dim, widths["kv_heads"] * head_dim
     for path, out_features in ((arch["q"], q_dim), (arch["k"], kv_dim), (arch["v"], kv_dim)):
         _replace(block, path, hidden, out_features, block.get_submodule(path).bias is not None)
     _replace(block, arch["o"], q_dim, hidden, widths["o_bias"])
-    for path in (arch["gate"], arch["up"]):
-        if path:
-            _replace(block, path, hidden, widths["channels"], block.get_submodule(path).bias is not None)
-    _replace(block, arch["down"], widths["channels"], hidden, widths["down_bias"])
+    if arch.get("experts"):
+        resize_experts(block, arch, widths["experts"])
+    else:
+        for path in (arch["gate"], arch["up"]):
+            if path:
+                _replace(block, path, hidden, widths["channels"], block.get_submodule(path).bias is not None)
+        _replace(block, arch["down"], widths["channels"], hidden, widths["down_bias"])
     set_head_counts(block.get_submodule(arch["q"].rpartition(".")[0]), widths["heads"], widths["kv_heads"], head_dim)
 
 
@@ -63,6 +80,10 @@ def _pruned(config_cls, model_cls, model_type: str):
             for block, widths in zip(self.get_submodule(arch["layers"]), config.pruneflow_layers):
                 resize_block(block, arch, widths, head_dim_of(config))
 
+    base_type = config_cls.model_type
+    conversions = get_checkpoint_conversion_mapping(base_type)
+    if conversions is not None:  # e.g. MoE experts: per-expert tensors on disk, fused in memory, both ways
+        register_checkpoint_conversion_mapping(model_type, conversions, overwrite=True)
     PrunedConfig.__name__ = PrunedConfig.__qualname__ = f"Pruned{config_cls.__name__}"
     PrunedModel.__name__ = PrunedModel.__qualname__ = f"Pruned{model_cls.__name__}"
     return PrunedConfig, PrunedModel
@@ -72,6 +93,8 @@ PrunedLlamaConfig, PrunedLlamaForCausalLM = _pruned(LlamaConfig, LlamaForCausalL
 PrunedMistralConfig, PrunedMistralForCausalLM = _pruned(MistralConfig, MistralForCausalLM, "pruneflow_mistral")
 PrunedQwen2Config, PrunedQwen2ForCausalLM = _pruned(Qwen2Config, Qwen2ForCausalLM, "pruneflow_qwen2")
 PrunedQwen3Config, PrunedQwen3ForCausalLM = _pruned(Qwen3Config, Qwen3ForCausalLM, "pruneflow_qwen3")
+PrunedQwen3MoeConfig, PrunedQwen3MoeForCausalLM = _pruned(Qwen3MoeConfig, Qwen3MoeForCausalLM, "pruneflow_qwen3_moe")
+PrunedMixtralConfig, PrunedMixtralForCausalLM = _pruned(MixtralConfig, MixtralForCausalLM, "pruneflow_mixtral")
 PrunedBertConfig, PrunedBertModel = _pruned(BertConfig, BertModel, "pruneflow_bert")
 
 # model_type of the base model → (config class, model class, auto class key) for the auto_map
@@ -80,5 +103,7 @@ CLASSES = {
     "mistral": (PrunedMistralConfig, PrunedMistralForCausalLM, "AutoModelForCausalLM"),
     "qwen2": (PrunedQwen2Config, PrunedQwen2ForCausalLM, "AutoModelForCausalLM"),
     "qwen3": (PrunedQwen3Config, PrunedQwen3ForCausalLM, "AutoModelForCausalLM"),
+    "qwen3_moe": (PrunedQwen3MoeConfig, PrunedQwen3MoeForCausalLM, "AutoModelForCausalLM"),
+    "mixtral": (PrunedMixtralConfig, PrunedMixtralForCausalLM, "AutoModelForCausalLM"),
     "bert": (PrunedBertConfig, PrunedBertModel, "AutoModel"),
 }

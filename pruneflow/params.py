@@ -10,7 +10,8 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from pruneflow.errors import PruneflowError
 from pruneflow.methods import METHODS
-from pruneflow.methods.options import BONSAI_PRESETS, BonsaiParams, Options, SearchParams  # noqa: F401
+from pruneflow.methods.options import (BONSAI_PRESETS, BonsaiParams, ExpertDropParams, Options,  # noqa: F401
+                                       SearchParams)
 from pruneflow.sizes import parse_size
 from pruneflow.units import ALIASES, ALLOCATIONS, RECONSTRUCTIONS, UNIT_TYPES
 
@@ -61,6 +62,7 @@ class RuntimeParams(_Section):
 class ScoreParams(_Section):
     method: MethodName = Field("flap", description="importance method (see `pruneflow methods`)")
     bonsai: BonsaiParams = Field(default_factory=BonsaiParams)
+    expert_drop: ExpertDropParams = Field(default_factory=ExpertDropParams)
 
     @field_validator("method", mode="before")
     @classmethod
@@ -268,6 +270,12 @@ def check_method(method: str, cfg: PruneParams) -> None:
     if "hidden" in resolved.units and len(resolved.units) > 1:
         problems.append(f"prune.units: hidden channels are pruned on their own (units: [hidden]), not with "
                         f"{', '.join(u for u in resolved.units if u != 'hidden')}")
+    if "experts" in resolved.units and len(resolved.units) > 1:
+        problems.append(f"prune.units: experts are pruned on their own (units: [experts]), not with "
+                        f"{', '.join(u for u in resolved.units if u != 'experts')}")
+    if "experts" in resolved.units and resolved.reconstruct != "none":
+        problems.append(f"prune.reconstruct: {resolved.reconstruct} re-fits o_proj/down_proj inputs; experts are "
+                        f"removed whole: use reconstruct: none (or auto)")
     if "hidden" in resolved.units and resolved.reconstruct != "none":
         problems.append(f"prune.reconstruct: {resolved.reconstruct} re-fits o_proj/down_proj inputs; hidden "
                         f"channels are their outputs: use reconstruct: none (or auto)")

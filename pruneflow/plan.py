@@ -40,6 +40,7 @@ class PrunePlan:
     params: dict = field(default_factory=dict)  # before/after/achieved ratio, filled by select
     kept_layers: list[int] | None = None  # blocks kept (None: all); ``layers`` still has one entry per block
     kept_hidden: list[int] | None = None  # hidden channels kept (None: all; the hidden unit, pruneflow.hidden)
+    kept_experts: list[list[int]] | None = None  # per block, the experts kept (None: all; pruneflow.experts)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

@@ -70,6 +70,16 @@ def check_hidden(model: nn.Module, spec: ArchSpec, cfg: PruneParams) -> None:
     hidden.check(model, spec)
 
 
+def check_experts(model: nn.Module, spec: ArchSpec, cfg: PruneParams) -> None:
+    """Experts on a dense model, width units on an MoE model, or an expert count the ratio cannot give (``cfg``
+    resolved): an error before any forward pass."""
+    from pruneflow import experts
+
+    experts.check_units(spec, cfg.units)
+    if "experts" in cfg.units:
+        experts.check_ratio(model, spec, SelectConfig(ratio=cfg.ratio, allocation=cfg.allocation))
+
+
 def select_config(cfg: PruneParams, scores: Scores) -> SelectConfig:
     """The selection settings of ``prune.*`` (resolved for the method; compensation only when the scorer
     provides activation means)."""
@@ -95,12 +105,14 @@ def prune(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, windo
     check_streams(method, model)
     cfg, entry, runtime = cfg.for_method(method), METHODS[method], runtime or Runtime()
     check_hidden(model, spec, cfg)
+    check_experts(model, spec, cfg)
     check_reconstruct(model, spec, cfg, windows, runtime)
     if entry.iterative:
         options = options or entry.options()
         return prune_iteratively(model, spec, method, cfg, windows, seed, options, state_dir, runtime)
     started = time.perf_counter()
-    scores = score(model, spec, method, windows, seed, cfg.ratio, runtime)
+    scores = score(model, spec, method, windows, seed, cfg.ratio, runtime,
+                   **({"config": options or entry.options()} if entry.options else {}))
     scores = means_for(model, spec, cfg, scores, windows, runtime)
     scored = time.perf_counter()
     plan, searched = choose(model, spec, method, cfg, scores, windows, runtime, seed)
@@ -126,6 +138,10 @@ def choose(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, scor
         from pruneflow import hidden
 
         return hidden.select(model, spec, scores, select_config(cfg, scores), method, seed), None
+    if "experts" in cfg.units:
+        from pruneflow import experts
+
+        return experts.select(model, spec, scores, select_config(cfg, scores), method, seed), None
     shapes, params = layer_shapes(model, spec), A.count_parameters(model)
     if cfg.allocation != "search":
         return select(scores, shapes, params, select_config(cfg, scores), method=method, seed=seed), None

@@ -50,10 +50,22 @@ class TeacherStates:
     head: nn.Module | None = None  # the teacher's head itself, kept when the student's is narrower (hidden unit)
 
 
+def expert_parameters(spec: ArchSpec, targets: list[str]) -> list[str]:
+    """peft ``target_parameters`` for an MoE model: its MLP targets (gate, up, down) are the fused expert tensors
+    (gate and up share ``gate_up_proj``)."""
+    if not spec.moe:
+        return []
+    names = {"gate": "gate_up_proj", "up": "gate_up_proj", "down": "down_proj"}
+    return list(dict.fromkeys(f"{spec.experts}.{names[key]}" for key in targets if key in names))
+
+
 def target_modules(model: nn.Module, spec: ArchSpec, targets: list[str]) -> list[str]:
-    """peft ``target_modules`` (module-path suffixes) for ArchSpec keys such as ``q`` or ``down``."""
+    """peft ``target_modules`` (module-path suffixes) for ArchSpec keys such as ``q`` or ``down`` (an MoE
+    model's MLP keys: :func:`expert_parameters`)."""
     paths = []
     for key in targets:
+        if spec.moe and key in ("gate", "up", "down"):
+            continue
         path = getattr(spec, key)
         if path is None or not any(name.endswith("." + path) for name, _ in model.named_modules()):
             raise PruneflowError(f"recover.targets: {key!r} is not a module of this model "
@@ -190,8 +202,14 @@ def train_lora(model: nn.Module, windows: torch.Tensor, spec: ArchSpec, cfg: Rec
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(cfg.seed)
-    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
-                      target_modules=target_modules(model, spec, cfg.targets))
+    parameters = expert_parameters(spec, cfg.targets)
+    dropout = cfg.dropout
+    if parameters and dropout:  # peft's LoRA on a bare parameter (ParamWrapper) has no dropout
+        log.warning("recover.dropout=%g is not applied: peft's LoRA on the fused expert tensors has no dropout "
+                    "(training without it)", dropout)
+        dropout = 0.0
+    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=dropout, bias="none",
+                      target_modules=target_modules(model, spec, cfg.targets), target_parameters=parameters or None)
     student = get_peft_model(model, lora)
     student.train()
     trainable = [p for p in student.parameters() if p.requires_grad]

@@ -106,7 +106,8 @@ def save_ppl_plot(fig, ax, xlabel: str, path, legend_size: int = 8, dpi: int = 1
 
 
 def kept_heatmap(plan: dict, dense_widths: dict, out_png) -> None:
-    """Share of query heads, KV heads and MLP channels each layer keeps (a removed layer keeps 0)."""
+    """Share of query heads, KV heads and MLP channels (and of experts, for an experts plan) each layer keeps (a
+    removed layer keeps 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,13 +117,16 @@ def kept_heatmap(plan: dict, dense_widths: dict, out_png) -> None:
     kept_layers = plan.get("kept_layers") or list(range(n_layers))
     rows = {"query heads": ("kept_heads", dense_widths["heads"]), "KV heads": ("kept_kv_heads", dense_widths["kv_heads"]),
             "MLP channels": ("kept_channels", dense_widths["channels"])}
+    if plan.get("kept_experts") and dense_widths.get("experts"):
+        rows["experts"] = ("kept_experts", dense_widths["experts"])
     grid = [[0.0] * n_layers for _ in rows]
     for new_index, layer in enumerate(kept_layers):
         entry = plan["layers"][new_index] if len(plan["layers"]) == len(kept_layers) else plan["layers"][layer]
+        entry = {**entry, "kept_experts": (plan.get("kept_experts") or [None] * n_layers)[layer]}
         for r, (key, total) in enumerate(rows.values()):
             kept = entry.get(key)
             grid[r][layer] = 1.0 if kept is None else len(kept) / total
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * n_layers + 2), 2.4))
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * n_layers + 2), 0.6 * len(rows) + 0.6))
     image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     for r, row in enumerate(grid):
         for c, value in enumerate(row):

@@ -36,6 +36,7 @@ class Scores:
     attn_mean: list[torch.Tensor] | None = None
     mlp_mean: list[torch.Tensor] | None = None
     hidden: torch.Tensor | None = None  # (D,) per hidden channel, for the hidden unit (one for the whole model)
+    experts: list[torch.Tensor] | None = None  # (E_l,) per expert of each MoE block, for the experts unit
     extra: dict = field(default_factory=dict)
 
 

@@ -108,9 +108,19 @@ def source(params: Params, root: Path, runtime: Runtime) -> Path:
     model = resolve(params.model)
     config = checkpoint.read_config(model)  # a directory without config.json fails here, not three stages later
     checkpoint.weight_dtypes(model.path)
+    check_units(params, config)
     check_export(params, config)
     _write_json(root / OUTPUTS["source"], fingerprint(model, state_dir(root) / "digests.json"))
     return root / OUTPUTS["source"]
+
+
+def check_units(params: Params, config: dict) -> None:
+    """Units the architecture cannot be pruned by (experts of a dense model, heads of an MoE model) fail in the
+    source stage."""
+    from pruneflow import experts
+
+    spec = A.arch_for(config.get("model_type", ""))
+    experts.check_units(spec, params.prune.for_method(params.score.method).units)
 
 
 def check_export(params: Params, config: dict) -> None:
@@ -154,7 +164,7 @@ def save_scores(scores: Scores, out_dir: Path) -> None:
     """Scores as safetensors (one tensor per layer and kind) + scores.json (flags)."""
     tensors = {f"heads.{i}": t for i, t in enumerate(scores.heads)}
     tensors |= {f"channels.{i}": t for i, t in enumerate(scores.channels)}
-    for kind in ("attn_mean", "mlp_mean", "kv_heads"):
+    for kind in ("attn_mean", "mlp_mean", "kv_heads", "experts"):
         tensors |= {f"{kind}.{i}": t for i, t in enumerate(getattr(scores, kind) or [])}
     for kind in ("layers", "hidden"):
         if getattr(scores, kind) is not None:
@@ -171,7 +181,8 @@ def load_scores(out_dir: Path) -> Scores:
 
     return Scores(heads=series("heads"), channels=series("channels"), comparable=meta["comparable"],
                   layers=tensors.get("layers"), hidden=tensors.get("hidden"), attn_mean=series("attn_mean") or None,
-                  mlp_mean=series("mlp_mean") or None, kv_heads=series("kv_heads") or None)
+                  mlp_mean=series("mlp_mean") or None, kv_heads=series("kv_heads") or None,
+                  experts=series("experts") or None)
 
 
 def method_options(params: Params):
@@ -181,7 +192,7 @@ def method_options(params: Params):
 
 
 def score(params: Params, root: Path, runtime: Runtime) -> Path:
-    from pruneflow.prune import check_model, prune_iteratively
+    from pruneflow.prune import check_experts, check_hidden, check_model, prune_iteratively
     from pruneflow.prune import score as run_scorer
 
     method, seed = params.score.method, params.calibrate.seed
@@ -191,6 +202,9 @@ def score(params: Params, root: Path, runtime: Runtime) -> Path:
     model, _, spec = checkpoint.load(model_source(params, root), runtime, with_tokenizer=False,
                                      stream=METHODS[method].streams, calibration=tuple(windows.shape),
                                      purpose=f"method {method}")
+    cfg = params.prune.for_method(method)
+    check_hidden(model, spec, cfg)
+    check_experts(model, spec, cfg)
     started = time.perf_counter()
     meta = {"method": method, "calibration_digest": manifest.source_digest}
     with atomic_dir(root / OUTPUTS["score"], overwrite=True) as tmp:
@@ -201,7 +215,9 @@ def score(params: Params, root: Path, runtime: Runtime) -> Path:
             (tmp / "iterations.json").write_text(json.dumps(result.iterations, indent=1) + "\n")
             meta["comparable"] = True
         else:
-            scores = run_scorer(model, spec, method, windows, seed, params.prune.ratio, runtime)
+            options = method_options(params)
+            scores = run_scorer(model, spec, method, windows, seed, params.prune.ratio, runtime,
+                                **({"config": options} if options is not None else {}))
             save_scores(scores, tmp)
             meta["comparable"] = scores.comparable
         meta["seconds"] = time.perf_counter() - started
@@ -211,7 +227,7 @@ def score(params: Params, root: Path, runtime: Runtime) -> Path:
 
 def prune(params: Params, root: Path, runtime: Runtime) -> Path:
     from pruneflow.plan import PrunePlan
-    from pruneflow.prune import apply_plan, check_hidden, check_reconstruct, choose, means_for
+    from pruneflow.prune import apply_plan, check_experts, check_hidden, check_reconstruct, choose, means_for
 
     scores_dir = _needs(root / OUTPUTS["score"], "score")
     meta = json.loads((scores_dir / "scores.json").read_text())
@@ -226,6 +242,7 @@ def prune(params: Params, root: Path, runtime: Runtime) -> Path:
     model, tokenizer, spec = checkpoint.load(dense, runtime, stream=True)  # streamed: sliced as it is written
     check_reconstruct(model, spec, cfg, windows, runtime)
     check_hidden(model, spec, cfg)
+    check_experts(model, spec, cfg)
     scores, extra = None, {}
     if (scores_dir / "plan.json").exists():
         plan = PrunePlan.load(scores_dir / "plan.json")
@@ -388,7 +405,8 @@ def _write_report(dense: ModelSource, params: Params, metrics: dict, plan: dict,
     config = checkpoint.read_config(dense)
     widths = {"layers": config["num_hidden_layers"], "heads": config["num_attention_heads"],
               "kv_heads": config.get("num_key_value_heads") or config["num_attention_heads"],
-              "channels": config["intermediate_size"]}
+              "channels": config.get("moe_intermediate_size") or config["intermediate_size"],  # MoE: an expert's
+              "experts": config.get("num_experts") or config.get("num_local_experts")}
     write_report(report_dir, {f"{metrics['method']} −{params.prune.ratio:g}": metrics}, plan, widths)
 
 

@@ -15,7 +15,7 @@ Selection units — what ``plan.select`` ranks and removes, one of: a ``channel`
 ``group``, a ``layer``.
 """
 
-UNIT_TYPES = ("heads", "channels", "layers", "hidden")
+UNIT_TYPES = ("heads", "channels", "layers", "hidden", "experts")
 WIDTH_UNITS = ("heads", "channels")
 HEAD_MODES = ("auto", "query", "group")
 ALLOCATIONS = ("uniform", "global", "search")  # search: pruneflow.search, from the method's own plan

@@ -73,6 +73,40 @@ def tiny_causal_lm(kind: str = "llama", vocab_size: int = 256, seed: int = 0, **
     return model
 
 
+MOE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+           max_position_embeddings=128, num_experts_per_tok=2)
+
+
+def tiny_moe(kind: str = "qwen3_moe", vocab_size: int = 256, seed: int = 0, experts: int = 8,
+             dead: tuple[int, ...] = (), **overrides):
+    """A randomly initialised tiny Mixture-of-Experts causal LM (transformers 5's fused experts): routers with
+    spread logits (std 4 per token) so routing is decisive; the ``dead`` experts of every layer get a zero
+    router row and zero output (rarely routed, contributing nothing when they are)."""
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    if kind == "qwen3_moe":
+        config = Qwen3MoeConfig(**{**MOE, "vocab_size": vocab_size, "num_experts": experts, "moe_intermediate_size": 32,
+                                   "intermediate_size": 96, "head_dim": 16, "norm_topk_prob": True, **overrides})
+        model = Qwen3MoeForCausalLM(config)
+    else:
+        config = MixtralConfig(**{**MOE, "vocab_size": vocab_size, "num_local_experts": experts,
+                                  "intermediate_size": 32, **overrides})
+        model = MixtralForCausalLM(config)
+    model.eval()
+    _randomize_norms(model)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            router, fused = layer.mlp.gate, layer.mlp.experts
+            router.weight.normal_(0, 4 / config.hidden_size ** 0.5)  # normed inputs: logits of std ≈ 4
+            fused.gate_up_proj.normal_(0, 0.1)
+            fused.down_proj.normal_(0, 0.1)
+            for e in dead:
+                router.weight[e] = 0
+                fused.down_proj[e] = 0
+    return model
+
+
 def safetensors_of(path) -> dict:
     """Every tensor of a checkpoint directory's safetensors files, by name."""
     from safetensors import safe_open

@@ -12,7 +12,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pruneflow.methods.options import BonsaiParams, Options
+from pruneflow.methods.options import BonsaiParams, ExpertDropParams, Options
 from pruneflow.units import ALLOCATIONS, WIDTH_UNITS
 
 ACTIVATIONS, GRADIENTS, CAUSAL_LM, RATIO = "activations", "gradients", "causal_lm", "ratio"
@@ -68,6 +68,13 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "batch, of the norm outputs (hidden), o_proj inputs (heads), down_proj inputs (channels)",
            units=("hidden", "heads", "channels"), needs=frozenset({ACTIVATIONS}), allocations=("uniform",),
            auto_units=("hidden",)),  # hidden channels are sliced in memory: no streaming
+    Method("router_weighted", "router_weighted", "experts (MoE): Σ over the tokens routed to an expert of gate weight "
+           "× ‖its output‖₂ (router frequency × gate weight × output norm; MoE-Pruner's router hint per expert)",
+           units=("experts",), needs=frozenset({ACTIVATIONS}), allocations=("uniform", "global")),
+    Method("expert_drop", "expert_drop", "experts (MoE), \"Not All Experts are Equal\": per layer, the combination "
+           "of experts whose removal changes the layer's output least (every combination evaluated)",
+           units=("experts",), needs=frozenset({ACTIVATIONS, RATIO}), allocations=("uniform",),
+           options=ExpertDropParams),
 )}
 
 

@@ -29,6 +29,13 @@ class SearchParams(Options):
     seed: int = Field(0, description="seeds the fitness windows and the mutations")
 
 
+class ExpertDropParams(Options):
+    """``expert_drop`` ("Not All Experts are Equal"): every combination of experts is evaluated per layer."""
+
+    max_combinations: int = Field(100_000, ge=1, description="refuse a plan with more combinations per layer than "
+                                                               "this (C(experts, removed) grows fast)")
+
+
 class BonsaiParams(Options):
     """Bonsai's hyper-parameters; ``preset`` fills the ones not given explicitly."""
 
