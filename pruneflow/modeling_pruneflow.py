@@ -9,10 +9,9 @@ transformers class and, after the stock ``__init__``, resizes every block's proj
 from __future__ import annotations
 
 from torch import nn
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers import (BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-                          Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+                          Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, conversion_mapping)
 
 
 def set_head_counts(attn: nn.Module, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
@@ -81,9 +80,9 @@ def _pruned(config_cls, model_cls, model_type: str):
                 resize_block(block, arch, widths, head_dim_of(config))
 
     base_type = config_cls.model_type
-    conversions = get_checkpoint_conversion_mapping(base_type)
+    conversions = conversion_mapping.get_checkpoint_conversion_mapping(base_type)
     if conversions is not None:  # e.g. MoE experts: per-expert tensors on disk, fused in memory, both ways
-        register_checkpoint_conversion_mapping(model_type, conversions, overwrite=True)
+        conversion_mapping.register_checkpoint_conversion_mapping(model_type, conversions, overwrite=True)
     PrunedConfig.__name__ = PrunedConfig.__qualname__ = f"Pruned{config_cls.__name__}"
     PrunedModel.__name__ = PrunedModel.__qualname__ = f"Pruned{model_cls.__name__}"
     return PrunedConfig, PrunedModel

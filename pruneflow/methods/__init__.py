@@ -41,6 +41,10 @@ class Method:
     def depth(self) -> bool:
         return self.units == ("layers",)
 
+    @property
+    def experts(self) -> bool:  # scores the experts of MoE models only
+        return self.units == ("experts",)
+
 
 # allocation and reconstruction defaults (``auto``): a method named after a paper does what that paper's code
 # does — FLAP ranks globally (AL-AM) and compensates with a bias, LLM-Pruner's Taylor and Bonsai rank globally,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import tiny_causal_lm
+from conftest import tiny_causal_lm, tiny_moe
 from pruneflow import checkpoint
 from pruneflow.evaluate import size_on_disk
 from pruneflow.methods import METHODS
@@ -29,22 +29,25 @@ def _stored(path):
     return kinds
 
 
-def _saved(dtype, tmp_path):
+def _saved(dtype, tmp_path, moe: bool = False):
     path = tmp_path / "dense"
-    tiny_causal_lm("llama", num_hidden_layers=4).to(dtype).save_pretrained(path, max_shard_size="200KB")
+    model = tiny_moe("qwen3_moe", num_hidden_layers=4) if moe else tiny_causal_lm("llama", num_hidden_layers=4)
+    model.to(dtype).save_pretrained(path, max_shard_size="200KB")
     return path
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_every_method_prunes_a_16_bit_checkpoint_and_saves_it_in_its_dtype(method, dtype, tmp_path):
-    dense_dir = _saved(dtype, tmp_path)
+    dense_dir = _saved(dtype, tmp_path, moe=METHODS[method].experts)  # expert methods: a Qwen3-MoE
     model, _, spec = checkpoint.load(dense_dir, Runtime(), with_tokenizer=False)
     assert model.dtype == dtype  # auto: the checkpoint's own
     cfg = PruneParams(ratio=0.3)
     result = prune(model, spec, method, cfg, WINDOWS, options=BONSAI if method == "bonsai" else None)
     if METHODS[method].depth:  # whole blocks: the one block of four closest to 30%
         assert len(result.plan.kept_layers) == 3
+    elif METHODS[method].experts:  # whole experts: one from every block is 1/8 of the MLP parameters
+        assert abs(result.plan.params["achieved_ratio"] - 0.3) < 0.06
     else:
         assert abs(result.plan.params["achieved_ratio"] - 0.3) < 0.02
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -6,7 +6,7 @@ from pruneflow.errors import PruneflowError
 
 
 def test_unsupported_model_type_lists_the_supported_ones():
-    with pytest.raises(PruneflowError, match="unsupported model type 'gpt2'; supported: bert, llama, mistral, qwen2, qwen3"):
+    with pytest.raises(PruneflowError, match="unsupported model type 'gpt2'; supported: bert, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe"):
         A.arch_for("gpt2")
 
 
