@@ -144,7 +144,7 @@ def prune(
     method: Optional[str] = typer.Option(None, help="importance method; see `pruneflow methods`"),
     ratio: Optional[float] = typer.Option(None, help="fraction of non-embedding parameters to remove"),
     calibration: Optional[str] = typer.Option(None, help="'corpus', a .txt/.jsonl file, or hf:NAME"),
-    units: Optional[str] = typer.Option(None, help="comma-separated: heads,channels | layers | hidden"),
+    units: Optional[str] = typer.Option(None, help="comma-separated: heads,channels | layers | hidden | experts"),
     allocation: Optional[str] = typer.Option(None, help="uniform | global | search (per-layer counts searched on calibration loss) | auto"),
     head_mode: Optional[str] = typer.Option(None, help="auto | query (a head from every KV group) | group (whole KV groups)"),
     round_to: Optional[int] = typer.Option(None, help="keep MLP widths a multiple of N"),
@@ -680,9 +680,12 @@ def export_onnx(
 @reference_app.command("build")
 def reference_build(
     config: str = typer.Option("default", help="geometry: default (8 layers, hidden 256, 8/4 heads) | deep "
-                                               "(12 layers, hidden 192, 6/2 heads, tied embeddings)"),
+                                               "(12 layers, hidden 192, 6/2 heads, tied embeddings) | moe "
+                                               "(Qwen3-MoE, 8 experts top-2) | moe-mixtral (Mixtral, 16 experts "
+                                               "top-4)"),
     out: Optional[Path] = typer.Option(None, help="where to write the model (default: models/reference for "
-                                                  "default, models/reference-deep for deep)"),
+                                                  "default, models/reference-deep for deep, "
+                                                  "models/reference-moe[-mixtral])"),
     train_tokens: Optional[int] = typer.Option(None, help="training tokens (default: the committed model's)"),
     threads: Optional[int] = typer.Option(None, help="torch threads (changes float rounding, so results)"),
 ) -> None:

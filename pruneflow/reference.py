@@ -48,6 +48,12 @@ class ReferenceConfig:
     threads: int = 2
     tie_word_embeddings: bool = False
     name: str = "default"
+    # Mixture of Experts (the experts unit's benchmark models): "qwen3_moe" or "mixtral"; intermediate_size is then
+    # one expert's width. Trained with the family's load-balancing loss (router_aux_loss_coef), as real MoEs are.
+    moe: str | None = None
+    num_experts: int = 0
+    experts_per_tok: int = 0
+    router_aux_loss_coef: float = 0.01
 
 
 #: The committed reference models (``pruneflow reference build --config NAME``). ``deep`` is the second geometry
@@ -58,9 +64,18 @@ CONFIGS: dict[str, ReferenceConfig] = {
     "default": ReferenceConfig(),
     "deep": ReferenceConfig(hidden_size=192, intermediate_size=512, num_hidden_layers=12, num_attention_heads=6,
                             num_key_value_heads=2, tie_word_embeddings=True, threads=1, name="deep"),
+    # two MoE geometries for the experts unit (benchmarks only; a smaller token budget than the dense ones):
+    # Qwen3-MoE with 8 experts, top-2, and a deeper, narrower Mixtral with 16 experts, top-4, tied embeddings
+    "moe": ReferenceConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, train_tokens=1_500_000, threads=1, name="moe", moe="qwen3_moe",
+                           num_experts=8, experts_per_tok=2),
+    "moe-mixtral": ReferenceConfig(hidden_size=96, intermediate_size=96, num_hidden_layers=6, num_attention_heads=6,
+                                   num_key_value_heads=2, train_tokens=1_500_000, threads=1, tie_word_embeddings=True,
+                                   name="moe-mixtral", moe="mixtral", num_experts=16, experts_per_tok=4),
 }
-#: Where each is committed.
-OUT_DIRS = {"default": "models/reference", "deep": "models/reference-deep"}
+#: Where each is written (the dense ones are committed; the MoE ones are rebuilt by benchmarks/experts.py).
+OUT_DIRS = {"default": "models/reference", "deep": "models/reference-deep", "moe": "models/reference-moe",
+            "moe-mixtral": "models/reference-moe-mixtral"}
 
 
 def train_tokenizer(documents: list[str], vocab_size: int):
@@ -89,8 +104,25 @@ def encode_documents(tokenizer, documents: list[str]) -> torch.Tensor:
 
 
 def llama_config(cfg: ReferenceConfig, tokenizer):
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, MixtralConfig, Qwen3MoeConfig
 
+    if cfg.moe == "qwen3_moe":
+        return Qwen3MoeConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, moe_intermediate_size=cfg.intermediate_size,
+            intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+            num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+            head_dim=cfg.hidden_size // cfg.num_attention_heads, num_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.experts_per_tok, norm_topk_prob=True, max_position_embeddings=2048,
+            router_aux_loss_coef=cfg.router_aux_loss_coef, bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=cfg.tie_word_embeddings)
+    if cfg.moe == "mixtral":
+        return MixtralConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_key_value_heads, num_local_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.experts_per_tok, max_position_embeddings=2048,
+            router_aux_loss_coef=cfg.router_aux_loss_coef, bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=cfg.tie_word_embeddings)
     return LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
@@ -152,7 +184,7 @@ def train(model, train_ids: torch.Tensor, val_ids: torch.Tensor, cfg: ReferenceC
 
 def build(out_dir: Path, cfg: ReferenceConfig = ReferenceConfig()) -> dict:
     """Train tokenizer and model from the packaged corpus and write the checkpoint plus a model card."""
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(cfg.seed)
     torch.use_deterministic_algorithms(True)
@@ -162,7 +194,10 @@ def build(out_dir: Path, cfg: ReferenceConfig = ReferenceConfig()) -> dict:
     tokenizer = train_tokenizer(docs["train"], cfg.vocab_size)
     ids = {split: encode_documents(tokenizer, docs[split]) for split in corpus.SPLITS}
     log.info("tokens: %s", {k: len(v) for k, v in ids.items()})
-    model = LlamaForCausalLM(llama_config(cfg, tokenizer)).float()
+    config = llama_config(cfg, tokenizer)
+    if cfg.moe:
+        config.output_router_logits = True  # training adds the load-balancing loss; the saved config turns it off
+    model = AutoModelForCausalLM.from_config(config).float()
     started = time.perf_counter()
     curve = train(model, ids["train"], ids["validation"], cfg)
     train_seconds = time.perf_counter() - started
@@ -177,6 +212,7 @@ def build(out_dir: Path, cfg: ReferenceConfig = ReferenceConfig()) -> dict:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    model.config.output_router_logits = False
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "training.json").write_text(json.dumps(
@@ -207,15 +243,17 @@ def _write_card(out_dir: Path, cfg: ReferenceConfig, results: dict, curve: list[
     plt.close(fig)
     rows = "\n".join(f"| {p['step']} | {p['tokens'] / 1e6:.2f} | {p['train_loss']:.3f} | {p['val_ppl']:.1f} |"
                      for p in curve[:: max(1, len(curve) // 12)] + curve[-1:])
+    model_class = {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}.get(cfg.moe, "LlamaForCausalLM")
+    experts = f", {cfg.num_experts} experts (top-{cfg.experts_per_tok}) per layer" if cfg.moe else ""
     (out_dir / "README.md").write_text(f"""# pruneflow reference model
 
-A small GQA `LlamaForCausalLM` trained by `pruneflow reference build --config {cfg.name}` on the packaged corpus (`data/corpus/`:
+A small GQA `{model_class}` trained by `pruneflow reference build --config {cfg.name}` on the packaged corpus (`data/corpus/`:
 Wikipedia summaries, CC BY-SA 3.0, and the Brown corpus; see `data/corpus/ATTRIBUTION.md`). It exists so the
 pipeline has a real trained model to prune without any model hub.
 
 - **Architecture**: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} query
   heads / {cfg.num_key_value_heads} KV heads (head_dim {cfg.hidden_size // cfg.num_attention_heads}),
-  intermediate {cfg.intermediate_size}, byte-level BPE vocabulary of {cfg.vocab_size}, {'tied' if cfg.tie_word_embeddings else 'untied'} embeddings;
+  intermediate {cfg.intermediate_size}{experts}, byte-level BPE vocabulary of {cfg.vocab_size}, {'tied' if cfg.tie_word_embeddings else 'untied'} embeddings;
   {results['parameters']:,} parameters.
 - **Training**: {cfg.train_tokens:,} tokens ({cfg.batch_size} × {cfg.seq_len} per step, random windows of the
   train split), AdamW lr {cfg.lr} with {cfg.warmup_steps} warm-up steps and cosine decay, weight decay

@@ -223,3 +223,17 @@ def test_the_source_stage_refuses_units_the_model_has_not(model_kind, method, me
     result = run("stage", "source", "--params", params, "--artifacts", tmp_path / "artifacts")
     assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "artifacts" / "source.json").exists()
+
+
+def test_cli_prune_removes_experts_and_refuses_an_impossible_ratio(moe_checkpoint, calibration_txt, tmp_path):
+    from tests.pipeline.test_cli import prune_args, run
+
+    result = run(*prune_args(moe_checkpoint, tmp_path / "out", calibration_txt, "--method", "expert_drop",
+                             "--ratio", 0.3, "--set", "score.expert_drop.max_combinations=1000"))
+    assert result.exit_code == 0, result.output
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert plan["units"] == ["experts"] and len({len(k) for k in plan["kept_experts"]}) == 1
+    result = run(*prune_args(moe_checkpoint, tmp_path / "bad", calibration_txt, "--method", "router_weighted",
+                             "--ratio", 0.7))
+    assert result.exit_code == 2 and "fewer than its top-k" in result.output
+    assert not (tmp_path / "bad").exists()
