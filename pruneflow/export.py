@@ -433,6 +433,13 @@ class _Forward(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
+def check_onnx(config: dict) -> None:
+    """What the ONNX export cannot trace, from the config alone (the pipeline checks it before any work)."""
+    if A.arch_for(config.get("model_type", "")).moe:
+        raise PruneflowError("ONNX export of Mixture-of-Experts models is not supported: torch.onnx cannot trace "
+                             "transformers' fused experts (grouped_mm)")
+
+
 def export_onnx(checkpoint: str | Path | ModelSource, out_dir: Path, overwrite: bool = False) -> dict:
     """Write ``checkpoint`` (per-layer widths, FLAP biases and removed blocks included) as an ONNX model in
     ``out_dir``: ``model.onnx`` (+ its external weights file), the tokenizer and ``export.json``.
@@ -455,6 +462,7 @@ def export_onnx(checkpoint: str | Path | ModelSource, out_dir: Path, overwrite: 
     if out_dir.exists() and not overwrite:
         raise PruneflowError(f"output directory {out_dir} already exists; choose another or pass --force")
     source = checkpoint if isinstance(checkpoint, ModelSource) else resolve(checkpoint)
+    check_onnx(C.read_config(source))
     model, tokenizer, spec = C.load(source, Runtime.create("cpu", "float32"))
     forward = _Forward(model, spec.causal_lm).eval()
     vocab = model.get_input_embeddings().num_embeddings

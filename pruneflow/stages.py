@@ -124,10 +124,16 @@ def check_units(params: Params, config: dict) -> None:
 
 
 def check_export(params: Params, config: dict) -> None:
-    """A GGUF export the model or the planned widths cannot take fails in the source stage, before any work."""
+    """An export the model or the planned widths cannot take fails in the source stage, before any work."""
+    from pruneflow.export import check_onnx, check_plan
+
+    if "onnx" in params.export.formats:
+        try:
+            check_onnx(config)
+        except PruneflowError as err:
+            raise PruneflowError(f"export.formats has onnx, but {err}") from None
     if "gguf" not in params.export.formats:
         return
-    from pruneflow.export import check_plan
 
     method = METHODS[params.score.method]
     cfg = params.prune.for_method(params.score.method)

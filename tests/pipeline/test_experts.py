@@ -207,19 +207,22 @@ def test_the_stages_prune_recover_and_evaluate_experts(method, allocation, tmp_p
     assert metrics["recovered"]["non_embedding_params"] < metrics["dense"]["non_embedding_params"]
 
 
-@pytest.mark.parametrize("model_kind, method, message", [
-    ("llama", "router_weighted", "experts needs a Mixture-of-Experts model"),
-    ("moe", "flap", "pruned by whole experts"),
+@pytest.mark.parametrize("model_kind, method, formats, message", [
+    ("llama", "router_weighted", [], "experts needs a Mixture-of-Experts model"),
+    ("moe", "flap", [], "pruned by whole experts"),
+    ("moe", "router_weighted", ["gguf"], "model type 'qwen3_moe' has no GGUF export"),
+    ("moe", "router_weighted", ["onnx"], "ONNX export of Mixture-of-Experts models is not supported"),
 ])
-def test_the_source_stage_refuses_units_the_model_has_not(model_kind, method, message, tmp_path, moe_checkpoint,
-                                                          tiny_checkpoint, calibration_txt):
+def test_the_source_stage_refuses_what_the_model_cannot_do(model_kind, method, formats, message, tmp_path,
+                                                           moe_checkpoint, tiny_checkpoint, calibration_txt):
     import yaml
 
     from tests.pipeline.test_cli import run
 
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"model": str(moe_checkpoint if model_kind == "moe" else tiny_checkpoint),
-                                      "calibrate": {"source": str(calibration_txt)}, "score": {"method": method}}))
+                                      "calibrate": {"source": str(calibration_txt)}, "score": {"method": method},
+                                      "export": {"formats": formats}}))
     result = run("stage", "source", "--params", params, "--artifacts", tmp_path / "artifacts")
     assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "artifacts" / "source.json").exists()
