@@ -66,10 +66,12 @@ def score(model: nn.Module, spec, windows, runtime, ratio=None, config: ExpertDr
             outputs = torch.stack([X.expert_output(experts, e, x) for e in range(experts.num_experts)])  # (E, T, D)
             logits = X.router_logits(router, x)
             tokens = torch.arange(x.shape[0], device=x.device)[:, None]
+            batch = torch.empty(len(dropped_sets), dtype=torch.float64, device=x.device)  # no sync per combination
             for c in range(len(dropped_sets)):
                 weights, index = X.route(router, logits, masks[c])
                 rebuilt = (outputs[index, tokens].to(dtype) * weights[..., None].to(dtype)).sum(1)  # (T, D)
-                losses[i][c] += torch.linalg.vector_norm(z - rebuilt).item()
+                batch[c] = torch.linalg.vector_norm(z - rebuilt)
+            losses[i] += batch.cpu()
             dense_norms[i] += torch.linalg.vector_norm(z).item()
 
         return [A.get(block, spec.experts.rpartition(".")[0]).register_forward_hook(hook, with_kwargs=True)]
