@@ -208,9 +208,14 @@ def expert_output(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
 def route(router: nn.Module, logits: torch.Tensor, dropped: torch.Tensor | None = None
           ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights, indices), each (T, top_k), the router chooses from ``logits`` (T, E) with the ``dropped``
-    experts' (bool (E,)) logits at −inf: softmax in float32, top-k, renormalised unless the router says not."""
+    experts' (bool (E,)) logits at −inf: softmax in float32, top-k, renormalised unless the router says not.
+    ``dropped`` (C, E): C choices at once, each (C, T, top_k)."""
     if dropped is not None:
-        logits = logits.masked_fill(dropped.to(logits.device), -math.inf)
+        dropped = dropped.to(logits.device)
+        if dropped.dim() == 2:
+            logits = logits.expand(dropped.shape[0], *logits.shape)
+            dropped = dropped[:, None, :]
+        logits = logits.masked_fill(dropped, -math.inf)
     probs = torch.softmax(logits.float(), dim=-1)
     weights, indices = torch.topk(probs, router.top_k, dim=-1)
     if getattr(router, "norm_topk_prob", True):  # Mixtral's router always renormalises (it has no flag)

@@ -3,8 +3,9 @@ Expert_Sparsity, ``layerwise_pruning``): in every MoE block, of all the ways to 
 block output on the calibration tokens stays closest to the dense block's — the loss of a combination is the
 sum over calibration batches of ‖Z − Z'‖₂ (Frobenius), Z' the block's output with the removed experts' router
 logits at −inf. Every block sees the dense model's activations (one forward pass), and r is the same in every
-block (the count ``prune.ratio`` asks for). Each combination is evaluated exactly, as the paper's code does:
-every expert's output on a batch is computed once and the combinations re-route over them.
+block (the count ``prune.ratio`` asks for). Each combination is evaluated exactly, as the paper's code does: every expert's output on a batch is computed once,
+and each combination's loss follows from the per-token Gram matrix of those outputs (see ``_moments``), so a
+combination costs k² numbers a token rather than a forward pass.
 
 Scores: 1 for the experts of the best combination, 0 for the others (selection removes exactly those);
 ``extra["expert_drop"]["loss"]``: per block, the best combination's loss and the dense output's norm.
@@ -25,6 +26,8 @@ from pruneflow.methods.options import ExpertDropParams
 from pruneflow.scores import Scores
 from pruneflow.streaming import calibration_pass
 
+CHUNK_BYTES = 256 * 2**20  # the re-routed outputs of this many bytes' worth of combinations at a time
+
 
 def combinations(model: nn.Module, spec, ratio: float, limit: int) -> tuple[int, list[tuple[int, ...]]]:
     """(experts removed per block, every combination of them) for ``ratio``; refuses more than ``limit``."""
@@ -39,6 +42,25 @@ def combinations(model: nn.Module, spec, ratio: float, limit: int) -> tuple[int,
                              f"per layer, above score.expert_drop.max_combinations={limit:,}: raise it, or use "
                              f"router_weighted (scores each expert once)")
     return removed, list(itertools.combinations(range(count), removed))
+
+
+def _moments(experts: nn.Module, x: torch.Tensor, z: torch.Tensor, dtype: torch.dtype
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token t, the Gram matrix of the experts' outputs G_t = O_t O_tᵀ (T, E, E) and their products with the
+    dense block output O_t z_t (T, E): then ‖z_t − Σ_j w_j O_{j,t}‖² = ‖z_t‖² − 2 wᵀ O_t z_t + wᵀ G_t w for any
+    routing weights w, k² numbers a token instead of k × hidden (exact; in the accumulation dtype)."""
+    outputs = torch.stack([X.expert_output(experts, e, x).to(dtype) for e in range(experts.num_experts)])  # (E,T,D)
+    return torch.einsum("etd,ftd->tef", outputs, outputs), torch.einsum("etd,td->te", outputs, z)
+
+
+def _distance(gram: torch.Tensor, cross: torch.Tensor, squares: torch.Tensor, weights: torch.Tensor,
+              index: torch.Tensor) -> torch.Tensor:
+    """(c,) ‖Z − Z'‖₂ (Frobenius, over the batch's tokens) for c routings (weights, index: (c, T, k))."""
+    tokens = torch.arange(index.shape[1], device=index.device)
+    g = gram[tokens[None, :, None, None], index[..., :, None], index[..., None, :]]  # (c, T, k, k)
+    cross_w = (cross[tokens[None, :, None], index] * weights).sum(-1)  # (c, T)
+    quadratic = torch.einsum("ctk,ctkl,ctl->ct", weights, g, weights)
+    return (squares - 2 * cross_w + quadratic).clamp_min(0).sum(-1).sqrt()
 
 
 @torch.no_grad()
@@ -63,16 +85,17 @@ def score(model: nn.Module, spec, windows, runtime, ratio=None, config: ExpertDr
             x = (args[0] if args else kwargs["hidden_states"])
             x = x.reshape(-1, x.shape[-1])
             z = (output[0] if isinstance(output, tuple) else output).reshape(x.shape).to(dtype)
-            outputs = torch.stack([X.expert_output(experts, e, x) for e in range(experts.num_experts)])  # (E, T, D)
+            gram, cross = _moments(experts, x, z, dtype)
+            squares = (z * z).sum(-1)  # (T,)
             logits = X.router_logits(router, x)
-            tokens = torch.arange(x.shape[0], device=x.device)[:, None]
             batch = torch.empty(len(dropped_sets), dtype=torch.float64, device=x.device)  # no sync per combination
-            for c in range(len(dropped_sets)):
-                weights, index = X.route(router, logits, masks[c])
-                rebuilt = (outputs[index, tokens].to(dtype) * weights[..., None].to(dtype)).sum(1)  # (T, D)
-                batch[c] = torch.linalg.vector_norm(z - rebuilt)
+            chunk = max(1, CHUNK_BYTES // (x.shape[0] * router.top_k ** 2 * dtype.itemsize))
+            on_device = masks.to(x.device)
+            for start in range(0, len(dropped_sets), chunk):
+                weights, index = X.route(router, logits, on_device[start:start + chunk])  # (c, T, k)
+                batch[start:start + chunk] = _distance(gram, cross, squares, weights.to(dtype), index)
             losses[i] += batch.cpu()
-            dense_norms[i] += torch.linalg.vector_norm(z).item()
+            dense_norms[i] += squares.sum().sqrt().item()
 
         return [A.get(block, spec.experts.rpartition(".")[0]).register_forward_hook(hook, with_kwargs=True)]
 

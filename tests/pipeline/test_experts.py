@@ -240,3 +240,37 @@ def test_cli_prune_removes_experts_and_refuses_an_impossible_ratio(moe_checkpoin
                              "--ratio", 0.7))
     assert result.exit_code == 2 and "fewer than its top-k" in result.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_route_takes_many_dropped_sets_at_once():
+    router = X.parts(A.blocks(tiny_moe("mixtral"), SPEC)[0], SPEC)[0]
+    logits = torch.randn(30, 8)
+    dropped = torch.zeros(3, 8, dtype=torch.bool)
+    dropped[0, [1, 2]] = dropped[1, [0, 7]] = dropped[2, 5] = True
+    weights, index = X.route(router, logits, dropped)
+    assert weights.shape == index.shape == (3, 30, 2)
+    for c in range(3):
+        one_weights, one_index = X.route(router, logits, dropped[c])
+        assert torch.equal(index[c], one_index) and torch.equal(weights[c], one_weights)
+        assert not torch.isin(index[c], torch.where(dropped[c])[0]).any()
+
+
+def test_expert_drop_loss_from_gram_matrices_is_the_direct_norm():
+    """The paper's ‖Z − Z'‖ (Z' the block re-routed without the dropped experts, every expert's output summed
+    explicitly) equals the Gram-matrix form expert_drop evaluates every combination with."""
+    from pruneflow.methods.expert_drop import _distance, _moments
+
+    block = A.blocks(tiny_moe("mixtral"), SPEC)[0]
+    router, experts = X.parts(block, SPEC)
+    x = torch.randn(40, 64)
+    z = block.mlp(x[None])[0].double()
+    gram, cross = _moments(experts, x, z, torch.float64)
+    dropped = torch.zeros(4, 8, dtype=torch.bool)
+    dropped[1, [0, 3]] = dropped[2, [1, 2, 6]] = dropped[3, 7] = True
+    weights, index = X.route(router, X.router_logits(router, x), dropped)
+    fast = _distance(gram, cross, (z * z).sum(-1), weights.double(), index)
+    for c in range(4):
+        rebuilt = sum(X.expert_output(experts, e, x).double() * ((index[c] == e) * weights[c]).sum(-1, keepdim=True)
+                      for e in range(8))
+        torch.testing.assert_close(fast[c], torch.linalg.vector_norm(z - rebuilt), rtol=1e-6, atol=1e-6)
+    assert fast[0] < 1e-5  # nothing dropped: the block's own output
