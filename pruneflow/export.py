@@ -2,7 +2,9 @@
 Studio) loads, and ONNX (ONNX Runtime; :func:`export_onnx`, at the end).
 
 A checkpoint whose blocks all have the same widths is written as its family's own llama.cpp architecture
-(``llama`` for Llama and Mistral, ``qwen2``, ``qwen3``); per-layer widths — any non-uniform plan — as
+(``llama`` for Llama and Mistral, ``qwen2``, ``qwen3``; Mixture of Experts: ``qwen3moe``, and ``llama`` with
+experts for Mixtral — the router as ``ffn_gate_inp``, each projection stacked over the experts as
+``ffn_{gate,up,down}_exps``, one expert count for every layer); per-layer widths — any non-uniform plan — as
 ``deci``, the architecture llama.cpp added for Nemotron-NAS, whose head counts and FFN widths are per-layer
 arrays. The weights are read one tensor at a time from the safetensors files (never the whole model) and
 written to a temporary file renamed into place at the end, so a failed export leaves nothing behind.
@@ -39,7 +41,16 @@ from pruneflow.sources import ModelSource, resolve
 log = logging.getLogger(__name__)
 
 GGUF_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+MOE_ARCHS = {"qwen3_moe": "qwen3moe", "mixtral": "llama"}  # llama.cpp runs Mixtral as llama with experts
+# an MoE block's tensors as transformers saves them (its checkpoint format: one set per expert): (router, expert
+# prefix, expert projection → the GGUF tensor stacking it over experts)
+EXPERT_NAMES = {
+    "qwen3_moe": ("mlp.gate", "mlp.experts", {"gate_proj": "ffn_gate_exps.weight", "up_proj": "ffn_up_exps.weight",
+                                              "down_proj": "ffn_down_exps.weight"}),
+    "mixtral": ("block_sparse_moe.gate", "block_sparse_moe.experts",
+                {"w1": "ffn_gate_exps.weight", "w3": "ffn_up_exps.weight", "w2": "ffn_down_exps.weight"}),
+}
 
 # Hugging Face names → GGUF names (llama.cpp's tensor names, gguf.constants.TENSOR_NAMES)
 GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
@@ -71,7 +82,8 @@ class Block:
 
     heads: int
     kv_heads: int
-    channels: int
+    channels: int  # MoE: one expert's width
+    experts: int = 0  # MoE: its expert count
 
 
 @dataclass
@@ -87,6 +99,7 @@ class Layout:
     tied: bool
     permute: bool  # q/k rows into llama.cpp's interleaved RoPE order
     rope: dict = field(default_factory=dict)
+    top_k: int = 0  # MoE: experts used per token
 
     @property
     def per_layer(self) -> bool:
@@ -137,7 +150,16 @@ def check_plan(config: dict, per_layer: bool, output_bias: bool) -> None:
     """Before pruning: whether the checkpoint a plan will give can be written as GGUF. ``per_layer``: blocks
     may end up with different widths (a global or searched allocation); ``output_bias``: FLAP's bias on
     o_proj/down_proj (``reconstruct: bias``). The same rules :func:`plan_layout` applies to the weights."""
-    if check_family(config) != "qwen3":
+    family = check_family(config)
+    if family in MOE_ARCHS:
+        if per_layer:
+            raise PruneflowError("llama.cpp holds one expert count for every layer: prune an MoE model with "
+                                 "allocation: uniform to export it to GGUF")
+        if family == "qwen3_moe" and not config.get("norm_topk_prob", False):
+            raise PruneflowError("llama.cpp's qwen3moe renormalises the top-k routing weights; this config has "
+                                 "norm_topk_prob: false")
+        return
+    if family != "qwen3":
         return
     if per_layer:
         raise PruneflowError("a qwen3 model with per-layer widths is not representable in GGUF: llama.cpp's "
@@ -152,8 +174,14 @@ def plan_layout(config: dict, weights) -> Layout:
     weights' shapes, so vanilla and per-layer checkpoints alike) and which blocks need a zero pad."""
     family = check_family(config)
     names = weights.tensors
-    unknown = [n for n in names if n not in GLOBAL_NAMES and not re.fullmatch(
-        r"model\.layers\.\d+\.(" + "|".join(map(re.escape, BLOCK_NAMES)) + ")", n)]
+    moe = family in MOE_ARCHS
+    block_names = r"model\.layers\.\d+\.(" + "|".join(map(re.escape, BLOCK_NAMES)) + ")"
+    if moe:
+        router, experts, projections = EXPERT_NAMES[family]
+        expert_names = (rf"model\.layers\.\d+\.({re.escape(router)}\.weight|{re.escape(experts)}\.\d+\."
+                        rf"({'|'.join(projections)})\.weight)")
+    unknown = [n for n in names if n not in GLOBAL_NAMES and not re.fullmatch(block_names, n)
+               and not (moe and re.fullmatch(expert_names, n))]
     if unknown:
         raise PruneflowError(f"tensor(s) {', '.join(unknown[:3])} have no place in a GGUF {family} model")
     for name in ("model.embed_tokens.weight", "model.norm.weight"):
@@ -168,8 +196,14 @@ def plan_layout(config: dict, weights) -> Layout:
 
     blocks, biases = [], []
     for i in range(count):
+        gate = next(iter(EXPERT_NAMES[family][2])) if moe else ""  # an expert's gate projection: its width
+        experts = sum(bool(re.fullmatch(rf"model\.layers\.{i}\.{re.escape(EXPERT_NAMES[family][1])}\.\d+\."
+                                        rf"{gate}\.weight", n)) for n in names) if moe else 0
         block = Block(width(i, "self_attn.q_proj", head_dim), width(i, "self_attn.k_proj", head_dim),
-                      width(i, "mlp.up_proj", 1))
+                      width(i, f"{EXPERT_NAMES[family][1]}.0.{gate}" if moe else "mlp.up_proj", 1), experts)
+        if moe and not experts:
+            raise PruneflowError(f"block {i} has a dense MLP: llama.cpp's {MOE_ARCHS[family]} needs every block "
+                                 f"to be a Mixture of Experts")
         if not block.heads or not block.channels:
             raise PruneflowError(f"block {i} has no attention heads or no MLP channels: not a checkpoint "
                                  f"pruneflow or transformers writes")
@@ -179,9 +213,12 @@ def plan_layout(config: dict, weights) -> Layout:
         has = {key for key in BLOCK_NAMES if f"model.layers.{i}.{key}" in names}
         biases.append(has)
         blocks.append(block)
-    uniform = len({(b.heads, b.kv_heads, b.channels) for b in blocks}) == 1
+    uniform = len({(b.heads, b.kv_heads, b.channels, b.experts) for b in blocks}) == 1
     out_bias = any({"self_attn.o_proj.bias", "mlp.down_proj.bias"} & has for has in biases)
-    if family == "qwen3":
+    if moe:
+        check_plan(config, per_layer=not uniform, output_bias=out_bias)
+        arch = MOE_ARCHS[family]
+    elif family == "qwen3":
         check_plan(config, per_layer=not uniform, output_bias=out_bias)
         arch = "qwen3"
     elif family == "qwen2" and uniform and not out_bias and blocks[0].heads * head_dim == config["hidden_size"]:
@@ -196,7 +233,8 @@ def plan_layout(config: dict, weights) -> Layout:
     if not tied and names["lm_head.weight"].shape != embed:
         raise PruneflowError(f"lm_head {names['lm_head.weight'].shape} does not match the embedding {embed}")
     return Layout(arch=arch, family=family, blocks=blocks, head_dim=head_dim, hidden=config["hidden_size"],
-                  vocab=embed[0], tied=tied, permute=arch in ("llama", "deci"), rope=_rope(config))
+                  vocab=embed[0], tied=tied, permute=arch in ("llama", "deci"), rope=_rope(config),
+                  top_k=config.get("num_experts_per_tok", 0) if moe else 0)
 
 
 def rope_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -225,6 +263,16 @@ def _tensors(layout: Layout, weights, dtype: torch.dtype) -> list[GgufTensor]:
             return (transform(tensor) if transform else tensor).to(out_dtype).contiguous()
         return read
 
+    def stacked(parts: list[str], out_dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+        def read() -> torch.Tensor:  # one expert at a time into the (experts, out, in) tensor
+            first = weights.read(parts[:1], torch.float32, torch.device("cpu"))[parts[0]]
+            out = torch.empty((len(parts), *first.shape), dtype=out_dtype)
+            out[0] = first
+            for e, name in enumerate(parts[1:], 1):
+                out[e] = weights.read([name], torch.float32, torch.device("cpu"))[name]
+            return out
+        return read
+
     def kind(name: str) -> torch.dtype:  # norms, biases and other 1-D tensors stay f32, as llama.cpp expects
         return torch.float32 if len(weights.tensors[name].shape) == 1 else dtype
 
@@ -247,6 +295,15 @@ def _tensors(layout: Layout, weights, dtype: torch.dtype) -> list[GgufTensor]:
                 transform = lambda t, h=heads[proj]: rope_permute(t, h)  # noqa: E731
             out.append(GgufTensor(f"blk.{i}.{BLOCK_NAMES[key]}", tuple(names[name].shape), kind(name),
                                   plain(name, kind(name), transform)))
+        if block.experts:
+            router_path, experts_path, projections = EXPERT_NAMES[layout.family]
+            router = f"{prefix}{router_path}.weight"
+            out.append(GgufTensor(f"blk.{i}.ffn_gate_inp.weight", tuple(names[router].shape), torch.float32,
+                                  plain(router, torch.float32)))
+            for proj, gguf_name in projections.items():
+                parts = [f"{prefix}{experts_path}.{e}.{proj}.weight" for e in range(block.experts)]
+                out.append(GgufTensor(f"blk.{i}.{gguf_name}", (block.experts, *names[parts[0]].shape), dtype,
+                                      stacked(parts, dtype)))
     out.append(GgufTensor("output_norm.weight", tuple(names["model.norm.weight"].shape), torch.float32,
                           plain("model.norm.weight", torch.float32)))
     if not layout.tied:
@@ -413,6 +470,10 @@ def _add_hparams(writer, layout: Layout, config: dict, source: ModelSource, file
         writer.add_rope_scaling_factor(float(layout.rope["factor"]))
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     writer.add_vocab_size(layout.vocab)
+    if blocks[0].experts:
+        writer.add_expert_count(blocks[0].experts)
+        writer.add_expert_used_count(layout.top_k)
+        writer.add_expert_feed_forward_length(blocks[0].channels)
     writer.add_file_type(file_type)
 
 

@@ -207,14 +207,15 @@ def test_the_stages_prune_recover_and_evaluate_experts(method, allocation, tmp_p
     assert metrics["recovered"]["non_embedding_params"] < metrics["dense"]["non_embedding_params"]
 
 
-@pytest.mark.parametrize("model_kind, method, formats, message", [
-    ("llama", "router_weighted", [], "experts needs a Mixture-of-Experts model"),
-    ("moe", "flap", [], "pruned by whole experts"),
-    ("moe", "router_weighted", ["gguf"], "model type 'qwen3_moe' has no GGUF export"),
-    ("moe", "router_weighted", ["onnx"], "ONNX export of Mixture-of-Experts models is not supported"),
+@pytest.mark.parametrize("model_kind, method, formats, allocation, message", [
+    ("llama", "router_weighted", [], "auto", "experts needs a Mixture-of-Experts model"),
+    ("moe", "flap", [], "auto", "pruned by whole experts"),
+    ("moe", "router_weighted", ["gguf"], "global", "one expert count for every layer"),
+    ("moe", "router_weighted", ["onnx"], "auto", "ONNX export of Mixture-of-Experts models is not supported"),
 ])
-def test_the_source_stage_refuses_what_the_model_cannot_do(model_kind, method, formats, message, tmp_path,
-                                                           moe_checkpoint, tiny_checkpoint, calibration_txt):
+def test_the_source_stage_refuses_what_the_model_cannot_do(model_kind, method, formats, allocation, message,
+                                                           tmp_path, moe_checkpoint, tiny_checkpoint,
+                                                           calibration_txt):
     import yaml
 
     from tests.pipeline.test_cli import run
@@ -222,7 +223,7 @@ def test_the_source_stage_refuses_what_the_model_cannot_do(model_kind, method, f
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"model": str(moe_checkpoint if model_kind == "moe" else tiny_checkpoint),
                                       "calibrate": {"source": str(calibration_txt)}, "score": {"method": method},
-                                      "export": {"formats": formats}}))
+                                      "prune": {"allocation": allocation}, "export": {"formats": formats}}))
     result = run("stage", "source", "--params", params, "--artifacts", tmp_path / "artifacts")
     assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "artifacts" / "source.json").exists()
@@ -274,3 +275,39 @@ def test_expert_drop_loss_from_gram_matrices_is_the_direct_norm():
                       for e in range(8))
         torch.testing.assert_close(fast[c], torch.linalg.vector_norm(z - rebuilt), rtol=1e-6, atol=1e-6)
     assert fast[0] < 1e-5  # nothing dropped: the block's own output
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_expert_pruned_model_serves_in_llama_cpp_with_the_logits_of_transformers(kind, tmp_path, tiny_tokenizer):
+    """Uniform expert counts export as llama.cpp's own MoE architecture (qwen3moe; llama with experts for
+    Mixtral): router and stacked expert tensors, expert count and top-k in the header."""
+    import numpy as np
+
+    from pruneflow.export import export_gguf
+    from tests.pipeline.test_export import engine, prompt
+
+    model = tiny_moe(kind, vocab_size=len(tiny_tokenizer))
+    spec = A.arch_for(kind)
+    prune(model, spec, "router_weighted", PruneParams(ratio=0.3), WINDOWS)
+    checkpoint.save(model, tiny_tokenizer, tmp_path / "pruned", spec)
+    summary = export_gguf(tmp_path / "pruned", tmp_path / "model.gguf", "f32")
+    assert summary["architecture"] == {"qwen3_moe": "qwen3moe", "mixtral": "llama"}[kind]
+    ids = prompt(len(tiny_tokenizer))
+    with torch.no_grad():
+        reference = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    llm = engine(tmp_path / "model.gguf")
+    llm.eval(ids)
+    logits = np.asarray(llm.scores[:len(ids)], dtype=np.float64)
+    llm.close()
+    assert np.abs(logits - reference).max() < 1e-4, np.abs(logits - reference).max()
+
+
+def test_per_layer_expert_counts_are_refused_for_gguf_before_writing(tmp_path, tiny_tokenizer):
+    from pruneflow.export import export_gguf
+
+    model = tiny_moe("qwen3_moe", vocab_size=len(tiny_tokenizer))
+    X.apply(model, SPEC, [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3]])
+    checkpoint.save(model, tiny_tokenizer, tmp_path / "pruned", SPEC)
+    with pytest.raises(PruneflowError, match="one expert count for every layer"):
+        export_gguf(tmp_path / "pruned", tmp_path / "model.gguf")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))
