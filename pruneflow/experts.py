@@ -20,6 +20,7 @@ from pruneflow import arch as A
 from pruneflow import streaming
 from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
+from pruneflow.modeling_pruneflow import resize_experts
 from pruneflow.plan import LayerPlan, PrunePlan, SelectConfig
 from pruneflow.scores import Scores, zscore
 
@@ -184,13 +185,8 @@ def apply(model: nn.Module, spec: ArchSpec, kept: list[list[int]]) -> None:
         if len(chosen) < router.top_k:
             raise PruneflowError(f"plan keeps {len(chosen)} experts in layer {layer}, fewer than its top-k "
                                  f"(num_experts_per_tok={router.top_k})")
-        index = torch.as_tensor(sorted(chosen), dtype=torch.long, device=experts.down_proj.device)
-        for module, name in ((experts, "gate_up_proj"), (experts, "down_proj"), (router, "weight"), (router, "bias")):
-            old = getattr(module, name, None)
-            if isinstance(old, torch.Tensor):
-                setattr(module, name, nn.Parameter(old.index_select(0, index.to(old.device)).contiguous(),
-                                                   requires_grad=old.requires_grad))
-        experts.num_experts = router.num_experts = len(chosen)
+        index = torch.as_tensor(sorted(chosen), dtype=torch.long)
+        resize_experts(router, experts, len(chosen), lambda old: old.index_select(0, index.to(old.device)).contiguous())
     if len({len(k) for k in kept}) == 1:
         for key in A.EXPERT_KEYS:
             if key in vars(model.config) or key in getattr(model.config, "attribute_map", {}):

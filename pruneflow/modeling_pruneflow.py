@@ -31,14 +31,15 @@ def _replace(block: nn.Module, path: str, in_features: int, out_features: int, b
     return new
 
 
-def resize_experts(block: nn.Module, arch: dict, count: int) -> None:
-    """Give one MoE block ``count`` experts (fused expert tensors and router rows, uninitialised); the router's
-    top-k is never above them (plans keep at least top-k experts)."""
-    router, experts = block.get_submodule(arch["router"]), block.get_submodule(arch["experts"])
+def resize_experts(router: nn.Module, experts: nn.Module, count: int, new=None) -> None:
+    """Give one MoE block ``count`` experts: every tensor with an expert axis first (the fused expert tensors,
+    the router's weight and bias) becomes ``new(old)`` (default: uninitialised, the per-layer loader's shapes)
+    and both modules' expert counts follow. The router's top-k is never above them (plans keep at least top-k)."""
+    new = new or (lambda old: old.new_empty((count, *old.shape[1:])))
     for module, name in ((experts, "gate_up_proj"), (experts, "down_proj"), (router, "weight"), (router, "bias")):
         old = getattr(module, name, None)
         if old is not None:
-            setattr(module, name, nn.Parameter(old.new_empty((count, *old.shape[1:]))))
+            setattr(module, name, nn.Parameter(new(old), requires_grad=old.requires_grad))
     experts.num_experts = router.num_experts = count
 
 
@@ -51,7 +52,7 @@ def resize_block(block: nn.Module, arch: dict, widths: dict, head_dim: int) -> N
         _replace(block, path, hidden, out_features, block.get_submodule(path).bias is not None)
     _replace(block, arch["o"], q_dim, hidden, widths["o_bias"])
     if arch.get("experts"):
-        resize_experts(block, arch, widths["experts"])
+        resize_experts(block.get_submodule(arch["router"]), block.get_submodule(arch["experts"]), widths["experts"])
     else:
         for path in (arch["gate"], arch["up"]):
             if path:

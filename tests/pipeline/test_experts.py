@@ -281,10 +281,8 @@ def test_expert_drop_loss_from_gram_matrices_is_the_direct_norm():
 def test_an_expert_pruned_model_serves_in_llama_cpp_with_the_logits_of_transformers(kind, tmp_path, tiny_tokenizer):
     """Uniform expert counts export as llama.cpp's own MoE architecture (qwen3moe; llama with experts for
     Mixtral): router and stacked expert tensors, expert count and top-k in the header."""
-    import numpy as np
-
     from pruneflow.export import export_gguf
-    from tests.pipeline.test_export import engine, prompt
+    from tests.pipeline.test_export import llama_cpp_error
 
     model = tiny_moe(kind, vocab_size=len(tiny_tokenizer))
     spec = A.arch_for(kind)
@@ -292,14 +290,8 @@ def test_an_expert_pruned_model_serves_in_llama_cpp_with_the_logits_of_transform
     checkpoint.save(model, tiny_tokenizer, tmp_path / "pruned", spec)
     summary = export_gguf(tmp_path / "pruned", tmp_path / "model.gguf", "f32")
     assert summary["architecture"] == {"qwen3_moe": "qwen3moe", "mixtral": "llama"}[kind]
-    ids = prompt(len(tiny_tokenizer))
-    with torch.no_grad():
-        reference = model(input_ids=torch.tensor([ids])).logits[0].numpy()
-    llm = engine(tmp_path / "model.gguf")
-    llm.eval(ids)
-    logits = np.asarray(llm.scores[:len(ids)], dtype=np.float64)
-    llm.close()
-    assert np.abs(logits - reference).max() < 1e-4, np.abs(logits - reference).max()
+    error = llama_cpp_error(model, tmp_path / "model.gguf", len(tiny_tokenizer))
+    assert error < 1e-4, error
 
 
 def test_per_layer_expert_counts_are_refused_for_gguf_before_writing(tmp_path, tiny_tokenizer):

@@ -88,6 +88,18 @@ def prompt(vocab: int, n: int = 20) -> list[int]:
     return torch.randint(1, vocab, (n,), generator=torch.Generator().manual_seed(7)).tolist()
 
 
+def llama_cpp_error(model, gguf_path, vocab: int) -> float:
+    """Largest |logit| difference between ``model`` (transformers) and the GGUF file in llama.cpp on a prompt."""
+    ids = prompt(vocab)
+    with torch.no_grad():
+        reference = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    llm = engine(gguf_path)
+    llm.eval(ids)
+    logits = np.asarray(llm.scores[:len(ids)], dtype=np.float64)
+    llm.close()
+    return float(np.abs(logits - reference).max())
+
+
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_llama_cpp_loads_each_kind_with_the_logits_and_greedy_tokens_of_transformers(kind, tmp_path,
                                                                                     tiny_tokenizer):

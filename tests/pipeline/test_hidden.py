@@ -94,7 +94,7 @@ def test_a_hidden_pruned_model_recovers_and_serves_in_llama_cpp(tmp_path, tiny_t
     from pruneflow import recover as R
     from pruneflow.export import export_gguf
     from pruneflow.params import RecoverParams
-    from tests.pipeline.test_export import engine, prompt
+    from tests.pipeline.test_export import llama_cpp_error
 
     vocab = len(tiny_tokenizer)
     spec = A.arch_for("llama")
@@ -118,14 +118,7 @@ def test_a_hidden_pruned_model_recovers_and_serves_in_llama_cpp(tmp_path, tiny_t
     summary = export_gguf(tmp_path / "recovered", tmp_path / "model.gguf", "f32")
     assert summary["architecture"] == "llama"
     loaded, _, _ = checkpoint.load(tmp_path / "recovered")
-    ids = prompt(vocab)
-    with torch.no_grad():
-        reference = loaded(input_ids=torch.tensor([ids])).logits[0].numpy()
-    llm = engine(tmp_path / "model.gguf")
-    llm.eval(ids)
-    logits = np.asarray(llm.scores[:len(ids)], dtype=np.float64)
-    llm.close()
-    assert np.abs(logits - reference).max() < 1e-4
+    assert llama_cpp_error(loaded, tmp_path / "model.gguf", vocab) < 1e-4
 
 
 def test_the_stages_prune_recover_and_evaluate_the_hidden_unit(tmp_path, tiny_checkpoint, calibration_txt):
