@@ -115,7 +115,7 @@ def test_bad_options_fail_cleanly(case, tiny_checkpoint, calibration_txt, tmp_pa
 
 @pytest.mark.parametrize("case,message", [
     ("missing", "checkpoint directory .* does not exist"),
-    ("unsupported", "unsupported model type 'gpt2'; supported: bert, llama, mistral, qwen2, qwen3"),
+    ("unsupported", "unsupported model type 'gpt2'; supported: bert, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe"),
     ("truncated", "model.safetensors is not a readable safetensors file"),
     ("no weights", "has no \\*.safetensors weights"),
     ("nan", "weight model.layers.0.mlp.down_proj.weight contains NaN or Inf"),
