@@ -91,6 +91,15 @@ def run_model(name: str, path: Path, threads: int) -> list[dict]:
     return rows
 
 
+def ensure_built(name: str, build: bool) -> None:
+    """Train benchmark model ``name`` if it is missing and ``build`` says so; else exit naming the command."""
+    if (MODELS[name] / "config.json").exists():
+        return
+    if not build:
+        sys.exit(f"{MODELS[name]} is missing: run with --build (or `pruneflow reference build --config {name}`)")
+    subprocess.run([sys.executable, "-m", "pruneflow.cli", "reference", "build", "--config", name], check=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -100,11 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for name in args.models.split(","):
-        if not (MODELS[name] / "config.json").exists():
-            if not args.build:
-                sys.exit(f"{MODELS[name]} is missing: run with --build (or `pruneflow reference build --config "
-                         f"{name}`)")
-            subprocess.run([sys.executable, "-m", "pruneflow.cli", "reference", "build", "--config", name], check=True)
+        ensure_built(name, args.build)
         rows += run_model(name, MODELS[name], args.threads)
     write_results(args.out, rows, args.threads, str(date.today()))
     print(f"wrote {args.out}")

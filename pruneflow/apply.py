@@ -121,6 +121,11 @@ def apply(model: nn.Module, plan: PrunePlan, spec: ArchSpec, scores: Scores | No
 
         experts.apply(model, spec, plan.kept_experts)
         return model
+    if plan.kept_expert_channels is not None:  # the channels inside the experts of an MoE model
+        from pruneflow import expert_channels
+
+        expert_channels.apply(model, spec, plan.kept_expert_channels)
+        return model
     shapes = layer_shapes(model, spec)
     _check(plan, shapes)
     if plan.reconstruct == "bias" and (scores is None or scores.attn_mean is None):

@@ -63,8 +63,10 @@ def vanilla_config(model: nn.Module, spec: ArchSpec):
     config_cls, model_cls = _stock_classes(model, model_type)
     data = _base_dict(model.config)
     data["num_attention_heads"] = widths[0]["heads"]
-    if spec.moe:  # the expert count; expert widths are not pruned (intermediate_size may be a dense MLP's)
+    if spec.moe:  # the expert count and an expert's width (Qwen3-MoE keeps intermediate_size for dense MLPs)
         data.update({key: widths[0]["experts"] for key in A.EXPERT_KEYS if key in data})
+        data["moe_intermediate_size" if "moe_intermediate_size" in data else "intermediate_size"] = \
+            widths[0]["channels"]
     else:
         data["intermediate_size"] = widths[0]["channels"]
     if "num_key_value_heads" in data:

@@ -25,15 +25,24 @@ from pruneflow.plan import LayerPlan, PrunePlan, SelectConfig
 from pruneflow.scores import Scores, zscore
 
 
-def check_units(spec: ArchSpec, units: list[str] | tuple[str, ...]) -> None:
-    """The unit types fit the architecture: experts only on MoE models, and MoE models (for now) by experts only."""
+def check_units(spec: ArchSpec, units: list[str] | tuple[str, ...], method: str | None = None) -> None:
+    """The unit types (and ``method``) fit the architecture: experts only on MoE models; MoE models (for now)
+    by whole experts or by the channels inside their experts, with a method that scores those."""
+    from pruneflow.methods import METHODS
+
     if "experts" in units and not spec.moe:
         raise PruneflowError("prune.units: experts needs a Mixture-of-Experts model (qwen3_moe, mixtral); this "
                              "model's MLPs are dense: prune heads, channels or layers")
-    if spec.moe and any(u != "experts" for u in units):
+    if not spec.moe or list(units) == ["experts"]:
+        return
+    if list(units) != ["channels"]:
         raise PruneflowError(f"prune.units: this Mixture-of-Experts model is pruned by whole experts (units: "
-                             f"[experts], methods router_weighted or expert_drop), not "
-                             f"{', '.join(u for u in units if u != 'experts')}")
+                             f"[experts], methods router_weighted or expert_drop) or by the channels inside its "
+                             f"experts (units: [channels]), not {', '.join(units)}")
+    if method is not None and not METHODS[method].expert_channels:
+        able = ", ".join(name for name, m in METHODS.items() if m.expert_channels)
+        raise PruneflowError(f"method {method} does not score the channels inside experts; on this "
+                             f"Mixture-of-Experts model use one of {able} (or units: [experts])")
 
 
 def check(model: nn.Module, spec: ArchSpec) -> None:

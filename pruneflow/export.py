@@ -153,8 +153,8 @@ def check_plan(config: dict, per_layer: bool, output_bias: bool) -> None:
     family = check_family(config)
     if family in MOE_ARCHS:
         if per_layer:
-            raise PruneflowError("llama.cpp holds one expert count for every layer: prune an MoE model with "
-                                 "allocation: uniform to export it to GGUF")
+            raise PruneflowError("llama.cpp holds one expert count and one expert width for every layer: prune an "
+                                 "MoE model with allocation: uniform to export it to GGUF")
         if family == "qwen3_moe" and not config.get("norm_topk_prob", False):
             raise PruneflowError("llama.cpp's qwen3moe renormalises the top-k routing weights; this config has "
                                  "norm_topk_prob: false")

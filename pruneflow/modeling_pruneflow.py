@@ -43,16 +43,31 @@ def resize_experts(router: nn.Module, experts: nn.Module, count: int, new=None) 
     experts.num_experts = router.num_experts = count
 
 
+def resize_expert_width(experts: nn.Module, width: int, gate_up=None, down=None) -> None:
+    """Give every expert of one MoE block ``width`` channels: ``gate_up_proj`` (E, 2·width, D) becomes
+    ``gate_up(old)`` and ``down_proj`` (E, D, width) ``down(old)`` (default: uninitialised, the per-layer
+    loader's shapes)."""
+    gate_up = gate_up or (lambda old: old.new_empty((old.shape[0], 2 * width, old.shape[2])))
+    down = down or (lambda old: old.new_empty((*old.shape[:2], width)))
+    for name, new in (("gate_up_proj", gate_up), ("down_proj", down)):
+        old = getattr(experts, name)
+        setattr(experts, name, nn.Parameter(new(old), requires_grad=old.requires_grad))
+    experts.intermediate_dim = width
+
+
 def resize_block(block: nn.Module, arch: dict, widths: dict, head_dim: int) -> None:
     """Give one block's projections the widths of ``widths`` (heads, kv_heads, channels, o/down bias; an MoE
-    block: its expert count)."""
+    block: its expert count and every expert's channels)."""
     hidden = block.get_submodule(arch["q"]).in_features
     q_dim, kv_dim = widths["heads"] * head_dim, widths["kv_heads"] * head_dim
     for path, out_features in ((arch["q"], q_dim), (arch["k"], kv_dim), (arch["v"], kv_dim)):
         _replace(block, path, hidden, out_features, block.get_submodule(path).bias is not None)
     _replace(block, arch["o"], q_dim, hidden, widths["o_bias"])
     if arch.get("experts"):
-        resize_experts(block.get_submodule(arch["router"]), block.get_submodule(arch["experts"]), widths["experts"])
+        experts = block.get_submodule(arch["experts"])
+        resize_experts(block.get_submodule(arch["router"]), experts, widths["experts"])
+        if widths["channels"] != experts.down_proj.shape[2]:
+            resize_expert_width(experts, widths["channels"])
     else:
         for path in (arch["gate"], arch["up"]):
             if path:

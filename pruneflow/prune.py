@@ -70,14 +70,17 @@ def check_hidden(model: nn.Module, spec: ArchSpec, cfg: PruneParams) -> None:
     hidden.check(model, spec)
 
 
-def check_experts(model: nn.Module, spec: ArchSpec, cfg: PruneParams) -> None:
-    """Experts on a dense model, width units on an MoE model, or an expert count the ratio cannot give (``cfg``
-    resolved): an error before any forward pass."""
-    from pruneflow import experts
+def check_experts(model: nn.Module, spec: ArchSpec, cfg: PruneParams, method: str | None = None) -> None:
+    """Experts on a dense model, units or a method an MoE model cannot be pruned by, or an expert count or width
+    the ratio cannot give (``cfg`` resolved): an error before any forward pass."""
+    from pruneflow import expert_channels, experts
 
-    experts.check_units(spec, cfg.units)
+    experts.check_units(spec, cfg.units, method)
     if "experts" in cfg.units:
         experts.check_ratio(model, spec, SelectConfig(ratio=cfg.ratio, allocation=cfg.allocation))
+    elif spec.moe:
+        expert_channels.check(model, spec, SelectConfig(ratio=cfg.ratio, allocation=cfg.allocation,
+                                                        round_to=cfg.round_to, reconstruct=cfg.reconstruct))
 
 
 def select_config(cfg: PruneParams, scores: Scores) -> SelectConfig:
@@ -105,7 +108,7 @@ def prune(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, windo
     check_streams(method, model)
     cfg, entry, runtime = cfg.for_method(method), METHODS[method], runtime or Runtime()
     check_hidden(model, spec, cfg)
-    check_experts(model, spec, cfg)
+    check_experts(model, spec, cfg, method)
     check_reconstruct(model, spec, cfg, windows, runtime)
     if entry.iterative:
         options = options or entry.options()
@@ -142,6 +145,10 @@ def choose(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, scor
         from pruneflow import experts
 
         return experts.select(model, spec, scores, select_config(cfg, scores), method, seed), None
+    if spec.moe:  # the channels inside the experts
+        from pruneflow import expert_channels
+
+        return expert_channels.select(model, spec, scores, select_config(cfg, scores), method, seed), None
     shapes, params = layer_shapes(model, spec), A.count_parameters(model)
     if cfg.allocation != "search":
         return select(scores, shapes, params, select_config(cfg, scores), method=method, seed=seed), None

@@ -75,7 +75,8 @@ class InputStats:
 
 def stats_hooks(spec: ArchSpec, runtime: Runtime, attn_stats: list, mlp_stats: list) -> Callable:
     """``calibration_pass`` hooks that collect the input moments of block i's o_proj and down_proj into
-    ``attn_stats[i]`` / ``mlp_stats[i]``."""
+    ``attn_stats[i]`` / ``mlp_stats[i]`` (an MoE block: a list, one per expert's down_proj, over the tokens
+    routed to it)."""
     def recorder(stats: InputStats):
         def hook(_module, args):
             stats.add(args[0].detach().reshape(-1, args[0].shape[-1]), runtime.accum_dtype)  # (tokens, in)
@@ -84,6 +85,11 @@ def stats_hooks(spec: ArchSpec, runtime: Runtime, attn_stats: list, mlp_stats: l
     def hooks(i: int, block: nn.Module) -> list:
         handles = []
         for path, bucket in ((spec.o, attn_stats), (spec.down, mlp_stats)):
+            if path is None:  # an MoE block: its experts' down_proj inputs
+                from pruneflow import expert_channels
+
+                handles.append(expert_channels.record(block, spec, runtime.accum_dtype, bucket))
+                continue
             bucket.append(InputStats())
             handles.append(A.get(block, path).register_forward_pre_hook(recorder(bucket[i])))
         return handles
@@ -120,7 +126,8 @@ def from_input_channels(model: nn.Module, spec: ArchSpec, windows: torch.Tensor,
     the block has seen every calibration window (for a streamed model, while its weights are loaded);
     ``attn_importance``, if given, is o_proj's instead. With
     ``standardize``, each layer's o_proj and down_proj channel scores are z-scored before heads are
-    averaged (FLAP's AL-AM), which makes them comparable across layers and modules.
+    averaged (FLAP's AL-AM), which makes them comparable across layers and modules. An MoE block's channel
+    scores are (E, I), ``importance`` applied to every expert's down_proj (``pruneflow.expert_channels``).
     """
     head_dim = A.geometry(model.config).head_dim
     norm = zscore if standardize else (lambda x: x)
@@ -130,11 +137,18 @@ def from_input_channels(model: nn.Module, spec: ArchSpec, windows: torch.Tensor,
     def done(i: int, block: nn.Module) -> None:
         heads.append(per_head(norm(attn_importance(A.get(block, spec.o).weight, attn_stats[i])), head_dim)
                      .float().cpu())
-        channels.append(norm(importance(A.get(block, spec.down).weight, mlp_stats[i])).float().cpu())
+        if spec.moe:
+            from pruneflow import expert_channels
+
+            channel = expert_channels.importance(A.get(block, spec.experts), mlp_stats[i], importance)
+        else:
+            channel = importance(A.get(block, spec.down).weight, mlp_stats[i])
+        channels.append(norm(channel).float().cpu())
 
     calibration_pass(model, spec, windows, runtime, stats_hooks(spec, runtime, attn_stats, mlp_stats), done)
     scores = Scores(heads=heads, channels=channels, comparable=standardize)
     if with_means:
         scores.attn_mean = [s.mean.float().cpu() for s in attn_stats]
-        scores.mlp_mean = [s.mean.float().cpu() for s in mlp_stats]
+        if not spec.moe:  # experts take no compensation bias
+            scores.mlp_mean = [s.mean.float().cpu() for s in mlp_stats]
     return scores

@@ -120,7 +120,12 @@ def check_units(params: Params, config: dict) -> None:
     from pruneflow import experts
 
     spec = A.arch_for(config.get("model_type", ""))
-    experts.check_units(spec, params.prune.for_method(params.score.method).units)
+    method, resolved = params.score.method, params.prune.for_method(params.score.method)
+    experts.check_units(spec, resolved.units, method)
+    if spec.moe and "experts" not in resolved.units:
+        from pruneflow import expert_channels
+
+        expert_channels.check_settings(resolved)
 
 
 def check_export(params: Params, config: dict) -> None:
@@ -210,7 +215,7 @@ def score(params: Params, root: Path, runtime: Runtime) -> Path:
                                      purpose=f"method {method}")
     cfg = params.prune.for_method(method)
     check_hidden(model, spec, cfg)
-    check_experts(model, spec, cfg)
+    check_experts(model, spec, cfg, method)
     started = time.perf_counter()
     meta = {"method": method, "calibration_digest": manifest.source_digest}
     with atomic_dir(root / OUTPUTS["score"], overwrite=True) as tmp:
@@ -248,7 +253,7 @@ def prune(params: Params, root: Path, runtime: Runtime) -> Path:
     model, tokenizer, spec = checkpoint.load(dense, runtime, stream=True)  # streamed: sliced as it is written
     check_reconstruct(model, spec, cfg, windows, runtime)
     check_hidden(model, spec, cfg)
-    check_experts(model, spec, cfg)
+    check_experts(model, spec, cfg, meta["method"])
     scores, extra = None, {}
     if (scores_dir / "plan.json").exists():
         plan = PrunePlan.load(scores_dir / "plan.json")

@@ -187,6 +187,15 @@ def bf16_checkpoint(tmp_path_factory, tiny_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def moe_checkpoint(tmp_path_factory, tiny_tokenizer):
+    """A saved tiny Qwen3-MoE with a tokenizer, as a user's checkpoint directory."""
+    path = tmp_path_factory.mktemp("moe") / "qwen3_moe"
+    tiny_moe("qwen3_moe", vocab_size=len(tiny_tokenizer), num_hidden_layers=3).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def calibration_txt(tmp_path_factory):
     from pruneflow import corpus
 

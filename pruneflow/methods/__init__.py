@@ -32,6 +32,7 @@ class Method:
     options: type[Options] | None = None  # its options model, params key score.<name>
     streams: bool = False  # scores a model larger than memory a block at a time (runtime.max_memory)
     auto_units: tuple[str, ...] | None = None  # what prune.units: auto means for it (None: all of ``units``)
+    expert_channels: bool = False  # also scores the MLP channels inside the experts of MoE models
 
     @property
     def score(self) -> Callable:
@@ -50,13 +51,14 @@ class Method:
 # does — FLAP ranks globally (AL-AM) and compensates with a bias, LLM-Pruner's Taylor and Bonsai rank globally,
 # Wanda-sp is uniform (FLAP's prune_wanda_sp); the controls (magnitude, random) are uniform
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("magnitude", "magnitude", "data-free: L2 norm of the weights a unit owns", streams=True),
-    Method("random", "random_", "control: seeded uniform random scores", streams=True),
+    Method("magnitude", "magnitude", "data-free: L2 norm of the weights a unit owns", streams=True,
+           expert_channels=True),
+    Method("random", "random_", "control: seeded uniform random scores", streams=True, expert_channels=True),
     Method("wanda_sp", "wanda_sp", "structured Wanda: mean |W| · ‖X‖₂ on o_proj/down_proj inputs",
-           needs=frozenset({ACTIVATIONS}), streams=True),
+           needs=frozenset({ACTIVATIONS}), streams=True, expert_channels=True),
     Method("flap", "flap", "FLAP: input fluctuation × ‖W[:, j]‖² (squared for heads), standardized per layer, "
            "ranked globally, bias compensation", needs=frozenset({ACTIVATIONS}), allocation="global",
-           reconstruct="bias", streams=True),
+           reconstruct="bias", streams=True, expert_channels=True),
     Method("taylor", "taylor", "LLM-Pruner's first-order Taylor |W ⊙ ∂L/∂W| (needs gradients)",
            needs=frozenset({ACTIVATIONS, GRADIENTS, CAUSAL_LM}), allocation="global"),
     Method("block_influence", "block_influence", "ShortGPT: 1 − cos(block input, block output), whole blocks",

@@ -61,6 +61,26 @@ def test_every_method_prunes_a_16_bit_checkpoint_and_saves_it_in_its_dtype(metho
         assert torch.equal(loaded(input_ids=IDS).logits, model(input_ids=IDS).logits)
 
 
+@pytest.mark.parametrize("method", sorted(m for m, entry in METHODS.items() if entry.expert_channels))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_channels_inside_experts_prune_a_16_bit_moe_checkpoint_and_save_it_in_its_dtype(method, dtype,
+                                                                                          tmp_path):
+    """Widths in steps of 8: the saved model runs with transformers' grouped_mm experts kernel in 16 bits."""
+    dense_dir = _saved(dtype, tmp_path, moe=True)
+    model, _, spec = checkpoint.load(dense_dir, Runtime(), with_tokenizer=False)
+    cfg = PruneParams(ratio=0.3, units=["channels"], reconstruct="none")  # flap: global, per-layer widths
+    result = prune(model, spec, method, cfg, WINDOWS)
+    assert all(w % 8 == 0 and w < 32 for w in result.plan.params["expert_width_after"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    out = tmp_path / "pruned"
+    checkpoint.save(model, None, out, spec, dtype=checkpoint.stored_dtype(dense_dir))
+    assert _stored(out) == {"BF16" if dtype == torch.bfloat16 else "F16"}
+    assert size_on_disk(out) < size_on_disk(dense_dir)
+    loaded, _, _ = checkpoint.load(out, with_tokenizer=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, model(input_ids=IDS).logits)
+
+
 def test_scoring_in_float32_still_saves_the_input_dtype(tmp_path):
     dense_dir = _saved(torch.bfloat16, tmp_path)
     runtime = Runtime.create("cpu", "float32")

@@ -160,15 +160,6 @@ def test_expert_drop_refuses_too_many_combinations():
         score(model, SPEC, "expert_drop", WINDOWS, ratio=0.3, config=ExpertDropParams(max_combinations=100))
 
 
-@pytest.fixture(scope="module")
-def moe_checkpoint(tmp_path_factory, tiny_tokenizer):
-    """A saved tiny Qwen3-MoE with a tokenizer, as a user's checkpoint directory."""
-    path = tmp_path_factory.mktemp("moe") / "qwen3_moe"
-    tiny_moe("qwen3_moe", vocab_size=len(tiny_tokenizer), num_hidden_layers=3).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("method, allocation", [("expert_drop", "auto"), ("router_weighted", "global")])
 def test_the_stages_prune_recover_and_evaluate_experts(method, allocation, tmp_path, moe_checkpoint,
                                                       calibration_txt):
@@ -210,7 +201,7 @@ def test_the_stages_prune_recover_and_evaluate_experts(method, allocation, tmp_p
 @pytest.mark.parametrize("model_kind, method, formats, allocation, message", [
     ("llama", "router_weighted", [], "auto", "experts needs a Mixture-of-Experts model"),
     ("moe", "flap", [], "auto", "pruned by whole experts"),
-    ("moe", "router_weighted", ["gguf"], "global", "one expert count for every layer"),
+    ("moe", "router_weighted", ["gguf"], "global", "one expert count and one expert width for every layer"),
     ("moe", "router_weighted", ["onnx"], "auto", "ONNX export of Mixture-of-Experts models is not supported"),
 ])
 def test_the_source_stage_refuses_what_the_model_cannot_do(model_kind, method, formats, allocation, message,
@@ -300,6 +291,6 @@ def test_per_layer_expert_counts_are_refused_for_gguf_before_writing(tmp_path, t
     model = tiny_moe("qwen3_moe", vocab_size=len(tiny_tokenizer))
     X.apply(model, SPEC, [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3]])
     checkpoint.save(model, tiny_tokenizer, tmp_path / "pruned", SPEC)
-    with pytest.raises(PruneflowError, match="one expert count for every layer"):
+    with pytest.raises(PruneflowError, match="one expert count and one expert width for every layer"):
         export_gguf(tmp_path / "pruned", tmp_path / "model.gguf")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))
