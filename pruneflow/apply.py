@@ -126,15 +126,15 @@ def apply(model: nn.Module, plan: PrunePlan, spec: ArchSpec, scores: Scores | No
 
         expert_channels.apply(model, spec, plan.kept_expert_channels)
         return model
-    shapes = layer_shapes(model, spec)
-    _check(plan, shapes)
-    if plan.reconstruct == "bias" and (scores is None or scores.attn_mean is None):
-        raise PruneflowError(f"method {plan.method!r} provides no activation means for bias compensation")
     if plan.kept_hidden is not None:  # the hidden unit keeps every block's widths (in memory only)
         from pruneflow import hidden
 
         hidden.apply(model, spec, plan.kept_hidden)
         return model
+    shapes = layer_shapes(model, spec)
+    _check(plan, shapes)
+    if plan.reconstruct == "bias" and (scores is None or scores.attn_mean is None):
+        raise PruneflowError(f"method {plan.method!r} provides no activation means for bias compensation")
     if streaming.is_streamed(model):  # the weights are sliced while they are written (streaming.write_weights)
         streaming.record(model, plan, scores, spec)
         return model

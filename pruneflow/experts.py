@@ -33,12 +33,13 @@ def check_units(spec: ArchSpec, units: list[str] | tuple[str, ...], method: str 
     if "experts" in units and not spec.moe:
         raise PruneflowError("prune.units: experts needs a Mixture-of-Experts model (qwen3_moe, mixtral); this "
                              "model's MLPs are dense: prune heads, channels or layers")
-    if not spec.moe or list(units) == ["experts"]:
+    if not spec.moe or list(units) in (["experts"], ["hidden"]):
         return
     if list(units) != ["channels"]:
         raise PruneflowError(f"prune.units: this Mixture-of-Experts model is pruned by whole experts (units: "
-                             f"[experts], methods router_weighted or expert_drop) or by the channels inside its "
-                             f"experts (units: [channels]), not {', '.join(units)}")
+                             f"[experts], methods router_weighted or expert_drop), by the channels inside its "
+                             f"experts (units: [channels]) or by hidden channels (units: [hidden], minitron), "
+                             f"not {', '.join(units)}")
     if method is not None and not METHODS[method].expert_channels:
         able = ", ".join(name for name, m in METHODS.items() if m.expert_channels)
         raise PruneflowError(f"method {method} does not score the channels inside experts; on this "

@@ -6,7 +6,9 @@ of every norm over it (each block's and the final one). Heads keep their head_di
 ``hidden_size`` and an explicit ``head_dim``, so the checkpoint stays vanilla. The kept width is a multiple of
 the number of query heads (transformers' configs require ``hidden_size % num_attention_heads == 0``) and of
 ``prune.round_to``. RMSNorms then average over the kept channels only, as Minitron's pruning leaves them
-(recovery with distillation is its recipe).
+(recovery with distillation is its recipe). In a Mixture-of-Experts block the router's weight columns and the
+fused experts' hidden axis (``gate_up_proj`` (E, 2I, D) reads it, ``down_proj`` (E, D, I) writes it) are sliced
+too, and the kept width is also a multiple of 8: ``grouped_mm`` needs 16-byte strides (8 bf16 values).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pruneflow.scores import Scores
 
 READERS = ("q", "k", "v", "gate", "up")  # projections whose input is the residual stream
 WRITERS = ("o", "down")  # projections whose output is added to it
+MOE_ALIGN = 8  # hidden channels: grouped_mm's 16-byte strides over the fused experts' hidden axis
 
 
 def check(model: nn.Module, spec: ArchSpec) -> None:
@@ -49,10 +52,16 @@ def _tensors(model: nn.Module, spec: ArchSpec) -> list[tuple[nn.Module, str, int
             if path:
                 out.append((A.get(block, path), "weight", 1, False))
         for name in WRITERS:
+            if getattr(spec, name) is None:  # an MoE block's down: the fused experts
+                continue
             module = A.get(block, getattr(spec, name))
             out.append((module, "weight", 0, False))
             if module.bias is not None:
                 out.append((module, "bias", 0, False))
+        if spec.moe:  # the router reads the stream; the experts read (gate_up) and write (down) it
+            experts = A.get(block, spec.experts)
+            out += [(A.get(block, spec.router), "weight", 1, False), (experts, "gate_up_proj", 2, False),
+                    (experts, "down_proj", 1, False)]
         for path in spec.norms:
             norm = A.get(block, path)
             out += [(norm, p, 0, False) for p in ("weight", "bias") if getattr(norm, p, None) is not None]
@@ -81,13 +90,13 @@ def select(model: nn.Module, spec: ArchSpec, scores: Scores, cfg: SelectConfig, 
         raise PruneflowError(f"prune.units: method {method} gives no hidden-channel scores (use minitron)")
     hidden, heads = model.config.hidden_size, model.config.num_attention_heads
     params, (cost, embedding_cost) = A.count_parameters(model), _costs(model, spec)
-    step = math.lcm(heads, cfg.round_to)
+    step = math.lcm(heads, cfg.round_to, MOE_ALIGN if spec.moe else 1)
     want = hidden - cfg.ratio * params["non_embedding"] / cost
     kept = round(want / step) * step
     if kept < step or kept >= hidden:
         share = step * cost / params["non_embedding"]
         raise PruneflowError(f"prune.ratio={cfg.ratio}: the hidden size {hidden} is kept a multiple of {step} (query "
-                             f"heads {heads}, round_to {cfg.round_to}), a step of {share:.1%} of the parameters; "
+                             f"heads {heads}, round_to {cfg.round_to}{', 8 for grouped_mm' if spec.moe else ''}), a step of {share:.1%} of the parameters; "
                              f"choose a ratio between {share:.1%} and {(hidden - step) * cost / params['non_embedding']:.1%}")
     order = torch.argsort(scores.hidden.float(), descending=True, stable=True)
     widths = A.layer_widths(model, spec)
@@ -128,6 +137,8 @@ def apply(model: nn.Module, spec: ArchSpec, kept: list[int]) -> None:
             module.embedding_dim = module.weight.shape[1]
         elif hasattr(module, "normalized_shape"):
             module.normalized_shape = (len(kept),)
+        if hasattr(module, "hidden_dim"):  # an MoE router or fused experts module
+            module.hidden_dim = len(kept)
     if tied:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
         model.get_output_embeddings().in_features = len(kept)

@@ -78,7 +78,7 @@ def check_experts(model: nn.Module, spec: ArchSpec, cfg: PruneParams, method: st
     experts.check_units(spec, cfg.units, method)
     if "experts" in cfg.units:
         experts.check_ratio(model, spec, SelectConfig(ratio=cfg.ratio, allocation=cfg.allocation))
-    elif spec.moe:
+    elif spec.moe and "channels" in cfg.units:
         expert_channels.check(model, spec, SelectConfig(ratio=cfg.ratio, allocation=cfg.allocation,
                                                         round_to=cfg.round_to, reconstruct=cfg.reconstruct))
 

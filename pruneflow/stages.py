@@ -122,7 +122,7 @@ def check_units(params: Params, config: dict) -> None:
     spec = A.arch_for(config.get("model_type", ""))
     method, resolved = params.score.method, params.prune.for_method(params.score.method)
     experts.check_units(spec, resolved.units, method)
-    if spec.moe and "experts" not in resolved.units:
+    if spec.moe and "channels" in resolved.units:
         from pruneflow import expert_channels
 
         expert_channels.check_settings(resolved)

@@ -56,12 +56,14 @@ def score(model: nn.Module, spec, windows, runtime, **_) -> Scores:
         handles = [A.get(block, path).register_forward_hook(lambda _m, _a, out, s=stat: s.add(out))
                    for path, stat in zip(spec.norms, norms[i])]
         handles.append(A.get(block, spec.o).register_forward_pre_hook(lambda _m, args, s=attn[i]: s.add(args[0])))
-        handles.append(A.get(block, spec.down).register_forward_pre_hook(lambda _m, args, s=mlp[i]: s.add(args[0])))
+        if not spec.moe:  # an MoE block's experts: Minitron scores no channels inside them (hidden only)
+            handles.append(A.get(block, spec.down).register_forward_pre_hook(lambda _m, args, s=mlp[i]: s.add(args[0])))
         return handles
 
     def done(i: int, block: nn.Module) -> None:
         heads.append(attn[i].importance.reshape(-1, head_dim).norm(dim=1).float().cpu())
-        channels.append(mlp[i].importance.float().cpu())
+        if not spec.moe:
+            channels.append(mlp[i].importance.float().cpu())
 
     calibration_pass(model, spec, windows, runtime, hooks, done)
     hidden = sum(stat.importance.cpu() for block in norms for stat in block)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_causal_lm
+from conftest import tiny_causal_lm, tiny_moe
 from pruneflow import arch as A
 from pruneflow import checkpoint
 from pruneflow.errors import PruneflowError
@@ -28,7 +28,13 @@ def _sliced_reference(dense, kept: list[int]):
     state = {}
     for name, tensor in dense.state_dict().items():
         leaf = name.rsplit(".", 2)
-        if name.endswith(("norm.weight",)) and "q_norm" not in name and "k_norm" not in name:
+        if name.endswith("mlp.gate.weight"):  # an MoE router (E, D)
+            tensor = tensor[:, index]
+        elif name.endswith("experts.gate_up_proj"):  # (E, 2I, D)
+            tensor = tensor[:, :, index]
+        elif name.endswith("experts.down_proj"):  # (E, D, I)
+            tensor = tensor[:, index]
+        elif name.endswith(("norm.weight",)) and "q_norm" not in name and "k_norm" not in name:
             tensor = tensor[index]  # block norms and the final norm (q/k norms are over head_dim)
         elif any(p in name for p in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")) and leaf[-1] == "weight":
             tensor = tensor[:, index]
@@ -41,18 +47,20 @@ def _sliced_reference(dense, kept: list[int]):
     return reference
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral"])
 def test_hidden_pruning_slices_every_tensor_and_saves_a_vanilla_checkpoint(kind, tmp_path):
+    """Mixture-of-Experts models too: the router's columns and the fused experts' hidden axis; their width a
+    multiple of 8 (grouped_mm's 16-byte strides)."""
     from transformers import AutoModelForCausalLM
 
-    model = tiny_causal_lm(kind)
-    dense = tiny_causal_lm(kind)
+    make = tiny_moe if kind in ("qwen3_moe", "mixtral") else tiny_causal_lm
+    model, dense = make(kind), make(kind)
     spec = A.arch_for(kind)
     result = prune(model, spec, "minitron", PruneParams(ratio=0.3), WINDOWS)  # units auto: hidden
     kept = result.plan.kept_hidden
-    heads = dense.config.num_attention_heads
-    assert result.plan.units == ["hidden"] and len(kept) % heads == 0 and len(kept) < dense.config.hidden_size
-    assert abs(result.plan.params["achieved_ratio"] - 0.3) <= 2 * heads / dense.config.hidden_size  # a step: 4/64
+    step = 8 if spec.moe else dense.config.num_attention_heads
+    assert result.plan.units == ["hidden"] and len(kept) % step == 0 and len(kept) < dense.config.hidden_size
+    assert abs(result.plan.params["achieved_ratio"] - 0.3) <= step / dense.config.hidden_size  # half a step either way
     assert model.config.hidden_size == len(kept) and model.config.head_dim == A.geometry(dense.config).head_dim
     with torch.no_grad():
         logits = model(input_ids=IDS).logits
@@ -118,6 +126,30 @@ def test_a_hidden_pruned_model_recovers_and_serves_in_llama_cpp(tmp_path, tiny_t
     summary = export_gguf(tmp_path / "recovered", tmp_path / "model.gguf", "f32")
     assert summary["architecture"] == "llama"
     loaded, _, _ = checkpoint.load(tmp_path / "recovered")
+    assert llama_cpp_error(loaded, tmp_path / "model.gguf", vocab) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_a_hidden_pruned_moe_model_recovers_and_serves_in_llama_cpp(kind, tmp_path, tiny_tokenizer):
+    """The Minitron recipe on a Mixture-of-Experts model: LoRA on attention and the fused experts, distilled from
+    the dense model, then GGUF as llama.cpp's MoE architecture with transformers' logits."""
+    from pruneflow import recover as R
+    from pruneflow.export import export_gguf
+    from pruneflow.params import RecoverParams
+    from tests.pipeline.test_export import llama_cpp_error
+
+    vocab = len(tiny_tokenizer)
+    spec = A.arch_for(kind)
+    windows = torch.randint(0, vocab, (8, 32), generator=torch.Generator().manual_seed(0))
+    model = tiny_moe(kind, vocab_size=vocab)
+    prune(model, spec, "minitron", PruneParams(ratio=0.25), windows)
+    cfg = RecoverParams(steps=3, batch_size=2, seqlen=32, warmup_steps=1)
+    result = R.recover(model, windows, spec, cfg, tiny_moe(kind, vocab_size=vocab))
+    assert all(h["kd"] > 0 and np.isfinite(h["loss"]) for h in result.history)
+    checkpoint.save(result.model, tiny_tokenizer, tmp_path / "recovered", spec)
+    export_gguf(tmp_path / "recovered", tmp_path / "model.gguf", "f32")
+    loaded, _, _ = checkpoint.load(tmp_path / "recovered")
+    assert loaded.config.hidden_size == 48
     assert llama_cpp_error(loaded, tmp_path / "model.gguf", vocab) < 1e-4
 
 
