@@ -30,21 +30,36 @@ SHARES = (0.25, 0.5)  # of every layer's experts
 RANDOM_SEEDS = (0, 1, 2)
 
 
-def ratio_for(model, spec, removed: int) -> float:
-    """The prune.ratio whose uniform count is ``removed`` experts per layer."""
+def ratio_for(model, spec, removed: int, cost=None) -> float:
+    """The prune.ratio whose uniform count is ``removed`` units per layer, a unit of block b costing
+    ``cost(b, spec)`` parameters (default: one expert)."""
     from pruneflow import arch as A
     from pruneflow import experts as X
 
-    per_step = sum(X.expert_cost(b, spec) for b in A.blocks(model, spec))
+    per_step = sum((cost or X.expert_cost)(b, spec) for b in A.blocks(model, spec))
     return removed * per_step / A.count_parameters(model)["non_embedding"]
+
+
+def load(path: Path, threads: int):
+    """(dense model, tokenizer, spec, test token stream, 64 calibration windows of 256 tokens) of a benchmark
+    model, torch on ``threads`` threads."""
+    import torch
+
+    from pruneflow import calibration as C
+    from pruneflow import checkpoint, corpus
+
+    torch.set_num_threads(threads)
+    dense, tokenizer, spec = checkpoint.load(path)
+    test = C.token_stream(tokenizer, corpus.load_split("test"))
+    windows, _ = C.prepare(tokenizer, "corpus", 64, 256, 0, dense.config.max_position_embeddings)
+    return dense, tokenizer, spec, test, windows
 
 
 def run_model(name: str, path: Path, threads: int) -> list[dict]:
     import torch
 
     from pruneflow import arch as A
-    from pruneflow import calibration as C
-    from pruneflow import checkpoint, corpus
+    from pruneflow import checkpoint
     from pruneflow import experts as X
     from pruneflow.evaluate import measure
     from pruneflow.params import PruneParams
@@ -52,10 +67,7 @@ def run_model(name: str, path: Path, threads: int) -> list[dict]:
     from pruneflow.prune import prune
     from pruneflow.scores import Scores
 
-    torch.set_num_threads(threads)
-    dense, tokenizer, spec = checkpoint.load(path)
-    test = C.token_stream(tokenizer, corpus.load_split("test"))
-    windows, _ = C.prepare(tokenizer, "corpus", 64, 256, 0, dense.config.max_position_embeddings)
+    dense, tokenizer, spec, test, windows = load(path, threads)
     experts = A.blocks(dense, spec)[0].get_submodule(spec.experts).num_experts
     base = {"model": name, "experts": experts, "top_k": dense.config.num_experts_per_tok,
             "layers": dense.config.num_hidden_layers}
@@ -86,6 +98,10 @@ def run_model(name: str, path: Path, threads: int) -> list[dict]:
             rows.append(row)
             print({k: row[k] for k in ("model", "method", "allocation", "seed", "removed_per_layer", "test_ppl",
                                        "kept_per_layer")}, flush=True)
+    return with_peak_memory(rows)
+
+
+def with_peak_memory(rows: list[dict]) -> list[dict]:
     for row in rows:
         row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return rows
@@ -100,17 +116,19 @@ def ensure_built(name: str, build: bool) -> None:
     subprocess.run([sys.executable, "-m", "pruneflow.cli", "reference", "build", "--config", name], check=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(run=None, out: Path = ROOT / "benchmarks" / "experts.json", doc: str = __doc__) -> None:
+    """The command line of this benchmark, or of another over the same models (``run(name, path, threads)``
+    returns its rows)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "experts.json")
+    parser.add_argument("--out", type=Path, default=out)
     parser.add_argument("--build", action="store_true", help="train the MoE models that are missing")
     parser.add_argument("--models", default=",".join(MODELS))
     args = parser.parse_args()
     rows = []
     for name in args.models.split(","):
         ensure_built(name, args.build)
-        rows += run_model(name, MODELS[name], args.threads)
+        rows += (run or run_model)(name, MODELS[name], args.threads)
     write_results(args.out, rows, args.threads, str(date.today()))
     print(f"wrote {args.out}")
 

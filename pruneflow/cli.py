@@ -631,7 +631,8 @@ def methods() -> None:
         auto = f" (auto: {', '.join(m.auto_units)})" if m.auto_units else ""
         typer.echo(f"{m.name:16s} {m.summary}\n{'':16s} units: {', '.join(m.units)}{auto}; needs: {needs}; "
                    f"allocation auto: {m.allocation}" + ("; iterative" if m.iterative else "")
-                   + ("; streams (--max-memory)" if m.streams else ""))
+                   + ("; streams (--max-memory)" if m.streams else "")
+                   + ("; also the channels inside MoE experts" if m.expert_channels else ""))
 
 
 @export_app.command("gguf")

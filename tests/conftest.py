@@ -107,6 +107,25 @@ def tiny_moe(kind: str = "qwen3_moe", vocab_size: int = 256, seed: int = 0, expe
     return model
 
 
+def per_layer_round_trip(model, spec, out, ids):
+    """Save ``model`` (per-layer widths) to ``out`` and load it back both ways — pruneflow's loader and plain
+    transformers with the copied remote code — each giving ``model``'s logits on ``ids`` exactly; returns the
+    first."""
+    from transformers import AutoModelForCausalLM
+
+    from pruneflow import checkpoint
+
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert not checkpoint.save(model, None, out, spec)["vanilla"]
+    loaded, _, _ = checkpoint.load(out, with_tokenizer=False)
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, logits)
+        assert torch.equal(remote(input_ids=ids).logits, logits)
+    return loaded
+
+
 def safetensors_of(path) -> dict:
     """Every tensor of a checkpoint directory's safetensors files, by name."""
     from safetensors import safe_open

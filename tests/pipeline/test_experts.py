@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import safetensors_of, tiny_causal_lm, tiny_moe
+from conftest import per_layer_round_trip, safetensors_of, tiny_causal_lm, tiny_moe
 from pruneflow import arch as A
 from pruneflow import checkpoint
 from pruneflow import experts as X
@@ -84,22 +84,12 @@ def test_uniform_expert_pruning_is_the_masked_dense_model_and_saves_a_vanilla_ch
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_global_expert_counts_use_the_per_layer_loader(kind, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     model = tiny_moe(kind, num_hidden_layers=3)
     spec = A.arch_for(kind)
     result = prune(model, spec, "router_weighted", PruneParams(ratio=0.3, allocation="global"), WINDOWS)
     counts = [len(k) for k in result.plan.kept_experts]
     assert len(set(counts)) > 1 and min(counts) >= 2  # standardized per layer, ranked across them
-    with torch.no_grad():
-        logits = model(input_ids=IDS).logits
-    info = checkpoint.save(model, None, tmp_path / "out", spec)
-    assert not info["vanilla"]
-    loaded, _, _ = checkpoint.load(tmp_path / "out", with_tokenizer=False)
-    remote = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
-    with torch.no_grad():
-        assert torch.equal(loaded(input_ids=IDS).logits, logits)
-        assert torch.equal(remote(input_ids=IDS).logits, logits)
+    loaded = per_layer_round_trip(model, spec, tmp_path / "out", IDS)
     assert [b.mlp.experts.num_experts for b in A.blocks(loaded, spec)] == counts
 
 
