@@ -52,11 +52,12 @@ def check(model: nn.Module, spec: ArchSpec) -> None:
     layers = A.blocks(model, spec)
     dense = [i for i, block in enumerate(layers) if not _has(block, spec.experts)]
     if dense:
-        raise PruneflowError(f"prune.units: experts: blocks {dense} of this model have a dense MLP "
-                             f"(mlp_only_layers / decoder_sparse_step); pruning experts needs every block sparse")
+        raise PruneflowError(f"prune.units: blocks {dense} of this model have a dense MLP (mlp_only_layers / "
+                             f"decoder_sparse_step); pruning its experts (whole, or their channels) needs every "
+                             f"block sparse")
     if streaming.is_streamed(model):
-        raise PruneflowError("prune.units: experts are removed in memory; this model is streamed (above "
-                             "runtime.max_memory): raise the budget")
+        raise PruneflowError("prune.units: the experts of an MoE model (whole, or their channels) are pruned in "
+                             "memory; this model is streamed (above runtime.max_memory): raise the budget")
 
 
 def _has(block: nn.Module, path: str) -> bool:

@@ -254,3 +254,15 @@ def test_the_cli_prunes_expert_channels(moe_checkpoint, calibration_txt, tmp_pat
                              "--ratio", 0.3, "--units", "channels"))
     assert result.exit_code == 2 and "does not score the channels inside experts" in result.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_moe_model_with_dense_mlp_blocks_is_refused_before_any_forward_pass(monkeypatch):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from conftest import MOE
+
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**{**MOE, "vocab_size": 256, "num_experts": 8, "head_dim": 16,
+                                                  "moe_intermediate_size": 32, "mlp_only_layers": [1]}))
+    monkeypatch.setattr(torch.nn.Module, "__call__", lambda *a, **k: pytest.fail("a forward pass ran"))
+    with pytest.raises(PruneflowError, match=r"blocks \[1\] of this model have a dense MLP"):
+        prune(model, SPEC, "wanda_sp", channels(0.2), WINDOWS)
