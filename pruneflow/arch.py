@@ -57,6 +57,15 @@ MOE = replace(LLAMA, gate=None, up=None, down=None, router="mlp.gate", experts="
 ARCHS: dict[str, ArchSpec] = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA, "bert": BERT,
                              "qwen3_moe": MOE, "mixtral": MOE}
 EXPERT_KEYS = ("num_experts", "num_local_experts")  # where configs keep the expert count (one aliases the other)
+# transformers runs fused experts with grouped_mm, which needs every weight stride a multiple of 16 bytes: the
+# widths of an expert tensor (its channels, the hidden size) are kept multiples of 8 values (bf16; fp32's 4 divides)
+GROUPED_MM_ALIGN = 8
+
+
+def expert_width_key(config: dict) -> str:
+    """Where an MoE config (as a dict) keeps an expert's width: Qwen3-MoE's ``moe_intermediate_size`` (its
+    ``intermediate_size`` is for dense MLP blocks), Mixtral's ``intermediate_size``."""
+    return "moe_intermediate_size" if "moe_intermediate_size" in config else "intermediate_size"
 
 
 def base_model_type(model_type: str) -> str:

@@ -65,8 +65,7 @@ def vanilla_config(model: nn.Module, spec: ArchSpec):
     data["num_attention_heads"] = widths[0]["heads"]
     if spec.moe:  # the expert count and an expert's width (Qwen3-MoE keeps intermediate_size for dense MLPs)
         data.update({key: widths[0]["experts"] for key in A.EXPERT_KEYS if key in data})
-        data["moe_intermediate_size" if "moe_intermediate_size" in data else "intermediate_size"] = \
-            widths[0]["channels"]
+        data[A.expert_width_key(data)] = widths[0]["channels"]
     else:
         data["intermediate_size"] = widths[0]["channels"]
     if "num_key_value_heads" in data:

@@ -10,16 +10,15 @@ ones. ``uniform``: the same width in every block (a stock config: ``moe_intermed
 every one of its experts), slots scored by the mean over the experts of their standardized scores and ranked
 across blocks, so widths differ per block (the per-layer loader).
 
-Widths move in steps of ``ALIGN`` channels (and of ``prune.round_to``, the least common multiple of both):
-transformers runs fused experts with ``grouped_mm``, which needs every weight stride a multiple of 16 bytes, 8
-bf16 values — an expert width of 21 fails there at the first forward pass.
+Widths move in steps of ``arch.GROUPED_MM_ALIGN`` (8) channels and of ``prune.round_to`` (their least common
+multiple): transformers runs fused experts with ``grouped_mm``, which needs every weight stride a multiple of 16
+bytes — an expert width of 21 fails there at the first forward pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -33,7 +32,6 @@ from pruneflow.plan import LayerPlan, PrunePlan, SelectConfig
 from pruneflow.scores import InputStats, Scores, zscore
 
 ALLOCATIONS = ("uniform", "global")
-ALIGN = 8  # channels: grouped_mm's 16-byte strides in bf16/fp16 (and fp32's 4 divides it)
 
 
 def check(model: nn.Module, spec: ArchSpec, cfg: SelectConfig | None = None) -> None:
@@ -63,8 +61,8 @@ def slot_cost(block: nn.Module, spec: ArchSpec) -> int:
 
 
 def step(round_to: int) -> int:
-    """The channels an expert's width moves by: ``ALIGN`` and ``round_to`` both divide it."""
-    return math.lcm(ALIGN, max(1, round_to))
+    """The channels an expert's width moves by: grouped_mm's alignment and ``round_to`` both divide it."""
+    return math.lcm(A.GROUPED_MM_ALIGN, max(1, round_to))
 
 
 def _widths(model: nn.Module, spec: ArchSpec, round_to: int = 1) -> list[tuple[int, int]]:
@@ -116,12 +114,13 @@ def removal_counts(model: nn.Module, spec: ArchSpec, cfg: SelectConfig) -> list[
 def select(model: nn.Module, spec: ArchSpec, scores: Scores, cfg: SelectConfig, method: str = "",
            seed: int = 0) -> PrunePlan:
     """Every expert keeps its highest-scoring channels, as many as the other experts of its block."""
-    check(model, spec, cfg)
+    X.check(model, spec)
+    check_settings(cfg)
     if not scores.channels or scores.channels[0].dim() != 2:
         raise PruneflowError(f"method {method} gives no per-expert channel scores (use magnitude, random, "
                              f"wanda_sp or flap)")
+    counts, g = removal_counts(model, spec, cfg), step(cfg.round_to)  # checks the ratio
     widths, params = _widths(model, spec, cfg.round_to), A.count_parameters(model)
-    counts, g = removal_counts(model, spec, cfg), step(cfg.round_to)
     if counts is None:  # global: steps of g slots ranked across blocks
         ranked = [s.double() if scores.comparable else zscore(s.double()) for s in scores.channels]
         slots = [torch.sort(s, dim=1).values.mean(0) for s in ranked]  # (I,) ascending: the k-th weakest slot
@@ -183,12 +182,11 @@ def apply(model: nn.Module, spec: ArchSpec, kept: list[list[list[int]]]) -> None
         index = torch.as_tensor([sorted(c) for c in chosen], dtype=torch.long, device=experts.down_proj.device)
         gate_up = torch.cat([index, index + width], dim=1)  # (E, 2I'): the gate rows, then the up rows
         resize_expert_width(experts, index.shape[1],
-                     lambda old: old.gather(1, gate_up[:, :, None].expand(-1, -1, old.shape[2])).contiguous(),
-                     lambda old: old.gather(2, index[:, None, :].expand(-1, old.shape[1], -1)).contiguous())
+                            lambda old: old.gather(1, gate_up[:, :, None].expand(-1, -1, old.shape[2])).contiguous(),
+                            lambda old: old.gather(2, index[:, None, :].expand(-1, old.shape[1], -1)).contiguous())
     widths = {len(chosen[0]) for chosen in kept}
     if len(widths) == 1:
-        key = "moe_intermediate_size" if hasattr(model.config, "moe_intermediate_size") else "intermediate_size"
-        setattr(model.config, key, widths.pop())
+        setattr(model.config, A.expert_width_key(vars(model.config)), widths.pop())
 
 
 # ---- statistics: what every expert's down_proj sees ----
@@ -228,7 +226,10 @@ def importance(experts: nn.Module, stats: list[InputStats],
 
 
 def magnitude(experts: nn.Module) -> torch.Tensor:
-    """(E, I): the L2 norm of every channel's gate and up rows and down column."""
-    width = experts.down_proj.shape[2]
-    gate_up = experts.gate_up_proj.detach().float().pow(2).sum(2)  # (E, 2I)
-    return (gate_up[:, :width] + gate_up[:, width:] + experts.down_proj.detach().float().pow(2).sum(1)).sqrt()
+    """(E, I): the L2 norm of every channel's gate and up rows and down column, one expert's float32 copy at a
+    time (a Mixtral-8x7B layer's fused gate_up is 3.8 GB in float32)."""
+    width, rows = experts.down_proj.shape[2], []
+    for gate_up, down in zip(experts.gate_up_proj.detach(), experts.down_proj.detach()):
+        sq = gate_up.float().pow(2).sum(1)  # (2I,)
+        rows.append((sq[:width] + sq[width:] + down.float().pow(2).sum(0)).sqrt())
+    return torch.stack(rows)

@@ -8,7 +8,8 @@ the number of query heads (transformers' configs require ``hidden_size % num_att
 ``prune.round_to``. RMSNorms then average over the kept channels only, as Minitron's pruning leaves them
 (recovery with distillation is its recipe). In a Mixture-of-Experts block the router's weight columns and the
 fused experts' hidden axis (``gate_up_proj`` (E, 2I, D) reads it, ``down_proj`` (E, D, I) writes it) are sliced
-too, and the kept width is also a multiple of 8: ``grouped_mm`` needs 16-byte strides (8 bf16 values).
+too, and the kept width is also a multiple of ``arch.GROUPED_MM_ALIGN`` (8): ``grouped_mm`` needs 16-byte
+strides.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from pruneflow.scores import Scores
 
 READERS = ("q", "k", "v", "gate", "up")  # projections whose input is the residual stream
 WRITERS = ("o", "down")  # projections whose output is added to it
-MOE_ALIGN = 8  # hidden channels: grouped_mm's 16-byte strides over the fused experts' hidden axis
 
 
 def check(model: nn.Module, spec: ArchSpec) -> None:
@@ -90,13 +90,13 @@ def select(model: nn.Module, spec: ArchSpec, scores: Scores, cfg: SelectConfig, 
         raise PruneflowError(f"prune.units: method {method} gives no hidden-channel scores (use minitron)")
     hidden, heads = model.config.hidden_size, model.config.num_attention_heads
     params, (cost, embedding_cost) = A.count_parameters(model), _costs(model, spec)
-    step = math.lcm(heads, cfg.round_to, MOE_ALIGN if spec.moe else 1)
+    step = math.lcm(heads, cfg.round_to, A.GROUPED_MM_ALIGN if spec.moe else 1)
     want = hidden - cfg.ratio * params["non_embedding"] / cost
     kept = round(want / step) * step
     if kept < step or kept >= hidden:
         share = step * cost / params["non_embedding"]
         raise PruneflowError(f"prune.ratio={cfg.ratio}: the hidden size {hidden} is kept a multiple of {step} (query "
-                             f"heads {heads}, round_to {cfg.round_to}{', 8 for grouped_mm' if spec.moe else ''}), a step of {share:.1%} of the parameters; "
+                             f"heads {heads}, round_to {cfg.round_to}{f', {A.GROUPED_MM_ALIGN} for grouped_mm' if spec.moe else ''}), a step of {share:.1%} of the parameters; "
                              f"choose a ratio between {share:.1%} and {(hidden - step) * cost / params['non_embedding']:.1%}")
     order = torch.argsort(scores.hidden.float(), descending=True, stable=True)
     widths = A.layer_widths(model, spec)

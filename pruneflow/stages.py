@@ -416,7 +416,7 @@ def _write_report(dense: ModelSource, params: Params, metrics: dict, plan: dict,
     config = checkpoint.read_config(dense)
     widths = {"layers": config["num_hidden_layers"], "heads": config["num_attention_heads"],
               "kv_heads": config.get("num_key_value_heads") or config["num_attention_heads"],
-              "channels": config.get("moe_intermediate_size") or config["intermediate_size"],  # MoE: an expert's
+              "channels": config[A.expert_width_key(config)],  # MoE: an expert's
               "experts": config.get("num_experts") or config.get("num_local_experts")}
     write_report(report_dir, {f"{metrics['method']} −{params.prune.ratio:g}": metrics}, plan, widths)
 
