@@ -79,16 +79,43 @@ def serve(repo: Path, names: list[str] | None = None, limit: int | None = None, 
     prefect_serve(*deployments, pause_on_shutdown=False, limit=limit)
 
 
-def deploy(repo: Path, pool: str | None = None, names: list[str] | None = None) -> list[str]:
+def ensure_pool(name: str) -> bool:
+    """Create the work pool ``name`` as a process pool (with the process worker's default job template, as
+    `prefect work-pool create --type process` does) unless it exists; whether it was created."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+            return False
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(
+                name=name, type=ProcessWorker.type,
+                base_job_template=ProcessWorker.get_default_base_job_template()))
+            return True
+
+
+def deploy(repo: Path, pool: str | None = None, names: list[str] | None = None,
+           on_created=lambda pool: None) -> list[str]:
     """Register the deployments on a work pool (source: this code checkout; workers run it in place, on the
-    data workspace ``repo``); returns their ids."""
+    data workspace ``repo``), creating a missing pool as a process pool (``on_created`` is told); returns their
+    ids."""
     from prefect import flow as prefect_flow
 
-    ids = []
-    for entry in read(repo, names):
-        work_pool = pool or (entry.get("work_pool") or {}).get("name")
-        if not work_pool:
+    ids, entries = [], read(repo, names)
+    pools = {}
+    for entry in entries:
+        pools[entry["name"]] = pool or (entry.get("work_pool") or {}).get("name")
+        if not pools[entry["name"]]:
             raise PruneflowError(f"deployment {entry['name']}: no work pool (pass --pool or set work_pool.name)")
+    for work_pool in dict.fromkeys(pools.values()):
+        if ensure_pool(work_pool):
+            on_created(work_pool)
+    for entry in entries:
+        work_pool = pools[entry["name"]]
         source = prefect_flow.from_source(source=str(CODE), entrypoint=entry["entrypoint"])
         ids.append(str(source.deploy(
             name=entry["name"], work_pool_name=work_pool, description=entry.get("description"),

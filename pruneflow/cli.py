@@ -472,7 +472,8 @@ def deploy(
     names: list[str] = typer.Option([], "--name", help="deployments of prefect.yaml (default: all)"),
     repo: Path = typer.Option(Path("."), help="the checkout the runs work in (params.yaml fills the forms)"),
 ) -> None:
-    """Register prefect.yaml's deployments on a work pool; run them with `prefect worker start --pool POOL`."""
+    """Register prefect.yaml's deployments on a work pool (created as a process pool if it does not exist); run
+    them with `prefect worker start --pool POOL`."""
     from pruneflow.flows import deployments
     from pruneflow.tasks.workspace import repo_root
 
@@ -481,7 +482,9 @@ def deploy(
     try:
         check_prefect_api()
         _quiet_libraries()
-        ids = deployments.deploy(repo_root(repo.resolve()), pool, names or None)
+        ids = deployments.deploy(repo_root(repo.resolve()), pool, names or None, on_created=lambda name: _step(
+            f"created work pool {name!r} (type process); start its workers with `prefect worker start --pool "
+            f"{name}`"))
     except PruneflowError as err:
         _fail(err)
     _step(f"registered {len(ids)} deployment(s): {', '.join(ids)}")
