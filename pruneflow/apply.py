@@ -13,7 +13,7 @@ from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
 from pruneflow.modeling_pruneflow import resize_block
 from pruneflow.plan import LayerPlan, LayerShape, PrunePlan
-from pruneflow.runtime import accum_dtype
+from pruneflow import runtime as R  # R.accum_dtype: looked up at call time (tests simulate a device)
 from pruneflow.scores import Scores
 
 
@@ -52,7 +52,7 @@ def _check(plan: PrunePlan, shapes: list[LayerShape]) -> None:
 def _compensation(weight: torch.Tensor, kept: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """Bias replacing removed input channels by their mean contribution: W[:, removed] @ mean[removed], in the
     accumulation dtype on the weight's device."""
-    dtype = accum_dtype(weight.device)
+    dtype = R.accum_dtype(weight.device)
     removed = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
     removed[kept.to(weight.device)] = False
     return weight[:, removed].to(dtype) @ mean.to(device=weight.device, dtype=dtype)[removed]
@@ -98,7 +98,7 @@ def _apply_block(block: nn.Module, spec: ArchSpec, layer: LayerPlan, head_dim: i
         new = A.get(block, getattr(spec, name))
         new.weight.copy_(old[name].weight[:, index.to(new.weight.device)])
         if new.bias is not None:
-            dtype = accum_dtype(new.bias.device)
+            dtype = R.accum_dtype(new.bias.device)
             bias = old[name].bias.to(dtype) if old[name].bias is not None else \
                 torch.zeros(new.out_features, dtype=dtype, device=new.bias.device)
             new.bias.copy_(bias + (extra if extra is not None else 0))

@@ -47,7 +47,7 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int = PPL_SEQLEN, batch_s
         losses = (token_nll(model, batch) for batch in runtime.batches(model, windows, batch_size, desc="perplexity"))
     total_nll, total_tokens = 0.0, 0
     for nll in losses:
-        total_nll += nll.double().sum().item()
+        total_nll += nll.cpu().double().sum().item()  # float64 on the host: an MPS device has none
         total_tokens += nll.numel()
     return math.exp(total_nll / total_tokens)
 

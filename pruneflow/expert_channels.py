@@ -215,14 +215,10 @@ def importance(experts: nn.Module, stats: list[InputStats],
                fn: Callable[[torch.Tensor, InputStats], torch.Tensor]) -> torch.Tensor:
     """(E, I): ``fn(down_proj[e] (D, I), stats of its input)`` for every expert; zeros for an expert no
     calibration token reached."""
-    width = experts.down_proj.shape[2]
-    rows = []
-    for e, s in enumerate(stats):
-        if s.count == 0:
-            rows.append(torch.zeros(width, dtype=torch.float64, device=experts.down_proj.device))
-        else:
-            rows.append(fn(experts.down_proj[e], s).double())
-    return torch.stack(rows)
+    reached = {e: fn(experts.down_proj[e], s) for e, s in enumerate(stats) if s.count}  # (I,) each
+    like = next(iter(reached.values()), experts.down_proj[0, 0])  # the statistics' dtype (float32 on MPS)
+    zeros = torch.zeros(experts.down_proj.shape[2], dtype=like.dtype, device=like.device)
+    return torch.stack([reached.get(e, zeros) for e in range(len(stats))])
 
 
 def magnitude(experts: nn.Module) -> torch.Tensor:

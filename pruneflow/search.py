@@ -152,13 +152,13 @@ def masked_losses(model: nn.Module, spec: ArchSpec, plans: list[PrunePlan], shap
                                channels[i].to(runtime.device).expand(rows, -1))
 
         nlls = streaming.token_nll_batches(model, spec, [windows] * len(plans), runtime, around)
-        return [float(nll.double().mean()) for nll in nlls]
+        return [float(nll.cpu().double().mean()) for nll in nlls]  # float64 on the host (MPS has none)
     device = runtime.input_device(model)
     losses = []
     for heads, channels in masks:
         with unit_masks(model, spec, [h.to(device).expand(rows, -1) for h in heads],
                         [c.to(device).expand(rows, -1) for c in channels]):
-            losses.append(float(token_nll(model, windows.to(device)).double().mean()))
+            losses.append(float(token_nll(model, windows.to(device)).cpu().double().mean()))
     return losses
 
 

@@ -190,14 +190,14 @@ def submodel_losses(model, spec, modules: list[Module], keep: torch.Tensor, wind
                                None if channels is None else channels[i].to(runtime.device))
 
         for owner, row_nll in zip(owners, streaming.token_nll_batches(model, spec, batches, runtime, around)):
-            nll.index_add_(0, owner, row_nll.contiguous().sum(1).double().cpu())
+            nll.index_add_(0, owner, row_nll.contiguous().sum(1).cpu().double())  # float64 on the host only
         return nll / (n * (length - 1))
     device = runtime.input_device(model)
     for owner, batch in tqdm(list(zip(owners, batches)), desc=desc, unit="batch", leave=False):
         heads, channels = layer_masks(modules, keep[owner].to(device), n_layers)  # owner: sub-model of each row
         with unit_masks(model, spec, heads, channels):
             row_nll = token_nll(model, batch.to(device)).contiguous().sum(1)  # (B,)
-        nll.index_add_(0, owner, row_nll.double().cpu())
+        nll.index_add_(0, owner, row_nll.cpu().double())
         runtime.release_host()
     return nll / (n * (length - 1))
 

@@ -88,7 +88,7 @@ def score(model: nn.Module, spec, windows, runtime, ratio=None, config: ExpertDr
             gram, cross = _moments(experts, x, z, dtype)
             squares = (z * z).sum(-1)  # (T,)
             logits = X.router_logits(router, x)
-            batch = torch.empty(len(dropped_sets), dtype=torch.float64, device=x.device)  # no sync per combination
+            batch = torch.empty(len(dropped_sets), dtype=dtype, device=x.device)  # no sync per combination
             chunk = max(1, CHUNK_BYTES // (x.shape[0] * router.top_k ** 2 * dtype.itemsize))
             on_device = masks.to(x.device)
             for start in range(0, len(dropped_sets), chunk):

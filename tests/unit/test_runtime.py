@@ -43,9 +43,15 @@ def test_one_gpu_when_it_holds_the_weights_else_every_gpu_else_a_clear_error():
         plan_gpu_placement(100 * GIB, 0, {0: 80 * GIB})
 
 
-def test_accumulation_is_float64_except_on_mps():
-    assert Runtime().accum_dtype == torch.float64
-    assert Runtime(device=torch.device("mps")).accum_dtype == torch.float32
+def test_cpu_statistics_keep_a_small_variance_under_a_large_mean():
+    """FLAP's fluctuation is Σx² − (Σx)²/n: inputs of mean 1000 and std 0.01 over 4,096 tokens cancel 8 digits,
+    which float32 sums lose entirely; the runtime's accumulation on the CPU keeps them."""
+    from pruneflow.scores import InputStats
+
+    x = 1000 + 0.01 * torch.randn(4096, 3, generator=torch.Generator().manual_seed(0))
+    stats = InputStats()
+    stats.add(x, Runtime().accum_dtype)
+    torch.testing.assert_close(stats.var.double(), x.double().var(0), rtol=1e-3, atol=0)
 
 
 def test_the_peak_window_resets_and_sees_an_allocation():
