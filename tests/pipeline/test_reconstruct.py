@@ -46,17 +46,44 @@ def test_lstsq_fits_the_dense_outputs_better_than_slicing_alone(method):
     assert not any(name.endswith(("o_proj.bias", "down_proj.bias")) for name, _ in model.named_parameters())
 
 
-def test_the_gram_solve_is_the_ridge_solution_towards_the_prior():
+def _ridge_by_augmented_lstsq(x, y, prior, lam):
+    """argmin_W ‖X Wᵀ − Y‖² + λ‖W − W0‖², by another algorithm: ordinary least squares (QR) on X stacked over
+    √λ·I against Y stacked over √λ·W0ᵀ."""
+    n = x.shape[1]
+    a = torch.cat([x, lam ** 0.5 * torch.eye(n, dtype=x.dtype)])
+    b = torch.cat([y, lam ** 0.5 * prior.T])
+    return torch.linalg.lstsq(a, b).solution.T
+
+
+def test_the_gram_solve_is_the_ridge_fit_pulled_towards_the_prior():
+    """Accumulated in two chunks, with a noisy target and a non-zero prior: the solve is the ridge fit towards
+    that prior (λ = DAMPING × the mean squared norm of an input column), found here by another algorithm; an
+    input column that is zero on every token has no data, so its weights stay exactly the prior's."""
     torch.manual_seed(0)
-    x, w_true, prior = torch.randn(500, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64), \
-        torch.zeros(3, 6, dtype=torch.float64)
+    x = torch.randn(500, 6, dtype=torch.float64)
+    x[:, 4] = 0  # a dead input channel
+    w_true, prior = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    y = x @ w_true.T + 0.5 * torch.randn(500, 3, dtype=torch.float64)
     gram = reconstruct.Gram(torch.float64)
-    gram.add(x[:200], x[:200] @ w_true.T)
-    gram.add(x[200:], x[200:] @ w_true.T)
-    damp = reconstruct.DAMPING * float((x * x).sum(0).mean())
-    expected = torch.linalg.solve(x.T @ x + damp * torch.eye(6, dtype=torch.float64), x.T @ (x @ w_true.T)).T
-    assert torch.allclose(gram.solve(prior), expected, atol=1e-10)
-    assert gram.error(w_true) < 1e-12 and gram.error(prior) == pytest.approx(1.0)
+    gram.add(x[:200], y[:200])
+    gram.add(x[200:], y[200:])
+    lam = reconstruct.DAMPING * float((x * x).sum(0).sum() / 6)
+    fit = gram.solve(prior)
+    torch.testing.assert_close(fit, _ridge_by_augmented_lstsq(x, y, prior, lam), rtol=0, atol=1e-9)
+    torch.testing.assert_close(fit[:, 4], prior[:, 4], rtol=0, atol=1e-12)
+    assert not torch.allclose(fit, _ridge_by_augmented_lstsq(x, y, torch.zeros_like(prior), lam), atol=1e-3)
+
+
+def test_the_gram_error_is_the_relative_squared_error_of_the_outputs():
+    torch.manual_seed(1)
+    x, y, w = (torch.randn(300, 5, dtype=torch.float64), torch.randn(300, 2, dtype=torch.float64),
+               torch.randn(2, 5, dtype=torch.float64))
+    gram = reconstruct.Gram(torch.float64)
+    for xs, ys in zip(x.split(128), y.split(128)):
+        gram.add(xs, ys)
+    direct = float((x @ w.T - y).pow(2).sum() / y.pow(2).sum())
+    assert gram.error(w) == pytest.approx(direct, rel=1e-10)
+    assert gram.error(torch.zeros(2, 5, dtype=torch.float64)) == pytest.approx(1.0, rel=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])

@@ -56,20 +56,32 @@ def test_taylor_saliency_matches_a_hand_computed_value():
     assert_close(_column_saliency(layer), torch.tensor([2.0, 5.0, 6.0], dtype=torch.float64))
 
 
-def test_flap_head_scores_follow_flaps_code_on_a_hand_computed_case():
-    """FLAP squares the attention WIFV before the per-layer standardization, then averages per head. Head A has
-    channel WIFVs (0, 4) — mean 2 — and head B (2, 2.5) — mean 2.25: unsquared B ranks first; squared, A's
-    (0, 16) mean 8 beats B's (4, 6.25) mean 5.125, so FLAP keeps A."""
-    from pruneflow.scores import zscore
+def test_flap_ranks_heads_by_the_squared_attention_metric_on_a_planted_case():
+    """FLAP squares the attention WIFV (variance of o_proj's input channel × its squared column norm) before
+    standardizing and averaging per head. o_proj's columns are scaled here so that the two heads' channels have
+    WIFVs (0, 4) and (2, 2.5): means 2 and 2.25 — unsquared, head B ranks first — but squared (0, 16) and
+    (4, 6.25), means 8 and 5.125, so flap.score must rank head A first."""
+    from conftest import tiny_causal_lm
+    from pruneflow import arch as A
+    from pruneflow.methods import flap
+    from pruneflow.runtime import Runtime
 
+    model = tiny_causal_lm(hidden_size=4, num_attention_heads=2, num_key_value_heads=1, intermediate_size=8,
+                           num_hidden_layers=1)
+    spec, o_proj = A.arch_for("llama"), model.model.layers[0].self_attn.o_proj
+    windows = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(0))
+    inputs = []
+    handle = o_proj.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].reshape(-1, 4)))
+    with torch.no_grad():
+        model(input_ids=windows)
+    handle.remove()
+    variance = torch.cat(inputs).double().var(0)  # (4,) o_proj's input channels; o_proj's weights don't change it
     wifv = torch.tensor([0.0, 4.0, 2.0, 2.5], dtype=torch.float64)
-    squared = wifv ** 2
-    # z-scores of (0, 16, 4, 6.25): mean 6.5625, unbiased std 6.9057…
-    z = (squared - 6.5625) / torch.tensor([(0 - 6.5625) ** 2 + (16 - 6.5625) ** 2 + (4 - 6.5625) ** 2
-                                           + (6.25 - 6.5625) ** 2], dtype=torch.float64).div(3).sqrt()
-    assert_close(zscore(squared), z)
-    heads = per_head(zscore(squared), head_dim=2)
-    assert heads[0] > heads[1] and per_head(zscore(wifv), head_dim=2)[0] < per_head(zscore(wifv), head_dim=2)[1]
+    with torch.no_grad():  # column j's squared norm := wifv_j / variance_j
+        column_norms = o_proj.weight.double().pow(2).sum(0)
+        o_proj.weight.mul_((wifv / variance / column_norms).sqrt().float())
+    heads = flap.score(model, spec, windows, Runtime()).heads[0]  # (2,)
+    assert heads[0] > heads[1]
 
 
 def test_flap_score_is_flaps_prune_flap_on_a_tiny_model():
