@@ -34,11 +34,11 @@ def _dense(tmp_path, kind="llama", dtype=torch.float32, **overrides):
 BONSAI = BonsaiParams(preset="fast", sub_models=8, n_windows=4, rows_per_forward=8, tolerance=0.01)
 
 
-def _both(dense, method, tmp_path, cfg=None, runtime_dtype=None):
+def _both(dense, method, tmp_path, cfg=None, runtime_dtype=None, budget=BUDGET):
     """Prune ``dense`` in memory and streamed; returns (in-memory result, streamed result, their dirs)."""
     cfg = cfg or PruneParams(ratio=0.3)
     results, dirs = [], []
-    for name, budget in (("memory", None), ("streamed", BUDGET)):
+    for name, budget in (("memory", None), ("streamed", budget)):
         runtime = Runtime(dtype=runtime_dtype, max_memory=budget)
         model, _, spec = checkpoint.load(dense, runtime, with_tokenizer=False, stream=True, calibration=WINDOWS.shape)
         assert streaming.is_streamed(model) == (budget is not None)
@@ -282,3 +282,16 @@ def test_cli_evaluate_refuses_speed_for_a_streamed_model_before_measuring(deep_c
     result = _cli("evaluate", deep_checkpoint, "--max-memory", "1MiB", "--max-windows", 4)
     assert result.exit_code == 2
     assert "measures perplexity only: speed need" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("method", ["wanda_sp", "flap"])
+def test_bf16_checkpoint_streams_bit_for_bit_computing_in_bf16(method, tmp_path):
+    """The checkpoint's own dtype (no --dtype): the forward passes run in bf16, in memory and streamed, and
+    give the same plan and the same weights bit for bit."""
+    dense = _dense(tmp_path, dtype=torch.bfloat16)
+    (memory, streamed), (memory_dir, streamed_dir) = _both(dense, method, tmp_path, PruneParams(ratio=0.3),
+                                                           budget=BUDGET // 2)  # bf16 weights: half the bytes
+    assert streamed.plan.layers == memory.plan.layers
+    a, b = _tensors(memory_dir), _tensors(streamed_dir)
+    assert {t.dtype for t in b.values()} == {torch.bfloat16}
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
