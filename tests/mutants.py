@@ -23,6 +23,10 @@ MUTANTS = {
                             'history.append({"evaluated": evaluated, "loss": parent_loss})\n'
                             "        parent_loss, parent, parent_plan = (losses[-1], children[-1], child_plans[-1])",
                             "tests/pipeline/test_search.py::test_search_keeps_the_exact_ratio_and_never_loses_to_its_start"),
+    "lasso-uncentred-gradient": ("pruneflow/lasso.py",
+                                 "gradient = (residual @ x - residual.sum(1, keepdim=True) * x_mean) / counts[:, None]",
+                                 "gradient = (residual @ x) / counts[:, None]",
+                                 "tests/unit/test_bonsai_parts.py::test_batched_fits_each_equal_the_plain_fit_on_their_own_rows"),
     "flap-unsquared-attention": ("pruneflow/methods/flap.py", "fluctuation(weight, stats.var) ** 2)",
                                  "fluctuation(weight, stats.var))",
                                  "tests/unit/test_scores.py::test_flap_ranks_heads_by_the_squared_attention_metric_on_a_planted_case"),

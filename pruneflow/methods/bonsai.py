@@ -8,7 +8,8 @@ One call scores one iteration (``pruneflow.prune`` repeats it, slicing in betwee
    drops the module's other candidates; masks act on o_proj/down_proj inputs (``pruneflow.masking``), several
    sub-models per forward pass (masks in the batch dimension), no gradients, no weight copies;
 4. each sub-model's score is −perplexity (or −loss) on the scoring windows;
-5. a lasso y ≈ w·keep_mask + b, its penalty chosen by k-fold cross-validated Kendall τ; w is the importance.
+5. a lasso y ≈ w·keep_mask + b, its penalty chosen by k-fold cross-validated Kendall τ; w is the importance
+   (every penalty × fold in one batched FISTA solve on the runtime's device: :func:`pruneflow.lasso.fit_cv`).
 
 Head units are whole KV groups or single query heads, whichever selection removes (``plan.head_unit``).
 Deviations from the reference code, each a parameter: a module with fewer than 2·k candidates gets more
@@ -222,7 +223,7 @@ def score(model, spec, windows, runtime=None, seed: int = 0, config: BonsaiParam
     targets = -losses.clamp(max=math.log(1e8)).exp() if config.objective == "ppl" else -losses
     x = keep[:, candidates].double()
     offset = prior_baseline(modules, candidates, priors, x, targets) if config.shrink_to == "prior" else None
-    fit = fit_cv(x, targets, folds=config.cv_folds, seed=seed + iteration, offset=offset)
+    fit = fit_cv(x, targets, folds=config.cv_folds, seed=seed + iteration, offset=offset, device=runtime.device)
     importance = torch.full((len(priors),), math.inf, dtype=torch.float64)
     importance[candidates] = fit.weights
     costs = torch.cat([torch.full((m.count,), float(m.cost), dtype=torch.float64) for m in modules])

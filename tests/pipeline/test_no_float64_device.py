@@ -17,7 +17,6 @@ from pruneflow import arch as A
 from pruneflow import runtime as runtime_module
 from pruneflow.params import PruneParams
 from pruneflow.prune import prune
-from pruneflow.runtime import Runtime
 
 WINDOWS = torch.randint(0, 256, (24, 16), generator=torch.Generator().manual_seed(0))
 

@@ -103,6 +103,55 @@ def test_regression_recovers_planted_importances():
     assert kendall_tau(fit.weights, planted) > 0.85
 
 
+def _fista(x, y, penalty, steps=4000):
+    """One lasso fit by FISTA written plainly on the explicitly centred rows (the unbatched algorithm)."""
+    xc, yc = x - x.mean(0), y - y.mean()
+    lipschitz = float(torch.linalg.matrix_norm(xc, ord=2)) ** 2 / len(x)
+    w = torch.zeros(x.shape[1], dtype=torch.float64)
+    momentum, t = w.clone(), 1.0
+    for _ in range(steps):
+        shrunk = momentum - xc.T @ (xc @ momentum - yc) / len(x) / lipschitz
+        updated = shrunk.sign() * (shrunk.abs() - penalty / lipschitz).clamp(min=0)
+        t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
+        momentum, w, t = updated + (t - 1) / t_next * (updated - w), updated, t_next
+    return w, float(y.mean() - x.mean(0) @ w)
+
+
+def test_batched_fits_each_equal_the_plain_fit_on_their_own_rows():
+    """Every penalty × row subset of one batched solve is the fit of its rows alone (well-posed problems, where
+    FISTA converges: more rows than columns)."""
+    from pruneflow.lasso import lasso_batch
+
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.rand(120, 30, generator=gen) > 0.5).double()
+    y = x @ torch.randn(30, generator=gen, dtype=torch.float64) + 0.1 * torch.randn(120, generator=gen,
+                                                                                    dtype=torch.float64)
+    rows = torch.rand(4, 120, generator=gen) > 0.2  # four different row subsets
+    penalties = torch.tensor([0.0, 1e-3, 1e-2, 0.1], dtype=torch.float64)
+    weights, intercepts = lasso_batch(x, y, rows, penalties, max_iter=4000, tol=0.0)  # the same 4,000 steps
+    for f in range(4):
+        w, b = _fista(x[rows[f]], y[rows[f]], float(penalties[f]))
+        torch.testing.assert_close(weights[f], w, atol=1e-8, rtol=0)
+        assert float(intercepts[f]) == pytest.approx(b, abs=1e-8)
+    assert (weights[3] == 0).sum() > (weights[0] == 0).sum()  # the strong penalty zeroes more columns
+
+
+def test_batched_fits_in_float32_stay_close_to_float64(monkeypatch):
+    """A device without float64 (MPS) solves in float32: the same fits within 1e-4."""
+    from pruneflow import lasso as L
+
+    gen = torch.Generator().manual_seed(2)
+    x = (torch.rand(200, 40, generator=gen) > 0.5).double()
+    y = x @ torch.rand(40, generator=gen, dtype=torch.float64) + 0.05 * torch.randn(200, generator=gen,
+                                                                                    dtype=torch.float64)
+    rows, penalties = torch.ones(2, 200, dtype=torch.bool), torch.tensor([1e-3, 1e-2], dtype=torch.float64)
+    exact, _ = L.lasso_batch(x, y, rows, penalties)
+    monkeypatch.setattr(L, "compute_dtype", lambda device: torch.float32)
+    single, _ = L.lasso_batch(x, y, rows, penalties)
+    assert single.dtype == torch.float32
+    torch.testing.assert_close(single.double(), exact, atol=1e-4, rtol=0)
+
+
 def test_batched_sub_model_losses_equal_the_one_mask_per_forward_loop():
     model = tiny_causal_lm()
     spec = A.arch_for("llama")
