@@ -62,7 +62,8 @@ def lasso_batch(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, penalties:
     weights = torch.zeros(len(mask), x.shape[1], dtype=dtype, device=x.device)  # (F, P)
     momentum, step = weights.clone(), 1.0
     for iteration in range(max_iter):
-        residual = mask * (momentum @ x.T - (momentum * x_mean).sum(1, keepdim=True)) - yc  # (F, n)
+        residual = mask * (momentum @ x.T - (momentum * x_mean).sum(1, keepdim=True)) - yc  # (F, n) (X − 1μᵀ)w − yc
+        # (X − 1μᵀ)ᵀ r / n: r sums to 0, so the μ term only cancels rounding (a constant column stays exactly 0)
         gradient = (residual @ x - residual.sum(1, keepdim=True) * x_mean) / counts[:, None]  # (F, P)
         shrunk = momentum - gradient * inverse
         updated = shrunk.sign() * (shrunk.abs() - thresholds).clamp(min=0)

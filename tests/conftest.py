@@ -52,6 +52,16 @@ def _prefect_console_follows_stderr() -> None:
 
 _prefect_console_follows_stderr()
 
+# Tests that start servers or run whole pipelines go first: with parallel workers (`pytest -n 2 --dist
+# loadgroup`, as `make test` runs) the long ones then never start last on one worker while the other idles.
+LONG_FIRST = ("tests/integration/", "tests/reliability/", "tests/pipeline/test_flow.py",
+              "tests/pipeline/test_reference_model.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not item.nodeid.startswith(LONG_FIRST))  # stable: the order within each part
+
+
 TINY = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128)
 

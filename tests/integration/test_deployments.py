@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import interruptible
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("stack")]  # one worker starts the stack
 POOL = "pruneflow-test"
 
 

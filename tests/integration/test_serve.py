@@ -14,7 +14,7 @@ import yaml
 from tests.conftest import interruptible
 from tests.integration.test_deployments import api, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("stack")]  # one worker starts the stack
 
 
 def test_served_deployment_runs_from_the_api_and_keeps_its_schedule(stack, project):

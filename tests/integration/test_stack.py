@@ -12,7 +12,7 @@ from tests.conftest import KEY, SECRET
 from tests.integration.test_deployments import api
 from tests.pipeline.test_cli import run
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("stack")]  # one worker starts the stack
 
 
 def test_status_reports_every_service_healthy_and_nothing_secret_is_written(stack):

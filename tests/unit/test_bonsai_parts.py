@@ -136,6 +136,20 @@ def test_batched_fits_each_equal_the_plain_fit_on_their_own_rows():
     assert (weights[3] == 0).sum() > (weights[0] == 0).sum()  # the strong penalty zeroes more columns
 
 
+def test_batched_fits_stop_each_at_its_own_convergence():
+    """A fit that converges early is frozen there: in a batch with a slow fit it gives what it gives alone."""
+    from pruneflow.lasso import lasso_batch
+
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.rand(60, 200, generator=gen) > 0.5).double()  # more columns than rows: a tiny penalty is slow
+    y = x @ torch.randn(200, generator=gen, dtype=torch.float64)
+    rows = torch.ones(2, 60, dtype=torch.bool)
+    strong, weak = torch.tensor([0.3], dtype=torch.float64), torch.tensor([1e-6], dtype=torch.float64)
+    alone, _ = lasso_batch(x, y, rows[:1], strong)
+    together, _ = lasso_batch(x, y, rows, torch.cat([strong, weak]))
+    torch.testing.assert_close(together[0], alone[0], atol=1e-12, rtol=0)  # run on, it moves ~3e-8
+
+
 def test_batched_fits_in_float32_stay_close_to_float64(monkeypatch):
     """A device without float64 (MPS) solves in float32: the same fits within 1e-4."""
     from pruneflow import lasso as L
