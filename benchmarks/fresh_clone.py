@@ -42,8 +42,9 @@ def run(threads: int) -> dict:
         if proc.returncode != 0:
             raise SystemExit(f"pruneflow run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the largest waited-for process
-        metrics = json.loads((clone / OUTPUTS["evaluate"]).read_text())
-        stage_seconds = {s: json.loads((clone / RESOURCES / f"{s}.json").read_text())["seconds"] for s in STAGES}
+        artifacts = clone / "artifacts"
+        metrics = json.loads((artifacts / OUTPUTS["evaluate"]).read_text())
+        stage_seconds = {s: json.loads((artifacts / RESOURCES / f"{s}.json").read_text())["seconds"] for s in STAGES}
         shutil.rmtree(clone, ignore_errors=True)
     return {"seconds": seconds, "clone_seconds": cloned, "peak_rss_bytes": peak, "stage_seconds": stage_seconds,
             "test_ppl": {k: metrics[k]["test_ppl"] for k in ("dense", "pruned", "recovered") if k in metrics},
