@@ -183,6 +183,64 @@ def test_batched_sub_model_losses_equal_the_one_mask_per_forward_loop():
     assert len(set(batched.tolist())) == 6
 
 
+def test_a_sub_models_loss_is_the_loss_of_the_model_with_its_dropped_units_zeroed():
+    """Each layer drops different units: the masked sub-model's loss equals that of a copy whose dropped heads'
+    o_proj columns and dropped channels' down_proj columns are zero (a layer mix-up in the masks shows)."""
+    import copy
+
+    model = tiny_causal_lm()
+    spec = A.arch_for("llama")
+    modules = bonsai.layout(model, spec, ("channels", "heads"), "query")
+    total = modules[-1].start + modules[-1].count
+    keep = torch.rand(3, total, generator=torch.Generator().manual_seed(4)) > 0.4
+    windows = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(5))
+    losses = bonsai.submodel_losses(model, spec, modules, keep, windows, rows_per_forward=9)
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    for k in range(3):
+        zeroed = copy.deepcopy(model)
+        for module in modules:
+            dropped = (~keep[k, module.span]).nonzero().flatten().tolist()
+            layer = zeroed.model.layers[module.layer]
+            with torch.no_grad():
+                for unit in dropped:
+                    if module.kind == "heads":
+                        layer.self_attn.o_proj.weight[:, unit * head_dim:(unit + 1) * head_dim] = 0
+                    else:
+                        layer.mlp.down_proj.weight[:, unit] = 0
+        with torch.no_grad():
+            expected = zeroed(input_ids=windows, labels=windows).loss
+        assert float(losses[k]) == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_the_lasso_solution_meets_its_optimality_conditions():
+    """1/(2n)‖y_c − X_c w‖² + λ‖w‖₁ at its minimum: the correlation g = X_cᵀ(y_c − X_c w)/n is λ·sign(w_j) where
+    w_j ≠ 0 and at most λ where w_j = 0; above λ_max = max|X_cᵀ y_c|/n every weight is 0, below it some is not."""
+    gen = torch.Generator().manual_seed(6)
+    x = (torch.rand(150, 25, generator=gen) > 0.5).double()
+    y = x @ torch.randn(25, generator=gen, dtype=torch.float64) + 0.3 * torch.randn(150, generator=gen,
+                                                                                    dtype=torch.float64)
+    xc, yc = x - x.mean(0), y - y.mean()
+    top = float((xc.T @ yc).abs().max()) / len(x)
+    penalty = 0.1 * top
+    weights, _ = lasso(x, y, penalty, max_iter=20000)
+    g = xc.T @ (yc - xc @ weights) / len(x)
+    active = weights != 0
+    assert 0 < int(active.sum()) < 25
+    torch.testing.assert_close(g[active], penalty * weights[active].sign(), atol=1e-6 * top, rtol=0)
+    assert float(g[~active].abs().max()) <= penalty * (1 + 1e-6)
+    assert bool((lasso(x, y, 1.01 * top)[0] == 0).all()) and bool((lasso(x, y, 0.9 * top)[0] != 0).any())
+
+
+def test_data_that_agree_with_the_prior_leave_the_prior_untouched():
+    """y = X·offset + c: δ = 0 is optimal at every penalty, so the fit is the offset itself, every column (a fit
+    that regressed y instead of y − X·offset would come out near twice the offset)."""
+    gen = torch.Generator().manual_seed(7)
+    keep = (torch.rand(80, 12, generator=gen) > 0.5).double()
+    offset = torch.linspace(0.1, 1.2, 12, dtype=torch.float64)
+    fit = fit_cv(keep, keep @ offset + 3.0, folds=4, seed=0, offset=offset)
+    torch.testing.assert_close(fit.weights, offset, atol=1e-12, rtol=0)
+
+
 def test_group_units_mask_whole_kv_groups_and_scores_are_per_parameter():
     model = tiny_causal_lm()
     spec = A.arch_for("llama")
