@@ -70,13 +70,18 @@ def test_angular_removes_the_closest_contiguous_run():
     assert result.scores.extra["block_size"] == 2 and result.scores.extra["start"] == 2
 
 
-def test_depth_and_width_ratio_accounting_is_exact():
+def test_depth_ratio_accounting_is_exact_and_removes_the_nearest_whole_number_of_blocks():
+    """Counted here from the blocks' own tensors: the parameters removed are exactly the removed blocks', the
+    recorded ratio is theirs over the non-embedding total, and their number is the whole number of (equal)
+    blocks nearest the ratio asked for."""
     model, spec = with_identity_blocks()
+    blocks = [sum(p.numel() for p in block.parameters()) for block in A.blocks(model, spec)]
     before = A.count_parameters(model)["non_embedding"]
-    result = prune(model, spec, "block_influence", PruneParams(ratio=0.3, units=["layers"]), WINDOWS)
-    after = A.count_parameters(model)["non_embedding"]
-    assert result.plan.params["non_embedding_after"] == after
-    assert result.plan.params["achieved_ratio"] == pytest.approx(1 - after / before)
+    result = prune(model, spec, "block_influence", PruneParams(ratio=0.4, units=["layers"]), WINDOWS)
+    removed = [i for i in range(len(blocks)) if i not in result.plan.kept_layers]  # 0.4 is 1.6 blocks: 2
+    assert before - A.count_parameters(model)["non_embedding"] == sum(blocks[i] for i in removed)
+    assert result.plan.params["achieved_ratio"] == pytest.approx(sum(blocks[i] for i in removed) / before)
+    assert len(set(blocks)) == 1 and len(removed) == round(0.4 * before / blocks[0]) == 2
 
 
 @pytest.mark.parametrize("method,units,message", [
