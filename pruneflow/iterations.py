@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -16,6 +18,9 @@ from safetensors.torch import save_file
 
 from pruneflow import streaming
 from pruneflow.plan import LayerShape, PrunePlan
+from pruneflow.sizes import format_size
+
+log = logging.getLogger(__name__)
 
 
 def fingerprint(model: torch.nn.Module, windows: torch.Tensor, config: dict) -> str:
@@ -25,9 +30,17 @@ def fingerprint(model: torch.nn.Module, windows: torch.Tensor, config: dict) -> 
     if streaming.is_streamed(model):  # its weights are the files it reads
         digest.update(streaming.digest(model))
         return digest.hexdigest()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    from tqdm import tqdm
+
+    tensors = sorted(model.state_dict().items())
+    total, started = sum(t.numel() * t.element_size() for _, t in tensors), time.perf_counter()
+    log.info("resume key: hashing %s of weights, a tensor at a time through host memory", format_size(total))
+    with tqdm(total=total, desc="resume key (hashing weights)", unit="B", unit_scale=True, leave=False) as bar:
+        for name, tensor in tensors:
+            digest.update(name.encode())
+            digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+            bar.update(tensor.numel() * tensor.element_size())
+    log.info("resume key: %s hashed in %.1f s", format_size(total), time.perf_counter() - started)
     return digest.hexdigest()
 
 

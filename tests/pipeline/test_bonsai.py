@@ -71,12 +71,20 @@ def test_resume_after_an_interrupted_iteration_gives_the_same_plan(tmp_path, mon
     assert len(list((tmp_path / "b").iterdir())) == 2
 
 
-def test_saved_iterations_hold_masks_losses_and_weights(tmp_path):
+def test_saved_iterations_hold_masks_losses_and_weights(tmp_path, caplog):
+    import logging
+
     from safetensors.torch import load_file
 
     spec = A.arch_for("llama")
-    prune(tiny_causal_lm(), spec, "bonsai", PruneParams(ratio=0.05, allocation="global"), _windows(), seed=0,
-          options=FAST, state_dir=tmp_path)
+    model = tiny_causal_lm()
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    with caplog.at_level(logging.INFO, logger="pruneflow.iterations"):
+        prune(model, spec, "bonsai", PruneParams(ratio=0.05, allocation="global"), _windows(), seed=0,
+              options=FAST, state_dir=tmp_path)
+    from pruneflow.sizes import format_size
+
+    assert f"resume key: hashing {format_size(weight_bytes)} of weights" in caplog.text  # never silent work
     (store,) = tmp_path.iterdir()
     tensors = load_file(store / "iter_000.safetensors")
     assert tensors["keep"].shape[0] == 16 and tensors["losses"].shape == (16,)
