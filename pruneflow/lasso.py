@@ -86,10 +86,12 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 def _squared_spectral_norms(x: torch.Tensor, mask: torch.Tensor, x_mean: torch.Tensor) -> torch.Tensor:
     """(F,) ‖X_f − 1·μ_fᵀ‖₂² of each fit's centred rows, from the smaller of its two Gram matrices."""
     n, p = x.shape
+    rows_gram = x @ x.T if n <= p else None  # (n, n), shared by every fit
     norms = []
     for m, mu in zip(mask, x_mean):
-        if n <= p:  # (n, n): D (X − 1μᵀ)(X − 1μᵀ)ᵀ D
-            centred = x @ x.T - (x @ mu)[:, None] - (x @ mu)[None, :] + mu @ mu
+        if rows_gram is not None:  # (n, n): D (X − 1μᵀ)(X − 1μᵀ)ᵀ D
+            projected = x @ mu  # (n,)
+            centred = rows_gram - projected[:, None] - projected[None, :] + mu @ mu
             gram = centred * m[:, None] * m[None, :]
         else:  # (P, P): Xᵀ D X − n_f μ μᵀ
             gram = (x * m[:, None]).T @ x - m.sum() * torch.outer(mu, mu)
