@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pruneflow import runtime as R  # R.accum_dtype: float64, float32 on MPS (looked up at call time)
+
 log = logging.getLogger(__name__)
 
 
@@ -47,7 +49,7 @@ def lasso_batch(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, penalties:
     Returns (W (F, P), b (F,)) in the compute dtype.
     """
     device = x.device
-    dtype = compute_dtype(device)
+    dtype = R.accum_dtype(device)
     tol = tol if tol is not None else (1e-6 if dtype == torch.float32 else 1e-10)
     x, y = x.to(dtype), y.to(dtype).to(device)  # converted where they are, then moved: MPS holds no float64
     mask = rows.to(dtype).to(device)  # (F, n)
@@ -76,11 +78,6 @@ def lasso_batch(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, penalties:
         if iteration % 16 == 15 and not bool(active.any()):  # a host sync every 16 steps, not every step
             break
     return weights, y_mean - (x_mean * weights).sum(1)
-
-
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """float64, or float32 on a device that has no float64 (MPS)."""
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _squared_spectral_norms(x: torch.Tensor, mask: torch.Tensor, x_mean: torch.Tensor) -> torch.Tensor:
@@ -136,7 +133,7 @@ def fit_cv(x: torch.Tensor, y: torch.Tensor, folds: int = 5, seed: int = 0,
     train = torch.ones(len(penalties) * folds, n, dtype=torch.bool)  # fit (penalty i, fold j) = row i·folds + j
     for fit, held in enumerate(parts * len(penalties)):
         train[fit, held] = False
-    on_device = x.to(compute_dtype(torch.device(device))).to(device)
+    on_device = x.to(R.accum_dtype(torch.device(device))).to(device)
     deltas, intercepts = lasso_batch(on_device, residual, train,
                                      torch.tensor(penalties, dtype=torch.float64).repeat_interleave(folds))
     deltas, intercepts = deltas.cpu().double(), intercepts.cpu().double()

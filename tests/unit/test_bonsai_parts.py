@@ -160,7 +160,7 @@ def test_batched_fits_in_float32_stay_close_to_float64(monkeypatch):
                                                                                     dtype=torch.float64)
     rows, penalties = torch.ones(2, 200, dtype=torch.bool), torch.tensor([1e-3, 1e-2], dtype=torch.float64)
     exact, _ = L.lasso_batch(x, y, rows, penalties)
-    monkeypatch.setattr(L, "compute_dtype", lambda device: torch.float32)
+    monkeypatch.setattr(L.R, "accum_dtype", lambda device: torch.float32)
     single, _ = L.lasso_batch(x, y, rows, penalties)
     assert single.dtype == torch.float32
     torch.testing.assert_close(single.double(), exact, atol=1e-4, rtol=0)
