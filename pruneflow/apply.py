@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from pruneflow import arch as A
-from pruneflow import streaming
+from pruneflow.execution import streaming
+from pruneflow.execution.replicas import note_applied
 from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
 from pruneflow.modeling_pruneflow import resize_block
@@ -116,6 +117,7 @@ def apply_block(block: nn.Module, spec: ArchSpec, plan: PrunePlan, scores: Score
 def apply(model: nn.Module, plan: PrunePlan, spec: ArchSpec, scores: Scores | None = None) -> nn.Module:
     """Slice the model in place to what ``plan`` keeps; with ``plan.reconstruct == "bias"``, add FLAP's bias
     compensation (``lstsq`` re-fits after slicing: :func:`pruneflow.reconstruct.refit`)."""
+    note_applied(model, plan, scores)  # replicas on workers replay it (pruneflow.execution.replicas)
     if plan.kept_experts is not None:  # the experts unit keeps every block's attention and expert widths
         from pruneflow import experts
 

@@ -20,7 +20,9 @@ from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
 from pruneflow import arch as A
-from pruneflow import modeling_pruneflow, streaming
+from pruneflow import modeling_pruneflow
+from pruneflow.execution import streaming
+from pruneflow.execution.replicas import note_origin
 from pruneflow.arch import ArchSpec
 from pruneflow.atomic import atomic_dir
 from pruneflow.errors import PruneflowError
@@ -101,7 +103,7 @@ def save(model: nn.Module, tokenizer, out_dir: Path, spec: ArchSpec, extra_files
 
     ``dtype`` (the input checkpoint's, see :func:`stored_dtype`) is what the weights are written in: a model
     scored in float32 is cast to it first, in place. Weights above ``max_shard_size`` are sharded
-    (``model.safetensors.index.json``). A streamed model (see :mod:`pruneflow.streaming`) is sliced block by
+    (``model.safetensors.index.json``). A streamed model (see :mod:`pruneflow.execution.streaming`) is sliced block by
     block as it is written, in shards no larger than its memory budget allows.
     """
     streamed = streaming.is_streamed(model)
@@ -217,6 +219,7 @@ def load(source: Path | str | ModelSource, runtime: Runtime | None = None, with_
                                  f"weights); --max-memory is {format_size(runtime.max_memory)}: raise it, or "
                                  f"use a step that streams (see README, 'Models larger than memory')")
         model = _skeleton(path, spec, pruned, dtype, runtime, calibration)
+        note_origin(model, source, stream, calibration)
         return model, load_tokenizer(path, model.config) if with_tokenizer else None, spec
     placement = runtime.placement(weight_bytes)
     try:
@@ -232,6 +235,7 @@ def load(source: Path | str | ModelSource, runtime: Runtime | None = None, with_
         if not torch.isfinite(tensor).all():
             raise PruneflowError(f"checkpoint {path}: weight {name} contains NaN or Inf")
     model.eval()
+    note_origin(model, source, stream, calibration)
     tokenizer = load_tokenizer(path, model.config) if with_tokenizer else None
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise PruneflowError(f"checkpoint {path}: tokenizer has {len(tokenizer)} tokens but the model's "
@@ -241,7 +245,7 @@ def load(source: Path | str | ModelSource, runtime: Runtime | None = None, with_
 
 def _skeleton(path: Path, spec: ArchSpec, pruned: bool, dtype: torch.dtype, runtime: Runtime,
               calibration: tuple[int, int]) -> nn.Module:
-    """The streamed skeleton of the checkpoint at ``path`` (see :mod:`pruneflow.streaming`), after checking that
+    """The streamed skeleton of the checkpoint at ``path`` (see :mod:`pruneflow.execution.streaming`), after checking that
     the budget holds what streaming keeps in memory at once."""
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -160,6 +160,9 @@ def prune(
     max_memory: Optional[str] = typer.Option(
         None, help="most model weights held in memory at once (e.g. 512MiB, 20GiB); a larger model is streamed a "
                    "block at a time by the methods that stream (`pruneflow methods`)"),
+    workers: Optional[str] = typer.Option(
+        None, help="where candidate sub-models are evaluated: local | N (Ray workers; RAY_ADDRESS or a local "
+                   "instance) | auto (a worker per GPU/CPU) | ray://HOST:PORT"),
     params_file: Optional[Path] = typer.Option(None, "--params", help="params.yaml for defaults"),
     overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE params override, e.g. score.bonsai.preset=fast"),
     state_dir: Optional[Path] = typer.Option(
@@ -173,7 +176,8 @@ def prune(
                "calibrate.seqlen": seqlen, "score.method": method, "prune.ratio": ratio,
                "prune.units": units and units.split(","), "prune.allocation": allocation,
                "prune.head_mode": head_mode, "prune.round_to": round_to, "prune.reconstruct": reconstruct,
-               "runtime.device": device, "runtime.dtype": dtype, "runtime.max_memory": max_memory, "model": model_dir}
+               "runtime.device": device, "runtime.dtype": dtype, "runtime.max_memory": max_memory, "runtime.workers": workers,
+               "model": model_dir}
     try:
         params = load_params(params_file, overrides, updates={k: v for k, v in options.items() if v is not None})
         _check_out_dir(out, force)
@@ -209,6 +213,9 @@ def _prune(params, out: Path, force: bool, state_dir: Path | None = None,
         check_streams(method)
         _step(f"{format_size(weight_bytes)} of weights exceed --max-memory {format_size(runtime.max_memory)}: "
               f"streaming a block at a time")
+    if runtime.workers != "local":
+        _step(f"starting Ray workers ({runtime.workers})")
+        runtime.start_workers()
     _step(f"loading {params.model} on {runtime}")
     model, tokenizer, spec = checkpoint.load(source, runtime, stream=METHODS[method].streams,
                                              calibration=(c.n_windows, c.seqlen), purpose=f"method {method}")

@@ -9,10 +9,8 @@ from collections.abc import Callable
 
 import torch
 
-from pruneflow import streaming
-from pruneflow.arch import arch_for
+from pruneflow.execution import nll_batches
 from pruneflow.errors import PruneflowError
-from pruneflow.losses import token_nll
 from pruneflow.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -39,12 +37,8 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int = PPL_SEQLEN, batch_s
         raise ValueError(f"held-out text has {len(token_ids)} tokens, fewer than one {seqlen}-token window")
     windows = token_ids[: n_windows * seqlen].view(n_windows, seqlen)
     runtime = runtime or Runtime()
-    if streaming.is_streamed(model):  # block by block over the windows, a group at a time
-        spec = arch_for(model.config.model_type)
-        batches = [windows[start:start + batch_size] for start in range(0, len(windows), batch_size)]
-        losses = streaming.token_nll_batches(model, spec, batches, runtime)
-    else:  # (B, T - 1) per batch, the LM head a chunk of tokens at a time
-        losses = (token_nll(model, batch) for batch in runtime.batches(model, windows, batch_size, desc="perplexity"))
+    batches = [windows[start:start + batch_size] for start in range(0, len(windows), batch_size)]
+    losses = nll_batches(model, batches, runtime, desc="perplexity")  # (B, T - 1) per batch
     total_nll, total_tokens = 0.0, 0
     for nll in losses:
         total_nll += nll.cpu().double().sum().item()  # float64 on the host: an MPS device has none

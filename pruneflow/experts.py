@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pruneflow import arch as A
-from pruneflow import streaming
+from pruneflow.execution import streaming
 from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
 from pruneflow.modeling_pruneflow import resize_experts

@@ -390,7 +390,7 @@ def export_gguf(checkpoint: str | Path | ModelSource, out: Path, dtype: str = "a
     import gguf
 
     from pruneflow import checkpoint as C
-    from pruneflow.streaming import LazyWeights
+    from pruneflow.execution.streaming import LazyWeights
 
     out = Path(out)
     if out.exists() and not overwrite:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pruneflow import arch as A
-from pruneflow import streaming
+from pruneflow.execution import streaming
 from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
 from pruneflow.plan import LayerPlan, PrunePlan, SelectConfig

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from pruneflow import streaming
+from pruneflow.execution import streaming
 from pruneflow.plan import LayerShape, PrunePlan
 from pruneflow.sizes import format_size
 

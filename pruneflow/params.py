@@ -47,6 +47,10 @@ class RuntimeParams(_Section):
         None, description="most model weights held in memory at once, e.g. 512MiB, 20GiB; a larger model is "
                           "streamed a block at a time (methods that stream: see `pruneflow methods`); "
                           "null: load the whole model")
+    workers: str = Field(
+        "local", pattern=r"^(local|auto|[1-9]\d*|ray://[\w.-]+:\d+)$",
+        description="where candidate sub-models are evaluated: local (this process) | N (Ray workers, local "
+                    "instance or RAY_ADDRESS) | auto (one per GPU/CPU of the cluster) | ray://HOST:PORT")
 
     @field_validator("max_memory")
     @classmethod

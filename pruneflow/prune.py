@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from pruneflow import arch as A
-from pruneflow import reconstruct, streaming
+from pruneflow import reconstruct
+from pruneflow.execution import streaming
 from pruneflow.apply import apply, layer_shapes
 from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError

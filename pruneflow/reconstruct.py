@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pruneflow import arch as A
-from pruneflow import streaming
+from pruneflow.execution import streaming
 from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
 from pruneflow.plan import PrunePlan
@@ -263,7 +263,9 @@ def refit(model: nn.Module, spec: ArchSpec, plan: PrunePlan, scores: Scores | No
     from tqdm import tqdm
 
     from pruneflow.apply import apply_block, remove_layers
+    from pruneflow.execution.replicas import note_changed
 
+    note_changed(model, "its o_proj/down_proj were re-fitted by least squares")
     streamed = streaming.is_streamed(model)
     blocks = A.blocks(model, spec)
     head_dim = A.geometry(model.config).head_dim

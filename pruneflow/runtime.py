@@ -77,25 +77,43 @@ def resolve_dtype(name: str | None) -> torch.dtype | None:
 class Runtime:
     """The device models run on, the dtype they compute in (None: the checkpoint's own) and the memory budget
     for model weights (None: the whole model is loaded; smaller than the model: it is streamed a block at a
-    time, see :mod:`pruneflow.streaming`)."""
+    time, see :mod:`pruneflow.execution.streaming`)."""
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype | None = None
     max_memory: int | None = None
+    workers: str = "local"  # where candidates are evaluated: here, or Ray workers (pruneflow.execution.replicas)
 
     @classmethod
     def create(cls, device: str = "auto", dtype: str | None = "auto",
-               max_memory: str | int | None = None) -> "Runtime":
-        return cls(device=resolve_device(device), dtype=resolve_dtype(dtype), max_memory=parse_size(max_memory))
+               max_memory: str | int | None = None, workers: str = "local") -> "Runtime":
+        from pruneflow.execution.replicas import check_workers
+
+        workers = check_workers(workers)
+        if workers != "local":
+            import importlib.util
+
+            if importlib.util.find_spec("ray") is None:
+                raise PruneflowError(f"--workers {workers} needs Ray, which is not installed: "
+                                     f"pip install 'pruneflow[ray]' (or use --workers local)")
+        return cls(device=resolve_device(device), dtype=resolve_dtype(dtype), max_memory=parse_size(max_memory),
+                   workers=workers)
 
     @classmethod
     def from_params(cls, params) -> "Runtime":
         """From params.yaml's ``runtime`` section."""
-        return cls.create(params.device, params.dtype, params.max_memory)
+        return cls.create(params.device, params.dtype, params.max_memory, params.workers)
+
+    def start_workers(self) -> None:
+        """Start (or reach) the Ray workers now, so an unreachable cluster is an error before any heavy work."""
+        from pruneflow.execution.replicas import pool_for
+
+        pool_for(self)
 
     def __str__(self) -> str:
         budget = f", at most {format_size(self.max_memory)} of weights" if self.max_memory else ""
-        return f"{self.device} ({dtype_name(self.dtype) if self.dtype else 'checkpoint dtype'}{budget})"
+        workers = "" if self.workers == "local" else f", workers {self.workers}"
+        return f"{self.device} ({dtype_name(self.dtype) if self.dtype else 'checkpoint dtype'}{budget}{workers})"
 
     def streams(self, weight_bytes: int) -> bool:
         """Whether a model of ``weight_bytes`` (in its compute dtype) exceeds the memory budget."""
@@ -104,7 +122,7 @@ class Runtime:
     def blocks(self, model: torch.nn.Module, spec):
         """The model's blocks with their weights in memory: all of them, or for a streamed model one at a time
         (loaded from its files, dropped when the loop moves on)."""
-        from pruneflow.streaming import each_block
+        from pruneflow.execution.streaming import each_block
 
         return each_block(model, spec)
 

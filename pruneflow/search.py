@@ -22,12 +22,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pruneflow import arch as A
-from pruneflow import streaming
+from pruneflow import execution
 from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
-from pruneflow.losses import token_nll
-from pruneflow.masking import block_masks, unit_masks
+from pruneflow.execution.candidates import Candidates
 from pruneflow.plan import LayerShape, PrunePlan, SelectConfig, head_unit, plan_from_removed, ranked_units, unit_cost
 from pruneflow.runtime import Runtime
 from pruneflow.scores import Scores
@@ -118,48 +116,29 @@ def _rebalance(counts: list[dict[str, int]], space: _Space, target: int, rng: ra
             return
 
 
-def _masks(plan: PrunePlan, shapes: list[LayerShape]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    heads, channels = [], []
-    for layer, shape in zip(plan.layers, shapes):
-        h, c = torch.zeros(shape.heads), torch.zeros(shape.channels)
-        h[layer.kept_heads], c[layer.kept_channels] = 1, 1
-        heads.append(h)
-        channels.append(c)
-    return heads, channels
+def candidates_of(plans: list[PrunePlan], shapes: list[LayerShape]) -> Candidates:
+    """The plans as keep masks on the dense model, one candidate each."""
+    heads = [torch.zeros(len(plans), shape.heads, dtype=torch.bool) for shape in shapes]
+    channels = [torch.zeros(len(plans), shape.channels, dtype=torch.bool) for shape in shapes]
+    for row, plan in enumerate(plans):
+        for layer, kept in enumerate(plan.layers):
+            heads[layer][row, kept.kept_heads] = True
+            channels[layer][row, kept.kept_channels] = True
+    return Candidates(len(plans), heads=heads, channels=channels)
 
 
-@torch.no_grad()
 def masked_loss(model: nn.Module, spec: ArchSpec, plan: PrunePlan, shapes: list[LayerShape],
                 windows: torch.Tensor, runtime: Runtime) -> float:
     """Mean next-token loss of ``windows`` with what ``plan`` removes masked out of the dense ``model``."""
     return masked_losses(model, spec, [plan], shapes, windows, runtime)[0]
 
 
-@torch.no_grad()
 def masked_losses(model: nn.Module, spec: ArchSpec, plans: list[PrunePlan], shapes: list[LayerShape],
                   windows: torch.Tensor, runtime: Runtime) -> list[float]:
-    """:func:`masked_loss` of each plan. In memory one forward pass each; streamed, the candidates share the
-    passes over the blocks (as many per pass as the memory budget carries), so a generation of the search
-    reads each block once instead of once per candidate."""
-    masks = [_masks(plan, shapes) for plan in plans]
-    rows = len(windows)
-    if streaming.is_streamed(model):
-        head_dim = A.geometry(model.config).head_dim
-
-        def around(i, block, b):
-            heads, channels = masks[b]
-            return block_masks(block, spec, head_dim, heads[i].to(runtime.device).expand(rows, -1),
-                               channels[i].to(runtime.device).expand(rows, -1))
-
-        nlls = streaming.token_nll_batches(model, spec, [windows] * len(plans), runtime, around)
-        return [float(nll.cpu().double().mean()) for nll in nlls]  # float64 on the host (MPS has none)
-    device = runtime.input_device(model)
-    losses = []
-    for heads, channels in masks:
-        with unit_masks(model, spec, [h.to(device).expand(rows, -1) for h in heads],
-                        [c.to(device).expand(rows, -1) for c in channels]):
-            losses.append(float(token_nll(model, windows.to(device)).cpu().double().mean()))
-    return losses
+    """:func:`masked_loss` of each plan: one forward pass each over ``windows`` (the execution layer decides
+    how: in memory, streamed with a generation's children sharing the passes over the blocks, or on workers)."""
+    return execution.losses(model, spec, windows, candidates_of(plans, shapes), runtime,
+                            desc="allocation search").tolist()
 
 
 def search(model: nn.Module, spec: ArchSpec, scores: Scores, shapes: list[LayerShape], params: dict[str, int],

@@ -16,7 +16,7 @@ from torch import nn
 from pruneflow import arch as A
 from pruneflow.arch import ArchSpec
 from pruneflow.runtime import Runtime
-from pruneflow.streaming import calibration_pass
+from pruneflow.execution.streaming import calibration_pass
 
 CHUNK_TOKENS = 256
 

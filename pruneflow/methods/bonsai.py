@@ -29,15 +29,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 from pruneflow import arch as A
+from pruneflow import execution
 from pruneflow.apply import layer_shapes
 from pruneflow.errors import PruneflowError
+from pruneflow.execution.candidates import Candidates
 from pruneflow.lasso import fit_cv
-from pruneflow.losses import token_nll
-from pruneflow import streaming
-from pruneflow.masking import block_masks, unit_masks
 from pruneflow.methods.options import BonsaiParams
 from pruneflow.plan import head_unit, unit_cost
 from pruneflow.runtime import Runtime
@@ -148,59 +146,32 @@ def sample_masks(modules: list[Module], priors: torch.Tensor, prune_frac: float,
     return keep, candidates
 
 
-def layer_masks(modules: list[Module], keep: torch.Tensor, n_layers: int):
-    """(B, N) keep rows → per-layer (B, H_l) head masks and (B, I_l) channel masks (None for a unit type not
-    scored)."""
-    heads: list[torch.Tensor | None] = [None] * n_layers
-    channels: list[torch.Tensor | None] = [None] * n_layers
+def candidates_of(modules: list[Module], keep: torch.Tensor) -> Candidates:
+    """(M, N) keep rows → the sub-models as per-layer (M, H_l) head and (M, I_l) channel keep masks (None for a
+    unit type not scored)."""
+    heads: dict[int, torch.Tensor] = {}
+    channels: dict[int, torch.Tensor] = {}
     for module in modules:
-        rows = keep[:, module.span].float()
+        rows = keep[:, module.span]
         if module.kind == "heads":
             heads[module.layer] = rows.repeat_interleave(module.repeat, dim=1)
         else:
             channels[module.layer] = rows
-    return (heads if heads[0] is not None else None), (channels if channels[0] is not None else None)
+    return Candidates(len(keep), heads=[heads[i] for i in sorted(heads)] or None,
+                      channels=[channels[i] for i in sorted(channels)] or None)
 
 
-@torch.no_grad()
 def submodel_losses(model, spec, modules: list[Module], keep: torch.Tensor, windows: torch.Tensor,
                     rows_per_forward: int, runtime: Runtime | None = None, desc: str = "sub-models") -> torch.Tensor:
     """(M,) mean next-token loss of each sub-model over ``windows`` (n, T).
 
     Rows of a forward pass are (sub-model, window) pairs, each computed with its own sub-model's masks;
-    ``rows_per_forward = n`` is the naive one-sub-model-per-forward loop. The LM head runs a chunk of tokens
-    at a time (``losses.token_nll``), so no rows × T × vocab logits are held. A streamed model runs the same
-    batches layer-major (``streaming.token_nll_batches``: as many batches as the budget carries advance one
-    block at a time), so each block's weights are read once per group, not once per batch.
+    ``rows_per_forward = n`` is the naive one-sub-model-per-forward loop. How the passes run (in memory, streamed
+    layer-major with each block read once per group of batches, or on Ray workers) is the execution layer's
+    business (:func:`pruneflow.execution.losses`).
     """
-    n, length = windows.shape
-    n_models = keep.shape[0]
-    runtime = runtime or Runtime()
-    nll = torch.zeros(n_models, dtype=torch.float64)
-    n_layers = len(A.blocks(model, spec))
-    starts = range(0, n_models * n, rows_per_forward)
-    owners = [torch.arange(start, min(start + rows_per_forward, n_models * n)) // n for start in starts]
-    batches = [windows[(start + torch.arange(len(owner))) % n] for start, owner in zip(starts, owners)]
-    if streaming.is_streamed(model):  # layer-major: every batch advances a block at a time, weights read once
-        masks = [layer_masks(modules, keep[owner], n_layers) for owner in owners]
-        head_dim = A.geometry(model.config).head_dim
-
-        def around(i, block, b):
-            heads, channels = masks[b]
-            return block_masks(block, spec, head_dim, None if heads is None else heads[i].to(runtime.device),
-                               None if channels is None else channels[i].to(runtime.device))
-
-        for owner, row_nll in zip(owners, streaming.token_nll_batches(model, spec, batches, runtime, around)):
-            nll.index_add_(0, owner, row_nll.contiguous().sum(1).cpu().double())  # float64 on the host only
-        return nll / (n * (length - 1))
-    device = runtime.input_device(model)
-    for owner, batch in tqdm(list(zip(owners, batches)), desc=desc, unit="batch", leave=False):
-        heads, channels = layer_masks(modules, keep[owner].to(device), n_layers)  # owner: sub-model of each row
-        with unit_masks(model, spec, heads, channels):
-            row_nll = token_nll(model, batch.to(device)).contiguous().sum(1)  # (B,)
-        nll.index_add_(0, owner, row_nll.cpu().double())
-        runtime.release_host()
-    return nll / (n * (length - 1))
+    return execution.losses(model, spec, windows, candidates_of(modules, keep), runtime or Runtime(),
+                            rows_per_forward, desc=desc)
 
 
 def score(model, spec, windows, runtime=None, seed: int = 0, config: BonsaiParams | None = None, iteration: int = 0,

@@ -24,7 +24,7 @@ from pruneflow import experts as X
 from pruneflow.errors import PruneflowError
 from pruneflow.methods.options import ExpertDropParams
 from pruneflow.scores import Scores
-from pruneflow.streaming import calibration_pass
+from pruneflow.execution.streaming import calibration_pass
 
 CHUNK_BYTES = 256 * 2**20  # the re-routed outputs of this many bytes' worth of combinations at a time
 

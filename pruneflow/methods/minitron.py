@@ -18,7 +18,7 @@ from torch import nn
 from pruneflow import arch as A
 from pruneflow.errors import PruneflowError
 from pruneflow.scores import Scores
-from pruneflow.streaming import calibration_pass
+from pruneflow.execution.streaming import calibration_pass
 
 
 class _Magnitude:

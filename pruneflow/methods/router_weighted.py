@@ -12,7 +12,7 @@ from torch import nn
 from pruneflow import arch as A
 from pruneflow import experts as X
 from pruneflow.scores import Scores
-from pruneflow.streaming import calibration_pass
+from pruneflow.execution.streaming import calibration_pass
 
 
 @torch.no_grad()

@@ -2,41 +2,32 @@
 
 Each round skips every remaining block in turn (the block returns its input) and measures the mean
 next-token loss on the calibration windows; the cheapest block is removed before the next round. Forward
-passes only: rounds × blocks passes over the calibration set. Scores rank blocks by removal order.
+passes only: rounds × blocks passes over the calibration set, as candidates of the execution layer (in
+memory, streamed or on workers). Scores rank blocks by removal order.
 """
 
 from __future__ import annotations
-
-import math
-from contextlib import contextmanager
 
 import torch
 from tqdm import tqdm
 
 from pruneflow import arch as A
+from pruneflow import execution
 from pruneflow.errors import PruneflowError
-from pruneflow.evaluate import perplexity
+from pruneflow.execution.candidates import Candidates
 from pruneflow.methods.angular import blocks_for_ratio
 from pruneflow.scores import Scores
 
 
-@contextmanager
-def skipped(blocks, indices: set[int]):
-    """Blocks in ``indices`` pass their input through unchanged."""
-    def identity(_module, args, kwargs, _output):
-        return args[0] if args else kwargs["hidden_states"]
-
-    handles = [blocks[i].register_forward_hook(identity, with_kwargs=True) for i in indices]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+BATCH = 8  # calibration windows per forward pass, as the perplexity protocol batches them
 
 
-def calibration_loss(model, windows: torch.Tensor, runtime=None) -> float:
-    """Mean next-token loss over the calibration windows (the perplexity protocol on exactly these windows)."""
-    return math.log(perplexity(model, windows.reshape(-1), windows.shape[1], runtime=runtime))
+def removal_losses(model, spec, windows: torch.Tensor, runtime, removed: list[int], trials: list[int]) -> list[float]:
+    """Mean next-token loss on ``windows`` with the blocks of ``removed`` and one more of ``trials`` skipped
+    (passing their input through), one candidate per trial."""
+    candidates = Candidates.of_blocks([{*removed, t} for t in trials], len(A.blocks(model, spec)))
+    return execution.losses(model, spec, windows, candidates, runtime, rows_per_forward=min(BATCH, len(windows)),
+                            desc="sleb candidates").tolist()
 
 
 @torch.no_grad()
@@ -45,20 +36,18 @@ def score(model, spec, windows, runtime, ratio: float | None = None, **_) -> Sco
         raise PruneflowError("method sleb needs the target ratio to know how many blocks to remove")
     if not spec.causal_lm:
         raise PruneflowError("method sleb scores by next-token loss and needs a causal LM")
-    blocks = A.blocks(model, spec)
+    n_blocks = len(A.blocks(model, spec))
     rounds = blocks_for_ratio(model, spec, ratio)
     removed: list[int] = []
     losses: list[float] = []
     for _ in tqdm(range(rounds), desc="sleb rounds", leave=False):
-        trials = {}
-        for candidate in (i for i in range(len(blocks)) if i not in removed):
-            with skipped(blocks, {*removed, candidate}):
-                trials[candidate] = calibration_loss(model, windows, runtime)
-        best = min(trials, key=lambda i: (trials[i], i))
+        trials = [i for i in range(n_blocks) if i not in removed]
+        values = removal_losses(model, spec, windows, runtime, removed, trials)
+        best = min(zip(values, trials))[1]  # the lowest loss; of equal losses, the first block
         removed.append(best)
-        losses.append(trials[best])
-    layers = torch.ones(len(blocks), dtype=torch.float64)
+        losses.append(values[trials.index(best)])
+    layers = torch.ones(n_blocks, dtype=torch.float64)
     for rank, index in enumerate(removed):
-        layers[index] = -1.0 + rank / len(blocks)  # removal order: first removed scores lowest
+        layers[index] = -1.0 + rank / n_blocks  # removal order: first removed scores lowest
     return Scores(heads=[], channels=[], layers=layers, comparable=True,
                   extra={"removal_order": removed, "calibration_loss": losses})

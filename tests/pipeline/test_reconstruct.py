@@ -6,7 +6,8 @@ import torch
 from conftest import safetensors_of as _tensors
 from conftest import tiny_causal_lm
 from pruneflow import arch as A
-from pruneflow import checkpoint, reconstruct, streaming
+from pruneflow import checkpoint, reconstruct
+from pruneflow.execution import streaming
 from pruneflow.errors import PruneflowError
 from pruneflow.params import BonsaiParams, PruneParams, load_params
 from pruneflow.plan import PrunePlan

@@ -8,7 +8,8 @@ import yaml
 
 from conftest import tiny_causal_lm
 from pruneflow import arch as A
-from pruneflow import checkpoint, streaming
+from pruneflow import checkpoint
+from pruneflow.execution import streaming
 from pruneflow.apply import layer_shapes
 from pruneflow.errors import PruneflowError
 from pruneflow.params import PruneParams, load_params

@@ -10,7 +10,8 @@ import torch
 from conftest import safetensors_of as _tensors
 from conftest import tiny_causal_lm
 from pruneflow import arch as A
-from pruneflow import checkpoint, streaming
+from pruneflow import checkpoint
+from pruneflow.execution import streaming
 from pruneflow.errors import PruneflowError
 from pruneflow.methods import METHODS
 from pruneflow.params import BonsaiParams, PruneParams

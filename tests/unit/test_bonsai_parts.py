@@ -249,8 +249,8 @@ def test_group_units_mask_whole_kv_groups_and_scores_are_per_parameter():
     assert [m.count for m in heads] == [2, 2] and heads[0].repeat == 2
     keep = torch.ones(1, modules[-1].start + modules[-1].count, dtype=torch.bool)
     keep[0, heads[0].start + 1] = False  # KV group 1 of layer 0
-    head_masks, channel_masks = bonsai.layer_masks(modules, keep, 2)
-    assert head_masks[0].tolist() == [[1.0, 1.0, 0.0, 0.0]] and channel_masks[1].shape == (1, 256)
+    candidates = bonsai.candidates_of(modules, keep)
+    assert candidates.heads[0].tolist() == [[True, True, False, False]] and candidates.channels[1].shape == (1, 256)
     ranked = torch.arange(modules[-1].start + modules[-1].count, dtype=torch.float64)
     scores = bonsai._scores(model, spec, modules, ranked, record={})
     assert scores.comparable and scores.heads[0].tolist() == [0.0, 0.0, 1.0, 1.0]

@@ -1,0 +1,173 @@
+"""The losses of N candidate sub-models of the current model: the one question search-like methods ask.
+
+A candidate is what it removes, as keep masks on the dense model — query heads and MLP channels per layer
+(masks on o_proj / down_proj inputs, :mod:`pruneflow.masking`), whole blocks (the block passes its input
+through) — never a weight copy. Bonsai's sub-models, the allocation search's offspring and SLEB's trial
+removals are all :class:`Candidates`; :func:`losses` returns each one's mean next-token loss on the windows.
+
+Rows of a forward pass are (candidate, window) pairs in candidate-major order, ``rows_per_forward`` at a time,
+each row computed with its own candidate's masks (several candidates per forward pass). How the batches run is
+decided here and in :mod:`pruneflow.execution.replicas`, not by the caller: in memory batch by batch; streamed,
+layer-major (``streaming.token_nll_batches``, each block read once per group of batches); with
+``runtime.workers`` on Ray, the batches split into contiguous runs over replicas of the model and gathered in
+order. Every batch is the same batch whichever way it runs, and the per-row sums are added in batch order in
+float64, so the losses — and the plans chosen from them — do not depend on the way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pruneflow import arch as A
+from pruneflow.arch import ArchSpec
+from pruneflow.masking import block_masks
+from pruneflow.runtime import Runtime
+
+
+@dataclass
+class Candidates:
+    """``count`` sub-models as keep masks (True keeps): per layer (count, H_l) query heads and (count, I_l) MLP
+    channels (None: not varied), and (count, L) blocks (False: the block is skipped; None: none skipped)."""
+
+    count: int
+    heads: list[torch.Tensor] | None = None
+    channels: list[torch.Tensor] | None = None
+    blocks: torch.Tensor | None = None
+
+    def rows(self, index: torch.Tensor) -> "Candidates":
+        """The candidates ``index`` names, in that order (one per batch row)."""
+        def pick(masks):
+            return None if masks is None else [m[index] for m in masks]
+
+        return Candidates(len(index), pick(self.heads), pick(self.channels),
+                          None if self.blocks is None else self.blocks[index])
+
+    @classmethod
+    def of_blocks(cls, skipped: list[set[int]], n_layers: int) -> "Candidates":
+        """One candidate per set of skipped blocks."""
+        blocks = torch.ones(len(skipped), n_layers, dtype=torch.bool)
+        for row, indices in enumerate(skipped):
+            blocks[row, list(indices)] = False
+        return cls(len(skipped), blocks=blocks)
+
+
+@contextmanager
+def skip_rows(block: nn.Module, keep: torch.Tensor):
+    """Rows b of a batch with ``keep[b]`` False leave ``block`` as they entered it (a residual no-op)."""
+    def hook(_module, args, kwargs, output):
+        x = args[0] if args else kwargs["hidden_states"]
+        out = output[0] if isinstance(output, tuple) else output
+        mixed = torch.where(keep.to(out.device)[:, None, None], out, x)
+        return (mixed, *output[1:]) if isinstance(output, tuple) else mixed
+
+    handle = block.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield block
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def row_masks(block: nn.Module, spec: ArchSpec, i: int, rows: Candidates, head_dim: int, device: torch.device):
+    """Block ``i`` computes row b of each batch as candidate ``rows``'s row b has it."""
+    with ExitStack() as stack:
+        heads = None if rows.heads is None else rows.heads[i].to(device=device, dtype=torch.float32)
+        channels = None if rows.channels is None else rows.channels[i].to(device=device, dtype=torch.float32)
+        if heads is not None or channels is not None:
+            stack.enter_context(block_masks(block, spec, head_dim, heads, channels))
+        if rows.blocks is not None and not bool(rows.blocks[:, i].all()):
+            stack.enter_context(skip_rows(block, rows.blocks[:, i]))
+        yield block
+
+
+@dataclass
+class Batches:
+    """How ``count`` candidates × ``n`` windows are cut into forward passes: per batch, the candidate (owner) and
+    the window of each row."""
+
+    owners: list[torch.Tensor]
+    picks: list[torch.Tensor]
+
+    @classmethod
+    def plan(cls, count: int, n: int, rows_per_forward: int) -> "Batches":
+        total = count * n
+        starts = range(0, total, rows_per_forward)
+        rows = [start + torch.arange(min(rows_per_forward, total - start)) for start in starts]
+        return cls(owners=[r // n for r in rows], picks=[r % n for r in rows])
+
+    def part(self, start: int, stop: int) -> "Batches":
+        return Batches(self.owners[start:stop], self.picks[start:stop])
+
+
+@torch.no_grad()
+def batch_sums(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, candidates: Candidates, batches: Batches,
+               runtime: Runtime, desc: str = "candidates", progress: Callable[[int], None] | None = None
+               ) -> list[torch.Tensor]:
+    """Per batch, (B,) float64 sums of each row's next-token NLL, on this process's model (in memory or
+    streamed). ``progress(k)``: k more batches done."""
+    from tqdm import tqdm
+
+    from pruneflow.execution import streaming
+    from pruneflow.losses import token_nll
+
+    head_dim = A.geometry(model.config).head_dim
+    inputs = [windows[pick] for pick in batches.picks]
+    rows = [candidates.rows(owner) for owner in batches.owners]
+    out: list[torch.Tensor] = []
+    if streaming.is_streamed(model):  # layer-major: as many batches as the budget carries advance a block at a time
+        def around(i, block, b):
+            return row_masks(block, spec, i, rows[b], head_dim, runtime.device)
+
+        for nll in streaming.token_nll_batches(model, spec, inputs, runtime, around):
+            out.append(nll.cpu().double().sum(1))
+            if progress:
+                progress(1)
+        return out
+    device = runtime.input_device(model)
+    blocks = A.blocks(model, spec)
+    for batch, row in tqdm(list(zip(inputs, rows)), desc=desc, unit="batch", leave=False, disable=progress is not None):
+        with ExitStack() as stack:
+            for i, block in enumerate(blocks):
+                stack.enter_context(row_masks(block, spec, i, row, head_dim, device))
+            out.append(token_nll(model, batch.to(device)).cpu().double().sum(1))  # float64 on the host (MPS has none)
+        if progress:
+            progress(1)
+        runtime.release_host()
+    return out
+
+
+def losses(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, candidates: Candidates, runtime: Runtime,
+           rows_per_forward: int | None = None, desc: str = "candidates") -> torch.Tensor:
+    """(count,) float64 mean next-token loss of every candidate over ``windows`` (n, T); ``rows_per_forward``
+    (default n: one candidate per forward pass) rows of (candidate, window) per forward pass."""
+    from pruneflow.execution import replicas
+
+    n, length = windows.shape
+    batches = Batches.plan(candidates.count, n, rows_per_forward or n)
+    sums = replicas.batch_sums(model, spec, windows, candidates, batches, runtime, desc)
+    total = torch.zeros(candidates.count, dtype=torch.float64)
+    for owner, part in zip(batches.owners, sums):
+        total.index_add_(0, owner, part)
+    return total / (n * (length - 1))
+
+
+def nll_batches(model: nn.Module, batches: list[torch.Tensor], runtime: Runtime, desc: str | None = None):
+    """(B, T - 1) next-token NLL of each batch of input ids, in order: the model itself, no masks (in memory
+    batch by batch, the LM head a chunk of tokens at a time; streamed, groups of batches through the blocks)."""
+    from tqdm import tqdm
+
+    from pruneflow.execution import streaming
+    from pruneflow.losses import token_nll
+
+    if streaming.is_streamed(model):
+        spec = A.arch_for(model.config.model_type)
+        yield from streaming.token_nll_batches(model, spec, batches, runtime)
+        return
+    device = runtime.input_device(model)
+    for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=desc is None):
+        yield token_nll(model, batch.to(device))

@@ -1,0 +1,141 @@
+"""Candidates fanned out over Ray workers give the plans of ``--workers local``, also when a worker dies.
+
+One local Ray instance (2 CPUs, token authentication as Ray sets it) for the module; every test here runs on
+one xdist worker, so the machine never hosts two Ray instances.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pruneflow import arch as A
+from pruneflow import checkpoint
+from pruneflow.errors import PruneflowError
+from pruneflow.execution import replicas
+from pruneflow.methods.options import BonsaiParams
+from pruneflow.params import PruneParams
+from pruneflow.prune import prune
+from pruneflow.runtime import Runtime
+from tests.conftest import tiny_causal_lm
+
+pytestmark = pytest.mark.xdist_group("ray")
+
+WINDOWS = torch.randint(0, 256, (16, 16), generator=torch.Generator().manual_seed(0))
+FAST = BonsaiParams(preset="fast", sub_models=8, n_windows=4, rows_per_forward=8)
+SEARCH = {"budget": 9, "windows": 4, "offspring": 4, "seed": 1}
+CASES = {
+    "bonsai": (PruneParams(ratio=0.3), FAST),
+    "search": (PruneParams(ratio=0.3, allocation="search", search=SEARCH), None),
+    "sleb": (PruneParams(ratio=0.4, units=["layers"]), None),
+}
+
+
+@pytest.fixture(scope="module")
+def ray_workers():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield Runtime.create("cpu", workers="2")
+    finally:
+        replicas.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("workers") / "dense"
+    tiny_causal_lm(num_hidden_layers=4).save_pretrained(path)
+    return path
+
+
+def _plan(path, method, runtime):
+    cfg, options = CASES[method]
+    model, _, spec = checkpoint.load(path, runtime, with_tokenizer=False)
+    scorer = "flap" if method == "search" else method
+    return prune(model, spec, scorer, cfg, WINDOWS, seed=3, options=options, runtime=runtime)
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_plans_on_two_workers_equal_local(ray_workers, saved, method):
+    local = _plan(saved, method, Runtime.create("cpu"))
+    fanned = _plan(saved, method, ray_workers)
+    assert fanned.plan.to_json() == local.plan.to_json()
+    if method == "bonsai":  # each iteration's sub-model losses exactly (the lasso's last bits vary run to run)
+        losses = [[(it["loss_min"], it["loss_max"]) for it in r.iterations] for r in (local, fanned)]
+        assert losses[0] == losses[1] and len(losses[0]) > 1
+
+
+def test_losses_equal_local_bit_for_bit_and_workers_rebuild_the_pruned_model(ray_workers, saved):
+    from pruneflow import execution
+    from pruneflow.execution.candidates import Candidates
+
+    results = []
+    for runtime in (Runtime.create("cpu"), ray_workers):
+        model, _, spec = checkpoint.load(saved, runtime, with_tokenizer=False)
+        first = prune(model, spec, "sleb", PruneParams(ratio=0.2, units=["layers"]), WINDOWS, runtime=runtime)
+        assert len(A.blocks(model, spec)) == 3  # pruned in place: the workers must replay this plan
+        candidates = Candidates.of_blocks([set(), {0}, {1}, {2}, {0, 2}], 3)
+        results.append((first.plan.to_json(), execution.losses(model, spec, WINDOWS, candidates, runtime, 5)))
+    assert results[0][0] == results[1][0]
+    assert torch.equal(results[0][1], results[1][1])
+
+
+def test_a_worker_killed_mid_run_is_restarted_and_the_plan_is_the_same(ray_workers, saved, monkeypatch):
+    """The first worker's process is killed (SIGKILL) before the search's second generation: Ray restarts it,
+    the fresh replica rebuilds the model from the lineage the call carries, and the plan is unchanged."""
+    import ray
+
+    local = _plan(saved, "search", Runtime.create("cpu"))
+    pool = replicas.pool_for(ray_workers)
+    real, calls, killed = replicas.Pool.batch_sums, [], []
+
+    def batch_sums(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            pid = ray.get(self.actors[0].pid.remote())
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(replicas.Pool, "batch_sums", batch_sums)
+    fanned = _plan(saved, "search", ray_workers)
+    assert killed and ray.get(pool.actors[0].pid.remote()) != killed[0]  # a new process
+    assert len(calls) >= 3 and fanned.plan.to_json() == local.plan.to_json()
+
+
+def test_bad_workers_are_clear_errors_before_any_work(tmp_path, saved):
+    from pruneflow.cli import app
+
+    with pytest.raises(PruneflowError, match="is not one of"):
+        Runtime.create("cpu", workers="two")
+    result = CliRunner().invoke(app, ["prune", str(saved), "--out", str(tmp_path / "out"), "--method", "sleb",
+                                      "--units", "layers", "--ratio", "0.3", "--workers", "lots"])
+    assert result.exit_code == 2 and "runtime.workers" in result.output and not (tmp_path / "out").exists()
+
+
+def test_an_unreachable_cluster_is_a_clear_error(tmp_path, saved):
+    import socket
+
+    from pruneflow.cli import app
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = CliRunner().invoke(app, ["prune", str(saved), "--out", str(tmp_path / "out"), "--method", "sleb",
+                                      "--units", "layers", "--ratio", "0.3", "--workers", f"ray://127.0.0.1:{port}"])
+    assert result.exit_code == 2 and f"nothing answers at 127.0.0.1:{port}" in result.output
+    assert not (tmp_path / "out").exists() and "loading" not in result.output  # before the model is read
+
+
+def test_workers_without_ray_installed_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(PruneflowError, match="needs Ray, which is not installed"):
+        Runtime.create("cpu", workers="2")
