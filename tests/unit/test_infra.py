@@ -1,4 +1,4 @@
-"""What a team deploys: infra/compose.yaml, the Kubernetes GPU work-pool template, prefect.yaml."""
+"""What a team deploys: infra/compose.yaml, the Kubernetes GPU work-pool template and RayCluster, prefect.yaml."""
 
 import json
 import os
@@ -13,7 +13,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "infra" / "compose.yaml"
 TEMPLATE = ROOT / "infra" / "k8s" / "gpu-work-pool.json"
-ENV = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "POSTGRES_PASSWORD": "p"}
+RAYCLUSTER = ROOT / "infra" / "k8s" / "raycluster.yaml"
+ENV = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "POSTGRES_PASSWORD": "p", "RAY_AUTH_TOKEN": "t"}
 
 
 def test_compose_services_reference_each_other_bind_localhost_and_hold_no_secret():
@@ -29,9 +30,76 @@ def test_compose_services_reference_each_other_bind_localhost_and_hold_no_secret
     assert "postgresql+asyncpg://" in str(services["prefect-server"]["environment"])
     assert "--artifacts-destination s3://mlflow/" in services["mlflow"]["command"]
     text = COMPOSE.read_text()
-    for secret in ("AWS_SECRET_ACCESS_KEY", "POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD"):
+    for secret in ("AWS_SECRET_ACCESS_KEY", "POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "RAY_AUTH_TOKEN"):
         for value in re.findall(rf"{secret}: (.+)", text):
             assert value.startswith("${"), f"{secret} is written in compose.yaml instead of read from the env"
+
+
+def test_compose_ray_nodes_join_the_head_publish_only_ray_client_and_keep_token_auth_on():
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    head, node, worker = services["ray-head"], services["ray-worker"], services["worker"]
+    assert head["command"].startswith("ray start --head --block --port=6379 --ray-client-server-port=10001")
+    assert "--include-dashboard=false" in head["command"]
+    assert head["ports"] == ["127.0.0.1:10001:10001"]  # Ray Client alone, on localhost alone
+    assert node["command"].startswith("ray start --address=ray-head:6379 --block") and "ports" not in node
+    assert node["depends_on"]["ray-head"]["condition"] == "service_healthy" and head["healthcheck"]["test"]
+    # the flow runs' driver has no raylet of its own: it joins through Ray Client
+    assert worker["environment"]["RAY_ADDRESS"] == "ray://ray-head:10001"
+    assert head["image"] == node["image"] == worker["image"] == "pruneflow:latest"
+    assert head["volumes"] == node["volumes"] == worker["volumes"]  # a model path resolves on every node
+    ray = {name for name, s in services.items()
+           if "ray start" in str(s.get("command")) or "RAY_ADDRESS" in (s.get("environment") or {})}
+    assert ray == {"ray-head", "ray-worker", "worker"}
+    for name in ray:
+        env = services[name]["environment"]
+        assert env["RAY_AUTH_MODE"] == "token", f"{name} turns Ray token auth off"
+        assert env["RAY_AUTH_TOKEN"] == "${RAY_AUTH_TOKEN:?set RAY_AUTH_TOKEN}", f"{name}: a token not from the env"
+    assert not re.search(r"RAY_AUTH_MODE\W+disabled", COMPOSE.read_text())
+
+
+def _env_entries(node):
+    if isinstance(node, dict):
+        if "name" in node and ("value" in node or "valueFrom" in node):
+            yield node
+        for value in node.values():
+            yield from _env_entries(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _env_entries(value)
+
+
+def test_the_raycluster_has_gpu_workers_a_shared_model_volume_and_token_auth_from_a_secret():
+    text = RAYCLUSTER.read_text()
+    (cluster,) = [doc for doc in yaml.safe_load_all(text) if doc]
+    assert cluster["apiVersion"] == "ray.io/v1" and cluster["kind"] == "RayCluster"
+    name, namespace = cluster["metadata"]["name"], cluster["metadata"]["namespace"]
+    assert name == "pruneflow"
+    # the jobs of the GPU work pool run in the same namespace and reach KubeRay's head Service by its short name
+    pool = json.loads(TEMPLATE.read_text())["variables"]["properties"]
+    assert namespace == pool["namespace"]["default"]
+    assert f"RAY_ADDRESS\": \"ray://{name}-head-svc:10001" in text
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]
+    assert {port["containerPort"] for port in head["containers"][0]["ports"]} >= {6379, 10001}
+    assert "nvidia.com/gpu" not in str(head)
+    (group,) = cluster["spec"]["workerGroupSpecs"]
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (1, 0, 8)
+    resources = group["template"]["spec"]["containers"][0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == 1
+    for pod in (head, group["template"]["spec"]):
+        container = pod["containers"][0]
+        assert container["image"] == "pruneflow:latest"
+        env = {entry["name"]: entry for entry in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"] == {"name": "RAY_AUTH_TOKEN",
+                                         "valueFrom": {"secretKeyRef": {"name": "pruneflow-ray", "key": "token"}}}
+        claims = {volume["name"]: volume["persistentVolumeClaim"]["claimName"] for volume in pod["volumes"]}
+        assert {mount["mountPath"]: claims[mount["name"]] for mount in container["volumeMounts"]} == {
+            "/models": "pruneflow-models"}
+    for entry in _env_entries(cluster):  # nothing turns token auth off or writes a token down
+        assert entry["name"] != "RAY_AUTH_MODE" or entry["value"] == "token"
+        assert entry["name"] != "RAY_AUTH_TOKEN" or "secretKeyRef" in entry["valueFrom"]
+    assert (cluster["spec"].get("authOptions") or {}).get("mode", "token") == "token"
+    assert not re.search(r"RAY_AUTH_MODE\W+disabled", text)
 
 
 @pytest.mark.skipif(subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0
