@@ -9,7 +9,7 @@ from torch import nn
 
 from pruneflow import arch as A
 from pruneflow.execution import streaming
-from pruneflow.execution.replicas import note_applied
+from pruneflow.execution.lineage import note_applied
 from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
 from pruneflow.modeling_pruneflow import resize_block
@@ -137,11 +137,17 @@ def apply(model: nn.Module, plan: PrunePlan, spec: ArchSpec, scores: Scores | No
     _check(plan, shapes)
     if plan.reconstruct == "bias" and (scores is None or scores.attn_mean is None):
         raise PruneflowError(f"method {plan.method!r} provides no activation means for bias compensation")
+    head_dim = A.geometry(model.config).head_dim
     if streaming.is_streamed(model):  # the weights are sliced while they are written (streaming.write_weights)
-        streaming.record(model, plan, scores, spec)
+        streaming.record(model, plan, lambda block, i: apply_block(block, spec, plan, scores, i, head_dim))
+        for block, layer in zip(A.blocks(model, spec), plan.layers):  # the skeleton gets the pruned shapes
+            widths = block_widths(block, spec, layer, *compensated(block, spec, layer, plan, head_dim))
+            resize_block(block, spec.to_dict(), widths, head_dim)
+        if plan.kept_layers is not None and len(plan.kept_layers) < len(shapes):
+            remove_layers(model, spec, plan.kept_layers)
         return model
     for i, block in enumerate(A.blocks(model, spec)):
-        apply_block(block, spec, plan, scores, i, A.geometry(model.config).head_dim)
+        apply_block(block, spec, plan, scores, i, head_dim)
     if plan.kept_layers is not None and len(plan.kept_layers) < len(shapes):
         remove_layers(model, spec, plan.kept_layers)
     return model

@@ -22,7 +22,7 @@ from torch import nn
 from pruneflow import arch as A
 from pruneflow import modeling_pruneflow
 from pruneflow.execution import streaming
-from pruneflow.execution.replicas import note_origin
+from pruneflow.execution.lineage import note_origin
 from pruneflow.arch import ArchSpec
 from pruneflow.atomic import atomic_dir
 from pruneflow.errors import PruneflowError

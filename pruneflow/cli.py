@@ -215,7 +215,9 @@ def _prune(params, out: Path, force: bool, state_dir: Path | None = None,
               f"streaming a block at a time")
     if runtime.workers != "local":
         _step(f"starting Ray workers ({runtime.workers})")
-        runtime.start_workers()
+        from pruneflow.execution.replicas import pool_for
+
+        pool_for(runtime)  # an unreachable cluster is an error before the model is read
     _step(f"loading {params.model} on {runtime}")
     model, tokenizer, spec = checkpoint.load(source, runtime, stream=METHODS[method].streams,
                                              calibration=(c.n_windows, c.seqlen), purpose=f"method {method}")

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from pruneflow.execution import nll_batches
+from pruneflow.execution.passes import nll_batches
 from pruneflow.errors import PruneflowError
 from pruneflow.runtime import Runtime
 

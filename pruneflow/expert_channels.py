@@ -18,7 +18,6 @@ bytes — an expert width of 21 fails there at the first forward pass.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -29,7 +28,7 @@ from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
 from pruneflow.modeling_pruneflow import resize_expert_width
 from pruneflow.plan import LayerPlan, PrunePlan, SelectConfig
-from pruneflow.scores import InputStats, Scores, zscore
+from pruneflow.scores import Scores, zscore
 
 ALLOCATIONS = ("uniform", "global")
 
@@ -187,45 +186,3 @@ def apply(model: nn.Module, spec: ArchSpec, kept: list[list[list[int]]]) -> None
     widths = {len(chosen[0]) for chosen in kept}
     if len(widths) == 1:
         setattr(model.config, A.expert_width_key(vars(model.config)), widths.pop())
-
-
-# ---- statistics: what every expert's down_proj sees ----
-
-def record(block: nn.Module, spec: ArchSpec, dtype: torch.dtype, into: list) -> object:
-    """Append one ``InputStats`` per expert of ``block`` to ``into`` and watch the experts' forward: each
-    expert's down_proj input, act(gate) · up, over the tokens routed to it. Returns the hook handle."""
-    experts = A.get(block, spec.experts)
-    stats = [InputStats() for _ in range(experts.num_experts)]
-    into.append(stats)
-
-    def hook(module, args, kwargs):
-        x = (args[0] if args else kwargs["hidden_states"]).reshape(-1, module.gate_up_proj.shape[-1])
-        index = args[1] if len(args) > 1 else kwargs["top_k_index"]
-        for e in index.unique().tolist():
-            if e >= module.num_experts:  # the "no expert" sentinel of expert parallelism
-                continue
-            token = torch.where(index == e)[0]
-            gate, up = nn.functional.linear(x[token], module.gate_up_proj[e]).chunk(2, dim=-1)
-            stats[e].add(module.act_fn(gate) * up, dtype)
-
-    return experts.register_forward_pre_hook(hook, with_kwargs=True)
-
-
-def importance(experts: nn.Module, stats: list[InputStats],
-               fn: Callable[[torch.Tensor, InputStats], torch.Tensor]) -> torch.Tensor:
-    """(E, I): ``fn(down_proj[e] (D, I), stats of its input)`` for every expert; zeros for an expert no
-    calibration token reached."""
-    reached = {e: fn(experts.down_proj[e], s) for e, s in enumerate(stats) if s.count}  # (I,) each
-    like = next(iter(reached.values()), experts.down_proj[0, 0])  # the statistics' dtype (float32 on MPS)
-    zeros = torch.zeros(experts.down_proj.shape[2], dtype=like.dtype, device=like.device)
-    return torch.stack([reached.get(e, zeros) for e in range(len(stats))])
-
-
-def magnitude(experts: nn.Module) -> torch.Tensor:
-    """(E, I): the L2 norm of every channel's gate and up rows and down column, one expert's float32 copy at a
-    time (a Mixtral-8x7B layer's fused gate_up is 3.8 GB in float32)."""
-    width, rows = experts.down_proj.shape[2], []
-    for gate_up, down in zip(experts.gate_up_proj.detach(), experts.down_proj.detach()):
-        sq = gate_up.float().pow(2).sum(1)  # (2I,)
-        rows.append((sq[:width] + sq[width:] + down.float().pow(2).sum(0)).sqrt())
-    return torch.stack(rows)

@@ -74,15 +74,28 @@ def check(model: nn.Module, spec: ArchSpec, windows: torch.Tensor | None, runtim
             f"tokens, and {count} × {seqlen} = {count * seqlen} are fewer: the fit would be under-determined; use "
             f"calibrate.n_windows ≥ {math.ceil(need / seqlen)} at seqlen {seqlen}, or reconstruct: bias or none")
     if streaming.is_streamed(model) and runtime.max_memory:
-        hidden = model.config.hidden_size
-        itemsize = streaming.stream_of(model).dtype.itemsize
-        gram = (need * need + 2 * need * hidden) * 8  # G, C and the solve's copy, float64
-        states = 3 * count * seqlen * hidden * itemsize  # dense, pruned activations and down_proj's targets
-        if gram + states > runtime.max_memory:
+        need_bytes = solve_bytes(model, spec, need, count * seqlen)
+        if need_bytes["total"] > runtime.max_memory:
             raise PruneflowError(
-                f"prune.reconstruct: lstsq on this streamed model holds {format_size(gram)} of Gram matrices and "
-                f"{format_size(states)} of activations beside a block; --max-memory "
-                f"{format_size(runtime.max_memory)} is too small (use reconstruct: bias, or more memory)")
+                f"prune.reconstruct: lstsq on this streamed model holds a dense and a pruned block "
+                f"({format_size(need_bytes['blocks'])}), {format_size(need_bytes['states'])} of activations and "
+                f"{format_size(need_bytes['solve'])} for the widest solve (Gram matrix and its Cholesky factor, "
+                f"cross products, result); --max-memory {format_size(runtime.max_memory)} is too "
+                f"small: at least {format_size(need_bytes['total'], up=True)} (or reconstruct: bias)")
+
+
+def solve_bytes(model: nn.Module, spec: ArchSpec, columns: int, tokens: int) -> dict[str, int]:
+    """What a streamed lstsq re-fit holds at once: a dense and a pruned block, the dense and pruned activations
+    and down_proj's targets of every calibration token, and for the widest solve (``columns`` inputs, float64)
+    XᵀX (damped in place) and its Cholesky factor (2 n²) and XᵀY, the damped right-hand side and the result
+    (3 n·d)."""
+    stream = streaming.stream_of(model)
+    hidden, itemsize = model.config.hidden_size, stream.dtype.itemsize
+    blocks = 2 * max(streaming.block_bytes(stream.weights, spec, len(A.blocks(stream.dense, spec)),
+                                           stream.dtype))
+    states = 3 * tokens * hidden * itemsize
+    solve = (2 * columns * columns + 3 * columns * hidden) * 8
+    return {"blocks": blocks, "states": states, "solve": solve, "total": blocks + states + solve}
 
 
 # ---- bias: input means for methods that do not compute them --------------------------------------------------
@@ -146,12 +159,16 @@ class Gram:
         if scale <= 0:  # every input column is zero on the calibration data: nothing to fit
             return w0
         damp = DAMPING * scale
-        lhs = self.xx + damp * torch.eye(self.xx.shape[0], dtype=self.dtype, device=self.xx.device)
         rhs = self.xy + damp * w0.T
-        chol, info = torch.linalg.cholesky_ex(lhs)
-        if int(info) == 0:
-            return torch.cholesky_solve(rhs, chol).T
-        return torch.linalg.solve(lhs, rhs).T
+        self.xx.diagonal().add_(damp)  # XᵀX + damp·I in place: the Gram matrix and its factor, no other n × n
+        try:
+            chol, info = torch.linalg.cholesky_ex(self.xx)
+            if int(info) == 0:
+                return torch.cholesky_solve(rhs, chol).T
+            del chol
+            return torch.linalg.solve(self.xx, rhs).T
+        finally:
+            self.xx.diagonal().sub_(damp)
 
 
 class Fitted:
@@ -263,7 +280,7 @@ def refit(model: nn.Module, spec: ArchSpec, plan: PrunePlan, scores: Scores | No
     from tqdm import tqdm
 
     from pruneflow.apply import apply_block, remove_layers
-    from pruneflow.execution.replicas import note_changed
+    from pruneflow.execution.lineage import note_changed
 
     note_changed(model, "its o_proj/down_proj were re-fitted by least squares")
     streamed = streaming.is_streamed(model)

@@ -154,7 +154,7 @@ def recover(model: nn.Module, windows: torch.Tensor, spec: ArchSpec, cfg: Recove
     student, history = train_lora(model, windows, spec, cfg, teacher, runtime, checkpointing)
     merged = student.merge_and_unload()
     merged.eval()
-    from pruneflow.execution.replicas import note_changed
+    from pruneflow.execution.lineage import note_changed
 
     note_changed(merged, "LoRA adapters were merged into it")
     return RecoveryResult(model=merged, history=history, seconds=time.perf_counter() - started,

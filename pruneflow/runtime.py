@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 import resource
 import sys
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from pruneflow.sizes import format_size, parse_size
 log = logging.getLogger(__name__)
 
 DEVICE_CHOICES = "auto | cpu | cuda | cuda:N | mps"
+WORKERS = re.compile(r"^(local|auto|[1-9]\d*|ray://[\w.-]+:\d+)$")  # pruneflow.execution.replicas
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # a model is spread over several GPUs when its weights exceed this share of one GPU's free memory: the rest
 # is left for activations, the KV cache and statistics
@@ -60,6 +62,14 @@ def resolve_device(name: str) -> torch.device:
     raise PruneflowError(f"device {name!r} is not supported; use {DEVICE_CHOICES}")
 
 
+def check_workers(value: str) -> str:
+    """``local`` | N | ``auto`` | ``ray://HOST:PORT`` (where candidates are evaluated), or a clear error."""
+    value = str(value).strip()
+    if not WORKERS.match(value):
+        raise PruneflowError(f"--workers {value!r} is not one of: local, a number of workers, auto, ray://HOST:PORT")
+    return value
+
+
 def _mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
 
@@ -87,8 +97,6 @@ class Runtime:
     @classmethod
     def create(cls, device: str = "auto", dtype: str | None = "auto",
                max_memory: str | int | None = None, workers: str = "local") -> "Runtime":
-        from pruneflow.execution.replicas import check_workers
-
         workers = check_workers(workers)
         if workers != "local":
             import importlib.util
@@ -104,12 +112,6 @@ class Runtime:
         """From params.yaml's ``runtime`` section."""
         return cls.create(params.device, params.dtype, params.max_memory, params.workers)
 
-    def start_workers(self) -> None:
-        """Start (or reach) the Ray workers now, so an unreachable cluster is an error before any heavy work."""
-        from pruneflow.execution.replicas import pool_for
-
-        pool_for(self)
-
     def __str__(self) -> str:
         budget = f", at most {format_size(self.max_memory)} of weights" if self.max_memory else ""
         workers = "" if self.workers == "local" else f", workers {self.workers}"
@@ -118,13 +120,6 @@ class Runtime:
     def streams(self, weight_bytes: int) -> bool:
         """Whether a model of ``weight_bytes`` (in its compute dtype) exceeds the memory budget."""
         return self.max_memory is not None and weight_bytes > self.max_memory
-
-    def blocks(self, model: torch.nn.Module, spec):
-        """The model's blocks with their weights in memory: all of them, or for a streamed model one at a time
-        (loaded from its files, dropped when the loop moves on)."""
-        from pruneflow.execution.streaming import each_block
-
-        return each_block(model, spec)
 
     @property
     def accum_dtype(self) -> torch.dtype:

@@ -9,11 +9,13 @@ import torch
 from torch import nn
 
 from pruneflow import arch as A
+from pruneflow import mlp as M
 from pruneflow.arch import ArchSpec
-from pruneflow.runtime import Runtime
 from pruneflow.execution.streaming import calibration_pass
+from pruneflow.runtime import Runtime
+from pruneflow.stats import InputStats
 
-CHUNK_TOKENS = 256  # rows of an activation converted to the accumulation dtype at a time
+__all__ = ["InputStats", "Scores", "column_sums", "from_input_channels", "per_head", "stats_hooks", "zscore"]
 
 
 @dataclass
@@ -40,39 +42,6 @@ class Scores:
     extra: dict = field(default_factory=dict)
 
 
-@dataclass
-class InputStats:
-    """Running first and second moments of one Linear layer's input channels over calibration tokens, kept in
-    the accumulation dtype on the device the activations come from."""
-
-    total: torch.Tensor | None = None
-    total_sq: torch.Tensor | None = None
-    count: int = 0
-
-    def add(self, x: torch.Tensor, dtype: torch.dtype = torch.float64) -> None:
-        """Add the rows of ``x`` (tokens, in_features), a few at a time (the converted copy stays small)."""
-        if self.total is None:
-            self.total = torch.zeros(x.shape[-1], dtype=dtype, device=x.device)
-            self.total_sq = torch.zeros_like(self.total)
-        for rows in x.split(CHUNK_TOKENS):
-            rows = rows.to(dtype)
-            self.total += rows.sum(0)
-            self.total_sq += (rows * rows).sum(0)
-        self.count += x.shape[0]
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.total / self.count
-
-    @property
-    def l2(self) -> torch.Tensor:  # ‖X_j‖₂ over all tokens
-        return self.total_sq.sqrt()
-
-    @property
-    def var(self) -> torch.Tensor:  # unbiased variance over tokens
-        return (self.total_sq - self.total ** 2 / self.count) / max(1, self.count - 1)
-
-
 def stats_hooks(spec: ArchSpec, runtime: Runtime, attn_stats: list, mlp_stats: list) -> Callable:
     """``calibration_pass`` hooks that collect the input moments of block i's o_proj and down_proj into
     ``attn_stats[i]`` / ``mlp_stats[i]`` (an MoE block: a list, one per expert's down_proj, over the tokens
@@ -83,16 +52,9 @@ def stats_hooks(spec: ArchSpec, runtime: Runtime, attn_stats: list, mlp_stats: l
         return hook
 
     def hooks(i: int, block: nn.Module) -> list:
-        handles = []
-        for path, bucket in ((spec.o, attn_stats), (spec.down, mlp_stats)):
-            if path is None:  # an MoE block: its experts' down_proj inputs
-                from pruneflow import expert_channels
-
-                handles.append(expert_channels.record(block, spec, runtime.accum_dtype, bucket))
-                continue
-            bucket.append(InputStats())
-            handles.append(A.get(block, path).register_forward_pre_hook(recorder(bucket[i])))
-        return handles
+        attn_stats.append(InputStats())
+        return [A.get(block, spec.o).register_forward_pre_hook(recorder(attn_stats[i])),
+                M.of(spec).record(block, spec, runtime.accum_dtype, mlp_stats)]
     return hooks
 
 
@@ -137,18 +99,13 @@ def from_input_channels(model: nn.Module, spec: ArchSpec, windows: torch.Tensor,
     def done(i: int, block: nn.Module) -> None:
         heads.append(per_head(norm(attn_importance(A.get(block, spec.o).weight, attn_stats[i])), head_dim)
                      .float().cpu())
-        if spec.moe:
-            from pruneflow import expert_channels
-
-            channel = expert_channels.importance(A.get(block, spec.experts), mlp_stats[i], importance)
-        else:
-            channel = importance(A.get(block, spec.down).weight, mlp_stats[i])
+        channel = M.of(spec).importance(block, spec, mlp_stats[i], importance)
         channels.append(norm(channel).float().cpu())
 
     calibration_pass(model, spec, windows, runtime, stats_hooks(spec, runtime, attn_stats, mlp_stats), done)
     scores = Scores(heads=heads, channels=channels, comparable=standardize)
     if with_means:
         scores.attn_mean = [s.mean.float().cpu() for s in attn_stats]
-        if not spec.moe:  # experts take no compensation bias
+        if M.of(spec).compensates:  # experts take no compensation bias
             scores.mlp_mean = [s.mean.float().cpu() for s in mlp_stats]
     return scores

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pruneflow import execution
+from pruneflow.execution import passes
 from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
 from pruneflow.execution.candidates import Candidates
@@ -137,7 +137,7 @@ def masked_losses(model: nn.Module, spec: ArchSpec, plans: list[PrunePlan], shap
                   windows: torch.Tensor, runtime: Runtime) -> list[float]:
     """:func:`masked_loss` of each plan: one forward pass each over ``windows`` (the execution layer decides
     how: in memory, streamed with a generation's children sharing the passes over the blocks, or on workers)."""
-    return execution.losses(model, spec, windows, candidates_of(plans, shapes), runtime,
+    return passes.losses(model, spec, windows, candidates_of(plans, shapes), runtime,
                             desc="allocation search").tolist()
 
 

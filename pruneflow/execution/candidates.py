@@ -7,7 +7,8 @@ removals are all :class:`Candidates`; :func:`losses` returns each one's mean nex
 
 Rows of a forward pass are (candidate, window) pairs in candidate-major order, ``rows_per_forward`` at a time,
 each row computed with its own candidate's masks (several candidates per forward pass). How the batches run is
-decided here and in :mod:`pruneflow.execution.replicas`, not by the caller: in memory batch by batch; streamed,
+decided by :mod:`pruneflow.execution.passes` (here: one process's batches; :mod:`.replicas`: Ray workers), not
+by the caller: in memory batch by batch; streamed,
 layer-major (``streaming.token_nll_batches``, each block read once per group of batches); with
 ``runtime.workers`` on Ray, the batches split into contiguous runs over replicas of the model and gathered in
 order. Every batch is the same batch whichever way it runs, and the per-row sums are added in batch order in
@@ -139,35 +140,3 @@ def batch_sums(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, candidat
             progress(1)
         runtime.release_host()
     return out
-
-
-def losses(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, candidates: Candidates, runtime: Runtime,
-           rows_per_forward: int | None = None, desc: str = "candidates") -> torch.Tensor:
-    """(count,) float64 mean next-token loss of every candidate over ``windows`` (n, T); ``rows_per_forward``
-    (default n: one candidate per forward pass) rows of (candidate, window) per forward pass."""
-    from pruneflow.execution import replicas
-
-    n, length = windows.shape
-    batches = Batches.plan(candidates.count, n, rows_per_forward or n)
-    sums = replicas.batch_sums(model, spec, windows, candidates, batches, runtime, desc)
-    total = torch.zeros(candidates.count, dtype=torch.float64)
-    for owner, part in zip(batches.owners, sums):
-        total.index_add_(0, owner, part)
-    return total / (n * (length - 1))
-
-
-def nll_batches(model: nn.Module, batches: list[torch.Tensor], runtime: Runtime, desc: str | None = None):
-    """(B, T - 1) next-token NLL of each batch of input ids, in order: the model itself, no masks (in memory
-    batch by batch, the LM head a chunk of tokens at a time; streamed, groups of batches through the blocks)."""
-    from tqdm import tqdm
-
-    from pruneflow.execution import streaming
-    from pruneflow.losses import token_nll
-
-    if streaming.is_streamed(model):
-        spec = A.arch_for(model.config.model_type)
-        yield from streaming.token_nll_batches(model, spec, batches, runtime)
-        return
-    device = runtime.input_device(model)
-    for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=desc is None):
-        yield token_nll(model, batch.to(device))

@@ -17,11 +17,8 @@ weights changed in a way the lineage cannot replay (a least-squares re-fit, reco
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,59 +26,13 @@ from torch import nn
 
 from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
+from pruneflow.execution.candidates import batch_sums as local_batch_sums
+from pruneflow.execution.lineage import Lineage
 from pruneflow.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-WORKERS = re.compile(r"^(local|auto|[1-9]\d*|ray://[\w.-]+:\d+)$")
 RESTARTS = 3  # a worker process that dies is restarted this often, its calls retried as often
-
-
-def check_workers(value: str) -> str:
-    """``local`` | N | ``auto`` | ``ray://HOST:PORT``, or a clear error."""
-    value = str(value).strip()
-    if not WORKERS.match(value):
-        raise PruneflowError(f"--workers {value!r} is not one of: local, a number of workers, auto, ray://HOST:PORT")
-    return value
-
-
-# ---- lineage: how a replica rebuilds the driver's model -------------------------------------------------------
-
-@dataclass
-class Lineage:
-    path: str  # the checkpoint directory on the driver's node
-    pinned: str | None  # ORG/NAME@commit for a hub model (a worker on another node resolves it in its cache)
-    stream: bool
-    calibration: tuple[int, int]
-    applied: list = field(default_factory=list)  # (plan, scores) in the order apply saw them
-    replayable: bool = True
-
-    def key(self) -> str:
-        digest = hashlib.sha256(f"{self.path}|{self.pinned}|{self.stream}|{self.calibration}".encode())
-        for plan, _ in self.applied:
-            digest.update(plan.to_json().encode())
-        return digest.hexdigest()
-
-
-def note_origin(model: nn.Module, source, stream: bool, calibration: tuple[int, int]) -> None:
-    """``checkpoint.load`` made ``model`` from ``source`` (a ModelSource)."""
-    pinned = source.pinned if getattr(source, "repo_id", None) and getattr(source, "commit", None) else None
-    model.pruneflow_lineage = Lineage(str(Path(source.path).resolve()), pinned, stream, tuple(calibration))
-
-
-def note_applied(model: nn.Module, plan, scores) -> None:
-    """``apply`` sliced ``model`` by ``plan``."""
-    lineage = getattr(model, "pruneflow_lineage", None)
-    if lineage is not None:
-        lineage.applied.append((plan, scores))
-
-
-def note_changed(model: nn.Module, why: str) -> None:
-    """``model``'s weights changed in a way no plan records: replicas can no longer rebuild it."""
-    lineage = getattr(model, "pruneflow_lineage", None)
-    if lineage is not None and lineage.replayable:
-        lineage.replayable = False
-        lineage.why = why
 
 
 # ---- the pool --------------------------------------------------------------------------------------------------
@@ -111,13 +62,12 @@ class Replica:
     def batch_sums(self, key: str, lineage_ref: list, windows, candidates, batches) -> list[torch.Tensor]:
         import ray
 
-        from pruneflow.execution.candidates import batch_sums
-
         if key != self.key:
             self.model = None
             self.runtime.free()
             self._rebuild(ray.get(lineage_ref[0]))
-        return batch_sums(self.model, self.spec, windows, candidates, batches, self.runtime, progress=lambda _: None)
+        return local_batch_sums(self.model, self.spec, windows, candidates, batches, self.runtime,
+                                progress=lambda _: None)
 
     def pid(self) -> int:
         return os.getpid()
@@ -227,13 +177,11 @@ def batch_sums(model: nn.Module, spec: ArchSpec, windows, candidates, batches, r
                desc: str) -> list[torch.Tensor]:
     """:func:`pruneflow.execution.candidates.batch_sums` on the workers, or here (``--workers local``, or a
     model the workers cannot rebuild)."""
-    from pruneflow.execution.candidates import batch_sums as local
-
     pool = pool_for(runtime)
     lineage = getattr(model, "pruneflow_lineage", None)
     if pool is not None and lineage is not None and lineage.replayable:
         return pool.batch_sums(lineage, windows, candidates, batches, desc)
     if pool is not None:
         log.info("evaluating candidates in this process: %s", "the model was not loaded from a checkpoint"
-                 if lineage is None else f"the workers cannot rebuild it ({getattr(lineage, 'why', '')})")
-    return local(model, spec, windows, candidates, batches, runtime, desc)
+                 if lineage is None else f"the workers cannot rebuild it ({lineage.why})")
+    return local_batch_sums(model, spec, windows, candidates, batches, runtime, desc)

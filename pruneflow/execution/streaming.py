@@ -42,7 +42,15 @@ from pruneflow.runtime import Runtime
 from pruneflow.sizes import format_size
 
 EMBED_CHUNK_BYTES = 64 * 2**20  # rows of the embedding matrix read at a time for the lookup
+READ_CHUNK_BYTES = 16 * 2**20  # a larger tensor is read this many bytes of rows at a time (see LazyWeights.read)
 BATCH = 8  # calibration windows per forward, as in memory
+
+
+# safetensors dtype names → torch dtypes (https://github.com/huggingface/safetensors, format: an 8-byte header
+# length, a JSON header of {name: {dtype, shape, data_offsets}}, then the bytes)
+STORED = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
 
 
 @dataclass
@@ -50,6 +58,7 @@ class TensorInfo:
     file: Path
     dtype: str  # safetensors dtype name
     shape: tuple[int, ...]
+    offset: int = -1  # where its bytes start in the file (-1: unknown, read through safetensors)
 
     def nbytes(self, dtype: torch.dtype) -> int:
         return math.prod(self.shape) * dtype.itemsize
@@ -68,11 +77,13 @@ class LazyWeights:
         self.tensors: dict[str, TensorInfo] = {}
         for file in files:
             try:
-                with safe_open(file, framework="pt") as f:
+                with safe_open(file, framework="pt") as f:  # validates the file
                     for name in f.keys():
                         part = f.get_slice(name)
                         self.tensors[name] = TensorInfo(file, part.get_dtype(), tuple(part.get_shape()))
-            except (SafetensorError, OSError) as err:
+                for name, offset in _offsets(file).items():
+                    self.tensors[name].offset = offset
+            except (SafetensorError, OSError, ValueError, KeyError) as err:
                 raise PruneflowError(f"{file} is not a readable safetensors file (truncated or corrupt?): "
                                      f"{err}") from err
 
@@ -80,24 +91,93 @@ class LazyWeights:
         return sum(self.tensors[n].nbytes(dtype) for n in names)
 
     def read(self, names: list[str], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-        """``names`` in ``dtype`` on ``device``; NaN/Inf is an error, as for a loaded checkpoint."""
+        """``names`` in ``dtype`` on ``device``; NaN/Inf is an error, as for a loaded checkpoint.
+
+        The bytes are read with plain file reads, straight into the result when it is a CPU tensor of the stored
+        dtype, else :data:`READ_CHUNK_BYTES` of rows at a time and converted: a memory-mapped read would keep
+        every page it touched resident beside the copy until the file is closed (a 1 GB embedding held twice)."""
         missing = [n for n in names if n not in self.tensors]
         if missing:
             raise PruneflowError(f"checkpoint {self.path} lacks tensor(s) {', '.join(missing[:5])}")
         out = {}
-        for file in dict.fromkeys(self.tensors[n].file for n in names):
-            with safe_open(file, framework="pt") as f:
-                for name in names:
-                    if self.tensors[name].file == file:
-                        tensor = f.get_tensor(name)
-                        out[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
-                        if not torch.isfinite(out[name]).all():
-                            raise PruneflowError(f"checkpoint {self.path}: weight {name} contains NaN or Inf")
+        for name in names:
+            info = self.tensors[name]
+            stored = STORED.get(info.dtype)
+            if info.offset < 0 or stored is None:  # a dtype this reader does not know: safetensors reads it
+                with safe_open(info.file, framework="pt") as f:
+                    out[name] = self._convert(f.get_tensor(name), dtype, device, name)
+                continue
+            target = dtype if stored.is_floating_point else stored
+            whole = torch.empty(info.shape, dtype=target, device=device)
+            direct = whole.device.type == "cpu" and target == stored
+            rows = max(1, len(whole)) if not info.shape else info.shape[0]
+            row_bytes = math.prod(info.shape[1:]) * stored.itemsize
+            step = rows if direct else max(1, READ_CHUNK_BYTES // max(1, row_bytes))
+            with open(info.file, "rb", buffering=0) as f:
+                for start in range(0, rows, step):
+                    stop = min(rows, start + step)
+                    part = whole.view(-1) if not info.shape else whole[start:stop]
+                    buffer = part if direct else torch.empty(part.shape, dtype=stored)
+                    f.seek(info.offset + start * row_bytes)
+                    _read_exactly(f, buffer.view(-1).view(torch.uint8).numpy(), info.file)
+                    if not direct:
+                        part.copy_(buffer)
+            out[name] = self._convert(whole, dtype, device, name)
         return out
 
+    def _convert(self, tensor: torch.Tensor, dtype: torch.dtype, device: torch.device, name: str) -> torch.Tensor:
+        tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+        if tensor.is_floating_point():
+            for rows in tensor.view(-1).split(2**18):  # the check's temporaries (|x|, masks) stay small
+                if not torch.isfinite(rows).all():
+                    raise PruneflowError(f"checkpoint {self.path}: weight {name} contains NaN or Inf")
+        return tensor
+
     def rows(self, name: str, start: int, stop: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        with safe_open(self.tensors[name].file, framework="pt") as f:
-            return f.get_slice(name)[start:stop].to(device=device, dtype=dtype)
+        """Rows ``start:stop`` of ``name`` in ``dtype`` on ``device`` (plain file reads, as :meth:`read`)."""
+        info = self.tensors[name]
+        stored = STORED.get(info.dtype)
+        if info.offset < 0 or stored is None:
+            with safe_open(info.file, framework="pt") as f:
+                return f.get_slice(name)[start:stop].to(device=device, dtype=dtype)
+        stop = min(stop, info.shape[0])
+        row_bytes = math.prod(info.shape[1:]) * stored.itemsize
+        buffer = torch.empty((stop - start, *info.shape[1:]), dtype=stored)
+        with open(info.file, "rb", buffering=0) as f:
+            f.seek(info.offset + start * row_bytes)
+            _read_exactly(f, buffer.view(-1).view(torch.uint8).numpy(), info.file)
+        return buffer.to(device=device, dtype=dtype)
+
+
+def _offsets(file: Path) -> dict[str, int]:
+    """Where each tensor's bytes start in a safetensors file (from its JSON header)."""
+    with open(file, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    return {name: 8 + length + entry["data_offsets"][0] for name, entry in header.items() if name != "__metadata__"}
+
+
+def _read_exactly(f, into, file: Path) -> None:
+    view, done = memoryview(into).cast("B"), 0
+    while done < len(view):
+        count = f.readinto(view[done:])
+        if not count:
+            raise PruneflowError(f"{file} ends early (truncated?)")
+        done += count
+
+
+@dataclass
+class Pending:
+    """A plan recorded on a streamed model: the plan (its JSON goes into resume keys; ``kept_layers`` says which
+    blocks are written) and how it slices dense block ``i`` in place (given by whoever applied it)."""
+
+    plan: object
+    slice: Callable[[nn.Module, int], None]
+
+    @property
+    def removes_layers(self) -> bool:
+        kept = getattr(self.plan, "kept_layers", None)
+        return kept is not None and len(kept) < len(self.plan.layers)
 
 
 @dataclass
@@ -108,7 +188,7 @@ class Stream:
     dense: nn.Module  # meta skeleton with the shapes of the weights on disk (the model itself gets pruned)
     dtype: torch.dtype  # compute dtype
     device: torch.device
-    pending: list = field(default_factory=list)  # (plan, scores) recorded by apply, applied by save
+    pending: list[Pending] = field(default_factory=list)  # recorded by apply, replayed per block and by save
     fitted: object | None = None  # pruneflow.reconstruct.Fitted: re-fitted projections, applied after the plans
 
 
@@ -161,15 +241,12 @@ def offload(module: nn.Module) -> None:
 def current_block(model: nn.Module, spec: ArchSpec, i: int) -> nn.Module:
     """Block ``i`` as the model has it now, with its weights: the dense block read from disk, then sliced by
     every plan applied so far, in order (the same copies the in-memory path made)."""
-    from pruneflow.apply import apply_block
-
     stream = stream_of(model)
-    if any(plan.kept_layers is not None and len(plan.kept_layers) < len(plan.layers) for plan, _ in stream.pending):
+    if any(pending.removes_layers for pending in stream.pending):
         raise PruneflowError("blocks of a streamed model whose layers were removed are only written (save)")
     block = dense_block(model, spec, i)
-    head_dim = A.geometry(model.config).head_dim
-    for plan, scores in stream.pending:
-        apply_block(block, spec, plan, scores, i, head_dim)
+    for pending in stream.pending:
+        pending.slice(block, i)
     if stream.fitted is not None:
         stream.fitted.install(block, spec, i)
     return block
@@ -317,15 +394,16 @@ def calibration_pass(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, ru
 def token_nll_batches(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor], runtime: Runtime,
                       around: Callable | None = None) -> Iterator[torch.Tensor]:
     """(B, T - 1) next-token NLL of each batch of input ids, in order, streamed: the batches go through the
-    blocks a group at a time (as many as a quarter of the budget carries; each group reads every block once),
+    blocks a group at a time (as many as the budget carries beside a block or the head, at most a quarter
+    of it: :func:`loss_group`; each group reads every block once),
     then the final norm and the head (loaded for it, dropped after) turn them into losses a chunk of tokens at
     a time. ``around(i, block, b)``: a context manager block ``i`` runs batch ``b`` under (e.g. masks)."""
     from pruneflow.losses import hidden_nll
 
     stream = stream_of(model)
     backbone = getattr(model, model.base_model_prefix)
-    per_batch = max(b.numel() for b in batches) * model.config.hidden_size * stream.dtype.itemsize
-    group = max(1, (runtime.max_memory or 0) // 4 // per_batch)
+    widest = max(batches, key=lambda b: b.numel())
+    group = loss_group(model, spec, runtime, *widest.shape)
     finals = [module for name, module in backbone.named_children()
               if module is not model.get_input_embeddings() and name != spec.layers.rpartition(".")[2]
               and any(True for _ in module.parameters())]  # the final norm
@@ -361,15 +439,42 @@ def block_bytes(weights: LazyWeights, spec: ArchSpec, count: int, dtype: torch.d
 
 def required_bytes(weights: LazyWeights, config, spec: ArchSpec, dtype: torch.dtype, windows: int,
                    seqlen: int) -> dict[str, int]:
-    """What a streamed prune holds at once: the largest block and its pruned copy (while it is written), the
-    calibration activations of every window (carried from block to block) and one batch's work inside a block
-    (the MLP's widest activations, attention scores)."""
-    blocks = block_bytes(weights, spec, config.num_hidden_layers, dtype)
+    """:func:`requirement` of the checkpoint ``weights`` holds."""
+    return requirement(block_bytes(weights, spec, config.num_hidden_layers, dtype), config, spec, dtype, windows,
+                       seqlen)
+
+
+def requirement(blocks: list[int], config, spec: ArchSpec, dtype: torch.dtype, windows: int,
+                seqlen: int) -> dict[str, int]:
+    """What a streamed prune holds at once (``blocks``: each block's bytes), in its largest phase:
+
+    - while any tensor is read: a chunk of it mapped from the file and its copy (:data:`READ_CHUNK_BYTES`);
+    - through the blocks: the largest block and its pruned copy (while it is written), the calibration
+      activations of every window (carried from block to block) and one batch's work inside a block (the MLP's
+      widest activations, attention scores);
+    - through the head (losses: perplexity, sub-models, search candidates): the final norm and the LM head
+      (vocabulary × hidden; a tied head is the embedding), the carried activations and one chunk of logits with
+      its log-softmax (at most :data:`pruneflow.losses.LOGIT_BYTES` of float32, ×2.5 with the head's own
+      output);
+    - capturing the inputs: one chunk of embedding rows and the carried activations;
+    - saving: the largest tensor (the head) or a block and its sliced copy, beside a chunk being read (mapped
+      and copied: twice its bytes) — the pending shard is written before a tensor that would not fit it.
+    """
+    from pruneflow.losses import LOGIT_BYTES
+
     carried = windows * seqlen * config.hidden_size * dtype.itemsize
     batch = min(windows, BATCH)
     inner = max(config.intermediate_size * 3, config.hidden_size * 4)
     work = batch * seqlen * inner * dtype.itemsize + batch * config.num_attention_heads * seqlen * seqlen * 4
-    return {"block": max(blocks), "carried": carried, "work": work, "total": 2 * max(blocks) + carried + work}
+    head = config.vocab_size * config.hidden_size * dtype.itemsize
+    chunk = min(LOGIT_BYTES, batch * seqlen * config.vocab_size * 4)  # float32 logits of one chunk of tokens
+    logits = int(2.5 * chunk) if spec.causal_lm else 0
+    embed = min(head, EMBED_CHUNK_BYTES)
+    reading = 2 * min(max(max(blocks), head), READ_CHUNK_BYTES)  # a chunk mapped and its copy, while read
+    phases = {"blocks": 2 * max(blocks) + carried + max(work, reading), "head": head + carried + max(logits, reading),
+              "embedding": embed + 2 * carried, "save": max(head, 2 * max(blocks)) + reading}
+    return {"block": max(blocks), "carried": carried, "work": work, "head": head, "logits": logits,
+            "phases": phases, "total": max(phases.values())}
 
 
 def check_budget(weights: LazyWeights, config, spec: ArchSpec, dtype: torch.dtype, budget: int, windows: int,
@@ -378,29 +483,32 @@ def check_budget(weights: LazyWeights, config, spec: ArchSpec, dtype: torch.dtyp
     if budget < need["total"]:
         raise PruneflowError(
             f"--max-memory {format_size(budget)} is too small to stream this model: one block "
-            f"({format_size(need['block'])}) and its pruned copy, the activations of {windows} × {seqlen} "
-            f"tokens ({format_size(need['carried'])}) and one batch's work "
-            f"({format_size(need['work'])}) need at least {format_size(need['total'], up=True)}")
+            f"({format_size(need['block'])}) and its pruned copy with one batch's work "
+            f"({format_size(need['work'])}), or the LM head ({format_size(need['head'])}) with a chunk of logits "
+            f"({format_size(need['logits'])}), beside the activations of {windows} × {seqlen} tokens "
+            f"({format_size(need['carried'])}), need at least {format_size(need['total'], up=True)}")
+
+
+def loss_group(model: nn.Module, spec: ArchSpec, runtime: Runtime, rows: int, length: int) -> int:
+    """How many batches of ``rows`` × ``length`` tokens a loss pass carries through the blocks at once: what the
+    budget leaves beside the larger of (a block, its copy and a batch's work) and (the head and a chunk of
+    logits), and at most a quarter of the budget."""
+    stream = stream_of(model)
+    need = required_bytes(stream.weights, model.config, spec, stream.dtype, rows, length)
+    fixed = max(2 * need["block"] + need["work"], need["head"] + need["logits"])
+    budget = runtime.max_memory or 0
+    return max(1, min(budget // 4, budget - fixed) // need["carried"])
 
 
 # ---- apply and save -----------------------------------------------------------------------------------------
 
-def record(model: nn.Module, plan, scores, spec: ArchSpec) -> None:
-    """Take ``plan`` (relative to the model as it is now) for the blocks loaded later and for :func:`save`, and
-    give the skeleton the pruned shapes."""
-    from pruneflow.apply import block_widths, compensated, remove_layers
-    from pruneflow.modeling_pruneflow import resize_block
-
+def record(model: nn.Module, plan, slice: Callable[[nn.Module, int], None]) -> None:
+    """Take ``plan`` (relative to the model as it is now; ``slice(block, i)`` cuts dense block i to it) for the
+    blocks loaded later and for :func:`write_weights`. The caller gives the skeleton its pruned shapes."""
     stream = stream_of(model)
-    if any(p.kept_layers is not None and len(p.kept_layers) < len(p.layers) for p, _ in stream.pending):
+    if any(pending.removes_layers for pending in stream.pending):
         raise PruneflowError("a plan that removes layers must be the last one applied to a streamed model")
-    stream.pending.append((plan, scores))
-    head_dim = A.geometry(model.config).head_dim
-    for block, layer in zip(A.blocks(model, spec), plan.layers):
-        widths = block_widths(block, spec, layer, *compensated(block, spec, layer, plan, head_dim))
-        resize_block(block, spec.to_dict(), widths, head_dim)
-    if plan.kept_layers is not None and len(plan.kept_layers) < len(plan.layers):
-        remove_layers(model, spec, plan.kept_layers)
+    stream.pending.append(Pending(plan, slice))
 
 
 def digest(model: nn.Module) -> bytes:
@@ -413,8 +521,8 @@ def digest(model: nn.Module) -> bytes:
     total = hashlib.sha256()
     for file in sorted({info.file for info in stream.weights.tensors.values()}):
         total.update(file.name.encode() + sha256_file(file).encode())
-    for plan, _ in stream.pending:
-        total.update(plan.to_json().encode())
+    for pending in stream.pending:
+        total.update(pending.plan.to_json().encode())
     return total.digest()
 
 
@@ -428,12 +536,18 @@ class ShardWriter:
         self.files: list[tuple[Path, list[str]]] = []
         self.total = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
+    def make_room(self, size: int) -> None:
+        """Write the pending shard now if ``size`` more bytes would not fit it (call before reading them)."""
         if self.pending and sum(t.numel() * t.element_size() for t in self.pending.values()) + size > self.limit:
             self.flush()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        self.make_room(size)
         self.pending[name] = tensor.detach().to("cpu").contiguous()
         self.total += size
+        if size >= self.limit:  # a tensor as large as a shard is a shard of its own, written at once
+            self.flush()
 
     def flush(self) -> None:
         if not self.pending:
@@ -461,8 +575,6 @@ class ShardWriter:
 def write_weights(model: nn.Module, spec: ArchSpec, out: Path, dtype: torch.dtype, shard_bytes: int,
                   runtime: Runtime | None = None) -> None:
     """Apply the recorded plans block by block and write the pruned weights in ``dtype`` to ``out``."""
-    from pruneflow.apply import apply_block
-
     stream = stream_of(model)
     if not stream.pending:
         raise PruneflowError("nothing to save: no plan was applied to the streamed model")
@@ -470,15 +582,15 @@ def write_weights(model: nn.Module, spec: ArchSpec, out: Path, dtype: torch.dtyp
     prefix = f"{spec.layers}."
     for name in stream.weights.tensors:  # embeddings, norms, the head: copied a tensor at a time
         if not name.startswith(prefix):
+            writer.make_room(stream.weights.tensors[name].nbytes(dtype))  # before the read, not after
             writer.add(name, stream.weights.read([name], dtype, torch.device("cpu"))[name])
-    last = stream.pending[-1][0]
+    last = stream.pending[-1].plan
     kept = last.kept_layers if last.kept_layers is not None else list(range(len(last.layers)))
-    head_dim = A.geometry(model.config).head_dim
     for new_index, i in enumerate(kept):
         block = copy.deepcopy(A.blocks(stream.dense, spec)[i])
         load_module(stream, block, f"{prefix}{i}.")
-        for plan, scores in stream.pending:
-            apply_block(block, spec, plan, scores, i, head_dim)
+        for pending in stream.pending:
+            pending.slice(block, i)
         if stream.fitted is not None:
             stream.fitted.install(block, spec, i)
         for name, tensor in block.state_dict().items():

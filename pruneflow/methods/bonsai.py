@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from pruneflow import arch as A
-from pruneflow import execution
+from pruneflow.execution import passes
 from pruneflow.apply import layer_shapes
 from pruneflow.errors import PruneflowError
 from pruneflow.execution.candidates import Candidates
@@ -170,7 +170,7 @@ def submodel_losses(model, spec, modules: list[Module], keep: torch.Tensor, wind
     layer-major with each block read once per group of batches, or on Ray workers) is the execution layer's
     business (:func:`pruneflow.execution.losses`).
     """
-    return execution.losses(model, spec, windows, candidates_of(modules, keep), runtime or Runtime(),
+    return passes.losses(model, spec, windows, candidates_of(modules, keep), runtime or Runtime(),
                             rows_per_forward, desc=desc)
 
 

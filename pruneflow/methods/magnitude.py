@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from pruneflow import arch as A
-from pruneflow import expert_channels
-from pruneflow.runtime import Runtime
+from pruneflow import mlp as M
+from pruneflow.execution.passes import each_block
 from pruneflow.scores import Scores
 
 
@@ -15,16 +15,10 @@ from pruneflow.scores import Scores
 def score(model, spec, windows=None, runtime=None, **_) -> Scores:
     geo = A.geometry(model.config)
     heads, channels = [], []
-    for block in (runtime or Runtime()).blocks(model, spec):  # streamed: one block in memory at a time
+    for block in each_block(model, spec):  # streamed: one block in memory at a time
         q = A.get(block, spec.q).weight.float()  # (H·d, hidden)
         o = A.get(block, spec.o).weight.float()  # (hidden, H·d)
         head_sq = q.pow(2).sum(1).reshape(-1, geo.head_dim).sum(1) + o.pow(2).sum(0).reshape(-1, geo.head_dim).sum(1)
         heads.append(head_sq.sqrt().cpu())
-        if spec.moe:  # (E, I): the channels inside every expert
-            channels.append(expert_channels.magnitude(A.get(block, spec.experts)).cpu())
-            continue
-        channel_sq = A.get(block, spec.up).weight.float().pow(2).sum(1) + A.get(block, spec.down).weight.float().pow(2).sum(0)
-        if spec.gate:
-            channel_sq = channel_sq + A.get(block, spec.gate).weight.float().pow(2).sum(1)
-        channels.append(channel_sq.sqrt().cpu())
+        channels.append(M.of(spec).magnitude(block, spec).cpu())  # (I,), or (E, I) inside every expert
     return Scores(heads=heads, channels=channels)

@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from pruneflow import arch as A
-from pruneflow import execution
+from pruneflow.execution import passes
 from pruneflow.errors import PruneflowError
 from pruneflow.execution.candidates import Candidates
 from pruneflow.methods.angular import blocks_for_ratio
@@ -26,7 +26,7 @@ def removal_losses(model, spec, windows: torch.Tensor, runtime, removed: list[in
     """Mean next-token loss on ``windows`` with the blocks of ``removed`` and one more of ``trials`` skipped
     (passing their input through), one candidate per trial."""
     candidates = Candidates.of_blocks([{*removed, t} for t in trials], len(A.blocks(model, spec)))
-    return execution.losses(model, spec, windows, candidates, runtime, rows_per_forward=min(BATCH, len(windows)),
+    return passes.losses(model, spec, windows, candidates, runtime, rows_per_forward=min(BATCH, len(windows)),
                             desc="sleb candidates").tolist()
 
 

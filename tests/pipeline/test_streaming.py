@@ -296,3 +296,68 @@ def test_bf16_checkpoint_streams_bit_for_bit_computing_in_bf16(method, tmp_path)
     a, b = _tensors(memory_dir), _tensors(streamed_dir)
     assert {t.dtype for t in b.values()} == {torch.bfloat16}
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+class LiveTensors:
+    """The bytes of every tensor storage alive, and their peak, counted at each torch operation (a dispatch mode:
+    what the memory budget is about, without the allocator's slack that resident memory adds)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+        self.live: dict[int, list] = {}  # storage address → [bytes, weak references to its tensors]
+        self.peak = 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                tracker._see(out)
+                return out
+
+        self.mode = Mode()
+
+    def _see(self, out) -> None:
+        import weakref
+
+        from torch.utils._pytree import tree_flatten
+
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.untyped_storage().nbytes():
+                entry = self.live.setdefault(t.untyped_storage().data_ptr(), [t.untyped_storage().nbytes(), []])
+                entry[1].append(weakref.ref(t))
+        for key in [k for k, (_, refs) in self.live.items() if all(r() is None for r in refs)]:
+            del self.live[key]
+        self.peak = max(self.peak, sum(size for size, _ in self.live.values()))
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+def test_a_budget_just_above_the_claimed_minimum_is_kept(tmp_path):
+    """The LM head (64 MiB), a chunk of its logits and a read chunk outweigh a block (15 MiB) several times over:
+    the claimed minimum counts them, and a perplexity pass, a FLAP prune and the save, under a budget 5% above
+    it, never hold more tensor bytes than the budget (counted at every torch operation)."""
+    from pruneflow.evaluate import perplexity
+    from pruneflow.runtime import Runtime as R
+
+    dense = tmp_path / "dense"
+    tiny_causal_lm(vocab_size=32768, num_hidden_layers=12, hidden_size=512, intermediate_size=2048,
+                   num_attention_heads=8, num_key_value_heads=4).save_pretrained(dense, max_shard_size="100MB")
+    windows = torch.randint(0, 32768, (16, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(PruneflowError, match=r"LM head \(64\.0 MiB\).*need at least") as err:
+        checkpoint.load(dense, R(max_memory=4_000_000), stream=True, calibration=windows.shape)
+    smallest = parse_size(str(err.value).rsplit("at least ", 1)[1])
+    budget = int(smallest * 1.05)
+    runtime = R(max_memory=budget)
+    model, _, spec = checkpoint.load(dense, runtime, with_tokenizer=False, stream=True, calibration=windows.shape)
+    assert streaming.is_streamed(model)
+    with LiveTensors() as held:
+        perplexity(model, windows.reshape(-1), 16, runtime=runtime)
+        prune(model, spec, "flap", PruneParams(ratio=0.3), windows, runtime=runtime)
+        checkpoint.save(model, None, tmp_path / "out", spec, dtype=torch.float32, runtime=runtime)
+    assert 64 * 2**20 < held.peak <= budget, f"held {held.peak:,} bytes under a budget of {budget:,}"

@@ -71,7 +71,7 @@ def test_plans_on_two_workers_equal_local(ray_workers, saved, method):
 
 
 def test_losses_equal_local_bit_for_bit_and_workers_rebuild_the_pruned_model(ray_workers, saved):
-    from pruneflow import execution
+    from pruneflow.execution import passes
     from pruneflow.execution.candidates import Candidates
 
     results = []
@@ -80,7 +80,7 @@ def test_losses_equal_local_bit_for_bit_and_workers_rebuild_the_pruned_model(ray
         first = prune(model, spec, "sleb", PruneParams(ratio=0.2, units=["layers"]), WINDOWS, runtime=runtime)
         assert len(A.blocks(model, spec)) == 3  # pruned in place: the workers must replay this plan
         candidates = Candidates.of_blocks([set(), {0}, {1}, {2}, {0, 2}], 3)
-        results.append((first.plan.to_json(), execution.losses(model, spec, WINDOWS, candidates, runtime, 5)))
+        results.append((first.plan.to_json(), passes.losses(model, spec, WINDOWS, candidates, runtime, 5)))
     assert results[0][0] == results[1][0]
     assert torch.equal(results[0][1], results[1][1])
 

@@ -1,0 +1,46 @@
+"""What methods, search and evaluation ask of the execution layer (see the package docstring):
+:func:`calibration_pass` (hooked statistics), :func:`losses` (N candidate sub-models), :func:`nll_batches` (the
+model itself), :func:`each_block` (data-free scorers). The answers are the same in memory, streamed and on
+workers; only how long they take differs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pruneflow import arch as A
+from pruneflow.arch import ArchSpec
+from pruneflow.execution import replicas, streaming
+from pruneflow.execution.candidates import Batches, Candidates
+from pruneflow.execution.streaming import calibration_pass, each_block
+from pruneflow.losses import token_nll
+from pruneflow.runtime import Runtime
+
+__all__ = ["Candidates", "calibration_pass", "each_block", "losses", "nll_batches"]
+
+
+def losses(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, candidates: Candidates, runtime: Runtime,
+           rows_per_forward: int | None = None, desc: str = "candidates") -> torch.Tensor:
+    """(count,) float64 mean next-token loss of every candidate over ``windows`` (n, T); ``rows_per_forward``
+    (default n: one candidate per forward pass) rows of (candidate, window) per forward pass."""
+    n, length = windows.shape
+    batches = Batches.plan(candidates.count, n, rows_per_forward or n)
+    sums = replicas.batch_sums(model, spec, windows, candidates, batches, runtime, desc)
+    total = torch.zeros(candidates.count, dtype=torch.float64)
+    for owner, part in zip(batches.owners, sums):
+        total.index_add_(0, owner, part)
+    return total / (n * (length - 1))
+
+
+def nll_batches(model: nn.Module, batches: list[torch.Tensor], runtime: Runtime, desc: str | None = None):
+    """(B, T - 1) next-token NLL of each batch of input ids, in order: the model itself, no masks (in memory
+    batch by batch, the LM head a chunk of tokens at a time; streamed, groups of batches through the blocks)."""
+    if streaming.is_streamed(model):
+        spec = A.arch_for(model.config.model_type)
+        yield from streaming.token_nll_batches(model, spec, batches, runtime)
+        return
+    device = runtime.input_device(model)
+    for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=desc is None):
+        yield token_nll(model, batch.to(device))
