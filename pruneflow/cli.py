@@ -140,7 +140,7 @@ DTYPE_HELP = "auto (the checkpoint's own) | bfloat16 | float16 | float32; checkp
 def prune(
     model_dir: str = typer.Argument(..., help="checkpoint to prune: a directory (safetensors + config) or a hub "
                                               "id ORG/NAME[@REVISION]"),
-    out: Path = typer.Option(..., "--out", help="where to write the pruned checkpoint (must not exist)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="where to write the pruned checkpoint (must not exist)"),
     method: Optional[str] = typer.Option(None, help="importance method; see `pruneflow methods`"),
     ratio: Optional[float] = typer.Option(None, help="fraction of non-embedding parameters to remove"),
     calibration: Optional[str] = typer.Option(None, help="'corpus', a .txt/.jsonl file, or hf:NAME"),
@@ -168,6 +168,10 @@ def prune(
     state_dir: Optional[Path] = typer.Option(
         None, help="iterative methods: where completed iterations are kept for resume (default: .OUT.state beside OUT)"),
     force: bool = typer.Option(False, help="replace OUT if it exists"),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="print the plan of work from the config alone (no weight is read; a hub id "
+                                 "fetches configs and tokenizer only): passes, tokens, bytes read and peak memory "
+                                 "per phase, and whether it fits --device/--max-memory; exit 1 if it does not"),
 ) -> None:
     """Prune MODEL_DIR (a directory or hub id) and write a smaller checkpoint to OUT, then print a summary."""
     from pruneflow.params import load_params
@@ -180,12 +184,70 @@ def prune(
                "model": model_dir}
     try:
         params = load_params(params_file, overrides, updates={k: v for k, v in options.items() if v is not None})
+        if dry_run:
+            _quiet_libraries()
+            fits = _dry_run(params)
+        elif out is None:
+            raise PruneflowError("missing option --out (where to write the pruned checkpoint), or use --dry-run")
+    except PruneflowError as err:
+        _fail(err)
+    if dry_run:
+        raise typer.Exit(0 if fits else 1)
+    try:
         _check_out_dir(out, force)
         _quiet_libraries()
         summary = _prune(params, out, force, state_dir or out.parent / f".{out.name}.state", max_shard_size)
     except PruneflowError as err:
         _fail(err)
     _table(f"pruned {model_dir} → {out}", summary)
+
+
+def _dry_run(params) -> bool:
+    """Print the plan of work of ``params`` (pruneflow.execution.estimate); whether it fits."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pruneflow import arch as A
+    from pruneflow import checkpoint
+    from pruneflow.execution.estimate import estimate
+    from pruneflow.params import check_method
+    from pruneflow.prune import check_model
+    from pruneflow.runtime import Runtime
+    from pruneflow.sizes import format_size
+    from pruneflow.sources import resolve
+
+    runtime = Runtime.from_params(params.runtime)
+    method = params.score.method
+    try:
+        check_method(method, params.prune)
+    except ValueError as err:
+        raise PruneflowError(str(err)) from None
+    source = resolve(params.model, weights=False)
+    check_model(method, A.arch_for(checkpoint.read_config(source).get("model_type", "")))
+    workers = int(runtime.workers) if runtime.workers.isdigit() else 1
+    plan = estimate(source.path, params, runtime, workers)
+    table = Table(title=f"dry run: {method} removing {params.prune.ratio:.0%} of {params.model} (per run of a phase)")
+    for column in ("phase", "runs", "passes", "tokens", "read", "peak memory", "candidates"):
+        table.add_column(column, justify="left" if column == "phase" else "right", no_wrap=True)
+    for phase in plan.phases:
+        table.add_row(phase.name, f"×{phase.repeat}", f"{phase.passes:,}", f"{phase.tokens:,}",
+                      format_size(phase.read_bytes), format_size(phase.peak_bytes),
+                      f"{phase.candidates:,}" if phase.candidates else "")
+    console = Console(width=max(100, Console().width))
+    console.print(table)
+    mode = (f"streamed a block at a time under --max-memory {format_size(runtime.max_memory)}" if plan.streamed
+            else "whole in memory")
+    console.print(f"{plan.parameters:,} parameters, {format_size(plan.weight_bytes)} of {plan.dtype} weights, "
+                  f"{mode}, on {runtime.device}; {sum(p.total('passes') for p in plan.phases):,} passes over the blocks, "
+                  f"{format_size(sum(p.total('read_bytes') for p in plan.phases))} read in all")
+    if runtime.workers != "local":
+        candidates = [p for p in plan.phases if p.candidates]
+        console.print(f"--workers {runtime.workers}: the candidate passes "
+                      f"({sum(p.total('passes') for p in candidates):,}) split over "
+                      f"{workers if runtime.workers.isdigit() else 'the cluster' + chr(39) + 's'} workers, each "
+                      f"holding its own replica (the same peak memory per worker)")
+    console.print(("fits: " if plan.fits else "does not fit: ") + plan.why)
+    return plan.fits
 
 
 def _prune(params, out: Path, force: bool, state_dir: Path | None = None,

@@ -19,6 +19,7 @@ from pruneflow.errors import PruneflowError
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(@(?P<revision>[\w./-]+))?$")
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
+CONFIG_FILES = ["*.json", "*.txt", "*.model", "*.tiktoken"]  # a dry run: configs and tokenizer, no weights
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,10 @@ class ModelSource:
         return f"{self.repo_id}@{self.commit}" if self.repo_id and self.commit else self.name
 
 
-def resolve(name: str | Path, base: Path | None = None) -> ModelSource:
+def resolve(name: str | Path, base: Path | None = None, weights: bool = True) -> ModelSource:
     """A local checkpoint directory (relative to ``base`` when given, else to the working directory), or a hub
-    id resolved through the local cache (downloading when allowed)."""
+    id resolved through the local cache (downloading when allowed; ``weights=False``: its configs and tokenizer
+    only)."""
     text = str(name)
     path = Path(base or ".") / Path(text).expanduser()
     if text == packaged.REFERENCE and not path.exists():  # the default, outside a checkout: the shipped copy
@@ -51,17 +53,17 @@ def resolve(name: str | Path, base: Path | None = None) -> ModelSource:
     match = HUB_ID.match(text)
     if match is None or text.startswith((".", "/", "~")):
         raise PruneflowError(f"checkpoint directory {text} does not exist (nor is it a hub id ORG/NAME[@REVISION])")
-    return _from_hub(text, match["repo"], match["revision"])
+    return _from_hub(text, match["repo"], match["revision"], HUB_FILES if weights else CONFIG_FILES)
 
 
-def _from_hub(name: str, repo_id: str, revision: str | None) -> ModelSource:
+def _from_hub(name: str, repo_id: str, revision: str | None, files: list[str] = HUB_FILES) -> ModelSource:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     asked = f"{repo_id}@{revision}" if revision else repo_id
     try:
-        folder = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES)
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=files)
     except GatedRepoError:
         raise PruneflowError(f"{repo_id} is a gated repository: accept its terms on the hub with your account, then "
                              f"set HF_TOKEN to a token of that account (read from the environment only)") from None

@@ -1,0 +1,97 @@
+"""``pruneflow prune --dry-run``: the plan of work from the config alone, and its peak memory against a measured
+run (in memory and streamed, each in a fresh process)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tiny_causal_lm
+from pruneflow.cli import app
+from pruneflow.execution.estimate import estimate
+from pruneflow.params import load_params
+from pruneflow.runtime import Runtime
+
+LLAMA_70B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
+             "intermediate_size": 28672, "num_attention_heads": 64, "num_key_value_heads": 8,
+             "num_hidden_layers": 80, "vocab_size": 128256, "max_position_embeddings": 131072,
+             "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "tie_word_embeddings": False,
+             "torch_dtype": "bfloat16", "hidden_act": "silu"}
+
+MEASURE = """
+import json, sys, torch
+from pathlib import Path
+torch.set_num_threads(1)
+from pruneflow import checkpoint
+from pruneflow.params import load_params
+from pruneflow.prune import prune
+from pruneflow.runtime import Runtime
+params = load_params(None, [], updates=json.loads(sys.argv[1]))
+runtime = Runtime.from_params(params.runtime)
+windows = torch.randint(0, 32768, (params.calibrate.n_windows, params.calibrate.seqlen))
+def rss():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+base = rss()
+runtime.reset_peak()
+model, _, spec = checkpoint.load(params.model, runtime, with_tokenizer=False, stream=True,
+                                 calibration=tuple(windows.shape))
+prune(model, spec, params.score.method, params.prune, windows, runtime=runtime)
+checkpoint.save(model, None, Path(sys.argv[2]), spec, dtype=torch.float32, runtime=runtime)
+print(json.dumps({"grew": runtime.peak_bytes()["peak_bytes"] - base}))
+"""
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """24 blocks of width 256 and a 32k vocabulary (the head and embedding are 32 MiB each in float32)."""
+    path = tmp_path_factory.mktemp("dry") / "model"
+    tiny_causal_lm(vocab_size=32768, num_hidden_layers=24, hidden_size=256, intermediate_size=1024,
+                   num_attention_heads=8, num_key_value_heads=4).save_pretrained(path, max_shard_size="20MB")
+    return path
+
+
+def test_a_config_alone_of_a_70b_model_gives_the_plan_of_work(tmp_path, monkeypatch):
+    import psutil
+
+    memory = psutil.virtual_memory()._replace(available=64 * 2**30)  # a 64 GiB machine, wherever this runs
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory)
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B))  # no weights, no tokenizer
+    result = CliRunner().invoke(app, ["prune", str(tmp_path), "--dry-run", "--method", "bonsai", "--device", "cpu",
+                                      "--max-memory", "20GiB"], env={"COLUMNS": "160"})
+    assert result.exit_code in (0, 1), result.output
+    assert "70,553,706,496 parameters" in result.output  # Llama-3.1-70B's published count
+    assert "131.4 GiB of bfloat16 weights" in result.output and "streamed a block at a time" in result.output
+    assert "bonsai sub-models" in result.output and "×6" in result.output  # ⌈0.3 / 0.05⌉ iterations
+    result = CliRunner().invoke(app, ["prune", str(tmp_path), "--dry-run", "--method", "flap", "--device", "cpu"])
+    assert result.exit_code == 1 and "does not fit" in result.output and "64.0 GiB" in result.output
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.parametrize("max_memory", [None, "120MiB"])
+def test_the_estimated_peak_is_within_15_percent_of_a_measured_run(model_dir, tmp_path, max_memory):
+    updates = {"model": str(model_dir), "score.method": "flap", "calibrate.n_windows": 16, "calibrate.seqlen": 64,
+               "runtime.device": "cpu", **({"runtime.max_memory": max_memory} if max_memory else {})}
+    params = load_params(None, [], updates=updates)
+    planned = estimate(model_dir, params, Runtime.from_params(params.runtime))
+    assert planned.streamed == (max_memory is not None)
+    run = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(updates), str(tmp_path / "out")],
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[2])
+    grew = json.loads(run.stdout.strip().splitlines()[-1])["grew"]
+    assert abs(planned.peak_bytes - grew) <= 0.15 * grew, f"estimated {planned.peak_bytes:,}, measured {grew:,}"
+
+
+def test_a_dry_run_refuses_what_pruneflow_cannot_prune(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64}))
+    result = CliRunner().invoke(app, ["prune", str(tmp_path), "--dry-run"])
+    assert result.exit_code == 2 and "error:" in result.output and "gpt2" in result.output
+
+
+def test_prune_without_out_or_dry_run_is_a_clear_error(model_dir):
+    result = CliRunner().invoke(app, ["prune", str(model_dir)])
+    assert result.exit_code == 2 and "--out" in result.output and "--dry-run" in result.output
