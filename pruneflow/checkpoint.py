@@ -231,6 +231,7 @@ def load(source: Path | str | ModelSource, runtime: Runtime | None = None, with_
             model = auto.from_pretrained(path, config=AutoConfig.from_pretrained(path), dtype=dtype, **placement)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise PruneflowError(f"cannot load checkpoint {source.name}: {str(err).splitlines()[0][:300]}") from err
+    streaming.count_read(sum(f.stat().st_size for f in Path(path).glob("*.safetensors")))
     for name, tensor in model.state_dict().items():
         if not torch.isfinite(tensor).all():
             raise PruneflowError(f"checkpoint {path}: weight {name} contains NaN or Inf")

@@ -291,7 +291,10 @@ def refit(model: nn.Module, spec: ArchSpec, plan: PrunePlan, scores: Scores | No
         stream = streaming.stream_of(model)
         stream.fitted = stream.fitted or Fitted()
     batch = streaming.BATCH
-    carried = [streaming.capture(model, spec, windows[s:s + batch]) for s in range(0, len(windows), batch)]
+    batches = [windows[s:s + batch] for s in range(0, len(windows), batch)]
+    lookup = streaming.lookup_for(model, batches)
+    carried = [streaming.capture(model, spec, b, lookup) for b in batches]
+    del lookup
     dense_states = [hidden for hidden, _ in carried]
     pruned_states = [hidden.clone() for hidden in dense_states]
     reports = []

@@ -30,6 +30,7 @@ from pruneflow import calibration as C
 from pruneflow import checkpoint
 from pruneflow.atomic import atomic_dir
 from pruneflow.errors import PruneflowError
+from pruneflow.execution import streaming
 from pruneflow.graph import OUTPUTS, REPORT, RESOURCES, STAGES
 from pruneflow.methods import METHODS
 from pruneflow.params import Params
@@ -50,10 +51,11 @@ def run(name: str, params: Params, root: Path = Path("artifacts")) -> Path:
     root = Path(root)
     runtime = Runtime.from_params(params.runtime)
     runtime.reset_peak()
-    started = time.perf_counter()
+    started, read = time.perf_counter(), streaming.READ["bytes"]
     out = stages[name](params, root, runtime)
     _write_json(root / RESOURCES / f"{name}.json", {
         "stage": name, "seconds": time.perf_counter() - started, **runtime.peak_bytes(),
+        "bytes_read": streaming.READ["bytes"] - read,  # from checkpoint files (streamed reads and whole loads)
         "device": str(runtime.device), "dtype": dtype_name(runtime.dtype) if runtime.dtype else "auto"})
     return out
 

@@ -136,10 +136,9 @@ def estimate(path: Path, params, runtime: Runtime, workers: int = 1) -> Estimate
         raise PruneflowError(f"method {method} needs the whole model in memory ({format_size(weight_bytes)} of "
                              f"weights); --max-memory is {format_size(runtime.max_memory)}")
     tokens = c.n_windows * c.seqlen
-    batches = math.ceil(c.n_windows / streaming.BATCH)
     need = streaming.requirement(block_sizes, config, spec, dtype, c.n_windows, c.seqlen)
     every_block = sum(block_sizes)
-    embedding_reads = batches * head  # each batch's lookup reads the chunks its ids fall in: at most all of them
+    embedding_reads = head  # one sweep over the embedding for every batch of a pass (streaming.Lookup)
 
     def in_memory(rows: int, seqlen: int, losses: bool) -> int:
         return weight_bytes + _work(config, rows, seqlen, dtype) + (_logits(config, rows, seqlen) if losses else 0)
@@ -166,7 +165,7 @@ def estimate(path: Path, params, runtime: Runtime, workers: int = 1) -> Estimate
             budget = runtime.max_memory
             group = max(1, min(budget // 4, budget - fixed) // per["carried"])
             passes = math.ceil(n_batches / group)
-            read = passes * (every_block + head) + n_batches * head  # blocks + head per pass; lookups
+            read = passes * (every_block + head) + head  # blocks and head per group of batches; one lookup sweep
             peak = fixed + min(group, n_batches) * per["carried"]
         else:
             passes, read, peak = n_batches, 0, in_memory(rows, seqlen, True)

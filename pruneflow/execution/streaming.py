@@ -53,6 +53,13 @@ STORED = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F
           "BOOL": torch.bool}
 
 
+READ = {"bytes": 0}  # bytes read from checkpoint files by this process (stage resources report the difference)
+
+
+def count_read(nbytes: int) -> None:
+    READ["bytes"] += nbytes
+
+
 @dataclass
 class TensorInfo:
     file: Path
@@ -105,7 +112,9 @@ class LazyWeights:
             stored = STORED.get(info.dtype)
             if info.offset < 0 or stored is None:  # a dtype this reader does not know: safetensors reads it
                 with safe_open(info.file, framework="pt") as f:
-                    out[name] = self._convert(f.get_tensor(name), dtype, device, name)
+                    tensor = f.get_tensor(name)
+                count_read(tensor.numel() * tensor.element_size())
+                out[name] = self._convert(tensor, dtype, device, name)
                 continue
             target = dtype if stored.is_floating_point else stored
             whole = torch.empty(info.shape, dtype=target, device=device)
@@ -120,6 +129,7 @@ class LazyWeights:
                     buffer = part if direct else torch.empty(part.shape, dtype=stored)
                     f.seek(info.offset + start * row_bytes)
                     _read_exactly(f, buffer.view(-1).view(torch.uint8).numpy(), info.file)
+                    count_read(buffer.numel() * buffer.element_size())
                     if not direct:
                         part.copy_(buffer)
             out[name] = self._convert(whole, dtype, device, name)
@@ -139,13 +149,16 @@ class LazyWeights:
         stored = STORED.get(info.dtype)
         if info.offset < 0 or stored is None:
             with safe_open(info.file, framework="pt") as f:
-                return f.get_slice(name)[start:stop].to(device=device, dtype=dtype)
+                part = f.get_slice(name)[start:stop]
+            count_read(part.numel() * part.element_size())
+            return part.to(device=device, dtype=dtype)
         stop = min(stop, info.shape[0])
         row_bytes = math.prod(info.shape[1:]) * stored.itemsize
         buffer = torch.empty((stop - start, *info.shape[1:]), dtype=stored)
         with open(info.file, "rb", buffering=0) as f:
             f.seek(info.offset + start * row_bytes)
             _read_exactly(f, buffer.view(-1).view(torch.uint8).numpy(), info.file)
+        count_read(buffer.numel() * buffer.element_size())
         return buffer.to(device=device, dtype=dtype)
 
 
@@ -313,12 +326,32 @@ def embed(model: nn.Module, stream: Stream, input_ids: torch.Tensor) -> torch.Te
     return out
 
 
-def capture(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple]]:
+class Lookup:
+    """The embedding rows of every token id of a set of batches, read in one sweep over the embedding matrix
+    rather than once per batch (Bonsai's sub-model batches and the search's candidates reuse the same windows; a
+    128k × 4096 embedding is 1 GB a sweep). Holds one row per distinct id: at most the windows' own tokens."""
+
+    def __init__(self, model: nn.Module, stream: Stream, batches: list[torch.Tensor]):
+        self.ids = torch.unique(torch.cat([b.reshape(-1) for b in batches])).to(stream.device)  # sorted
+        self.rows = embed(model, stream, self.ids)  # (distinct ids, hidden)
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.rows[torch.searchsorted(self.ids, input_ids.to(self.ids.device))]
+
+
+def lookup_for(model: nn.Module, batches: list[torch.Tensor]) -> Lookup | None:
+    """A :class:`Lookup` for a streamed model's batches (None in memory: the embedding is there)."""
+    stream = stream_of(model)
+    return None if stream is None else Lookup(model, stream, batches)
+
+
+def capture(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor,
+            lookup: Lookup | None = None) -> tuple[torch.Tensor, list[tuple]]:
     """(hidden states entering block 0, the (args, kwargs) every block is called with) for one batch (streamed
-    or in memory)."""
+    or in memory; streamed, the embedding rows come from ``lookup`` when given)."""
     stream = stream_of(model)
     if stream is not None:
-        embeds = embed(model, stream, input_ids.to(stream.device))
+        embeds = lookup(input_ids) if lookup is not None else embed(model, stream, input_ids.to(stream.device))
     else:
         embedding = model.get_input_embeddings()
         embeds = embedding(input_ids.to(embedding.weight.device))
@@ -375,7 +408,10 @@ def calibration_pass(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, ru
             if done is not None:
                 done(i, block)
         return
-    carried = [capture(model, spec, windows[s:s + batch_size]) for s in range(0, len(windows), batch_size)]
+    batches = [windows[s:s + batch_size] for s in range(0, len(windows), batch_size)]
+    lookup = lookup_for(model, batches)  # one sweep over the embedding for every batch
+    carried = [capture(model, spec, batch, lookup) for batch in batches]
+    del lookup
     states = [hidden for hidden, _ in carried]
     for i, block in enumerate(tqdm(each_block(model, spec), total=len(blocks), desc=f"{desc} (streamed)",
                                    unit="block", leave=False)):
@@ -404,6 +440,7 @@ def token_nll_batches(model: nn.Module, spec: ArchSpec, batches: list[torch.Tens
     backbone = getattr(model, model.base_model_prefix)
     widest = max(batches, key=lambda b: b.numel())
     group = loss_group(model, spec, runtime, *widest.shape)
+    lookup = lookup_for(model, batches)  # the embedding read once for every group, not once per batch
     finals = [module for name, module in backbone.named_children()
               if module is not model.get_input_embeddings() and name != spec.layers.rpartition(".")[2]
               and any(True for _ in module.parameters())]  # the final norm
@@ -411,7 +448,7 @@ def token_nll_batches(model: nn.Module, spec: ArchSpec, batches: list[torch.Tens
     embedding = _prefix(model, model.get_input_embeddings()) + "weight"
     for start in range(0, len(batches), group):
         part = range(start, min(start + group, len(batches)))
-        carried = [capture(model, spec, batches[b]) for b in part]
+        carried = [capture(model, spec, batches[b], lookup) for b in part]
         states = [hidden for hidden, _ in carried]
         for i, block in enumerate(each_block(model, spec)):
             advance(block, i, states, carried,

@@ -361,3 +361,25 @@ def test_a_budget_just_above_the_claimed_minimum_is_kept(tmp_path):
         prune(model, spec, "flap", PruneParams(ratio=0.3), windows, runtime=runtime)
         checkpoint.save(model, None, tmp_path / "out", spec, dtype=torch.float32, runtime=runtime)
     assert 64 * 2**20 < held.peak <= budget, f"held {held.peak:,} bytes under a budget of {budget:,}"
+
+
+def test_a_loss_pass_reads_the_embedding_once_for_all_its_batches(tmp_path, monkeypatch):
+    """Six batches of the same windows (as Bonsai's sub-models are): one sweep over the embedding, not six; the
+    bytes read are counted (what the stages record as bytes_read)."""
+    dense = _dense(tmp_path)
+    runtime = Runtime(max_memory=BUDGET)
+    model, _, spec = checkpoint.load(dense, runtime, with_tokenizer=False, stream=True, calibration=WINDOWS.shape)
+    swept, real = [], streaming.LazyWeights.rows
+
+    def rows(self, name, *args):
+        swept.append(name)
+        return real(self, name, *args)
+
+    monkeypatch.setattr(streaming.LazyWeights, "rows", rows)
+    before = streaming.READ["bytes"]
+    batches = [WINDOWS[:4]] * 6
+    losses = list(streaming.token_nll_batches(model, spec, batches, runtime))
+    assert len(losses) == 6 and all(torch.equal(losses[0], nll) for nll in losses)
+    assert swept == ["model.embed_tokens.weight"]  # one chunk covers this vocabulary: one read in all
+    weights = sum(info.nbytes(torch.float32) for info in streaming.stream_of(model).weights.tensors.values())
+    assert weights <= streaming.READ["bytes"] - before  # every block (and the head) at least once
