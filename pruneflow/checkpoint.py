@@ -114,9 +114,7 @@ def save(model: nn.Module, tokenizer, out_dir: Path, spec: ArchSpec, extra_files
     config = config if vanilla else pruned_config(model, spec)
     with atomic_dir(out_dir, overwrite) as tmp:
         if streamed:
-            shard = parse_size(max_shard_size)
-            if runtime is not None and runtime.max_memory:
-                shard = min(shard, max(1, runtime.max_memory // 4))  # the pending shard shares the budget
+            shard = streaming.shard_limit(parse_size(max_shard_size), runtime.max_memory if runtime else None)
             dtype = dtype or streaming.stream_of(model).dtype
             streaming.write_weights(model, spec, tmp, dtype, shard, runtime)
             config.dtype = dtype  # what save_pretrained records of a model cast to it

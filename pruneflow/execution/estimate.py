@@ -20,11 +20,12 @@ from torch import nn
 
 from pruneflow import arch as A
 from pruneflow.arch import ArchSpec
+from pruneflow.checkpoint import SHARD_SIZE
 from pruneflow.errors import PruneflowError
 from pruneflow.execution import streaming
 from pruneflow.losses import LOGIT_BYTES
 from pruneflow.runtime import Runtime
-from pruneflow.sizes import format_size
+from pruneflow.sizes import format_size, parse_size
 
 STATISTIC_METHODS = {"wanda_sp", "flap", "minitron", "block_influence", "angular", "router_weighted",
                      "expert_drop", "taylor"}
@@ -136,7 +137,10 @@ def estimate(path: Path, params, runtime: Runtime, workers: int = 1) -> Estimate
         raise PruneflowError(f"method {method} needs the whole model in memory ({format_size(weight_bytes)} of "
                              f"weights); --max-memory is {format_size(runtime.max_memory)}")
     tokens = c.n_windows * c.seqlen
-    need = streaming.requirement(block_sizes, config, spec, dtype, c.n_windows, c.seqlen)
+    converts = dtype != stated  # the checkpoint's stored dtype is the one its config states
+    max_shard = parse_size(SHARD_SIZE)  # --max-shard-size's default: a shard's tensors are gathered, then written
+    shard = streaming.shard_limit(max_shard, runtime.max_memory) if streamed else None
+    need = streaming.requirement(block_sizes, config, spec, dtype, c.n_windows, c.seqlen, converts, shard)
     every_block = sum(block_sizes)
     embedding_reads = head  # one sweep over the embedding for every batch of a pass (streaming.Lookup)
 
@@ -160,7 +164,7 @@ def estimate(path: Path, params, runtime: Runtime, workers: int = 1) -> Estimate
     for name, count, n_batches, rows, repeat in candidate_batches(method, params, len(blocks), removed_blocks):
         seqlen = c.seqlen
         if streamed:
-            per = streaming.requirement(block_sizes, config, spec, dtype, rows, seqlen)
+            per = streaming.requirement(block_sizes, config, spec, dtype, rows, seqlen, converts, shard)
             fixed = max(2 * per["block"] + per["work"], per["head"] + per["logits"])
             budget = runtime.max_memory
             group = max(1, min(budget // 4, budget - fixed) // per["carried"])
@@ -178,9 +182,8 @@ def estimate(path: Path, params, runtime: Runtime, workers: int = 1) -> Estimate
         held = (2 * need["block"] if streamed else weight_bytes + need["block"]) + states + solve
         phases.append(Phase("lstsq re-fit", 2, 2 * tokens, 2 * every_block if streamed else 0, held))
     kept = int((weight_bytes - 2 * head) * (1 - params.prune.ratio)) + 2 * head  # the pruned model
-    shard = 5 * 10**9  # --max-shard-size's default: the tensors of one shard are gathered before it is written
     phases.append(Phase("save", 0, 0, every_block + 2 * head if streamed else 0,
-                        need["phases"]["save"] if streamed else kept + min(shard, kept)))
+                        need["phases"]["save"] if streamed else kept + min(max_shard, kept)))
     peak = max(p.peak_bytes for p in phases)
     available, fits, why = _room(runtime, peak, streamed)
     return Estimate(model=str(path), dtype=str(dtype).removeprefix("torch."),

@@ -477,15 +477,18 @@ def block_bytes(weights: LazyWeights, spec: ArchSpec, count: int, dtype: torch.d
 def required_bytes(weights: LazyWeights, config, spec: ArchSpec, dtype: torch.dtype, windows: int,
                    seqlen: int) -> dict[str, int]:
     """:func:`requirement` of the checkpoint ``weights`` holds."""
+    converts = any((stored := STORED.get(info.dtype)) is None or (stored.is_floating_point and stored != dtype)
+                   for info in weights.tensors.values())
     return requirement(block_bytes(weights, spec, config.num_hidden_layers, dtype), config, spec, dtype, windows,
-                       seqlen)
+                       seqlen, converts)
 
 
 def requirement(blocks: list[int], config, spec: ArchSpec, dtype: torch.dtype, windows: int,
-                seqlen: int) -> dict[str, int]:
+                seqlen: int, converts: bool = True, shard: int | None = None) -> dict[str, int]:
     """What a streamed prune holds at once (``blocks``: each block's bytes), in its largest phase:
 
-    - while any tensor is read: a chunk of it mapped from the file and its copy (:data:`READ_CHUNK_BYTES`);
+    - while a tensor is read: its destination (counted in the phase) and, when its stored dtype is not ``dtype``
+      (``converts``), one chunk of rows in the stored dtype (:data:`READ_CHUNK_BYTES`; see :meth:`LazyWeights.read`);
     - through the blocks: the largest block and its pruned copy (while it is written), the calibration
       activations of every window (carried from block to block) and one batch's work inside a block (the MLP's
       widest activations, attention scores);
@@ -494,8 +497,9 @@ def requirement(blocks: list[int], config, spec: ArchSpec, dtype: torch.dtype, w
       its log-softmax (at most :data:`pruneflow.losses.LOGIT_BYTES` of float32, ×2.5 with the head's own
       output);
     - capturing the inputs: one chunk of embedding rows and the carried activations;
-    - saving: the largest tensor (the head) or a block and its sliced copy, beside a chunk being read (mapped
-      and copied: twice its bytes) — the pending shard is written before a tensor that would not fit it.
+    - saving: the largest tensor (the head), or a block and its sliced copy beside the pending shard (``shard``
+      bytes, :func:`shard_limit`; by default a quarter of the smallest budget that holds it), each beside a chunk
+      being read — the pending shard is written before a tensor that would not fit it.
     """
     from pruneflow.losses import LOGIT_BYTES
 
@@ -507,11 +511,19 @@ def requirement(blocks: list[int], config, spec: ArchSpec, dtype: torch.dtype, w
     chunk = min(LOGIT_BYTES, batch * seqlen * config.vocab_size * 4)  # float32 logits of one chunk of tokens
     logits = int(2.5 * chunk) if spec.causal_lm else 0
     embed = min(head, EMBED_CHUNK_BYTES)
-    reading = 2 * min(max(max(blocks), head), READ_CHUNK_BYTES)  # a chunk mapped and its copy, while read
+    reading = min(max(max(blocks), head), READ_CHUNK_BYTES) if converts else 0  # a read chunk, then converted
+    block_save = 2 * max(blocks) + reading
+    pending = shard if shard is not None else block_save // 3  # a quarter of a budget B = B / 4 + block_save
     phases = {"blocks": 2 * max(blocks) + carried + max(work, reading), "head": head + carried + max(logits, reading),
-              "embedding": embed + 2 * carried, "save": max(head, 2 * max(blocks)) + reading}
+              "embedding": embed + 2 * carried, "save": max(head + reading, block_save + pending)}
     return {"block": max(blocks), "carried": carried, "work": work, "head": head, "logits": logits,
             "phases": phases, "total": max(phases.values())}
+
+
+def shard_limit(max_shard: int, budget: int | None) -> int:
+    """The most bytes a streamed save gathers before writing a shard: ``max_shard``, and at most a quarter of the
+    memory budget (the pending shard shares it with the block being written)."""
+    return min(max_shard, max(1, budget // 4)) if budget else max_shard
 
 
 def check_budget(weights: LazyWeights, config, spec: ArchSpec, dtype: torch.dtype, budget: int, windows: int,

@@ -9,6 +9,7 @@ import torch
 
 from conftest import safetensors_of as _tensors
 from conftest import tiny_causal_lm
+from memory import LiveTensors
 from pruneflow import arch as A
 from pruneflow import checkpoint
 from pruneflow.execution import streaming
@@ -296,46 +297,6 @@ def test_bf16_checkpoint_streams_bit_for_bit_computing_in_bf16(method, tmp_path)
     a, b = _tensors(memory_dir), _tensors(streamed_dir)
     assert {t.dtype for t in b.values()} == {torch.bfloat16}
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
-
-
-class LiveTensors:
-    """The bytes of every tensor storage alive, and their peak, counted at each torch operation (a dispatch mode:
-    what the memory budget is about, without the allocator's slack that resident memory adds)."""
-
-    def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        tracker = self
-        self.live: dict[int, list] = {}  # storage address → [bytes, weak references to its tensors]
-        self.peak = 0
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                tracker._see(out)
-                return out
-
-        self.mode = Mode()
-
-    def _see(self, out) -> None:
-        import weakref
-
-        from torch.utils._pytree import tree_flatten
-
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.untyped_storage().nbytes():
-                entry = self.live.setdefault(t.untyped_storage().data_ptr(), [t.untyped_storage().nbytes(), []])
-                entry[1].append(weakref.ref(t))
-        for key in [k for k, (_, refs) in self.live.items() if all(r() is None for r in refs)]:
-            del self.live[key]
-        self.peak = max(self.peak, sum(size for size, _ in self.live.values()))
-
-    def __enter__(self):
-        self.mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.mode.__exit__(*exc)
 
 
 def test_a_budget_just_above_the_claimed_minimum_is_kept(tmp_path):
