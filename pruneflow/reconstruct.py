@@ -45,7 +45,8 @@ from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
 from pruneflow.plan import PrunePlan
 from pruneflow.runtime import Runtime
-from pruneflow.scores import Scores, stats_hooks
+from pruneflow.inputs import stats_hooks
+from pruneflow.scores import Scores
 from pruneflow.sizes import format_size
 
 log = logging.getLogger(__name__)

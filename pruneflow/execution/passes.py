@@ -6,6 +6,8 @@ workers; only how long they take differs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -14,9 +16,11 @@ from pruneflow import arch as A
 from pruneflow.arch import ArchSpec
 from pruneflow.execution import replicas, streaming
 from pruneflow.execution.candidates import Batches, Candidates
-from pruneflow.execution.streaming import calibration_pass, each_block
+from pruneflow.execution.streaming import BATCH, each_block
 from pruneflow.losses import token_nll
 from pruneflow.runtime import Runtime
+
+Hooks = Callable[[int, nn.Module], list]
 
 __all__ = ["Candidates", "calibration_pass", "each_block", "losses", "nll_batches"]
 
@@ -44,3 +48,21 @@ def nll_batches(model: nn.Module, batches: list[torch.Tensor], runtime: Runtime,
     device = runtime.input_device(model)
     for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=desc is None):
         yield token_nll(model, batch.to(device))
+
+
+def calibration_pass(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, runtime: Runtime, hooks: Hooks,
+                     done: Callable[[int, nn.Module], None] | None = None, state: tuple | None = None,
+                     batch_size: int = BATCH, desc: str = "calibration forward") -> None:
+    """Run ``windows`` through every block: ``hooks(i, block)`` registers what watches block ``i`` (returns the
+    handles); ``done(i, block)`` runs once block ``i``'s statistics are complete, its weights loaded.
+
+    ``state``: the lists, dicts or tensors the hooks fill with *sums* over tokens (partial sums of disjoint
+    windows add up to the whole). Given it, the pass may run on the ``--workers``: each takes a contiguous share
+    of the windows, their partial states are added in window order, then ``done`` runs here block by block.
+    Without it the pass runs here (a caller whose hooks keep anything but sums)."""
+    if state is not None and replicas.statistics(model, windows, runtime, hooks, state, batch_size, desc):
+        if done is not None:
+            for i, block in enumerate(each_block(model, spec)):
+                done(i, block)
+        return
+    streaming.calibration_pass(model, spec, windows, runtime, hooks, done, batch_size, desc)

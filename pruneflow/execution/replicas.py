@@ -17,6 +17,8 @@ weights changed in a way the lineage cannot replay (a least-squares re-fit, reco
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import os
 from pathlib import Path
@@ -68,6 +70,21 @@ class Replica:
             self._rebuild(ray.get(lineage_ref[0]))
         return local_batch_sums(self.model, self.spec, windows, candidates, batches, self.runtime,
                                 progress=lambda _: None)
+
+    def statistics(self, key: str, lineage_ref: list, windows, payload: tuple, batch_size: int):
+        """``payload`` = (hooks, state): the caller's hooks run over ``windows`` on this replica, filling this
+        copy of its ``state``, which goes back (on the CPU) to be added to the others'."""
+        import ray
+
+        from pruneflow.execution.streaming import calibration_pass
+
+        if key != self.key:
+            self.model = None
+            self.runtime.free()
+            self._rebuild(ray.get(lineage_ref[0]))
+        hooks, state = payload
+        calibration_pass(self.model, self.spec, windows, self.runtime, hooks, batch_size=batch_size)
+        return to_device(state, torch.device("cpu"))
 
     def pid(self) -> int:
         return os.getpid()
@@ -130,14 +147,31 @@ class Pool:
             while pending:
                 done, pending = self.ray.wait(pending, num_returns=1)
                 bar.update(sum(sizes[f.hex()] for f in done))
+        parts = self._gather(futures, "evaluate candidates")
+        return [sums for part in parts for sums in part]
+
+    def statistics(self, lineage: Lineage, windows: torch.Tensor, hooks, state: tuple, batch_size: int,
+                   desc: str) -> list:
+        """Each worker's share of ``windows`` (whole batches of ``batch_size``, in order) through its replica
+        with ``hooks``; their filled copies of ``state``, in window order."""
+        key = lineage.key()
+        if key != self.lineage_key:
+            self.lineage_key, self.lineage_ref = key, self.ray.put(lineage)
+        batches = -(-len(windows) // batch_size)
+        cuts = [round(batches * k / len(self.actors)) * batch_size for k in range(len(self.actors) + 1)]
+        futures = [actor.statistics.remote(key, [self.lineage_ref], windows[a:b], (hooks, state), batch_size)
+                   for actor, a, b in zip(self.actors, cuts, cuts[1:]) if b > a]
+        log.info("%s: %d windows over %d workers", desc, len(windows), len(futures))
+        return self._gather(futures, "compute statistics")
+
+    def _gather(self, futures: list, what: str) -> list:
         try:
-            parts = self.ray.get(futures)
+            return self.ray.get(futures)
         except self.ray.exceptions.RayTaskError as err:
             cause = err.as_instanceof_cause()
             if isinstance(cause, PruneflowError):
-                raise PruneflowError(f"a worker could not evaluate candidates: {cause}") from None
+                raise PruneflowError(f"a worker could not {what}: {cause}") from None
             raise
-        return [sums for part in parts for sums in part]
 
 
 def _reachable(address: str, seconds: float = 5.0) -> None:
@@ -177,11 +211,93 @@ def batch_sums(model: nn.Module, spec: ArchSpec, windows, candidates, batches, r
                desc: str) -> list[torch.Tensor]:
     """:func:`pruneflow.execution.candidates.batch_sums` on the workers, or here (``--workers local``, or a
     model the workers cannot rebuild)."""
-    pool = pool_for(runtime)
-    lineage = getattr(model, "pruneflow_lineage", None)
-    if pool is not None and lineage is not None and lineage.replayable:
+    where = fanned_out(model, runtime)
+    if where is not None:
+        pool, lineage = where
         return pool.batch_sums(lineage, windows, candidates, batches, desc)
-    if pool is not None:
-        log.info("evaluating candidates in this process: %s", "the model was not loaded from a checkpoint"
-                 if lineage is None else f"the workers cannot rebuild it ({lineage.why})")
     return local_batch_sums(model, spec, windows, candidates, batches, runtime, desc)
+
+
+def fanned_out(model: nn.Module, runtime: Runtime) -> tuple[Pool, Lineage] | None:
+    """The pool and the lineage its workers rebuild ``model`` from, or None where the work stays here
+    (``--workers local``, a model not loaded from a checkpoint or changed in a way the lineage cannot replay, a
+    model spread over several devices)."""
+    pool = pool_for(runtime)
+    if pool is None:
+        return None
+    lineage = getattr(model, "pruneflow_lineage", None)
+    devices = set(getattr(model, "hf_device_map", {}).values())
+    if lineage is not None and lineage.replayable and len(devices) <= 1:
+        return pool, lineage
+    log.info("running in this process: %s", "the model was not loaded from a checkpoint" if lineage is None
+             else "its layers are spread over several devices" if len(devices) > 1
+             else f"the workers cannot rebuild it ({lineage.why})")
+    return None
+
+
+def statistics(model: nn.Module, windows: torch.Tensor, runtime: Runtime, hooks, state: tuple, batch_size: int,
+               desc: str) -> bool:
+    """Fill ``state`` (a tuple of lists, dicts or tensors the ``hooks`` add to) from the workers: each runs a
+    contiguous share of the windows, their states are added in window order (:func:`add`) and written into
+    ``state`` in place. False (nothing done) where the pass must run here."""
+    where = fanned_out(model, runtime)
+    if where is None:
+        return False
+    pool, lineage = where
+    parts = pool.statistics(lineage, windows, hooks, state, batch_size, desc)
+    total = to_device(functools.reduce(add, parts), runtime.device)
+    for mine, merged in zip(state, total):
+        if isinstance(mine, list):
+            mine[:] = merged
+        elif isinstance(mine, dict):
+            mine.clear()
+            mine.update(merged)
+        elif isinstance(mine, torch.Tensor):
+            mine.copy_(merged)
+        else:
+            raise TypeError(f"statistics state must hold lists, dicts or tensors, not {type(mine).__name__}")
+    return True
+
+
+def add(a, b):
+    """Two partial statistics of the same shape added: tensors and numbers summed, lists, tuples and dicts item
+    by item (an empty list takes the other's items), objects attribute by attribute; anything else (a dtype,
+    a name) must be equal."""
+    if a is None or (isinstance(a, list) and not a):
+        return b
+    if b is None or (isinstance(b, list) and not b):
+        return a
+    if isinstance(a, torch.Tensor):
+        return a + b.to(a.device)
+    if isinstance(a, (int, float)) and not isinstance(a, bool):
+        return a + b
+    if isinstance(a, (list, tuple)):
+        if len(a) != len(b):
+            raise ValueError(f"partial statistics of different lengths ({len(a)} and {len(b)})")
+        return type(a)(add(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return {k: add(a.get(k), b.get(k)) for k in {**a, **b}}
+    if hasattr(a, "__dict__") and type(a) is type(b) and not isinstance(a, type):
+        merged = copy.copy(a)
+        for name, value in vars(a).items():
+            setattr(merged, name, add(value, getattr(b, name)))
+        return merged
+    if a != b:
+        raise ValueError(f"partial statistics disagree: {a!r} and {b!r}")
+    return a
+
+
+def to_device(state, device: torch.device):
+    """``state`` with every tensor in it on ``device`` (lists, tuples, dicts and objects' attributes)."""
+    if isinstance(state, torch.Tensor):
+        return state.to(device)
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_device(x, device) for x in state)
+    if isinstance(state, dict):
+        return {k: to_device(v, device) for k, v in state.items()}
+    if hasattr(state, "__dict__") and not isinstance(state, type):
+        moved = copy.copy(state)
+        for name, value in vars(state).items():
+            setattr(moved, name, to_device(value, device))
+        return moved
+    return state

@@ -16,7 +16,7 @@ from torch import nn
 from pruneflow import arch as A
 from pruneflow.arch import ArchSpec
 from pruneflow.runtime import Runtime
-from pruneflow.execution.streaming import calibration_pass
+from pruneflow.execution.passes import calibration_pass
 
 CHUNK_TOKENS = 256
 
@@ -60,7 +60,7 @@ def boundary_distances(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, 
     try:
         calibration_pass(model, spec, windows, runtime,
                          lambda i, block: [block.register_forward_hook(capture(i), with_kwargs=True)],
-                         batch_size=batch_size, desc="boundary states")
+                         state=(totals,), batch_size=batch_size, desc="boundary states")
     finally:
         recent.clear()
     return totals / windows.numel()

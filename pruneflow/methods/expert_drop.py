@@ -24,7 +24,7 @@ from pruneflow import experts as X
 from pruneflow.errors import PruneflowError
 from pruneflow.methods.options import ExpertDropParams
 from pruneflow.scores import Scores
-from pruneflow.execution.streaming import calibration_pass
+from pruneflow.execution.passes import calibration_pass
 
 CHUNK_BYTES = 256 * 2**20  # the re-routed outputs of this many bytes' worth of combinations at a time
 
@@ -99,7 +99,7 @@ def score(model: nn.Module, spec, windows, runtime, ratio=None, config: ExpertDr
 
         return [A.get(block, spec.experts.rpartition(".")[0]).register_forward_hook(hook, with_kwargs=True)]
 
-    calibration_pass(model, spec, windows, runtime, hooks)
+    calibration_pass(model, spec, windows, runtime, hooks, state=(losses, dense_norms))
     scores, best = [], []
     for i, block_losses in enumerate(losses):
         c = int(torch.argmin(block_losses))  # the first of equal losses, as min() over the paper's dict

@@ -18,7 +18,7 @@ from torch import nn
 from pruneflow import arch as A
 from pruneflow.errors import PruneflowError
 from pruneflow.scores import Scores
-from pruneflow.execution.streaming import calibration_pass
+from pruneflow.execution.passes import calibration_pass
 
 
 class _Magnitude:
@@ -65,6 +65,6 @@ def score(model: nn.Module, spec, windows, runtime, **_) -> Scores:
         if not spec.moe:
             channels.append(mlp[i].importance.float().cpu())
 
-    calibration_pass(model, spec, windows, runtime, hooks, done)
+    calibration_pass(model, spec, windows, runtime, hooks, done, state=(norms, attn, mlp))
     hidden = sum(stat.importance.cpu() for block in norms for stat in block)
     return Scores(heads=heads, channels=channels, hidden=hidden.float())

@@ -12,7 +12,7 @@ from torch import nn
 from pruneflow import arch as A
 from pruneflow import experts as X
 from pruneflow.scores import Scores
-from pruneflow.execution.streaming import calibration_pass
+from pruneflow.execution.passes import calibration_pass
 
 
 @torch.no_grad()
@@ -41,6 +41,6 @@ def score(model: nn.Module, spec, windows, runtime, **_) -> Scores:
 
         return [A.get(block, spec.experts).register_forward_pre_hook(hook, with_kwargs=True)]
 
-    calibration_pass(model, spec, windows, runtime, hooks)
+    calibration_pass(model, spec, windows, runtime, hooks, state=(totals, routed))
     return Scores(heads=[], channels=[], experts=[t.float() for t in totals],
                   extra={"router_weighted": {"routed_tokens": routed}})

@@ -21,7 +21,7 @@ from pruneflow.methods.options import BonsaiParams
 from pruneflow.params import PruneParams
 from pruneflow.prune import prune
 from pruneflow.runtime import Runtime
-from tests.conftest import tiny_causal_lm
+from tests.conftest import tiny_causal_lm, tiny_moe
 
 pytestmark = pytest.mark.xdist_group("ray")
 
@@ -32,6 +32,10 @@ CASES = {
     "bonsai": (PruneParams(ratio=0.3), FAST),
     "search": (PruneParams(ratio=0.3, allocation="search", search=SEARCH), None),
     "sleb": (PruneParams(ratio=0.4, units=["layers"]), None),
+    # calibration statistics: windows split over the workers, their partial sums added in window order
+    "flap": (PruneParams(ratio=0.3, allocation="global"), None),
+    "block_influence": (PruneParams(ratio=0.4, units=["layers"]), None),
+    "expert_drop": (PruneParams(ratio=0.3), None),
 }
 
 
@@ -53,6 +57,13 @@ def saved(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def saved_moe(tmp_path_factory):
+    path = tmp_path_factory.mktemp("workers") / "moe"
+    tiny_moe(num_hidden_layers=2).save_pretrained(path)
+    return path
+
+
 def _plan(path, method, runtime):
     cfg, options = CASES[method]
     model, _, spec = checkpoint.load(path, runtime, with_tokenizer=False)
@@ -61,10 +72,19 @@ def _plan(path, method, runtime):
 
 
 @pytest.mark.parametrize("method", list(CASES))
-def test_plans_on_two_workers_equal_local(ray_workers, saved, method):
-    local = _plan(saved, method, Runtime.create("cpu"))
-    fanned = _plan(saved, method, ray_workers)
+def test_plans_on_two_workers_equal_local(ray_workers, saved, saved_moe, method, monkeypatch):
+    path = saved_moe if method == "expert_drop" else saved
+    local = _plan(path, method, Runtime.create("cpu"))
+    real, shares = replicas.Pool.statistics, []
+
+    def statistics(self, lineage, windows, *args, **kwargs):
+        shares.append(len(windows))
+        return real(self, lineage, windows, *args, **kwargs)
+
+    monkeypatch.setattr(replicas.Pool, "statistics", statistics)
+    fanned = _plan(path, method, ray_workers)
     assert fanned.plan.to_json() == local.plan.to_json()
+    assert bool(shares) == (method != "sleb")  # their calibration statistics went to the workers (SLEB has none)
     if method == "bonsai":  # each iteration's sub-model losses exactly (the lasso's last bits vary run to run)
         losses = [[(it["loss_min"], it["loss_max"]) for it in r.iterations] for r in (local, fanned)]
         assert losses[0] == losses[1] and len(losses[0]) > 1
@@ -139,3 +159,30 @@ def test_workers_without_ray_installed_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
     with pytest.raises(PruneflowError, match="needs Ray, which is not installed"):
         Runtime.create("cpu", workers="2")
+
+
+def test_calibration_statistics_on_workers_are_the_local_sums(ray_workers, saved):
+    """FLAP's per-channel scores from two workers' partial sums equal one process's to float64 rounding."""
+    from pruneflow.methods import SCORERS
+
+    scores = []
+    for runtime in (Runtime.create("cpu"), ray_workers):
+        model, _, spec = checkpoint.load(saved, runtime, with_tokenizer=False)
+        scores.append(SCORERS["flap"](model, spec, WINDOWS, runtime))
+    for local, fanned in zip(scores[0].channels + scores[0].heads, scores[1].channels + scores[1].heads):
+        torch.testing.assert_close(fanned, local, rtol=1e-6, atol=0)
+        assert not torch.equal(local, torch.zeros_like(local))
+
+
+def test_partial_statistics_add_item_by_item():
+    from pruneflow.stats import InputStats
+
+    a = [InputStats(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0]), 2), None, 3.0]
+    b = [InputStats(torch.tensor([3.0, 1.0]), torch.tensor([9.0, 1.0]), 1), InputStats(torch.ones(2), torch.ones(2), 1), 4.0]
+    total = replicas.add([], replicas.add(a, b))  # an empty list (a worker that saw no block) takes the other
+    assert torch.equal(total[0].total, torch.tensor([4.0, 3.0])) and total[0].count == 3
+    assert total[1].count == 1 and total[2] == 7.0
+    with pytest.raises(ValueError, match="different lengths"):
+        replicas.add([1, 2], [1])
+    with pytest.raises(ValueError, match="disagree"):
+        replicas.add({"dtype": torch.float32}, {"dtype": torch.float64})

@@ -3,7 +3,8 @@ from torch.testing import assert_close
 
 from pruneflow.methods.flap import fluctuation
 from pruneflow.methods.wanda_sp import channel_importance
-from pruneflow.scores import InputStats, per_head
+from pruneflow.inputs import per_head
+from pruneflow.scores import InputStats
 
 
 def test_wanda_sp_is_mean_abs_weight_times_input_norm():
