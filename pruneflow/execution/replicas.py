@@ -61,30 +61,31 @@ class Replica:
             apply(self.model, plan, self.spec, scores)
         self.key = lineage.key()
 
-    def batch_sums(self, key: str, lineage_ref: list, windows, candidates, batches) -> list[torch.Tensor]:
+    def _ready(self, key: str, lineage_ref: list) -> None:
+        """This replica is the model of lineage ``key`` (rebuilt when it is another's, or after a restart)."""
         import ray
 
         if key != self.key:
             self.model = None
             self.runtime.free()
             self._rebuild(ray.get(lineage_ref[0]))
+
+    def batch_sums(self, key: str, lineage_ref: list, windows, candidates, batches) -> list[torch.Tensor]:
+        self._ready(key, lineage_ref)
         return local_batch_sums(self.model, self.spec, windows, candidates, batches, self.runtime,
                                 progress=lambda _: None)
 
     def statistics(self, key: str, lineage_ref: list, windows, payload: tuple, batch_size: int):
         """``payload`` = (hooks, state): the caller's hooks run over ``windows`` on this replica, filling this
-        copy of its ``state``, which goes back (on the CPU) to be added to the others'."""
-        import ray
-
+        copy of its ``state``, which goes back to be added to the others' (a tensor the hooks kept on this
+        worker's accelerator travels on the CPU, marked to go back onto the driver's)."""
         from pruneflow.execution.streaming import calibration_pass
 
-        if key != self.key:
-            self.model = None
-            self.runtime.free()
-            self._rebuild(ray.get(lineage_ref[0]))
+        self._ready(key, lineage_ref)
         hooks, state = payload
         calibration_pass(self.model, self.spec, windows, self.runtime, hooks, batch_size=batch_size)
-        return to_device(state, torch.device("cpu"))
+        return _map(state, lambda t: _OnDevice(t.cpu()) if isinstance(t, torch.Tensor) and t.device.type != "cpu"
+                    else t)
 
     def pid(self) -> int:
         return os.getpid()
@@ -133,9 +134,7 @@ class Pool:
     def batch_sums(self, lineage: Lineage, windows, candidates, batches, desc: str) -> list[torch.Tensor]:
         from tqdm import tqdm
 
-        key = lineage.key()
-        if key != self.lineage_key:
-            self.lineage_key, self.lineage_ref = key, self.ray.put(lineage)
+        key = self._put(lineage)
         total = len(batches.owners)
         cuts = [round(total * k / len(self.actors)) for k in range(len(self.actors) + 1)]
         runs = [(actor, a, b) for actor, a, b in zip(self.actors, cuts, cuts[1:]) if b > a]
@@ -154,15 +153,20 @@ class Pool:
                    desc: str) -> list:
         """Each worker's share of ``windows`` (whole batches of ``batch_size``, in order) through its replica
         with ``hooks``; their filled copies of ``state``, in window order."""
-        key = lineage.key()
-        if key != self.lineage_key:
-            self.lineage_key, self.lineage_ref = key, self.ray.put(lineage)
+        key = self._put(lineage)
         batches = -(-len(windows) // batch_size)
         cuts = [round(batches * k / len(self.actors)) * batch_size for k in range(len(self.actors) + 1)]
         futures = [actor.statistics.remote(key, [self.lineage_ref], windows[a:b], (hooks, state), batch_size)
                    for actor, a, b in zip(self.actors, cuts, cuts[1:]) if b > a]
         log.info("%s: %d windows over %d workers", desc, len(windows), len(futures))
         return self._gather(futures, "compute statistics")
+
+    def _put(self, lineage: Lineage) -> str:
+        """``lineage`` in Ray's object store once (for every call until the model changes); its key."""
+        key = lineage.key()
+        if key != self.lineage_key:
+            self.lineage_key, self.lineage_ref = key, self.ray.put(lineage)
+        return key
 
     def _gather(self, futures: list, what: str) -> list:
         try:
@@ -245,7 +249,7 @@ def statistics(model: nn.Module, windows: torch.Tensor, runtime: Runtime, hooks,
         return False
     pool, lineage = where
     parts = pool.statistics(lineage, windows, hooks, state, batch_size, desc)
-    total = to_device(functools.reduce(add, parts), runtime.device)
+    total = _map(functools.reduce(add, parts), lambda t: t.tensor.to(runtime.device) if isinstance(t, _OnDevice) else t)
     for mine, merged in zip(state, total):
         if isinstance(mine, list):
             mine[:] = merged
@@ -287,17 +291,26 @@ def add(a, b):
     return a
 
 
-def to_device(state, device: torch.device):
-    """``state`` with every tensor in it on ``device`` (lists, tuples, dicts and objects' attributes)."""
-    if isinstance(state, torch.Tensor):
-        return state.to(device)
+class _OnDevice:
+    """A tensor a worker's hooks kept on its accelerator, carried home on the CPU: the driver puts it on its own
+    device, where its hooks would have kept it (one kept on the CPU, e.g. a per-combination loss, stays there)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
+def _map(state, leaf):
+    """``state`` with ``leaf`` applied to every tensor (and :class:`_OnDevice`) in it: lists, tuples, dicts and
+    objects' attributes rebuilt, anything else as it is."""
+    if isinstance(state, (torch.Tensor, _OnDevice)):
+        return leaf(state)
     if isinstance(state, (list, tuple)):
-        return type(state)(to_device(x, device) for x in state)
+        return type(state)(_map(x, leaf) for x in state)
     if isinstance(state, dict):
-        return {k: to_device(v, device) for k, v in state.items()}
+        return {k: _map(v, leaf) for k, v in state.items()}
     if hasattr(state, "__dict__") and not isinstance(state, type):
-        moved = copy.copy(state)
+        mapped = copy.copy(state)
         for name, value in vars(state).items():
-            setattr(moved, name, to_device(value, device))
-        return moved
+            setattr(mapped, name, _map(value, leaf))
+        return mapped
     return state

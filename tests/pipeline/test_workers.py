@@ -186,3 +186,18 @@ def test_partial_statistics_add_item_by_item():
         replicas.add([1, 2], [1])
     with pytest.raises(ValueError, match="disagree"):
         replicas.add({"dtype": torch.float32}, {"dtype": torch.float64})
+
+
+def test_statistics_come_back_where_the_hooks_kept_them():
+    """A sum a worker kept on its accelerator goes onto the driver's device; one kept on the CPU (expert_drop's
+    per-combination losses) stays on the CPU. The meta device stands in for an accelerator here."""
+    from pruneflow.stats import InputStats
+
+    marked = replicas._OnDevice(torch.ones(3))
+    parts = [[InputStats(marked, replicas._OnDevice(torch.ones(3)), 2), torch.zeros(2)],
+             [InputStats(replicas._OnDevice(torch.ones(3)), replicas._OnDevice(torch.ones(3)), 1), torch.ones(2)]]
+    total = replicas.add(*parts)
+    home = replicas._map(total, lambda t: t.tensor.to("meta") if isinstance(t, replicas._OnDevice) else t)
+    assert home[0].total.device.type == "meta" and home[0].count == 3
+    assert home[1].device.type == "cpu" and torch.equal(home[1], torch.ones(2))
+    assert torch.equal(replicas.add(*parts)[0].total.tensor, torch.full((3,), 2.0))
