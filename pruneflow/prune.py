@@ -12,7 +12,7 @@ from torch import nn
 
 from pruneflow import arch as A
 from pruneflow import reconstruct
-from pruneflow.execution import streaming
+from pruneflow.execution import blockwise, streaming
 from pruneflow.apply import apply, layer_shapes
 from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
@@ -221,7 +221,7 @@ def prune_iteratively(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneP
             log.info("resuming %s at iteration %d from %s", method, store.completed(), store.dir)
     head_dim = A.geometry(model.config).head_dim
     means = reconstruct.input_means(model, spec, windows, runtime) if cfg.reconstruct == "bias" else None
-    dense = reconstruct.dense_copy(model, spec) if cfg.reconstruct == "lstsq" and refit else None
+    dense = blockwise.dense_copy(model, spec) if cfg.reconstruct == "lstsq" and refit else None
     steps, summaries, scores = [], [], None
     while (removed := original - A.count_parameters(model)["non_embedding"]) < (cfg.ratio - options.tolerance) * original:
         k, current = len(steps), A.count_parameters(model)

@@ -23,24 +23,22 @@ beyond the model: in memory the block is sliced and re-fitted in place of the de
 the dense block is read from the files, the pruned one is the dense one sliced by the recorded plans, and the
 re-fitted projections go to a temporary safetensors file per block that loading and saving apply. After an
 iterative method (Bonsai) the dense blocks come from a temporary safetensors copy taken before its first
-iteration (:class:`DenseBlocks`), read back one at a time.
+iteration (:class:`pruneflow.execution.blockwise.DenseBlocks`), read back one at a time. Which of these holds is
+the execution layer's business (:func:`pruneflow.execution.blockwise.pairs`); the re-fit never asks.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-import tempfile
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pruneflow import arch as A
-from pruneflow.execution import streaming
+from pruneflow.execution import blockwise, streaming
+from pruneflow.execution.blockwise import DenseBlocks
 from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
 from pruneflow.plan import PrunePlan
@@ -74,9 +72,10 @@ def check(model: nn.Module, spec: ArchSpec, windows: torch.Tensor | None, runtim
             f"prune.reconstruct: lstsq re-fits up to {need} input columns per projection from the calibration "
             f"tokens, and {count} × {seqlen} = {count * seqlen} are fewer: the fit would be under-determined; use "
             f"calibrate.n_windows ≥ {math.ceil(need / seqlen)} at seqlen {seqlen}, or reconstruct: bias or none")
-    if streaming.is_streamed(model) and runtime.max_memory:
+    budget = blockwise.budget(model, runtime)
+    if budget:
         need_bytes = solve_bytes(model, spec, need, count * seqlen)
-        if need_bytes["total"] > runtime.max_memory:
+        if need_bytes["total"] > budget:
             raise PruneflowError(
                 f"prune.reconstruct: lstsq on this streamed model holds a dense and a pruned block "
                 f"({format_size(need_bytes['blocks'])}), {format_size(need_bytes['states'])} of activations and "
@@ -90,10 +89,8 @@ def solve_bytes(model: nn.Module, spec: ArchSpec, columns: int, tokens: int) -> 
     and down_proj's targets of every calibration token, and for the widest solve (``columns`` inputs, float64)
     XᵀX (damped in place) and its Cholesky factor (2 n²) and XᵀY, the damped right-hand side and the result
     (3 n·d)."""
-    stream = streaming.stream_of(model)
-    hidden, itemsize = model.config.hidden_size, stream.dtype.itemsize
-    blocks = 2 * max(streaming.block_bytes(stream.weights, spec, len(A.blocks(stream.dense, spec)),
-                                           stream.dtype))
+    hidden, itemsize = model.config.hidden_size, blockwise.compute_dtype(model).itemsize
+    blocks = blockwise.pair_bytes(model, spec)
     states = 3 * tokens * hidden * itemsize
     solve = (2 * columns * columns + 3 * columns * hidden) * 8
     return {"blocks": blocks, "states": states, "solve": solve, "total": blocks + states + solve}
@@ -170,29 +167,6 @@ class Gram:
             return torch.linalg.solve(self.xx, rhs).T
         finally:
             self.xx.diagonal().sub_(damp)
-
-
-class Fitted:
-    """The re-fitted o_proj / down_proj weights of a streamed model, a safetensors file per block in a temporary
-    directory (removed with this object), applied after the recorded plans whenever a block is loaded."""
-
-    def __init__(self):
-        self._dir = tempfile.TemporaryDirectory(prefix="pruneflow-lstsq-")
-        self.blocks: set[int] = set()
-
-    def put(self, i: int, weights: dict[str, torch.Tensor]) -> None:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, self._path(i))
-        self.blocks.add(i)
-
-    def install(self, block: nn.Module, spec: ArchSpec, i: int) -> None:
-        if i not in self.blocks:
-            return
-        for name, tensor in load_file(self._path(i)).items():
-            weight = A.get(block, getattr(spec, name)).weight
-            weight.data = tensor.to(device=weight.device, dtype=weight.dtype)
-
-    def _path(self, i: int) -> str:
-        return str(Path(self._dir.name) / f"block{i}.safetensors")
 
 
 @contextmanager
@@ -280,17 +254,12 @@ def refit(model: nn.Module, spec: ArchSpec, plan: PrunePlan, scores: Scores | No
     """
     from tqdm import tqdm
 
-    from pruneflow.apply import apply_block, remove_layers
+    from pruneflow.apply import apply_block
     from pruneflow.execution.lineage import note_changed
 
     note_changed(model, "its o_proj/down_proj were re-fitted by least squares")
-    streamed = streaming.is_streamed(model)
-    blocks = A.blocks(model, spec)
     head_dim = A.geometry(model.config).head_dim
     kept = set(range(len(plan.layers)) if plan.kept_layers is None else plan.kept_layers)
-    if streamed:
-        stream = streaming.stream_of(model)
-        stream.fitted = stream.fitted or Fitted()
     batch = streaming.BATCH
     batches = [windows[s:s + batch] for s in range(0, len(windows), batch)]
     lookup = streaming.lookup_for(model, batches)
@@ -299,71 +268,19 @@ def refit(model: nn.Module, spec: ArchSpec, plan: PrunePlan, scores: Scores | No
     dense_states = [hidden for hidden, _ in carried]
     pruned_states = [hidden.clone() for hidden in dense_states]
     reports = []
-    for i in tqdm(range(len(plan.layers)), desc="lstsq reconstruction", unit="block", leave=False):
-        if streamed:
-            dense_block = streaming.dense_block(model, spec, i)
-            pruned_block = streaming.current_block(model, spec, i) if i in kept else None
-        elif dense is None:
-            dense_block = blocks[i]
-            pruned_block = None
-            if i in kept:
-                pruned_block = copy.deepcopy(dense_block)
-                apply_block(pruned_block, spec, plan, scores, i, head_dim)
-        else:
-            dense_block = dense[i].to(next(blocks[i].parameters()).device)
-            pruned_block = blocks[i]
-        if pruned_block is None:  # a removed block: the pruned activations skip it
-            streaming.advance(dense_block, i, dense_states, carried)
+    walk = blockwise.pairs(model, spec, len(plan.layers), kept,
+                           lambda block, i: apply_block(block, spec, plan, scores, i, head_dim), dense)
+    for pair in tqdm(walk, total=len(plan.layers), desc="lstsq reconstruction", unit="block", leave=False):
+        i = pair.index
+        if pair.pruned is None:  # a removed block: the pruned activations skip it
+            streaming.advance(pair.dense, i, dense_states, carried)
             continue
-        report = _fit_block(dense_block, pruned_block, i, spec, dense_states, pruned_states, carried, runtime)
+        report = _fit_block(pair.dense, pair.pruned, i, spec, dense_states, pruned_states, carried, runtime)
         reports.append({"layer": i, **report})
         log.debug("lstsq block %d: o_proj error %.4f → %.4f, down_proj %.4f → %.4f", i,
-                 report["o"]["error_before"], report["o"]["error_after"], report["down"]["error_before"],
-                 report["down"]["error_after"])
-        if streamed:
-            stream.fitted.put(i, {name: A.get(pruned_block, getattr(spec, name)).weight for name in PROJECTIONS})
-        elif dense is None:
-            blocks[i] = pruned_block
-        del dense_block, pruned_block
+                  report["o"]["error_before"], report["o"]["error_after"], report["down"]["error_before"],
+                  report["down"]["error_after"])
+        pair.keep({name: A.get(pair.pruned, getattr(spec, name)).weight for name in PROJECTIONS})
+        del pair
         runtime.release_host()
-    if not streamed and dense is None and len(kept) < len(plan.layers):
-        remove_layers(model, spec, plan.kept_layers)
     return reports
-
-
-class DenseBlocks:
-    """The dense blocks of an in-memory model, kept on disk while an iterative method prunes it (a safetensors
-    file per block in a temporary directory, removed with this object; a structure-only copy on the meta
-    device): holding them in memory would need the weights twice. ``blocks[i]`` reads block ``i`` back, on
-    the CPU."""
-
-    def __init__(self, model: nn.Module, spec: ArchSpec):
-        self._dir = tempfile.TemporaryDirectory(prefix="pruneflow-dense-")
-        self.skeletons = []
-        for i, block in enumerate(A.blocks(model, spec)):
-            tensors = dict(block.named_parameters()) | dict(block.named_buffers())
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, self._path(i))
-            self.skeletons.append(copy.deepcopy(block).to("meta"))
-
-    def __len__(self) -> int:
-        return len(self.skeletons)
-
-    def __getitem__(self, i: int) -> nn.Module:
-        block = copy.deepcopy(self.skeletons[i]).to_empty(device="cpu")
-        stored = load_file(self._path(i))
-        for name, tensor in (*block.named_parameters(), *block.named_buffers()):
-            tensor.data.copy_(stored[name])
-        return block
-
-    def _path(self, i: int) -> str:
-        return str(Path(self._dir.name) / f"block{i}.safetensors")
-
-
-def dense_copy(model: nn.Module, spec: ArchSpec) -> DenseBlocks | None:
-    """The dense blocks an iterative method's lstsq needs at the end, on disk (None for a streamed model, whose
-    dense blocks stay in its files)."""
-    if streaming.is_streamed(model):
-        return None
-    return DenseBlocks(model, spec)
-
-

@@ -202,7 +202,7 @@ class Stream:
     dtype: torch.dtype  # compute dtype
     device: torch.device
     pending: list[Pending] = field(default_factory=list)  # recorded by apply, replayed per block and by save
-    fitted: object | None = None  # pruneflow.reconstruct.Fitted: re-fitted projections, applied after the plans
+    fitted: object | None = None  # blockwise.Fitted: re-fitted projections, applied after the plans
 
 
 def stream_of(model: nn.Module) -> Stream | None:
@@ -362,7 +362,7 @@ def capture(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor,
     stand_ins = nn.ModuleList(_Catch(i, i == len(blocks) - 1, record, b) for i, b in enumerate(blocks))
     setattr(owner, name, stand_ins)
     try:
-        backbone = getattr(model, model.base_model_prefix)
+        backbone = getattr(model, model.base_model_prefix, model)  # an encoder is loaded as its base model
         backbone(inputs_embeds=embeds, use_cache=False)
     except _Stop:
         pass

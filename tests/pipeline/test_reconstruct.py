@@ -7,7 +7,7 @@ from conftest import safetensors_of as _tensors
 from conftest import tiny_causal_lm
 from pruneflow import arch as A
 from pruneflow import checkpoint, reconstruct
-from pruneflow.execution import streaming
+from pruneflow.execution import blockwise, streaming
 from pruneflow.errors import PruneflowError
 from pruneflow.params import BonsaiParams, PruneParams, load_params
 from pruneflow.plan import PrunePlan
@@ -110,7 +110,7 @@ def test_lstsq_streamed_is_the_in_memory_result(kind, tmp_path):
 def test_the_dense_blocks_an_iterative_method_keeps_are_on_disk_not_in_memory():
     model = tiny_causal_lm(num_hidden_layers=2).to(torch.bfloat16)
     spec = A.arch_for("llama")
-    kept = reconstruct.dense_copy(model, spec)
+    kept = blockwise.dense_copy(model, spec)
     assert len(kept) == 2
     assert all(t.is_meta for s in kept.skeletons for t in (*s.parameters(), *s.buffers()))
     for i, block in enumerate(A.blocks(model, spec)):
@@ -174,3 +174,21 @@ def test_reconstruction_params_and_old_plans():
     old = {"method": "flap", "ratio": 0.3, "allocation": "uniform", "head_mode": "auto", "units": ["heads"],
            "round_to": 1, "compensate": True, "seed": 0, "layers": []}
     assert PrunePlan.from_dict(old).reconstruct == "bias"
+
+
+def test_lstsq_on_an_encoder_refits_its_output_denses():
+    """BERT (loaded as its base model, no LM head): the re-fit targets the dense model's attention-output and
+    output dense projections before their residual LayerNorm, and the pruned encoder's last hidden states end
+    closer to the dense ones than slicing alone (it crashed: 'BertModel' object has no attribute 'bert')."""
+    from conftest import tiny_bert
+
+    dense, spec, distance = tiny_bert(), A.arch_for("bert"), {}
+    for mode in ("none", "lstsq"):
+        model = tiny_bert()
+        result = prune(model, spec, "wanda_sp", PruneParams(ratio=0.4, reconstruct=mode), WINDOWS)
+        with torch.no_grad():
+            distance[mode] = float((model(input_ids=WINDOWS).last_hidden_state
+                                    - dense(input_ids=WINDOWS).last_hidden_state).pow(2).mean())
+    assert [block["layer"] for block in result.reconstruction] == [0, 1]
+    assert all(b[n]["error_after"] <= b[n]["error_before"] + 1e-9 for b in result.reconstruction for n in ("o", "down"))
+    assert distance["lstsq"] < distance["none"]
