@@ -52,9 +52,38 @@ def test_taylor_saliency_matches_a_hand_computed_value():
         layer.weight.copy_(torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]]))
     x = torch.tensor([2.0, 1.0, -4.0])
     layer(x).sum().backward()
+    grads = {layer.weight: layer.weight.grad}
     # |W ⊙ g| = [[2, 2, 2], [0, 3, 4]]
-    assert_close(_row_saliency(layer), torch.tensor([6.0, 7.0], dtype=torch.float64))
-    assert_close(_column_saliency(layer), torch.tensor([2.0, 5.0, 6.0], dtype=torch.float64))
+    assert_close(_row_saliency(layer, grads), torch.tensor([6.0, 7.0], dtype=torch.float64))
+    assert_close(_column_saliency(layer, grads), torch.tensor([2.0, 5.0, 6.0], dtype=torch.float64))
+
+
+def test_taylor_sums_a_bf16_models_gradients_over_batches_in_float32():
+    """Each batch's bf16 gradient, summed over 16 batches: Taylor's channel scores equal the ones from the float64
+    sum of the same per-batch gradients to float32 rounding (bf16 .grad accumulated across batches: ~1e-3 off)."""
+    from conftest import tiny_causal_lm
+    from pruneflow import arch as A
+    from pruneflow.losses import training_losses
+    from pruneflow.methods import taylor
+    from pruneflow.runtime import Runtime
+
+    model = tiny_causal_lm(num_hidden_layers=1).to(torch.bfloat16)
+    spec = A.arch_for("llama")
+    windows = torch.randint(0, 256, (16, 16), generator=torch.Generator().manual_seed(0))
+    scores = taylor.score(model, spec, windows, Runtime(), batch_size=1)
+    block = A.blocks(model, spec)[0]
+    layers = [A.get(block, path) for path in (spec.gate, spec.up, spec.down)]
+    sums = {layer.weight: torch.zeros_like(layer.weight, dtype=torch.float64) for layer in layers}
+    for window in windows:  # one backward per batch as Taylor runs them, each gradient added in float64
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            (training_losses(model, window[None])[0] / len(windows)).backward()
+        for weight, total in sums.items():
+            assert weight.grad.dtype == torch.bfloat16
+            total += weight.grad.double()
+    gate, up, down = ((layer.weight.detach().double() * sums[layer.weight]).abs() for layer in layers)
+    expected = gate.sum(1) + up.sum(1) + down.sum(0)
+    assert_close(scores.channels[0].double(), expected, rtol=1e-4, atol=0)
 
 
 def test_flap_ranks_heads_by_the_squared_attention_metric_on_a_planted_case():
