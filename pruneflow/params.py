@@ -44,9 +44,10 @@ class RuntimeParams(_Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="compute dtype; auto: the checkpoint's own")
     max_memory: str | None = Field(
-        None, description="most model weights held in memory at once, e.g. 512MiB, 20GiB; a larger model is "
-                          "streamed a block at a time (methods that stream: see `pruneflow methods`); "
-                          "null: load the whole model")
+        None, description="memory budget, e.g. 512MiB, 20GiB: a model whose weights exceed it is streamed a block "
+                          "at a time and the run holds at most this much at once (blocks, activations, a chunk of "
+                          "logits, solves; methods that stream: see `pruneflow methods`); null: load the whole "
+                          "model")
     workers: str = Field(
         "local", pattern=r"^(local|auto|[1-9]\d*|ray://[\w.-]+:\d+)$",
         description="where candidate sub-models are evaluated: local (this process) | N (Ray workers, local "

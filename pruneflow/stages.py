@@ -84,6 +84,23 @@ def check_memory(params: Params) -> None:
                              f"{'; '.join(whole)} (or raise runtime.max_memory)")
 
 
+def check_plan(params: Params) -> None:
+    """Before any stage runs (the flow's preflight): :func:`check_memory`, then the prune's plan of work from the
+    config alone (``pruneflow prune --dry-run``'s estimate; a hub id fetches configs only) must fit the device,
+    or ``runtime.max_memory`` when the model streams — said now, not after the source and calibration stages."""
+    from pruneflow.execution.estimate import estimate
+
+    check_memory(params)
+    runtime = Runtime.from_params(params.runtime)
+    plan = estimate(resolve(params.model, weights=False).path, params, runtime)
+    if not plan.fits:
+        raise PruneflowError(f"this prune does not fit: {plan.why}; `pruneflow prune --dry-run --params "
+                             f"params.yaml` shows each phase (raise runtime.max_memory, or lower calibrate.n_windows "
+                             f"or seqlen)")
+    log.info("plan of work: %s peak, %s read from the checkpoint files, %s", format_size(plan.peak_bytes),
+             format_size(sum(p.total("read_bytes") for p in plan.phases)), plan.why)
+
+
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
