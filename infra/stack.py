@@ -1,5 +1,6 @@
 """The local stack, on 127.0.0.1 only: SeaweedFS (S3, credentials enforced), an MLflow server (SQLite, artifacts
-proxied to S3) and a Prefect server (SQLite). `pruneflow up | down | status`.
+proxied to S3) and a Prefect server (SQLite); with ``--ray``, a Ray head too (token authentication on, the token
+generated into the run directory, clients reach it through Ray Client). `pruneflow up | down | status`.
 
 Everything lives under one run directory: data, logs, and ``stack.json`` (pids, ports, URLs — never
 credentials). The S3 credentials come from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and
@@ -18,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pruneflow.atomic import pid_alive
@@ -27,6 +28,8 @@ from pruneflow.errors import PruneflowError
 HOST = "127.0.0.1"
 BUCKETS = ("dvc", "mlflow")
 DEFAULT_PORTS = {"s3": 8333, "mlflow": 5000, "prefect": 4200}
+RAY_PORTS = {"ray": 6379, "ray-client": 10001, "ray-dashboard": 8265}
+RAY_WORKER_PORTS = (20000, 20999)  # outside Ray's default 10002-19999, which would hold a client port of 10001+
 # every other listener `weed server -s3` opens gets a free port, so two stacks (or a test) never collide
 SEAWEED_INTERNAL_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
                           "filer.port.grpc", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance")
@@ -39,6 +42,7 @@ class Service:
     command: list[str]
     env: dict[str, str]
     health: str  # URL that answers once the service is ready
+    extra: dict = field(default_factory=dict)  # more for stack.json (paths, never secrets)
 
 
 def _bin(name: str) -> str:
@@ -104,7 +108,36 @@ def services(run_dir: Path, ports: dict[str, int]) -> list[Service]:
     ]
 
 
+def ray_head(run_dir: Path, ports: dict[str, int]) -> Service:
+    """A Ray head (``ray start --head --block``: the process group ``down`` stops) with token authentication
+    on: a fresh token in ``RUN_DIR/ray/token`` (mode 600; never in stack.json), read by the head and by every
+    client through ``RAY_AUTH_TOKEN_PATH``. Ready once its Ray Client port accepts connections."""
+    import secrets
+
+    token = run_dir / "ray" / "token"
+    token.parent.mkdir(parents=True, exist_ok=True)
+    token.touch(mode=0o600)
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_AUTH_TOKEN", None)  # the file is the one token: a stale variable would take precedence
+    env.pop("RAY_ADDRESS", None)  # `ray start --head` starts a cluster; it does not join one
+    low, high = RAY_WORKER_PORTS
+    return Service("ray", ports["ray-client"], [
+        _bin("ray"), "start", "--head", "--block", "--node-ip-address", HOST, "--port", str(ports["ray"]),
+        "--ray-client-server-port", str(ports["ray-client"]), "--dashboard-host", HOST,
+        "--dashboard-port", str(ports["ray-dashboard"]), "--min-worker-port", str(low),
+        "--max-worker-port", str(high), "--disable-usage-stats"], env, f"tcp://{HOST}:{ports['ray-client']}",
+        {"token_path": str(token), "gcs_port": ports["ray"], "dashboard": f"http://{HOST}:{ports['ray-dashboard']}"})
+
+
 def _answers(url: str) -> bool:
+    if url.startswith("tcp://"):  # a port that accepts connections (a gRPC server: no HTTP to ask)
+        host, _, port = url.removeprefix("tcp://").rpartition(":")
+        try:
+            with socket.create_connection((host, int(port)), timeout=2):
+                return True
+        except OSError:
+            return False
     try:
         with urllib.request.urlopen(url, timeout=2):
             return True
@@ -136,10 +169,13 @@ def create_buckets(endpoint: str) -> None:
             s3.create_bucket(Bucket=bucket)
 
 
-def up(run_dir: Path, ports: dict[str, int] | None = None, timeout: float = 120) -> dict:
-    """Start the three services (refusing if the stack runs or a port is taken); returns stack.json."""
+def up(run_dir: Path, ports: dict[str, int] | None = None, timeout: float = 120, ray: bool = False) -> dict:
+    """Start the three services, and a Ray head with ``ray`` (refusing if the stack runs or a port is taken);
+    returns stack.json."""
     run_dir = Path(run_dir).resolve()
-    ports = {**DEFAULT_PORTS, **(ports or {})}
+    ports = {**DEFAULT_PORTS, **(RAY_PORTS if ray else {}), **(ports or {})}
+    if ray and not Path(_bin("ray")).exists() and shutil.which("ray") is None:
+        raise PruneflowError("--ray needs Ray, which is not installed: pip install 'pruneflow[ray]'")
     if (run_dir / "stack.json").exists() and any(s["alive"] for s in status(run_dir).values()):
         raise PruneflowError(f"the stack in {run_dir} is already running (`pruneflow status`, `pruneflow down`)")
     for name, port in ports.items():
@@ -148,7 +184,7 @@ def up(run_dir: Path, ports: dict[str, int] | None = None, timeout: float = 120)
     (run_dir / "mlflow").mkdir(exist_ok=True)
     state: dict[str, dict] = {}
     try:
-        for service in services(run_dir, ports):
+        for service in services(run_dir, ports) + ([ray_head(run_dir, ports)] if ray else []):
             start(service, run_dir, state, timeout)
             if service.name == "s3":
                 create_buckets(state["s3"]["url"])
@@ -165,8 +201,9 @@ def start(service: Service, run_dir: Path, state: dict, timeout: float = 120) ->
     with open(log, "ab") as out:
         process = subprocess.Popen(service.command, env=service.env, stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=run_dir)
+    scheme = "ray" if service.name == "ray" else "http"
     state[service.name] = {"pid": process.pid, "port": service.port, "health": service.health,
-                           "url": f"http://{HOST}:{service.port}", "log": str(log)}
+                           "url": f"{scheme}://{HOST}:{service.port}", "log": str(log), **service.extra}
     _write_state(run_dir, state)
     _wait(service, process, log, timeout)
 
@@ -216,11 +253,18 @@ def down(run_dir: Path, grace: float = 15) -> list[str]:
                 os.killpg(s["pid"], signal.SIGKILL)
             except ProcessLookupError:
                 pass
+    deadline = time.monotonic() + 5  # SIGKILL is not instant: stopped means gone
+    while time.monotonic() < deadline and any(_alive(s["pid"]) for s in state.values()):
+        time.sleep(0.1)
     path.unlink()
     return list(state)
 
 
 def client_env(state: dict) -> dict[str, str]:
     """What clients set to use the stack (no credentials: those stay in the user's environment)."""
-    return {"PREFECT_API_URL": f"{state['prefect']['url']}/api", "MLFLOW_TRACKING_URI": state["mlflow"]["url"],
-            "AWS_ENDPOINT_URL": state["s3"]["url"], "MLFLOW_S3_ENDPOINT_URL": state["s3"]["url"]}
+    env = {"PREFECT_API_URL": f"{state['prefect']['url']}/api", "MLFLOW_TRACKING_URI": state["mlflow"]["url"],
+           "AWS_ENDPOINT_URL": state["s3"]["url"], "MLFLOW_S3_ENDPOINT_URL": state["s3"]["url"]}
+    if "ray" in state:  # `--workers N` then runs its workers on this head
+        env.update({"RAY_ADDRESS": state["ray"]["url"], "RAY_AUTH_MODE": "token",
+                    "RAY_AUTH_TOKEN_PATH": state["ray"]["token_path"]})
+    return env

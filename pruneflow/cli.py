@@ -158,8 +158,9 @@ def prune(
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
     max_shard_size: str = typer.Option("5GB", help="largest safetensors file written (bigger weights are sharded)"),
     max_memory: Optional[str] = typer.Option(
-        None, help="most model weights held in memory at once (e.g. 512MiB, 20GiB); a larger model is streamed a "
-                   "block at a time by the methods that stream (`pruneflow methods`)"),
+        None, help="memory budget (e.g. 512MiB, 20GiB): a model whose weights exceed it is streamed a block at a "
+                   "time by the methods that stream (`pruneflow methods`) and the run holds at most this much at "
+                   "once (blocks, activations, a chunk of logits, solves: see --dry-run)"),
     workers: Optional[str] = typer.Option(
         None, help="where candidate sub-models are evaluated: local | N (Ray workers; RAY_ADDRESS or a local "
                    "instance) | auto (a worker per GPU/CPU) | ray://HOST:PORT"),
@@ -647,7 +648,7 @@ def _services(state: dict) -> None:
     """A line per service, URLs whole (a table would cut them to fit 80 columns)."""
     for name, s in state.items():
         health = "" if "healthy" not in s else ("  healthy" if s["healthy"] else "  NOT ANSWERING")
-        ui = f"  ({UIS[name]})" if name in UIS else ""
+        ui = f"  ({UIS[name]})" if name in UIS else (f"  (dashboard {s['dashboard']})" if "dashboard" in s else "")
         typer.echo(f"{name:8} {s['url']}{ui}  pid {s['pid']}{health}  log {s['log']}")
 
 
@@ -658,13 +659,17 @@ def up(
     mlflow_port: int = typer.Option(5000, help="MLflow server port"),
     prefect_port: int = typer.Option(4200, help="Prefect server port"),
     timeout: float = typer.Option(120, help="seconds each service may take to answer its health check"),
+    ray: bool = typer.Option(False, "--ray", help="also start a Ray head (token auth on) for --workers"),
+    ray_client_port: int = typer.Option(10001, help="the Ray head's Ray Client port (RAY_ADDRESS=ray://…)"),
 ) -> None:
-    """Start SeaweedFS (S3, your AWS_* credentials enforced), MLflow and Prefect servers on 127.0.0.1."""
+    """Start SeaweedFS (S3, your AWS_* credentials enforced), MLflow and Prefect servers on 127.0.0.1; with
+    --ray a Ray head too."""
     from pruneflow.infra import stack
 
     try:
         _step(f"starting the local stack in {run_dir}")
-        state = stack.up(run_dir, {"s3": s3_port, "mlflow": mlflow_port, "prefect": prefect_port}, timeout)
+        ports = {"s3": s3_port, "mlflow": mlflow_port, "prefect": prefect_port}
+        state = stack.up(run_dir, {**ports, **({"ray-client": ray_client_port} if ray else {})}, timeout, ray=ray)
     except PruneflowError as err:
         _fail(err)
     _services(state)

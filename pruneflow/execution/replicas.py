@@ -172,9 +172,9 @@ class Pool:
         try:
             return self.ray.get(futures)
         except self.ray.exceptions.RayTaskError as err:
-            cause = err.as_instanceof_cause()
+            cause = getattr(err, "cause", None)  # the worker's own exception (its str has no Ray traceback)
             if isinstance(cause, PruneflowError):
-                raise PruneflowError(f"a worker could not {what}: {cause}") from None
+                raise PruneflowError(f"a worker could not {what}: {cause.args[0] if cause.args else cause}") from None
             raise
 
 

@@ -154,3 +154,31 @@ def test_preflight_fails_fast_when_the_remote_rejects_the_credentials(stack, pro
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     with disable_run_logger(), pytest.raises(PruneflowError, match="MLflow tracking server .* is unreachable"):
         preflight.fn(str(project))
+
+
+def test_up_with_ray_starts_a_token_authenticated_head_that_runs_workers(tmp_path):
+    """`pruneflow up --ray`'s head: a client with the stack's environment runs tasks on it through Ray Client;
+    one without the token is refused; `down` stops it."""
+    pytest.importorskip("ray")
+    from pruneflow.infra import stack
+
+    ports = {"ray": stack.free_port(), "ray-client": stack.free_port(), "ray-dashboard": stack.free_port()}
+    state: dict = {}
+    try:
+        stack.start(stack.ray_head(tmp_path, ports), tmp_path, state, timeout=120)
+        assert (tmp_path / "ray" / "token").read_text() not in (tmp_path / "stack.json").read_text()
+        assert oct((tmp_path / "ray" / "token").stat().st_mode & 0o777) == "0o600"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        client = {**env, "RAY_ADDRESS": state["ray"]["url"], "RAY_AUTH_MODE": "token",
+                  "RAY_AUTH_TOKEN_PATH": state["ray"]["token_path"]}
+        code = ("import ray; ray.init(); f = ray.remote(lambda x: x * 2); print('answer', ray.get(f.remote(21)))")
+        ok = subprocess.run([sys.executable, "-c", code], env=client, capture_output=True, text=True, timeout=120)
+        assert "answer 42" in ok.stdout, ok.stderr[-2000:]
+        stranger = {**env, "RAY_ADDRESS": state["ray"]["url"], "RAY_AUTH_MODE": "token",
+                    "RAY_AUTH_TOKEN": "0" * 64}
+        refused = subprocess.run([sys.executable, "-c", code], env=stranger, capture_output=True, text=True,
+                                 timeout=120)
+        assert refused.returncode != 0 and "answer" not in refused.stdout
+    finally:
+        stopped = stack.down(tmp_path)
+    assert stopped == ["ray"] and not stack._alive(state["ray"]["pid"])

@@ -105,6 +105,21 @@ def test_losses_equal_local_bit_for_bit_and_workers_rebuild_the_pruned_model(ray
     assert torch.equal(results[0][1], results[1][1])
 
 
+def test_a_worker_that_cannot_load_the_model_is_a_clear_error(ray_workers, saved, tmp_path):
+    """The driver's model directory gone from where the workers look: an error naming it, not a Ray traceback."""
+    import shutil
+
+    from pruneflow.execution import passes
+    from pruneflow.execution.candidates import Candidates
+
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(saved, moved)
+    model, _, spec = checkpoint.load(moved, ray_workers, with_tokenizer=False)
+    shutil.rmtree(moved)  # loaded here; no node can read it any more
+    with pytest.raises(PruneflowError, match=r"a worker could not .*the model directory .*elsewhere is not there"):
+        passes.losses(model, spec, WINDOWS, Candidates.of_blocks([set(), {0}], 4), ray_workers, 4)
+
+
 def test_a_worker_killed_mid_run_is_restarted_and_the_plan_is_the_same(ray_workers, saved, monkeypatch):
     """The first worker's process is killed (SIGKILL) before the search's second generation: Ray restarts it,
     the fresh replica rebuilds the model from the lineage the call carries, and the plan is unchanged."""
