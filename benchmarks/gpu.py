@@ -9,6 +9,9 @@ Measures, on random tokens (a random-init model: speed and memory are what matte
 - Bonsai: seconds per sub-model with 1, 2, 4, 8 sub-models per forward pass (``--bonsai-windows`` windows each);
 - peak memory of each scorer (``torch.cuda.max_memory_allocated``; peak RSS on CPU) and of an inference-only
   forward of the same batch (``model(input_ids)``, full logits), and their ratio;
+- Bonsai's regression (``lasso.fit_cv``: 9 penalties × 5 folds + 1 fits batched) at ``--columns`` candidate
+  columns (an 8B iteration's 45,952) × 200 sub-models on the device, and on this machine's CPU for comparison,
+  with the largest difference between the two fits' weights (``benchmarks/scale.py``'s design);
 - prefill tokens/s (one ``--prefill`` -token sequence) and greedy decode tokens/s (batch 1, KV cache, ``--decode``
   new tokens) of the dense model and of FLAP-pruned copies at 20% and 50% (uniform), against the ideal: the
   ratio of forward FLOPs per token (2 · matmul parameters + attention over the context).
@@ -110,6 +113,25 @@ def bonsai_throughput(model, spec, runtime, windows: torch.Tensor, sub_models: i
     return rows
 
 
+def regression(runtime, columns: int, rows: int = 200) -> dict:
+    """Seconds of ``lasso.fit_cv`` on the runtime's device and on the CPU, and how far apart their fits are."""
+    from benchmarks.scale import bonsai_design
+    from pruneflow.lasso import fit_cv
+
+    x, y = bonsai_design(columns, rows)
+    out = {"columns": columns, "rows": rows}
+    fits = {}
+    for where in dict.fromkeys([str(runtime.device), "cpu"]):
+        runtime.synchronize()
+        started = time.perf_counter()
+        fits[where] = fit_cv(x, y, device=where)
+        runtime.synchronize()
+        out[f"seconds_{'device' if where != 'cpu' else 'cpu'}"] = time.perf_counter() - started
+    out["same_penalty"] = len({f.penalty for f in fits.values()}) == 1
+    out["max_weight_difference"] = max(float((f.weights.cpu() - fits["cpu"].weights).abs().max()) for f in fits.values())
+    return out
+
+
 def forward_flops(model, spec, tokens: int) -> float:
     """Forward FLOPs per token at a context of ``tokens``: 2 · (matmul parameters) + 4 · attention width · context."""
     from pruneflow import arch as A
@@ -164,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bonsai-windows", type=int, default=8)
     parser.add_argument("--bonsai-sub-models", type=int, default=16)
     parser.add_argument("--multiples", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--columns", type=int, default=45952, help="Bonsai's candidate columns in the regression")
     parser.add_argument("--prefill", type=int, default=2048)
     parser.add_argument("--decode", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
@@ -171,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.tiny:
         args.windows, args.seqlen, args.prefill, args.decode, args.rounds = 8, 64, 128, 8, 1
-        args.bonsai_windows, args.bonsai_sub_models = 2, 4
+        args.bonsai_windows, args.bonsai_sub_models, args.columns = 2, 4, 400
 
     sys.path.insert(0, str(ROOT))
     from pruneflow import arch as A
@@ -190,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["scoring"] = scoring(model, spec, runtime, windows)
     report["bonsai"] = bonsai_throughput(model, spec, runtime, windows[: args.bonsai_windows],
                                          args.bonsai_sub_models, args.multiples)
+    report["regression"] = regression(runtime, args.columns)
     models, achieved = {"dense": model}, {}
     for ratio in (0.2, 0.5):
         models[f"flap −{ratio:.0%}"], achieved[f"flap −{ratio:.0%}"] = pruned_copy(model, spec, runtime, windows, ratio)
@@ -225,6 +249,11 @@ def tables(report: dict) -> str:
     lines += [f"| {r['sub_models_per_forward']} | {r['rows_per_forward']} | {r['seconds_per_sub_model']:.3f} | "
               f"{r['peak_bytes'] / gib:.2f} | {r['inference_peak_bytes'] / gib:.2f} | {r['ratio_to_inference']:.2f} |"
               for r in report["bonsai"]]
+    r = report["regression"]
+    lines += ["", "| regression columns × sub-models | device s | CPU s | same penalty | max weight difference |",
+              "|---|---:|---:|---|---:|",
+              f"| {r['columns']:,} × {r['rows']} | {r.get('seconds_device', float('nan')):.1f} | {r['seconds_cpu']:.1f} | "
+              f"{r['same_penalty']} | {r['max_weight_difference']:.2e} |"]
     lines += ["", "| model | removed | prefill tok/s | decode tok/s | prefill × | decode × | ideal × |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['model']} | {r['achieved_ratio']:.1%} | {r['prefill_tok_s']:,.0f} | {r['decode_tok_s']:.1f} | "
