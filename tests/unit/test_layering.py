@@ -69,3 +69,63 @@ def test_dvc_stages_are_real_cli_commands_with_real_params():
         if name != "source":
             assert "artifacts/source.json" in stage["deps"], f"stage {name} must depend on the model's record"
         upstream.update(outs)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """pruneflow's modules → the pruneflow modules each imports, function-local imports included."""
+    import ast
+
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (ROOT / "pruneflow").rglob("*.py")}
+
+    def known(name: str) -> str | None:  # a module, or the module an imported name lives in
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                edges |= {known(a.name) for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [base]).strip(".")
+                edges |= {known(f"{base}.{a.name}") for a in node.names} | {known(base)}
+        # a package's __init__ is imported with any of its modules: not an edge of its own here
+        graph[name] = {e for e in edges if e and e != name and files[e].name != "__init__.py"}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[str]:
+    """Every cycle of ``graph``, once each (from its smallest module)."""
+    found = []
+
+    def walk(node, path, seen):
+        for nxt in sorted(graph[node]):
+            if nxt == path[0]:
+                found.append(" → ".join(path + [nxt]))
+            elif nxt not in seen and nxt > path[0]:
+                seen.add(nxt)
+                walk(nxt, path + [nxt], seen)
+
+    for start in sorted(graph):
+        walk(start, [start], {start})
+    return found
+
+
+def test_no_import_cycle_in_the_library():
+    """No module of pruneflow/ reaches itself through imports, function-local ones included (they only hide a
+    cycle from the interpreter)."""
+    assert _cycles(_import_graph()) == []
+
+
+def test_the_import_graph_counts_function_local_imports_and_the_check_finds_a_cycle():
+    graph = _import_graph()
+    assert "pruneflow.execution.streaming" in graph["pruneflow.reconstruct"]
+    assert "pruneflow.apply" in graph["pruneflow.reconstruct"]  # imported inside refit()
+    planted = {**graph, "pruneflow.apply": graph["pruneflow.apply"] | {"pruneflow.reconstruct"}}
+    assert any(c.startswith("pruneflow.apply → ") and "pruneflow.reconstruct" in c for c in _cycles(planted))
