@@ -53,9 +53,9 @@ def pipeline(params: Params = Params(), repo: str = ".", run_name: str | None = 
     stage_names(repo_path)  # a dvc.yaml out of sync with the code fails before any work
     check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", ""))  # a malformed URI: no retries, no work
     version = code_version(repo_path)
-    from pruneflow.stages import check_plan
+    from pruneflow.stages import check_fits
 
-    check_plan(params)  # every stage can stream where it must, and the prune's plan of work fits: before any work
+    check_fits(params, repo_path)  # every stage can stream where it must, and the prune's plan fits: before any work
     preflight(str(repo_path))
     in_place = load_params(repo_path / "params.yaml") == params
     with exclusive(repo_path) if in_place else nullcontext():  # a second in-place run stops here, at once

@@ -60,7 +60,7 @@ def run(name: str, params: Params, root: Path = Path("artifacts")) -> Path:
     return out
 
 
-def check_memory(params: Params) -> None:
+def check_memory(params: Params, base: Path | None = None) -> None:
     """Before any stage runs: with ``runtime.max_memory`` below the model's weights, every stage must stream
     (score with a streaming method, no recovery, evaluate perplexity only)."""
     from pruneflow.prune import check_streams
@@ -68,7 +68,7 @@ def check_memory(params: Params) -> None:
     if not params.runtime.max_memory:
         return
     runtime = Runtime.from_params(params.runtime)
-    _, weight_bytes = checkpoint.compute_size(params.model, runtime)
+    _, weight_bytes = checkpoint.compute_size(resolve(params.model, base), runtime)
     if not runtime.streams(weight_bytes):
         return
     check_streams(params.score.method)
@@ -84,15 +84,16 @@ def check_memory(params: Params) -> None:
                              f"{'; '.join(whole)} (or raise runtime.max_memory)")
 
 
-def check_plan(params: Params) -> None:
+def check_fits(params: Params, base: Path | None = None) -> None:
     """Before any stage runs (the flow's preflight): :func:`check_memory`, then the prune's plan of work from the
     config alone (``pruneflow prune --dry-run``'s estimate; a hub id fetches configs only) must fit the device,
-    or ``runtime.max_memory`` when the model streams — said now, not after the source and calibration stages."""
+    or ``runtime.max_memory`` when the model streams — said now, not after the source and calibration stages.
+    ``base``: what a relative ``params.model`` is relative to (the repository the stages run in)."""
     from pruneflow.execution.estimate import estimate
 
-    check_memory(params)
+    check_memory(params, base)
     runtime = Runtime.from_params(params.runtime)
-    plan = estimate(resolve(params.model, weights=False).path, params, runtime)
+    plan = estimate(resolve(params.model, base, weights=False).path, params, runtime)
     if not plan.fits:
         raise PruneflowError(f"this prune does not fit: {plan.why}; `pruneflow prune --dry-run --params "
                              f"params.yaml` shows each phase (raise runtime.max_memory, or lower calibrate.n_windows "

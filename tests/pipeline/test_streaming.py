@@ -268,12 +268,15 @@ def test_the_flow_checks_up_front_that_every_stage_can_stream(deep_checkpoint,
 def test_the_flow_refuses_up_front_a_prune_whose_plan_of_work_does_not_fit(deep_checkpoint, calibration_txt,
                                                                           tmp_path):
     from pruneflow.params import load_params
-    from pruneflow.stages import check_plan
+    from pruneflow.stages import check_fits
 
-    check_plan(load_params(_stage_params(tmp_path / "p.yaml", deep_checkpoint, calibration_txt, "1MiB")))
+    check_fits(load_params(_stage_params(tmp_path / "p.yaml", deep_checkpoint, calibration_txt, "1MiB")))
     small = load_params(_stage_params(tmp_path / "s.yaml", deep_checkpoint, calibration_txt, "96KiB"))
     with pytest.raises(PruneflowError, match=r"does not fit: the largest phase holds .* above --max-memory 96"):
-        check_plan(small)
+        check_fits(small)
+    relative = small.model_copy(update={"model": deep_checkpoint.name, "runtime": small.runtime.model_copy(
+        update={"max_memory": "1MiB"})})  # as the flow gets it: relative to the repository it runs the stages in
+    check_fits(relative, base=deep_checkpoint.parent)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])  # qwen2: the head is tied to the embedding
