@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -122,12 +123,17 @@ def ray_head(run_dir: Path, ports: dict[str, int]) -> Service:
     env.pop("RAY_AUTH_TOKEN", None)  # the file is the one token: a stale variable would take precedence
     env.pop("RAY_ADDRESS", None)  # `ray start --head` starts a cluster; it does not join one
     low, high = RAY_WORKER_PORTS
+    # its own session directory: Ray's default (/tmp/ray) also tells every plain ray.init() on this machine to
+    # join this head, so a local `--workers N` run meant to start its own instance would fail (short: socket
+    # paths must stay under 107 bytes)
+    temp = tempfile.mkdtemp(prefix="pruneflow-ray-", dir="/tmp")
     return Service("ray", ports["ray-client"], [
-        _bin("ray"), "start", "--head", "--block", "--node-ip-address", HOST, "--port", str(ports["ray"]),
+        _bin("ray"), "start", "--head", "--block", "--temp-dir", temp, "--node-ip-address", HOST,
+        "--port", str(ports["ray"]),
         "--ray-client-server-port", str(ports["ray-client"]), "--dashboard-host", HOST,
         "--dashboard-port", str(ports["ray-dashboard"]), "--min-worker-port", str(low),
         "--max-worker-port", str(high), "--disable-usage-stats"], env, f"tcp://{HOST}:{ports['ray-client']}",
-        {"token_path": str(token), "gcs_port": ports["ray"], "dashboard": f"http://{HOST}:{ports['ray-dashboard']}"})
+        {"token_path": str(token), "temp_dir": temp, "gcs_port": ports["ray"], "dashboard": f"http://{HOST}:{ports['ray-dashboard']}"})
 
 
 def _answers(url: str) -> bool:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -179,6 +180,11 @@ def test_up_with_ray_starts_a_token_authenticated_head_that_runs_workers(tmp_pat
         refused = subprocess.run([sys.executable, "-c", code], env=stranger, capture_output=True, text=True,
                                  timeout=120)
         assert refused.returncode != 0 and "answer" not in refused.stdout
+        alone = ("import ray; ray.init(num_cpus=1, include_dashboard=False); "
+                 "print('own', ray.get_runtime_context().gcs_address)")  # a run's own instance, beside the head
+        own = subprocess.run([sys.executable, "-c", alone], env=env, capture_output=True, text=True, timeout=120)
+        assert "own" in own.stdout and f":{ports['ray']}" not in own.stdout, own.stderr[-2000:]
     finally:
         stopped = stack.down(tmp_path)
+        shutil.rmtree(state.get("ray", {}).get("temp_dir", tmp_path / "none"), ignore_errors=True)
     assert stopped == ["ray"] and not stack._alive(state["ray"]["pid"])
