@@ -46,11 +46,15 @@ def score(model: nn.Module, spec: ArchSpec, method: str, windows: torch.Tensor |
                            **options)
 
 
-def check_model(method: str, spec: ArchSpec) -> None:
-    """Refuse a method the model cannot be scored with (before calibration or any forward pass)."""
+def check_model(method: str, spec: ArchSpec, cfg: PruneParams | None = None) -> None:
+    """Refuse a method, or with ``cfg`` an allocation, the model cannot be pruned with (before the model is
+    loaded, calibration or any forward pass)."""
     if CAUSAL_LM in METHODS[method].needs and not spec.causal_lm:
         raise PruneflowError(f"method {method} scores by next-token loss and needs a causal LM; this model is an "
                              f"encoder: use magnitude, random, wanda_sp or flap")
+    if cfg is not None and cfg.for_method(method).allocation == "search" and not spec.causal_lm:
+        raise PruneflowError("prune.allocation: search scores candidates by next-token loss and needs a causal "
+                             "LM; this model is an encoder: use allocation uniform or global")
 
 
 def check_streams(method: str, model: nn.Module | None = None) -> None:
@@ -105,7 +109,7 @@ def prune(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, windo
         check_method(method, cfg)
     except ValueError as err:
         raise PruneflowError(str(err)) from None
-    check_model(method, spec)
+    check_model(method, spec, cfg)
     check_streams(method, model)
     cfg, entry, runtime = cfg.for_method(method), METHODS[method], runtime or Runtime()
     check_hidden(model, spec, cfg)

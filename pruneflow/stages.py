@@ -91,9 +91,13 @@ def check_fits(params: Params, base: Path | None = None) -> None:
     ``base``: what a relative ``params.model`` is relative to (the repository the stages run in)."""
     from pruneflow.execution.estimate import estimate
 
+    from pruneflow.prune import check_model
+
     check_memory(params, base)
+    source = resolve(params.model, base, weights=False)
+    check_model(params.score.method, A.arch_for(checkpoint.read_config(source).get("model_type", "")), params.prune)
     runtime = Runtime.from_params(params.runtime)
-    plan = estimate(resolve(params.model, base, weights=False).path, params, runtime)
+    plan = estimate(source.path, params, runtime)
     if not plan.fits:
         raise PruneflowError(f"this prune does not fit: {plan.why}; `pruneflow prune --dry-run --params "
                              f"params.yaml` shows each phase (raise runtime.max_memory, or lower calibrate.n_windows "
@@ -228,7 +232,7 @@ def score(params: Params, root: Path, runtime: Runtime) -> Path:
 
     method, seed = params.score.method, params.calibrate.seed
     spec = A.arch_for(checkpoint.read_config(model_source(params, root)).get("model_type", ""))
-    check_model(method, spec)  # before the model is loaded
+    check_model(method, spec, params.prune)  # before the model is loaded
     windows, manifest = C.load(_needs(root / OUTPUTS["calibrate"], "calibrate"))
     model, _, spec = checkpoint.load(model_source(params, root), runtime, with_tokenizer=False,
                                      stream=METHODS[method].streams, calibration=tuple(windows.shape),

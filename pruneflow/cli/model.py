@@ -101,7 +101,7 @@ def _dry_run(params) -> bool:
     except ValueError as err:
         raise PruneflowError(str(err)) from None
     source = resolve(params.model, weights=False)
-    check_model(method, A.arch_for(checkpoint.read_config(source).get("model_type", "")))
+    check_model(method, A.arch_for(checkpoint.read_config(source).get("model_type", "")), params.prune)
     workers = int(runtime.workers) if runtime.workers.isdigit() else 1
     plan = estimate(source.path, params, runtime, workers)
     table = Table(title=f"dry run: {method} removing {params.prune.ratio:.0%} of {params.model} (per run of a phase)")
@@ -146,7 +146,7 @@ def _prune(params, out: Path, force: bool, state_dir: Path | None = None,
     parse_size(max_shard_size)
     source = resolve(params.model)  # hub errors (not cached, gated, unknown revision) before any work
     method, c = params.score.method, params.calibrate
-    check_model(method, A.arch_for(checkpoint.read_config(source).get("model_type", "")))
+    check_model(method, A.arch_for(checkpoint.read_config(source).get("model_type", "")), params.prune)
     stored = checkpoint.stored_dtype(source)
     _, weight_bytes = checkpoint.compute_size(source, runtime)
     if runtime.streams(weight_bytes):

@@ -150,6 +150,23 @@ def test_a_loss_based_method_on_an_encoder_is_refused_before_any_work(method, tm
     assert "calibration:" not in result.output and not (tmp_path / "pruned").exists()
 
 
+def test_the_allocation_search_on_an_encoder_is_refused_before_any_work(tmp_path, calibration_txt, tiny_tokenizer):
+    """It was refused only after the calibration forward pass, by the search itself."""
+    from conftest import tiny_bert
+
+    path = tmp_path / "bert"
+    tiny_bert(vocab_size=len(tiny_tokenizer)).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    for extra in ([], ["--dry-run"]):
+        result = run(*prune_args(path, tmp_path / "pruned", calibration_txt, "--method", "flap", "--allocation",
+                                 "search", *extra))
+        assert result.exit_code == 2, result.output
+        text = " ".join(result.output.split())
+        assert "prune.allocation: search scores candidates by next-token loss and needs a causal LM" in text
+        assert "use allocation uniform or global" in text
+        assert "calibration:" not in result.output and not (tmp_path / "pruned").exists()
+
+
 def test_bonsai_just_works_with_its_own_allocation(tiny_checkpoint, calibration_txt, tmp_path):
     """`--method bonsai --ratio R` without --allocation: auto means global for Bonsai."""
     result = run(*prune_args(tiny_checkpoint, tmp_path / "pruned", calibration_txt, "--method", "bonsai",
