@@ -20,7 +20,7 @@ from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
 from pruneflow import arch as A
-from pruneflow import modeling_pruneflow
+from pruneflow import mlp, modeling_pruneflow
 from pruneflow.execution import streaming
 from pruneflow.execution.lineage import note_origin
 from pruneflow.arch import ArchSpec
@@ -65,11 +65,7 @@ def vanilla_config(model: nn.Module, spec: ArchSpec):
     config_cls, model_cls = _stock_classes(model, model_type)
     data = _base_dict(model.config)
     data["num_attention_heads"] = widths[0]["heads"]
-    if spec.moe:  # the expert count and an expert's width (Qwen3-MoE keeps intermediate_size for dense MLPs)
-        data.update({key: widths[0]["experts"] for key in A.EXPERT_KEYS if key in data})
-        data[A.expert_width_key(data)] = widths[0]["channels"]
-    else:
-        data["intermediate_size"] = widths[0]["channels"]
+    mlp.of(spec).write_width(data, widths[0])
     if "num_key_value_heads" in data:
         data["num_key_value_heads"] = widths[0]["kv_heads"]
     data["head_dim"] = A.geometry(model.config).head_dim  # explicit: a stock config may not carry it (qwen2)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from pruneflow import arch as A
+from pruneflow import mlp
 from pruneflow.errors import PruneflowError
 from pruneflow.sources import ModelSource, resolve
 
@@ -496,7 +497,7 @@ class _Forward(torch.nn.Module):
 
 def check_onnx(config: dict) -> None:
     """What the ONNX export cannot trace, from the config alone (the pipeline checks it before any work)."""
-    if A.arch_for(config.get("model_type", "")).moe:
+    if not mlp.of(A.arch_for(config.get("model_type", ""))).traceable:
         raise PruneflowError("ONNX export of Mixture-of-Experts models is not supported: torch.onnx cannot trace "
                              "transformers' fused experts (grouped_mm)")
 

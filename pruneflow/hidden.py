@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from pruneflow import arch as A
+from pruneflow import mlp
 from pruneflow.execution import streaming
 from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
@@ -58,10 +59,7 @@ def _tensors(model: nn.Module, spec: ArchSpec) -> list[tuple[nn.Module, str, int
             out.append((module, "weight", 0, False))
             if module.bias is not None:
                 out.append((module, "bias", 0, False))
-        if spec.moe:  # the router reads the stream; the experts read (gate_up) and write (down) it
-            experts = A.get(block, spec.experts)
-            out += [(A.get(block, spec.router), "weight", 1, False), (experts, "gate_up_proj", 2, False),
-                    (experts, "down_proj", 1, False)]
+        out += [(module, name, dim, False) for module, name, dim in mlp.of(spec).stream_tensors(block, spec)]
         for path in spec.norms:
             norm = A.get(block, path)
             out += [(norm, p, 0, False) for p in ("weight", "bias") if getattr(norm, p, None) is not None]
@@ -90,13 +88,14 @@ def select(model: nn.Module, spec: ArchSpec, scores: Scores, cfg: SelectConfig, 
         raise PruneflowError(f"prune.units: method {method} gives no hidden-channel scores (use minitron)")
     hidden, heads = model.config.hidden_size, model.config.num_attention_heads
     params, (cost, embedding_cost) = A.count_parameters(model), _costs(model, spec)
-    step = math.lcm(heads, cfg.round_to, A.GROUPED_MM_ALIGN if spec.moe else 1)
+    align = mlp.of(spec).align
+    step = math.lcm(heads, cfg.round_to, align)
     want = hidden - cfg.ratio * params["non_embedding"] / cost
     kept = round(want / step) * step
     if kept < step or kept >= hidden:
         share = step * cost / params["non_embedding"]
         raise PruneflowError(f"prune.ratio={cfg.ratio}: the hidden size {hidden} is kept a multiple of {step} (query "
-                             f"heads {heads}, round_to {cfg.round_to}{f', {A.GROUPED_MM_ALIGN} for grouped_mm' if spec.moe else ''}), a step of {share:.1%} of the parameters; "
+                             f"heads {heads}, round_to {cfg.round_to}{f', {align} for grouped_mm' if align > 1 else ''}), a step of {share:.1%} of the parameters; "
                              f"choose a ratio between {share:.1%} and {(hidden - step) * cost / params['non_embedding']:.1%}")
     order = torch.argsort(scores.hidden.float(), descending=True, stable=True)
     widths = A.layer_widths(model, spec)

@@ -1,9 +1,12 @@
 """The MLP of a block as a strategy: dense (gate/up/down Linears) or fused experts (transformers 5 keeps every
 expert of an MoE block in 3-D ``gate_up_proj`` (E, 2I, D) / ``down_proj`` (E, D, I) tensors).
 
-Generic statistics code (``scores``, the ``magnitude`` method) asks :func:`of` ``(spec)`` what the MLP's
-down_proj sees, a channel importance and channel magnitudes, and never branches on MoE itself: a dense block's
-answers are (I,) per channel, a fused-experts block's (E, I), every expert's own channels.
+Generic code asks :func:`of` ``(spec)`` and never branches on MoE itself: statistics (``scores``, the
+``magnitude`` method) what the MLP's down_proj sees, a channel importance and channel magnitudes — a dense
+block's answers are (I,) per channel, a fused-experts block's (E, I), every expert's own channels; the hidden
+unit which MLP tensors read and write the residual stream beyond the spec's Linears, and what the hidden size
+must stay a multiple of (``align``); recovery which LoRA targets are parameters rather than modules; a vanilla
+config where an MLP's width goes (``write_width``); the ONNX export whether it can trace the MLP.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from pruneflow import arch as A
 from pruneflow.arch import ArchSpec
 from pruneflow.stats import InputStats
 
@@ -21,6 +25,22 @@ class Dense:
     """gate/up/down Linear layers: one set of channels per block."""
 
     compensates = True  # a down_proj bias can take FLAP's compensation
+    align = 1  # what the hidden size must stay a multiple of, for the MLP's kernels
+    traceable = True  # torch.onnx can trace it
+    fused_keys: tuple[str, ...] = ()  # ArchSpec keys whose weights are parameters of a fused module, not Linears
+
+    def stream_tensors(self, block: nn.Module, spec: ArchSpec) -> list[tuple[nn.Module, str, int]]:
+        """(module, parameter, dimension) of the MLP's tensors on the residual stream that the spec's Linear
+        readers and writers do not cover: none."""
+        return []
+
+    def lora_parameters(self, spec: ArchSpec, targets: list[str]) -> list[str]:
+        """peft ``target_parameters`` for these LoRA targets: none (every target is a Linear module)."""
+        return []
+
+    def write_width(self, config: dict, width: dict) -> None:
+        """Put a layer's MLP width (``width``: one of ``arch.layer_widths``) into a stock config dict."""
+        config["intermediate_size"] = width["channels"]
 
     def record(self, block: nn.Module, spec: ArchSpec, dtype: torch.dtype, into: list) -> object:
         """Append one ``InputStats`` of down_proj's input to ``into`` and watch it; returns the hook handle."""
@@ -50,6 +70,25 @@ class FusedExperts:
     """Fused expert tensors: every expert has its own channels, seen only by the tokens routed to it."""
 
     compensates = False  # experts take no compensation bias
+    align = A.GROUPED_MM_ALIGN  # grouped_mm needs 16-byte strides
+    traceable = False  # torch.onnx cannot trace transformers' fused experts (grouped_mm)
+    fused_keys = ("gate", "up", "down")
+
+    def stream_tensors(self, block: nn.Module, spec: ArchSpec) -> list[tuple[nn.Module, str, int]]:
+        """The router reads the stream, the experts read it (gate_up_proj, dim 2) and write it (down_proj,
+        dim 1)."""
+        experts = A.get(block, spec.experts)
+        return [(A.get(block, spec.router), "weight", 1), (experts, "gate_up_proj", 2), (experts, "down_proj", 1)]
+
+    def lora_parameters(self, spec: ArchSpec, targets: list[str]) -> list[str]:
+        """The fused expert tensors for the MLP targets (gate and up share ``gate_up_proj``)."""
+        names = {"gate": "gate_up_proj", "up": "gate_up_proj", "down": "down_proj"}
+        return list(dict.fromkeys(f"{spec.experts}.{names[key]}" for key in targets if key in names))
+
+    def write_width(self, config: dict, width: dict) -> None:
+        """The expert count and an expert's width (Qwen3-MoE keeps intermediate_size for its dense MLPs)."""
+        config.update({key: width["experts"] for key in A.EXPERT_KEYS if key in config})
+        config[A.expert_width_key(config)] = width["channels"]
 
     def record(self, block: nn.Module, spec: ArchSpec, dtype: torch.dtype, into: list) -> object:
         """Append one ``InputStats`` per expert to ``into`` and watch the experts' forward: each expert's

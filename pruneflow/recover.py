@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from pruneflow import mlp
 from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
 from pruneflow.losses import hidden_states, lm_parts, training_losses
@@ -53,10 +54,7 @@ class TeacherStates:
 def expert_parameters(spec: ArchSpec, targets: list[str]) -> list[str]:
     """peft ``target_parameters`` for an MoE model: its MLP targets (gate, up, down) are the fused expert tensors
     (gate and up share ``gate_up_proj``)."""
-    if not spec.moe:
-        return []
-    names = {"gate": "gate_up_proj", "up": "gate_up_proj", "down": "down_proj"}
-    return list(dict.fromkeys(f"{spec.experts}.{names[key]}" for key in targets if key in names))
+    return mlp.of(spec).lora_parameters(spec, targets)
 
 
 def target_modules(model: nn.Module, spec: ArchSpec, targets: list[str]) -> list[str]:
@@ -64,7 +62,7 @@ def target_modules(model: nn.Module, spec: ArchSpec, targets: list[str]) -> list
     model's MLP keys: :func:`expert_parameters`)."""
     paths = []
     for key in targets:
-        if spec.moe and key in ("gate", "up", "down"):
+        if key in mlp.of(spec).fused_keys:  # a parameter target (expert_parameters), not a module
             continue
         path = getattr(spec, key)
         if path is None or not any(name.endswith("." + path) for name, _ in model.named_modules()):
