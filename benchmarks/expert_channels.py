@@ -32,7 +32,7 @@ RUNS = [("magnitude", "uniform", None), ("wanda_sp", "uniform", None), ("flap", 
 def run_model(name: str, path: Path, threads: int) -> list[dict]:
     from pruneflow import arch as A
     from pruneflow import checkpoint
-    from pruneflow import expert_channels as XC
+    from pruneflow.units import expert_channels as XC
     from pruneflow.evaluate import measure
     from pruneflow.params import PruneParams
     from pruneflow.prune import prune

@@ -34,7 +34,7 @@ def ratio_for(model, spec, removed: int, cost=None) -> float:
     """The prune.ratio whose uniform count is ``removed`` units per layer, a unit of block b costing
     ``cost(b, spec)`` parameters (default: one expert)."""
     from pruneflow import arch as A
-    from pruneflow import experts as X
+    from pruneflow.units import experts as X
 
     per_step = sum((cost or X.expert_cost)(b, spec) for b in A.blocks(model, spec))
     return removed * per_step / A.count_parameters(model)["non_embedding"]
@@ -60,7 +60,7 @@ def run_model(name: str, path: Path, threads: int) -> list[dict]:
 
     from pruneflow import arch as A
     from pruneflow import checkpoint
-    from pruneflow import experts as X
+    from pruneflow.units import experts as X
     from pruneflow.evaluate import measure
     from pruneflow.params import PruneParams
     from pruneflow.plan import SelectConfig

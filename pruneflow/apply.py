@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from pruneflow import arch as A
+from pruneflow import units
 from pruneflow.execution import streaming
 from pruneflow.execution.lineage import note_applied
 from pruneflow.arch import ArchSpec
@@ -40,13 +41,16 @@ def layer_shapes(model: nn.Module, spec: ArchSpec) -> list[LayerShape]:
 def _check(plan: PrunePlan, shapes: list[LayerShape]) -> None:
     if len(plan.layers) != len(shapes):
         raise PruneflowError(f"plan has {len(plan.layers)} layers, the model has {len(shapes)}")
+    whole = "subblocks" in plan.units  # only the sub-block unit removes a block's whole attention or MLP
     for i, (layer, shape) in enumerate(zip(plan.layers, shapes)):
         heads, kv = len(layer.kept_heads), len(layer.kept_kv_heads)
-        if not heads or not kv or not layer.kept_channels:
+        if (not heads or not kv or not layer.kept_channels) and not whole:
             raise PruneflowError(f"plan empties layer {i}'s attention or MLP")
-        if heads % kv or any(h // shape.group_size not in layer.kept_kv_heads for h in layer.kept_heads):
+        if bool(heads) != bool(kv):
+            raise PruneflowError(f"plan layer {i} keeps query heads without KV heads or the reverse")
+        if heads and (heads % kv or any(h // shape.group_size not in layer.kept_kv_heads for h in layer.kept_heads)):
             raise PruneflowError(f"plan layer {i}: kept query heads do not form equal groups of kept KV heads")
-        if max(layer.kept_channels) >= shape.channels or max(layer.kept_heads) >= shape.heads:
+        if max(layer.kept_channels, default=-1) >= shape.channels or max(layer.kept_heads, default=-1) >= shape.heads:
             raise PruneflowError(f"plan layer {i} keeps units the model does not have")
 
 
@@ -118,20 +122,9 @@ def apply(model: nn.Module, plan: PrunePlan, spec: ArchSpec, scores: Scores | No
     """Slice the model in place to what ``plan`` keeps; with ``plan.reconstruct == "bias"``, add FLAP's bias
     compensation (``lstsq`` re-fits after slicing: :func:`pruneflow.reconstruct.refit`)."""
     note_applied(model, plan, scores)  # replicas on workers replay it (pruneflow.execution.replicas)
-    if plan.kept_experts is not None:  # the experts unit keeps every block's attention and expert widths
-        from pruneflow import experts
-
-        experts.apply(model, spec, plan.kept_experts)
-        return model
-    if plan.kept_expert_channels is not None:  # the channels inside the experts of an MoE model
-        from pruneflow import expert_channels
-
-        expert_channels.apply(model, spec, plan.kept_expert_channels)
-        return model
-    if plan.kept_hidden is not None:  # the hidden unit keeps every block's widths (in memory only)
-        from pruneflow import hidden
-
-        hidden.apply(model, spec, plan.kept_hidden)
+    unit = units.holding(plan)
+    if unit is not None:  # a unit with its own module removes itself (pruneflow.units)
+        unit.apply_plan(model, spec, plan, scores)
         return model
     shapes = layer_shapes(model, spec)
     _check(plan, shapes)

@@ -28,7 +28,7 @@ class ArchSpec:
     causal_lm: bool = True  # loaded with AutoModelForCausalLM, else AutoModel
     norms: tuple[str, ...] = ()  # a block's norms over the hidden dimension (their outputs feed attention, MLP)
     final_norm: str | None = None  # the norm after the last block; with ``norms``: the hidden unit is supported
-    # Mixture of Experts (the experts unit, pruneflow.experts): the router (a ``weight`` of (E, D), ``top_k``,
+    # Mixture of Experts (the experts unit, pruneflow.units.experts): the router (a ``weight`` of (E, D), ``top_k``,
     # ``num_experts``) and the fused experts (``gate_up_proj`` (E, 2I, D), ``down_proj`` (E, D, I), ``num_experts``)
     router: str | None = None
     experts: str | None = None

@@ -16,8 +16,13 @@ SiLU, RoPE scalings other than linear and llama3. See README, "Serving a pruned 
 Layout facts (llama.cpp's loaders, ``src/models/{llama,deci,qwen2,qwen3}.cpp``): ``llama`` and ``deci`` apply
 RoPE to interleaved pairs, so the q and k rows of each head are permuted from the Hugging Face (half-split)
 order, per layer with that layer's head counts; ``qwen2``/``qwen3`` use the half-split order as it is.
-Every block keeps at least one head and one channel (``apply`` refuses plans that empty one), so no block
-needs ``deci``'s head-less or FFN-less forms.
+A block whose attention or MLP was removed (the sub-block unit: no heads, or no channels) goes as ``deci`` with
+``n_head = 0`` (attention-free: no attention tensors, no attention norm) or ``n_ff = 0`` (FFN-free). llama.cpp's
+``deci`` graph drops the whole block when ``n_ff = 0`` — the attention output too: it ``continue``s before the
+block's result becomes the next input — so a block that keeps its attention but lost its MLP is written with one
+zero MLP channel (``n_ff = 1``, zero gate/up/down rows: it adds exactly 0). llama.cpp also reads the head size
+from block 0's head count, so an attention-free block 0 is written with one zero head (``n_head = 1``, zero
+q/k/v/o: it adds exactly 0).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +90,25 @@ class Block:
     kv_heads: int
     channels: int  # MoE: one expert's width
     experts: int = 0  # MoE: its expert count
+
+    zero_attention: bool = False  # an attention-free block 0: written with one zero head (module docstring)
+
+    @property
+    def n_head(self) -> int:  # n_head and n_head_kv as llama.cpp gets them
+        return 1 if self.zero_attention else self.heads
+
+    @property
+    def n_head_kv(self) -> int:
+        return 1 if self.zero_attention else self.kv_heads
+
+    @property
+    def zero_ffn(self) -> bool:
+        """Attention kept, MLP removed: written with one zero channel (see the module docstring)."""
+        return self.heads > 0 and self.channels == 0
+
+    @property
+    def ffn(self) -> int:  # n_ff as llama.cpp gets it
+        return 1 if self.zero_ffn else self.channels
 
 
 @dataclass
@@ -205,16 +229,19 @@ def plan_layout(config: dict, weights) -> Layout:
         if moe and not experts:
             raise PruneflowError(f"block {i} has a dense MLP: llama.cpp's {MOE_ARCHS[family]} needs every block "
                                  f"to be a Mixture of Experts")
-        if not block.heads or not block.channels:
+        if moe and (not block.heads or not block.channels):
             raise PruneflowError(f"block {i} has no attention heads or no MLP channels: not a checkpoint "
                                  f"pruneflow or transformers writes")
-        if not block.kv_heads or block.heads % block.kv_heads:
+        if bool(block.heads) != bool(block.kv_heads) or (block.kv_heads and block.heads % block.kv_heads):
             raise PruneflowError(f"block {i}: {block.heads} query heads over {block.kv_heads} KV heads; llama.cpp "
                                  f"needs a whole number of query heads per KV head")
         has = {key for key in BLOCK_NAMES if f"model.layers.{i}.{key}" in names}
         biases.append(has)
         blocks.append(block)
-    uniform = len({(b.heads, b.kv_heads, b.channels, b.experts) for b in blocks}) == 1
+    if blocks and not blocks[0].heads:
+        blocks[0] = replace(blocks[0], zero_attention=True)
+    uniform = len({(b.heads, b.kv_heads, b.channels, b.experts) for b in blocks}) == 1 and \
+        all(b.heads and b.channels for b in blocks)  # a removed sub-block needs deci's per-layer forms
     out_bias = any({"self_attn.o_proj.bias", "mlp.down_proj.bias"} & has for has in biases)
     if moe:
         check_plan(config, per_layer=not uniform, output_bias=out_bias)
@@ -286,9 +313,29 @@ def _tensors(layout: Layout, weights, dtype: torch.dtype) -> list[GgufTensor]:
     for i, block in enumerate(layout.blocks):
         prefix = f"model.layers.{i}."
         heads = {"self_attn.q_proj": block.heads, "self_attn.k_proj": block.kv_heads}
+        if block.zero_attention:
+            hidden, head = layout.hidden, layout.head_dim
+            zero = {"attn_norm.weight": (hidden,), "attn_q.weight": (head, hidden), "attn_k.weight": (head, hidden),
+                    "attn_v.weight": (head, hidden), "attn_output.weight": (hidden, head)}
+            for gguf_name, shape in zero.items():
+                kind_of = torch.float32 if len(shape) == 1 else dtype
+                out.append(GgufTensor(f"blk.{i}.{gguf_name}", shape, kind_of,
+                                      lambda sh=shape, k=kind_of: torch.zeros(sh, dtype=k)))
         for key in BLOCK_NAMES:
             name = prefix + key
-            if name not in names:
+            removed = (not block.heads and (key.startswith("self_attn.") or key == "input_layernorm.weight")) or \
+                (not block.channels and (key.startswith("mlp.") or key == "post_attention_layernorm.weight")
+                 and not block.zero_ffn)
+            if name not in names or removed:
+                continue
+            if block.zero_ffn and key.startswith("mlp.") and key.endswith(".weight"):
+                rows, cols = (layout.hidden, 1) if key.startswith("mlp.down_proj") else (1, layout.hidden)
+                out.append(GgufTensor(f"blk.{i}.{BLOCK_NAMES[key]}", (rows, cols), dtype,
+                                      lambda r=rows, c=cols: torch.zeros(r, c, dtype=dtype)))
+                continue
+            if block.zero_ffn and key in ("mlp.gate_proj.bias", "mlp.up_proj.bias"):
+                out.append(GgufTensor(f"blk.{i}.{BLOCK_NAMES[key]}", (1,), torch.float32,
+                                      lambda: torch.zeros(1, dtype=torch.float32)))
                 continue
             proj = key.rpartition(".")[0]
             transform = None
@@ -459,9 +506,9 @@ def _add_hparams(writer, layout: Layout, config: dict, source: ModelSource, file
     writer.add_context_length(config.get("max_position_embeddings", 2048))
     writer.add_embedding_length(layout.hidden)
     writer.add_block_count(len(blocks))
-    writer.add_feed_forward_length(per_block([b.channels for b in blocks]))
-    writer.add_head_count(per_block([b.heads for b in blocks]))
-    writer.add_head_count_kv(per_block([b.kv_heads for b in blocks]))
+    writer.add_feed_forward_length(per_block([b.ffn for b in blocks]))
+    writer.add_head_count(per_block([b.n_head for b in blocks]))
+    writer.add_head_count_kv(per_block([b.n_head_kv for b in blocks]))
     writer.add_key_length(layout.head_dim)  # else llama.cpp derives head size from block 0 as hidden / heads
     writer.add_value_length(layout.head_dim)
     writer.add_rope_dimension_count(layout.head_dim)

@@ -59,7 +59,7 @@ def from_input_channels(model: nn.Module, spec: ArchSpec, windows: torch.Tensor,
     ``attn_importance``, if given, is o_proj's instead. With
     ``standardize``, each layer's o_proj and down_proj channel scores are z-scored before heads are
     averaged (FLAP's AL-AM), which makes them comparable across layers and modules. An MoE block's channel
-    scores are (E, I), ``importance`` applied to every expert's down_proj (``pruneflow.expert_channels``).
+    scores are (E, I), ``importance`` applied to every expert's down_proj (``pruneflow.units.expert_channels``).
     """
     head_dim = A.geometry(model.config).head_dim
     norm = zscore if standardize else (lambda x: x)

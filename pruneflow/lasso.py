@@ -61,12 +61,15 @@ def lasso_batch(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, penalties:
     active = lipschitz > 0  # a fit whose columns have no variance: w = 0, b = its mean
     inverse = torch.where(active, 1 / lipschitz.clamp(min=torch.finfo(dtype).tiny), 0.0)[:, None]  # (F, 1)
     thresholds = penalties.to(dtype).to(device)[:, None] * inverse  # (F, 1)
+    # (F, P) whether a column takes more than one value on a fit's rows: the others get w = 0 exactly (their
+    # gradient, Σ r·(x − μ), is zero but for rounding, which depends on how the BLAS orders the sums)
+    varying = torch.stack([(x[r] != x[r][:1]).any(0) for r in rows.to(device)])
     weights = torch.zeros(len(mask), x.shape[1], dtype=dtype, device=x.device)  # (F, P)
     momentum, step = weights.clone(), 1.0
     for iteration in range(max_iter):
         residual = mask * (momentum @ x.T - (momentum * x_mean).sum(1, keepdim=True)) - yc  # (F, n) (X − 1μᵀ)w − yc
-        # (X − 1μᵀ)ᵀ r / n: r sums to 0, so the μ term only cancels rounding (a constant column stays exactly 0)
-        gradient = (residual @ x - residual.sum(1, keepdim=True) * x_mean) / counts[:, None]  # (F, P)
+        # (X − 1μᵀ)ᵀ r / n: r sums to 0, so the μ term only cancels rounding
+        gradient = torch.where(varying, residual @ x - residual.sum(1, keepdim=True) * x_mean, 0.0) / counts[:, None]
         shrunk = momentum - gradient * inverse
         updated = shrunk.sign() * (shrunk.abs() - thresholds).clamp(min=0)
         next_step = (1 + math.sqrt(1 + 4 * step * step)) / 2

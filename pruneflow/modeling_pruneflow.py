@@ -8,6 +8,9 @@ transformers class and, after the stock ``__init__``, resizes every block's proj
 
 from __future__ import annotations
 
+import warnings
+
+import torch
 from torch import nn
 from transformers import (BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
@@ -25,7 +28,9 @@ def set_head_counts(attn: nn.Module, num_heads: int, num_kv_heads: int, head_dim
 
 def _replace(block: nn.Module, path: str, in_features: int, out_features: int, bias: bool) -> nn.Linear:
     old = block.get_submodule(path)
-    new = nn.Linear(in_features, out_features, bias=bias, device=old.weight.device, dtype=old.weight.dtype)
+    with warnings.catch_warnings():  # a removed sub-block's projections have no rows: nothing to initialise
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op")
+        new = nn.Linear(in_features, out_features, bias=bias, device=old.weight.device, dtype=old.weight.dtype)
     parent, _, name = path.rpartition(".")
     setattr(block.get_submodule(parent) if parent else block, name, new)
     return new
@@ -73,7 +78,19 @@ def resize_block(block: nn.Module, arch: dict, widths: dict, head_dim: int) -> N
             if path:
                 _replace(block, path, hidden, widths["channels"], block.get_submodule(path).bias is not None)
         _replace(block, arch["down"], widths["channels"], hidden, widths["down_bias"])
-    set_head_counts(block.get_submodule(arch["q"].rpartition(".")[0]), widths["heads"], widths["kv_heads"], head_dim)
+    attention = block.get_submodule(arch["q"].rpartition(".")[0])
+    set_head_counts(attention, widths["heads"], widths["kv_heads"], head_dim)
+    if widths["heads"] == 0:  # a removed attention sub-block (pruneflow.units.subblocks)
+        attention.forward = no_attention.__get__(attention)  # bound to this module only
+
+
+def no_attention(self, hidden_states, *args, past_key_values=None, **kwargs):
+    """The forward of an attention with no heads: it adds nothing to the residual stream. Its KV cache entry
+    grows empty (no heads) so the cache still knows the sequence length, which later positions are read from."""
+    if past_key_values is not None:
+        empty = hidden_states.new_zeros((hidden_states.shape[0], 0, hidden_states.shape[1], self.head_dim))
+        past_key_values.update(empty, empty, self.layer_idx)
+    return torch.zeros_like(hidden_states), None
 
 
 def head_dim_of(config) -> int:

@@ -264,7 +264,7 @@ def check_method(method: str, cfg: PruneParams) -> None:
     if extra:
         depth = sorted(m.name for m in METHODS.values() if m.depth)
         hint = (f"depth methods ({', '.join(depth)}) remove layers" if "layers" in extra
-                else "use units: [layers] (or auto) with it")
+                else f"use units: [{', '.join(entry.units)}] (or auto) with it")
         raise ValueError(f"prune.units: method {method} scores {', '.join(entry.units)}, not {', '.join(extra)}; "
                          f"{hint}")
     if resolved.allocation not in entry.allocations:

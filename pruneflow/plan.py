@@ -39,8 +39,8 @@ class PrunePlan:
     layers: list[LayerPlan]
     params: dict = field(default_factory=dict)  # before/after/achieved ratio, filled by select
     kept_layers: list[int] | None = None  # blocks kept (None: all); ``layers`` still has one entry per block
-    kept_hidden: list[int] | None = None  # hidden channels kept (None: all; the hidden unit, pruneflow.hidden)
-    kept_experts: list[list[int]] | None = None  # per block, the experts kept (None: all; pruneflow.experts)
+    kept_hidden: list[int] | None = None  # hidden channels kept (None: all; the hidden unit, pruneflow.units.hidden)
+    kept_experts: list[list[int]] | None = None  # per block, the experts kept (None: all; pruneflow.units.experts)
     # per block and expert, the channels kept (None: all; the channels unit of an MoE model, expert_channels)
     kept_expert_channels: list[list[list[int]]] | None = None
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pruneflow import arch as A
-from pruneflow import reconstruct
+from pruneflow import reconstruct, search, units
 from pruneflow.execution import blockwise, streaming
 from pruneflow.apply import apply, layer_shapes
 from pruneflow.arch import ArchSpec
@@ -66,26 +66,13 @@ def check_streams(method: str, model: nn.Module | None = None) -> None:
                              f"methods that stream a block at a time: {streamed}")
 
 
-def check_hidden(model: nn.Module, spec: ArchSpec, cfg: PruneParams) -> None:
-    """The hidden unit (``cfg`` resolved) on a model it cannot slice: an error before any forward pass."""
-    if "hidden" not in cfg.units:
-        return
-    from pruneflow import hidden
-
-    hidden.check(model, spec)
-
-
-def check_experts(model: nn.Module, spec: ArchSpec, cfg: PruneParams, method: str | None = None) -> None:
-    """Experts on a dense model, units or a method an MoE model cannot be pruned by, or an expert count or width
-    the ratio cannot give (``cfg`` resolved): an error before any forward pass."""
-    from pruneflow import expert_channels, experts
-
-    experts.check_units(spec, cfg.units, method)
-    if "experts" in cfg.units:
-        experts.check_ratio(model, spec, SelectConfig(ratio=cfg.ratio, allocation=cfg.allocation))
-    elif spec.moe and "channels" in cfg.units:
-        expert_channels.check(model, spec, SelectConfig(ratio=cfg.ratio, allocation=cfg.allocation,
-                                                        round_to=cfg.round_to, reconstruct=cfg.reconstruct))
+def check_units(model: nn.Module, spec: ArchSpec, cfg: PruneParams, method: str | None = None) -> None:
+    """Units the architecture, the method or the ratio cannot give (``cfg`` resolved): an error before any
+    forward pass."""
+    units.check_settings(spec, cfg, method)
+    unit = units.claiming(cfg.units, spec)
+    if unit is not None:
+        unit.check_model(model, spec, cfg)
 
 
 def select_config(cfg: PruneParams, scores: Scores) -> SelectConfig:
@@ -112,8 +99,7 @@ def prune(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, windo
     check_model(method, spec, cfg)
     check_streams(method, model)
     cfg, entry, runtime = cfg.for_method(method), METHODS[method], runtime or Runtime()
-    check_hidden(model, spec, cfg)
-    check_experts(model, spec, cfg, method)
+    check_units(model, spec, cfg, method)
     check_reconstruct(model, spec, cfg, windows, runtime)
     if entry.iterative:
         options = options or entry.options()
@@ -140,20 +126,9 @@ def choose(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, scor
            windows: torch.Tensor | None, runtime: Runtime, seed: int = 0) -> tuple[PrunePlan, dict | None]:
     """The plan for ``scores`` (``cfg`` resolved for the method): select's rule, or the allocation search from
     the method's own plan (returns its summary too)."""
-    from pruneflow import search
-
-    if "hidden" in cfg.units:
-        from pruneflow import hidden
-
-        return hidden.select(model, spec, scores, select_config(cfg, scores), method, seed), None
-    if "experts" in cfg.units:
-        from pruneflow import experts
-
-        return experts.select(model, spec, scores, select_config(cfg, scores), method, seed), None
-    if spec.moe:  # the channels inside the experts
-        from pruneflow import expert_channels
-
-        return expert_channels.select(model, spec, scores, select_config(cfg, scores), method, seed), None
+    unit = units.claiming(cfg.units, spec)
+    if unit is not None:  # a unit with its own module selects itself (pruneflow.units)
+        return unit.select(model, spec, scores, select_config(cfg, scores), method, seed), None
     shapes, params = layer_shapes(model, spec), A.count_parameters(model)
     if cfg.allocation != "search":
         return select(scores, shapes, params, select_config(cfg, scores), method=method, seed=seed), None

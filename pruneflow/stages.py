@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from pruneflow import arch as A
 from pruneflow import calibration as C
-from pruneflow import checkpoint
+from pruneflow import checkpoint, units
 from pruneflow.atomic import atomic_dir
 from pruneflow.errors import PruneflowError
 from pruneflow.execution import streaming
@@ -132,24 +132,18 @@ def source(params: Params, root: Path, runtime: Runtime) -> Path:
     model = resolve(params.model)
     config = checkpoint.read_config(model)  # a directory without config.json fails here, not three stages later
     checkpoint.weight_dtypes(model.path)
-    check_units(params, config)
+    check_unit_settings(params, config)
     check_export(params, config)
     _write_json(root / OUTPUTS["source"], fingerprint(model, state_dir(root) / "digests.json"))
     return root / OUTPUTS["source"]
 
 
-def check_units(params: Params, config: dict) -> None:
+def check_unit_settings(params: Params, config: dict) -> None:
     """Units the architecture cannot be pruned by (experts of a dense model, heads of an MoE model) fail in the
     source stage."""
-    from pruneflow import experts
-
     spec = A.arch_for(config.get("model_type", ""))
-    method, resolved = params.score.method, params.prune.for_method(params.score.method)
-    experts.check_units(spec, resolved.units, method)
-    if spec.moe and "channels" in resolved.units:
-        from pruneflow import expert_channels
-
-        expert_channels.check_settings(resolved)
+    method = params.score.method
+    units.check_settings(spec, params.prune.for_method(method), method)
 
 
 def check_export(params: Params, config: dict) -> None:
@@ -204,6 +198,7 @@ def save_scores(scores: Scores, out_dir: Path) -> None:
     for kind in ("layers", "hidden"):
         if getattr(scores, kind) is not None:
             tensors[kind] = getattr(scores, kind)
+    tensors |= {f"extra.{k}": v for k, v in scores.extra.items() if isinstance(v, torch.Tensor)}  # a unit's own
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(out_dir / "scores.safetensors"))
 
 
@@ -217,7 +212,8 @@ def load_scores(out_dir: Path) -> Scores:
     return Scores(heads=series("heads"), channels=series("channels"), comparable=meta["comparable"],
                   layers=tensors.get("layers"), hidden=tensors.get("hidden"), attn_mean=series("attn_mean") or None,
                   mlp_mean=series("mlp_mean") or None, kv_heads=series("kv_heads") or None,
-                  experts=series("experts") or None)
+                  experts=series("experts") or None,
+                  extra={k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")})
 
 
 def method_options(params: Params):
@@ -227,7 +223,7 @@ def method_options(params: Params):
 
 
 def score(params: Params, root: Path, runtime: Runtime) -> Path:
-    from pruneflow.prune import check_experts, check_hidden, check_model, prune_iteratively
+    from pruneflow.prune import check_model, check_units, prune_iteratively
     from pruneflow.prune import score as run_scorer
 
     method, seed = params.score.method, params.calibrate.seed
@@ -238,8 +234,7 @@ def score(params: Params, root: Path, runtime: Runtime) -> Path:
                                      stream=METHODS[method].streams, calibration=tuple(windows.shape),
                                      purpose=f"method {method}")
     cfg = params.prune.for_method(method)
-    check_hidden(model, spec, cfg)
-    check_experts(model, spec, cfg, method)
+    check_units(model, spec, cfg, method)
     started = time.perf_counter()
     meta = {"method": method, "calibration_digest": manifest.source_digest}
     with atomic_dir(root / OUTPUTS["score"], overwrite=True) as tmp:
@@ -262,7 +257,7 @@ def score(params: Params, root: Path, runtime: Runtime) -> Path:
 
 def prune(params: Params, root: Path, runtime: Runtime) -> Path:
     from pruneflow.plan import PrunePlan
-    from pruneflow.prune import apply_plan, check_experts, check_hidden, check_reconstruct, choose, means_for
+    from pruneflow.prune import apply_plan, check_reconstruct, check_units, choose, means_for
 
     scores_dir = _needs(root / OUTPUTS["score"], "score")
     meta = json.loads((scores_dir / "scores.json").read_text())
@@ -276,8 +271,7 @@ def prune(params: Params, root: Path, runtime: Runtime) -> Path:
         windows, _ = C.load(_needs(root / OUTPUTS["calibrate"], "calibrate"))
     model, tokenizer, spec = checkpoint.load(dense, runtime, stream=True)  # streamed: sliced as it is written
     check_reconstruct(model, spec, cfg, windows, runtime)
-    check_hidden(model, spec, cfg)
-    check_experts(model, spec, cfg, meta["method"])
+    check_units(model, spec, cfg, meta["method"])
     scores, extra = None, {}
     if (scores_dir / "plan.json").exists():
         plan = PrunePlan.load(scores_dir / "plan.json")

@@ -43,6 +43,10 @@ class Method:
         return self.units == ("layers",)
 
     @property
+    def widths(self) -> bool:  # scores heads or MLP channels (the width units)
+        return bool(set(self.units) & set(WIDTH_UNITS))
+
+    @property
     def experts(self) -> bool:  # scores the experts of MoE models only
         return self.units == ("experts",)
 
@@ -67,6 +71,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            units=("layers",), needs=frozenset({ACTIVATIONS, RATIO}), allocation="global", streams=True),
     Method("sleb", "sleb", "SLEB: greedily remove the block whose removal raises the calibration loss least",
            units=("layers",), needs=frozenset({ACTIVATIONS, CAUSAL_LM, RATIO}), allocation="global"),
+    Method("blockpruner", "blockpruner", "BlockPruner: greedily remove the attention or MLP sub-block whose "
+           "removal raises the calibration loss least", units=("subblocks",),
+           needs=frozenset({ACTIVATIONS, CAUSAL_LM, RATIO}), allocation="global", allocations=("global",)),
     Method("bonsai", "bonsai", "Bonsai: importance from the losses of perturbed sub-models, forward passes only",
            needs=frozenset({ACTIVATIONS, CAUSAL_LM}), allocation="global", allocations=("global",), iterative=True,
            options=BonsaiParams, streams=True),

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pruneflow import arch as A
-from pruneflow import experts as X
+from pruneflow.units import experts as X
 from pruneflow.errors import PruneflowError
 from pruneflow.methods.options import ExpertDropParams
 from pruneflow.scores import Scores

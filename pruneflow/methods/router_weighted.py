@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pruneflow import arch as A
-from pruneflow import experts as X
+from pruneflow.units import experts as X
 from pruneflow.scores import Scores
 from pruneflow.execution.passes import calibration_pass
 

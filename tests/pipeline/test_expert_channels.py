@@ -13,7 +13,7 @@ from conftest import per_layer_round_trip, safetensors_of
 from conftest import tiny_moe as dense_moe
 from pruneflow import arch as A
 from pruneflow import checkpoint
-from pruneflow import expert_channels as XC
+from pruneflow.units import expert_channels as XC
 from pruneflow.errors import PruneflowError
 from pruneflow.params import PruneParams
 from pruneflow.prune import prune

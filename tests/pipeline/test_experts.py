@@ -11,7 +11,7 @@ import torch
 from conftest import per_layer_round_trip, safetensors_of, tiny_causal_lm, tiny_moe
 from pruneflow import arch as A
 from pruneflow import checkpoint
-from pruneflow import experts as X
+from pruneflow.units import experts as X
 from pruneflow.errors import PruneflowError
 from pruneflow.params import PruneParams
 from pruneflow.prune import prune

@@ -46,6 +46,12 @@ KINDS = {
     "removed-and-per-layer": ("llama", [layer([0, 1], [0], ALL[:90]), layer([0, 1, 2, 3], [0, 1], ALL),
                                         layer([2], [1], ALL[:30]), layer([1, 3], [0, 1], ALL[::5])],
                               False, False, [0, 2, 3]),
+    # removed sub-blocks (deci n_head = 0 / a zero FFN channel): block 0's attention (the KV cache's first entry),
+    # block 1's MLP, all of block 2
+    "subblocks": ("llama", [layer([], [], ALL), layer([0, 1, 2, 3], [0, 1], []), layer([], [], []),
+                            layer([0, 1, 2, 3], [0, 1], ALL[:100])], False, False, None),
+    "qwen2-subblocks": ("qwen2", [layer([0, 1, 2, 3], [0, 1], []), layer([], [], ALL),
+                                  layer([0, 1, 2, 3], [0, 1], ALL)], False, True, None),
 }
 
 
@@ -56,7 +62,7 @@ def build(path, kind, tokenizer, dtype=None):
     spec = A.arch_for(model.config.model_type)
     if layers:
         plan = PrunePlan(method="test", ratio=0.5, allocation="global", head_mode="query",
-                         units=["channels", "heads"], round_to=1, reconstruct="bias" if bias else "none", seed=0,
+                         units=["subblocks"] if "subblocks" in kind else ["channels", "heads"], round_to=1, reconstruct="bias" if bias else "none", seed=0,
                          layers=[LayerPlan(**vars(p)) for p in layers])
         generator = torch.Generator().manual_seed(3)
         scores = Scores(heads=[torch.zeros(4)] * count, channels=[torch.zeros(256)] * count,

@@ -23,7 +23,7 @@ GEOMETRIES = {  # name: (family, query heads, KV heads, head_dim, intermediate)
     "qwen2.5-7b": ("qwen2", 28, 4, 4, 96),
     "llama-3-70b": ("llama", 64, 8, 2, 96),
 }
-SOUND = sorted(m.name for m in METHODS.values() if not m.depth and not m.experts and m.name != "random")
+SOUND = sorted(m.name for m in METHODS.values() if m.widths and m.name != "random")
 BONSAI = BonsaiParams(preset="fast", sub_models=64, n_windows=32, rows_per_forward=128, tolerance=0.002)
 WEAK = 1e-3
 

@@ -20,7 +20,7 @@ IDS = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
 
 def _sliced_reference(dense, kept: list[int]):
     """A stock model of the same family with hidden_size len(kept), its weights cut from ``dense``'s state dict
-    by name alone (independent of pruneflow.hidden): which axis of which tensor is the hidden dimension."""
+    by name alone (independent of pruneflow.units.hidden): which axis of which tensor is the hidden dimension."""
     config = type(dense.config)(**{**dense.config.to_dict(), "hidden_size": len(kept),
                                    "head_dim": A.geometry(dense.config).head_dim})
     reference = type(dense)(config).eval()

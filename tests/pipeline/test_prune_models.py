@@ -21,7 +21,7 @@ BONSAI = BonsaiParams(preset="fast", sub_models=8, n_windows=4, rows_per_forward
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
-@pytest.mark.parametrize("method", sorted(m.name for m in METHODS.values() if not m.depth and not m.experts))
+@pytest.mark.parametrize("method", sorted(m.name for m in METHODS.values() if m.widths))
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_every_width_method_prunes_30_percent_and_round_trips(kind, method, allocation, tmp_path):
     model = tiny_causal_lm(kind)

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from pruneflow.errors import PruneflowError
+from pruneflow.methods import METHODS
 from pruneflow.params import Params, load_params
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,7 +28,7 @@ def test_every_shipped_params_yaml_loads():
     ("runtime.dtype=int8", "runtime.dtype: Input should be 'auto', 'bfloat16', 'float16' or 'float32'"),
     ("prune.units=[mlp, blocks]", "prune.units: units must be a non-empty subset"),
     ("prune.rato=0.3", "prune.rato: Extra inputs are not permitted"),
-    ("score.method=obs", "score.method: unknown method 'obs'; available: angular, block_influence, bonsai, expert_drop, flap, magnitude, minitron, random, router_weighted, sleb, taylor, wanda_sp"),
+    ("score.method=obs", f"score.method: unknown method 'obs'; available: {', '.join(sorted(METHODS))}"),
     ("calibrate.n_windows=0", "calibrate.n_windows: Input should be greater than or equal to 1"),
     ("prune.round_to=0", "prune.round_to: Input should be greater than or equal to 1"),
     ("score.bonsai.sub_models=7", "score.bonsai.sub_models: Input should be a multiple of 2"),
@@ -115,7 +116,7 @@ def test_every_fixed_vocabulary_is_a_choice_in_the_prefect_form():
     assert choices("PruneParams", "allocation") == {"auto", "uniform", "global", "search"}
     assert choices("PruneParams", "reconstruct") == {"auto", "none", "bias", "lstsq"}
     assert choices("PruneParams", "head_mode") == {"auto", "query", "group"}
-    assert choices("PruneParams", "units") == {"auto", "heads", "channels", "layers", "hidden", "experts"}
+    assert choices("PruneParams", "units") == {"auto", "heads", "channels", "layers", "hidden", "experts", "subblocks"}
     assert choices("RuntimeParams", "dtype") == {"auto", "bfloat16", "float16", "float32"}
     assert choices("RecoverParams", "targets") == set(LORA_TARGETS)
     assert choices("BonsaiParams", "preset") >= {"paper", "fast"}

@@ -143,3 +143,27 @@ def apply(model: nn.Module, spec: ArchSpec, kept: list[int]) -> None:
         model.get_output_embeddings().in_features = len(kept)
     model.config.hidden_size = len(kept)
     model.config.head_dim = head_dim  # explicit: hidden_size // num_attention_heads no longer gives it
+
+
+# the unit protocol (pruneflow.units)
+NAME = "hidden"
+
+
+def claims(units, spec: ArchSpec) -> bool:
+    return "hidden" in units
+
+
+def check_settings(spec: ArchSpec, cfg, method: str | None = None) -> None:
+    """Nothing to refuse before the model is loaded: :func:`check` needs the model."""
+
+
+def check_model(model: nn.Module, spec: ArchSpec, cfg) -> None:
+    check(model, spec)
+
+
+def holds(plan: PrunePlan) -> bool:
+    return plan.kept_hidden is not None
+
+
+def apply_plan(model: nn.Module, spec: ArchSpec, plan: PrunePlan, scores=None) -> None:
+    apply(model, spec, plan.kept_hidden)

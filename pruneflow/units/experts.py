@@ -232,3 +232,28 @@ def route(router: nn.Module, logits: torch.Tensor, dropped: torch.Tensor | None 
 
 def router_logits(router: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, router.weight, getattr(router, "bias", None))
+
+
+# the unit protocol (pruneflow.units)
+NAME = "experts"
+
+
+def claims(units, spec: ArchSpec) -> bool:
+    return "experts" in units
+
+
+def check_settings(spec: ArchSpec, cfg, method: str | None = None) -> None:
+    """Experts on a dense model, or units an MoE model is not pruned by (``cfg`` resolved ``prune.*``)."""
+    check_units(spec, cfg.units, method)
+
+
+def check_model(model: nn.Module, spec: ArchSpec, cfg) -> None:
+    check_ratio(model, spec, SelectConfig(ratio=cfg.ratio, allocation=cfg.allocation))
+
+
+def holds(plan: PrunePlan) -> bool:
+    return plan.kept_experts is not None
+
+
+def apply_plan(model: nn.Module, spec: ArchSpec, plan: PrunePlan, scores=None) -> None:
+    apply(model, spec, plan.kept_experts)

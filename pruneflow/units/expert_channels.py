@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from pruneflow import arch as A
-from pruneflow import experts as X
+from pruneflow.units import experts as X
 from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
 from pruneflow.modeling_pruneflow import resize_expert_width
@@ -38,11 +38,11 @@ def check(model: nn.Module, spec: ArchSpec, cfg: SelectConfig | None = None) -> 
     X.check(model, spec)  # every block sparse, in memory
     if cfg is None:
         return
-    check_settings(cfg)
+    check_settings_of(cfg)
     removal_counts(model, spec, cfg)
 
 
-def check_settings(cfg) -> None:
+def check_settings_of(cfg) -> None:
     """``cfg``'s (resolved ``prune.*``) allocation and reconstruction are ones expert channels take."""
     if cfg.allocation not in ALLOCATIONS:
         raise PruneflowError(f"prune.allocation: {cfg.allocation}: the channels of experts are removed uniformly "
@@ -114,7 +114,7 @@ def select(model: nn.Module, spec: ArchSpec, scores: Scores, cfg: SelectConfig, 
            seed: int = 0) -> PrunePlan:
     """Every expert keeps its highest-scoring channels, as many as the other experts of its block."""
     X.check(model, spec)
-    check_settings(cfg)
+    check_settings_of(cfg)
     if not scores.channels or scores.channels[0].dim() != 2:
         raise PruneflowError(f"method {method} gives no per-expert channel scores (use magnitude, random, "
                              f"wanda_sp or flap)")
@@ -186,3 +186,29 @@ def apply(model: nn.Module, spec: ArchSpec, kept: list[list[list[int]]]) -> None
     widths = {len(chosen[0]) for chosen in kept}
     if len(widths) == 1:
         setattr(model.config, A.expert_width_key(vars(model.config)), widths.pop())
+
+
+# the unit protocol (pruneflow.units)
+NAME = "expert_channels"
+
+
+def claims(units, spec: ArchSpec) -> bool:
+    return spec.moe and "channels" in units
+
+
+def check_settings(spec: ArchSpec, cfg, method: str | None = None) -> None:
+    if claims(cfg.units, spec):
+        check_settings_of(cfg)
+
+
+def check_model(model: nn.Module, spec: ArchSpec, cfg) -> None:
+    check(model, spec, SelectConfig(ratio=cfg.ratio, allocation=cfg.allocation, round_to=cfg.round_to,
+                                    reconstruct=cfg.reconstruct))
+
+
+def holds(plan: PrunePlan) -> bool:
+    return plan.kept_expert_channels is not None
+
+
+def apply_plan(model: nn.Module, spec: ArchSpec, plan: PrunePlan, scores=None) -> None:
+    apply(model, spec, plan.kept_expert_channels)

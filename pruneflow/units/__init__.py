@@ -1,0 +1,66 @@
+"""What pruning removes: the unit vocabulary, and the units that select and apply themselves.
+
+The block widths — heads, channels, layers — are the default: every block's ``LayerPlan`` (pruneflow.plan
+selects it, pruneflow.apply slices it). Every other unit type is one module of this package behind one protocol,
+listed in ``MODULES``; the generic code (prune, apply, the pipeline's stages) asks the registry, never the unit:
+    NAME                                  the unit it is
+    claims(units, spec)                   whether it prunes ``prune.units`` on this architecture
+    check_settings(spec, cfg, method)     refusals from params and the config alone (before the model loads)
+    check_model(model, spec, cfg)         refusals that need the model (before any forward pass)
+    select(model, spec, scores, cfg, method, seed) -> PrunePlan
+    holds(plan)                           whether a plan removes this unit
+    apply_plan(model, spec, plan, scores) physical removal
+A unit whose plan is block widths (the sub-blocks: a block's whole attention or MLP) selects itself and lets the
+block slicer apply it (``holds`` is false). This package's ``__init__`` imports nothing heavy: params and the
+method registry read its vocabulary without torch; the unit modules load on first use.
+
+Unit types — ``prune.units``, the fields of ``Scores``, a layer's widths, Bonsai's modules:
+    heads      attention heads (query heads; with GQA, removed as ``head_mode`` says)
+    channels   MLP intermediate channels (one row of gate/up and one column of down each)
+    layers     whole decoder blocks
+    hidden     channels of the hidden (embedding) dimension every block shares: one column of the embedding,
+               of every projection reading the residual stream and of the head, one row of o/down, one entry of
+               every norm (Minitron); pruned on its own, the same channels everywhere
+    experts    whole experts of Mixture-of-Experts blocks
+    subblocks  a block's whole attention or whole MLP (BlockPruner), each a residual no-op once removed
+Head modes — ``prune.head_mode``, how GQA heads are removed so every KV group keeps the same size:
+    query      one query head from every KV group of a layer at a time
+    group      one whole KV group (its KV head and its query heads) at a time
+    auto       whichever of the two removes fewer parameters per step
+Selection units — what ``plan.select`` ranks and removes, one of: a ``channel``, a ``query`` step, a
+``group``, a ``layer``.
+"""
+
+import importlib
+
+UNIT_TYPES = ("heads", "channels", "layers", "hidden", "experts", "subblocks")
+WIDTH_UNITS = ("heads", "channels")
+HEAD_MODES = ("auto", "query", "group")
+ALLOCATIONS = ("uniform", "global", "search")  # search: pruneflow.search, from the method's own plan
+# what replaces the removed units' contribution (prune.reconstruct): nothing, their mean as a bias (FLAP), or a
+# least-squares re-fit of the kept input columns of o_proj/down_proj (pruneflow.reconstruct)
+RECONSTRUCTIONS = ("none", "bias", "lstsq")
+ALIASES = {"mlp": "channels"}  # the name params files used before; still read
+
+MODULES = ("hidden", "experts", "expert_channels", "subblocks")  # the units with their own module, in the order they claim
+
+
+def modules() -> list:
+    """The unit modules (imported on first use)."""
+    return [importlib.import_module(f"{__name__}.{name}") for name in MODULES]
+
+
+def claiming(units, spec):
+    """The unit module that prunes ``units`` on ``spec``'s architecture (None: the block widths)."""
+    return next((unit for unit in modules() if unit.claims(tuple(units), spec)), None)
+
+
+def holding(plan):
+    """The unit module whose removal ``plan`` holds (None: block widths)."""
+    return next((unit for unit in modules() if unit.holds(plan)), None)
+
+
+def check_settings(spec, cfg, method: str | None = None) -> None:
+    """Every unit's refusals of ``cfg`` (resolved ``prune.*``) on this architecture, before the model loads."""
+    for unit in modules():
+        unit.check_settings(spec, cfg, method)
