@@ -10,8 +10,8 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from pruneflow.errors import PruneflowError
 from pruneflow.methods import METHODS
-from pruneflow.methods.options import (BONSAI_PRESETS, BonsaiParams, ExpertDropParams, Options,  # noqa: F401
-                                       SearchParams)
+from pruneflow.methods.options import (BONSAI_PRESETS, BonsaiParams, ExpertDropParams, LacoParams,  # noqa: F401
+                                       Options, SearchParams)
 from pruneflow.sizes import parse_size
 from pruneflow.units import ALIASES, ALLOCATIONS, RECONSTRUCTIONS, UNIT_TYPES
 
@@ -68,6 +68,7 @@ class ScoreParams(_Section):
     method: MethodName = Field("flap", description="importance method (see `pruneflow methods`)")
     bonsai: BonsaiParams = Field(default_factory=BonsaiParams)
     expert_drop: ExpertDropParams = Field(default_factory=ExpertDropParams)
+    laco: LacoParams = Field(default_factory=LacoParams)
 
     @field_validator("method", mode="before")
     @classmethod
@@ -264,7 +265,7 @@ def check_method(method: str, cfg: PruneParams) -> None:
     if extra:
         depth = sorted(m.name for m in METHODS.values() if m.depth)
         hint = (f"depth methods ({', '.join(depth)}) remove layers" if "layers" in extra
-                else f"use units: [{', '.join(entry.units)}] (or auto) with it")
+                else f"use units: [{', '.join(entry.auto_units or entry.units)}] (or auto) with it")
         raise ValueError(f"prune.units: method {method} scores {', '.join(entry.units)}, not {', '.join(extra)}; "
                          f"{hint}")
     if resolved.allocation not in entry.allocations:

@@ -43,6 +43,9 @@ class PrunePlan:
     kept_experts: list[list[int]] | None = None  # per block, the experts kept (None: all; pruneflow.units.experts)
     # per block and expert, the channels kept (None: all; the channels unit of an MoE model, expert_channels)
     kept_expert_channels: list[list[list[int]]] | None = None
+    # what a unit with its own module keeps or does beyond block widths, by unit type (pruneflow.units), e.g.
+    # merged_layers: {"merges": [[base, m], ...]}
+    kept: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

@@ -158,10 +158,10 @@ def check_export(params: Params, config: dict) -> None:
     if "gguf" not in params.export.formats:
         return
 
-    method = METHODS[params.score.method]
     cfg = params.prune.for_method(params.score.method)
     try:
-        check_plan(config, per_layer=cfg.allocation != "uniform" and not method.depth,
+        per_layer = cfg.allocation != "uniform" and not set(cfg.units) <= {"layers", "merged_layers"}
+        check_plan(config, per_layer=per_layer,
                    output_bias=cfg.reconstruct == "bias")
     except PruneflowError as err:
         raise PruneflowError(f"export.formats has gguf, but {err}") from None

@@ -12,7 +12,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pruneflow.methods.options import BonsaiParams, ExpertDropParams, Options
+from pruneflow.methods.options import BonsaiParams, ExpertDropParams, LacoParams, Options
 from pruneflow.units import ALLOCATIONS, WIDTH_UNITS
 
 ACTIVATIONS, GRADIENTS, CAUSAL_LM, RATIO = "activations", "gradients", "causal_lm", "ratio"
@@ -39,8 +39,8 @@ class Method:
         return __getattr__("SCORERS")[self.name]
 
     @property
-    def depth(self) -> bool:
-        return self.units == ("layers",)
+    def depth(self) -> bool:  # removes whole blocks (or, where it also scores them, sub-blocks)
+        return "layers" in self.units and not self.widths
 
     @property
     def widths(self) -> bool:  # scores heads or MLP channels (the width units)
@@ -65,8 +65,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            reconstruct="bias", streams=True, expert_channels=True),
     Method("taylor", "taylor", "LLM-Pruner's first-order Taylor |W ⊙ ∂L/∂W| (needs gradients)",
            needs=frozenset({ACTIVATIONS, GRADIENTS, CAUSAL_LM}), allocation="global"),
-    Method("block_influence", "block_influence", "ShortGPT: 1 − cos(block input, block output), whole blocks",
-           units=("layers",), needs=frozenset({ACTIVATIONS}), allocation="global", streams=True),
+    Method("block_influence", "block_influence", "ShortGPT: 1 − cos(block input, block output), whole blocks "
+           "(units: [subblocks]: each attention and MLP by the same measure)", units=("layers", "subblocks"),
+           needs=frozenset({ACTIVATIONS}), allocation="global", streams=True, auto_units=("layers",)),
     Method("angular", "angular", "Gromov et al.: the contiguous run of blocks with the least angular change",
            units=("layers",), needs=frozenset({ACTIVATIONS, RATIO}), allocation="global", streams=True),
     Method("sleb", "sleb", "SLEB: greedily remove the block whose removal raises the calibration loss least",
@@ -74,6 +75,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("blockpruner", "blockpruner", "BlockPruner: greedily remove the attention or MLP sub-block whose "
            "removal raises the calibration loss least", units=("subblocks",),
            needs=frozenset({ACTIVATIONS, CAUSAL_LM, RATIO}), allocation="global", allocations=("global",)),
+    Method("laco", "laco", "LaCo: fold the blocks after a base block into it (parameter differences), top down, "
+           "keeping a merge while the last hidden states keep their cosine to the dense model's",
+           units=("merged_layers",), needs=frozenset({ACTIVATIONS, RATIO}), allocation="global",
+           allocations=("global",), options=LacoParams),
     Method("bonsai", "bonsai", "Bonsai: importance from the losses of perturbed sub-models, forward passes only",
            needs=frozenset({ACTIVATIONS, CAUSAL_LM}), allocation="global", allocations=("global",), iterative=True,
            options=BonsaiParams, streams=True),

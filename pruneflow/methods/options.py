@@ -62,3 +62,21 @@ class BonsaiParams(Options):
             preset = BONSAI_PRESETS.get(data.get("preset", "paper"), {})
             data = {**preset, **data}
         return data
+
+
+class LacoParams(Options):
+    """LaCo (layer collapse). Defaults: the released code's interval (1), lowest layer (0) and Llama threshold
+    (0.45, its Llama-2-13B notebook); ``merge_layers`` 3 (its Baichuan notebook): one merge removes 2 layers, so
+    a ratio is met within one layer on models of 16 layers and more."""
+
+    merge_layers: int = Field(3, ge=2, description="layers folded into one per merge (C: the base and the C − 1 "
+                                                   "after it)")
+    threshold: float = Field(0.45, gt=-1, lt=1, description="accept a merge while the merged model's last hidden "
+                                                            "states keep this cosine to the dense model's (T)")
+    interval: int = Field(1, ge=1, description="layers to step down after an accepted merge (I)")
+    lowest: int = Field(0, ge=0, description="the lowest layer a merge may start at (L)")
+    windows: int = Field(5, ge=1, description="calibration windows the similarity is measured on (the code: 5 "
+                                              "sentences)")
+    formula: Literal["paper", "code"] = Field(
+        "paper", description="paper: θ_base + Σ_k (θ_k − θ_base) (RDSC); code: the released notebooks' in-place "
+                             "update, which telescopes to the top layer's weights")

@@ -23,6 +23,7 @@ Unit types — ``prune.units``, the fields of ``Scores``, a layer's widths, Bons
                every norm (Minitron); pruned on its own, the same channels everywhere
     experts    whole experts of Mixture-of-Experts blocks
     subblocks  a block's whole attention or whole MLP (BlockPruner), each a residual no-op once removed
+    merged_layers  whole blocks folded into the block below them (LaCo's layer collapse)
 Head modes — ``prune.head_mode``, how GQA heads are removed so every KV group keeps the same size:
     query      one query head from every KV group of a layer at a time
     group      one whole KV group (its KV head and its query heads) at a time
@@ -33,7 +34,7 @@ Selection units — what ``plan.select`` ranks and removes, one of: a ``channel`
 
 import importlib
 
-UNIT_TYPES = ("heads", "channels", "layers", "hidden", "experts", "subblocks")
+UNIT_TYPES = ("heads", "channels", "layers", "hidden", "experts", "subblocks", "merged_layers")
 WIDTH_UNITS = ("heads", "channels")
 HEAD_MODES = ("auto", "query", "group")
 ALLOCATIONS = ("uniform", "global", "search")  # search: pruneflow.search, from the method's own plan
@@ -42,7 +43,7 @@ ALLOCATIONS = ("uniform", "global", "search")  # search: pruneflow.search, from 
 RECONSTRUCTIONS = ("none", "bias", "lstsq")
 ALIASES = {"mlp": "channels"}  # the name params files used before; still read
 
-MODULES = ("hidden", "experts", "expert_channels", "subblocks")  # the units with their own module, in the order they claim
+MODULES = ("hidden", "experts", "expert_channels", "subblocks", "merged_layers")  # the units with their own module, in the order they claim
 
 
 def modules() -> list:

@@ -86,8 +86,8 @@ def test_depth_ratio_accounting_is_exact_and_removes_the_nearest_whole_number_of
 
 @pytest.mark.parametrize("method,units,message", [
     ("wanda_sp", ["layers"], "method wanda_sp scores heads, channels, not layers; depth methods"),
-    ("block_influence", ["channels"], "method block_influence scores layers, not channels"),
-    ("block_influence", ["layers", "heads"], "method block_influence scores layers, not heads"),
+    ("block_influence", ["channels"], "method block_influence scores layers, subblocks, not channels"),
+    ("block_influence", ["layers", "heads"], "method block_influence scores layers, subblocks, not heads"),
 ])
 def test_mismatched_method_and_units_are_refused(method, units, message):
     model, spec = with_identity_blocks()

@@ -210,3 +210,20 @@ def test_evaluate_holds_one_model_at_a_time(tiny_checkpoint, tmp_path, monkeypat
                          EvaluateParams(max_windows=2, speed=True, decode_tokens=4))
     assert len(loaded) == 3 and list(rows) == ["a", "b", "c"]
     assert all(row["prefill_ms"] > 0 and row["decode_tok_s"] > 0 for row in rows.values())
+
+
+@pytest.mark.parametrize("method, options, check", [
+    ("blockpruner", [], lambda plan: any(not layer["kept_heads"] or not layer["kept_channels"]
+                                         for layer in plan["layers"])),
+    ("laco", ["--set", "score.laco.threshold=-0.5"], lambda plan: plan["kept"]["merged_layers"]["merges"] == [[0, 1]]),
+])
+def test_a_unit_with_its_own_scores_goes_through_score_and_prune(method, options, check, params_file, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    for name in ("calibrate", "score", "prune"):
+        result = stage(name, params_file, artifacts, "--set", f"score.method={method}", "--set",
+                       "prune.allocation=auto", *options)
+        assert result.exit_code == 0, result.output
+    plan = json.loads((artifacts / "model" / "plan.json").read_text())
+    assert plan["method"] == method and check(plan)
+    model, _, _ = checkpoint.load(artifacts / "model", with_tokenizer=False)
+    assert sum(p.numel() for p in model.parameters()) == plan["params"]["total_after"]

@@ -139,3 +139,22 @@ def test_the_score_stage_keeps_the_sub_block_scores(tmp_path):
     save_scores(Scores(heads=[], channels=[], comparable=True, extra={"subblocks": ranked, "note": "x"}), tmp_path)
     (tmp_path / "scores.json").write_text('{"comparable": true}')
     assert_close(load_scores(tmp_path).extra["subblocks"], ranked)
+
+
+def test_block_influence_scores_sub_blocks_and_a_dead_one_is_zero():
+    from pruneflow.methods import block_influence
+
+    model = tiny_causal_lm("llama", num_hidden_layers=3)
+    spec = A.arch_for(model.config.model_type)
+    with torch.no_grad():
+        A.get(A.blocks(model, spec)[1], spec.o).weight.zero_()  # block 1's attention adds nothing
+    scores = block_influence.score(model, spec, WINDOWS, Runtime())
+    ranked = scores.extra["subblocks"]
+    assert ranked.shape == (3, 2) and ranked[1, 0].item() == pytest.approx(0.0, abs=1e-9)
+    assert (ranked[[0, 2], 0] > 1e-4).all() and (ranked[:, 1] > 1e-4).all()
+    with torch.no_grad():  # a block's influence is its input against its output, as before
+        states = model(input_ids=WINDOWS, output_hidden_states=True).hidden_states
+    expected = 1 - torch.nn.functional.cosine_similarity(states[0].double(), states[1].double(), dim=-1).mean()
+    assert scores.layers[0].item() == pytest.approx(expected.item(), abs=1e-6)
+    plan = prune(model, spec, "block_influence", PruneParams(ratio=0.05, units=["subblocks"]), WINDOWS).plan
+    assert not plan.layers[1].kept_heads and all(layer.kept_channels for layer in plan.layers)

@@ -49,7 +49,7 @@ def test_bad_params_name_the_key(override, message):
 
 
 def test_method_and_units_are_checked_together_before_any_model_is_loaded():
-    with pytest.raises(PruneflowError, match="prune.units: method block_influence scores layers, not channels"):
+    with pytest.raises(PruneflowError, match="prune.units: method block_influence scores layers, subblocks, not channels"):
         load_params(None, ["score.method=block_influence", "prune.units=[channels]"])
     with pytest.raises(PruneflowError, match="prune.allocation: bonsai removes units globally"):
         load_params(None, ["score.method=bonsai", "prune.allocation=uniform", "calibrate.n_windows=64"])
@@ -116,7 +116,7 @@ def test_every_fixed_vocabulary_is_a_choice_in_the_prefect_form():
     assert choices("PruneParams", "allocation") == {"auto", "uniform", "global", "search"}
     assert choices("PruneParams", "reconstruct") == {"auto", "none", "bias", "lstsq"}
     assert choices("PruneParams", "head_mode") == {"auto", "query", "group"}
-    assert choices("PruneParams", "units") == {"auto", "heads", "channels", "layers", "hidden", "experts", "subblocks"}
+    assert choices("PruneParams", "units") == {"auto", "heads", "channels", "layers", "hidden", "experts", "subblocks", "merged_layers"}
     assert choices("RuntimeParams", "dtype") == {"auto", "bfloat16", "float16", "float32"}
     assert choices("RecoverParams", "targets") == set(LORA_TARGETS)
     assert choices("BonsaiParams", "preset") >= {"paper", "fast"}
