@@ -25,6 +25,7 @@ class Dense:
     """gate/up/down Linear layers: one set of channels per block."""
 
     compensates = True  # a down_proj bias can take FLAP's compensation
+    linear_down = True  # down_proj is a Linear whose input every token of the block reaches
     align = 1  # what the hidden size must stay a multiple of, for the MLP's kernels
     traceable = True  # torch.onnx can trace it
     fused_keys: tuple[str, ...] = ()  # ArchSpec keys whose weights are parameters of a fused module, not Linears
@@ -70,6 +71,7 @@ class FusedExperts:
     """Fused expert tensors: every expert has its own channels, seen only by the tokens routed to it."""
 
     compensates = False  # experts take no compensation bias
+    linear_down = False  # each expert's down_proj sees only the tokens routed to it
     align = A.GROUPED_MM_ALIGN  # grouped_mm needs 16-byte strides
     traceable = False  # torch.onnx cannot trace transformers' fused experts (grouped_mm)
     fused_keys = ("gate", "up", "down")

@@ -17,6 +17,7 @@ from torch import nn
 
 from pruneflow import arch as A
 from pruneflow.errors import PruneflowError
+from pruneflow.mlp import of as mlp_of
 from pruneflow.scores import Scores
 from pruneflow.execution.passes import calibration_pass
 
@@ -43,6 +44,7 @@ def score(model: nn.Module, spec, windows, runtime, **_) -> Scores:
         raise PruneflowError("method minitron reads the outputs of each block's norms; this architecture's "
                              "ArchSpec names none")
     head_dim = A.geometry(model.config).head_dim
+    dense = mlp_of(spec).linear_down
     norms: list[list[_Magnitude]] = []
     attn: list[_Magnitude] = []
     mlp: list[_Magnitude] = []
@@ -56,13 +58,13 @@ def score(model: nn.Module, spec, windows, runtime, **_) -> Scores:
         handles = [A.get(block, path).register_forward_hook(lambda _m, _a, out, s=stat: s.add(out))
                    for path, stat in zip(spec.norms, norms[i])]
         handles.append(A.get(block, spec.o).register_forward_pre_hook(lambda _m, args, s=attn[i]: s.add(args[0])))
-        if not spec.moe:  # an MoE block's experts: Minitron scores no channels inside them (hidden only)
+        if dense:  # an MoE block's experts: Minitron scores no channels inside them (hidden only)
             handles.append(A.get(block, spec.down).register_forward_pre_hook(lambda _m, args, s=mlp[i]: s.add(args[0])))
         return handles
 
     def done(i: int, block: nn.Module) -> None:
         heads.append(attn[i].importance.reshape(-1, head_dim).norm(dim=1).float().cpu())
-        if not spec.moe:
+        if dense:
             channels.append(mlp[i].importance.float().cpu())
 
     calibration_pass(model, spec, windows, runtime, hooks, done, state=(norms, attn, mlp))

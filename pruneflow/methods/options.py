@@ -77,6 +77,7 @@ class LacoParams(Options):
     lowest: int = Field(0, ge=0, description="the lowest layer a merge may start at (L)")
     windows: int = Field(5, ge=1, description="calibration windows the similarity is measured on (the code: 5 "
                                               "sentences)")
-    formula: Literal["paper", "code"] = Field(
-        "paper", description="paper: θ_base + Σ_k (θ_k − θ_base) (RDSC); code: the released notebooks' in-place "
-                             "update, which telescopes to the top layer's weights")
+    formula: Literal["code", "paper"] = Field(
+        "code", description="code: the released notebooks' in-place update θ_base += θ_k − θ_base, which "
+                            "telescopes to the top layer's projections (the paper's code, and lower perplexity on "
+                            "both reference models, BENCHMARKS.md); paper: θ_base + Σ_k (θ_k − θ_base) (RDSC)")

@@ -2,9 +2,9 @@
 
 A merge ``(base, m)`` replaces block ``base``'s projections (weights and biases of q, k, v, o, gate, up, down)
 by a combination of its own and those of the ``m`` blocks after it, which are then removed; the base keeps its
-norms. ``paper`` is LaCo's Reserving-Differences-while-Seeking-Common, θ_base + Σ_k (θ_{base+k} − θ_base);
-``code`` is what its released notebooks compute (θ_base += θ_k − θ_base for each k in turn, which telescopes to
-the top block's projections). Merges are steps over the model as merged so far, in order (a later one may fold
+norms. ``code`` (the default) is what LaCo's released notebooks compute (θ_base += θ_k − θ_base for each k in turn,
+which telescopes to the top block's projections); ``paper`` is the paper's Reserving-Differences-while-Seeking-
+Common, θ_base + Σ_k (θ_{base+k} − θ_base). Merges are steps over the model as merged so far, in order (a later one may fold
 an already merged block). The result has fewer blocks of unchanged widths: a stock config (vanilla checkpoint,
 the family's own GGUF architecture).
 
@@ -27,7 +27,7 @@ from pruneflow.scores import Scores
 
 NAME = "merged_layers"
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-FORMULAS = ("paper", "code")
+FORMULAS = ("code", "paper")
 
 
 def claims(units, spec: ArchSpec) -> bool:
@@ -72,7 +72,7 @@ def projections(block: nn.Module, spec: ArchSpec) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def merged(blocks: list[nn.Module], spec: ArchSpec, formula: str = "paper") -> list[torch.Tensor]:
+def merged(blocks: list[nn.Module], spec: ArchSpec, formula: str = "code") -> list[torch.Tensor]:
     """The base's projections (``blocks[0]``) merged with those of the blocks after it, in float32 or wider."""
     base = [t if t.dtype.itemsize >= 4 else t.float() for t in projections(blocks[0], spec)]
     out = [t.clone() for t in base]
@@ -101,7 +101,7 @@ def survivors(n_layers: int, merges: list[list[int]]) -> list[int]:
 
 
 def apply_plan(model: nn.Module, spec: ArchSpec, plan: PrunePlan, scores=None) -> None:
-    formula = plan.kept[NAME].get("formula", "paper")
+    formula = plan.kept[NAME].get("formula", "code")
     for base, m in plan.kept[NAME]["merges"]:
         blocks = A.blocks(model, spec)
         if base + m >= len(blocks):
