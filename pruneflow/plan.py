@@ -291,6 +291,15 @@ def removed_parameters(plan: PrunePlan, shapes: list[LayerShape]) -> int:
     return total
 
 
+
+def accounting(params: dict[str, int], gone: int, embedding_gone: int = 0) -> dict:
+    """A plan's ``params``: the parameters before and after removing ``gone`` non-embedding ones (and
+    ``embedding_gone`` of the embedding and head), and the achieved ratio."""
+    return {"total_before": params["total"], "total_after": params["total"] - gone - embedding_gone,
+            "non_embedding_before": params["non_embedding"], "non_embedding_after": params["non_embedding"] - gone,
+            "achieved_ratio": gone / params["non_embedding"]}
+
+
 def select(scores: Scores, shapes: list[LayerShape], params: dict[str, int], cfg: SelectConfig,
            method: str = "", seed: int = 0) -> PrunePlan:
     """Choose what to keep so that ``cfg.ratio`` of the non-embedding parameters are removed."""
@@ -334,8 +343,5 @@ def plan_from_removed(scores: Scores, shapes: list[LayerShape], params: dict[str
     if "layers" in cfg.units:
         plan.kept_layers = [i for i in range(len(shapes)) if not removed.get((i, "layer"))]
     gone = removed_parameters(plan, shapes)
-    plan.params = {"total_before": params["total"], "total_after": params["total"] - gone,
-                   "non_embedding_before": params["non_embedding"],
-                   "non_embedding_after": params["non_embedding"] - gone,
-                   "achieved_ratio": gone / params["non_embedding"]}
+    plan.params = accounting(params, gone)
     return plan

@@ -20,7 +20,7 @@ from pruneflow.iterations import IterationStore, compose, fingerprint
 from pruneflow.methods import CAUSAL_LM, METHODS, SCORERS
 from pruneflow.methods.options import Options
 from pruneflow.params import PruneParams, check_method
-from pruneflow.plan import LayerPlan, PrunePlan, SelectConfig, removed_parameters, select
+from pruneflow.plan import LayerPlan, PrunePlan, SelectConfig, accounting, removed_parameters, select
 from pruneflow.runtime import Runtime
 from pruneflow.scores import Scores
 
@@ -226,9 +226,7 @@ def prune_iteratively(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneP
                      units=list(cfg.units), round_to=cfg.round_to, reconstruct=cfg.reconstruct, seed=seed,
                      layers=[LayerPlan(**kept) for kept in compose(shapes, steps)])
     gone = removed_parameters(plan, shapes)
-    plan.params = {"total_before": params["total"], "total_after": params["total"] - gone,
-                   "non_embedding_before": original, "non_embedding_after": original - gone,
-                   "achieved_ratio": gone / original}
+    plan.params = accounting(params, gone)  # params: the model before the first iteration
     if A.count_parameters(model)["non_embedding"] != plan.params["non_embedding_after"]:
         raise RuntimeError("parameter accounting is off: the composed plan does not match the pruned model")
     fit = reconstruct.refit(model, spec, plan, None, windows, runtime, dense=dense) \

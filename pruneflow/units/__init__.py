@@ -34,6 +34,8 @@ Selection units — what ``plan.select`` ranks and removes, one of: a ``channel`
 
 import importlib
 
+from pruneflow.errors import PruneflowError
+
 UNIT_TYPES = ("heads", "channels", "layers", "hidden", "experts", "subblocks", "merged_layers")
 WIDTH_UNITS = ("heads", "channels")
 HEAD_MODES = ("auto", "query", "group")
@@ -65,3 +67,10 @@ def check_settings(spec, cfg, method: str | None = None) -> None:
     """Every unit's refusals of ``cfg`` (resolved ``prune.*``) on this architecture, before the model loads."""
     for unit in modules():
         unit.check_settings(spec, cfg, method)
+
+
+def alone(name: str, units) -> None:
+    """Refuse ``units`` (``prune.units``) that put the unit ``name``, which is pruned on its own, with others."""
+    if len(units) > 1:
+        raise PruneflowError(f"prune.units: {name} is pruned on its own (units: [{name}]), not with "
+                             f"{', '.join(u for u in units if u != name)}")

@@ -27,7 +27,7 @@ from pruneflow.units import experts as X
 from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
 from pruneflow.modeling_pruneflow import resize_expert_width
-from pruneflow.plan import LayerPlan, PrunePlan, SelectConfig
+from pruneflow.plan import LayerPlan, accounting, PrunePlan, SelectConfig
 from pruneflow.scores import Scores, zscore
 
 ALLOCATIONS = ("uniform", "global")
@@ -147,12 +147,9 @@ def select(model: nn.Module, spec: ArchSpec, scores: Scores, cfg: SelectConfig, 
                              for w, n in zip(layer_widths, counts)],
                      kept_expert_channels=kept)
     gone = sum(n * cost for n, (_, cost) in zip(counts, widths))
-    plan.params = {"total_before": params["total"], "total_after": params["total"] - gone,
-                   "non_embedding_before": params["non_embedding"],
-                   "non_embedding_after": params["non_embedding"] - gone,
-                   "achieved_ratio": gone / params["non_embedding"],
-                   "expert_width_before": [w for w, _ in widths], "expert_width_after": [w - n for (w, _), n in
-                                                                                          zip(widths, counts)]}
+    plan.params = accounting(params, gone) | {
+        "expert_width_before": [w for w, _ in widths],
+        "expert_width_after": [w - n for (w, _), n in zip(widths, counts)]}
     return plan
 
 

@@ -21,7 +21,7 @@ from pruneflow.execution import streaming
 from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
 from pruneflow.modeling_pruneflow import resize_experts
-from pruneflow.plan import LayerPlan, PrunePlan, SelectConfig
+from pruneflow.plan import LayerPlan, accounting, PrunePlan, SelectConfig
 from pruneflow.scores import Scores, zscore
 
 
@@ -166,11 +166,8 @@ def select(model: nn.Module, spec: ArchSpec, scores: Scores, cfg: SelectConfig, 
                                        kept_channels=list(range(w["channels"]))) for w in widths],
                      kept_experts=kept)
     gone = sum((experts - len(k)) * cost for k, (experts, _, cost) in zip(kept, counts))
-    plan.params = {"total_before": params["total"], "total_after": params["total"] - gone,
-                   "non_embedding_before": params["non_embedding"],
-                   "non_embedding_after": params["non_embedding"] - gone,
-                   "achieved_ratio": gone / params["non_embedding"],
-                   "experts_before": [experts for experts, _, _ in counts], "experts_after": [len(k) for k in kept]}
+    plan.params = accounting(params, gone) | {
+        "experts_before": [experts for experts, _, _ in counts], "experts_after": [len(k) for k in kept]}
     return plan
 
 

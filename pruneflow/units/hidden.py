@@ -24,7 +24,7 @@ from pruneflow import mlp
 from pruneflow.execution import streaming
 from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
-from pruneflow.plan import LayerPlan, PrunePlan, SelectConfig
+from pruneflow.plan import LayerPlan, accounting, PrunePlan, SelectConfig
 from pruneflow.scores import Scores
 
 READERS = ("q", "k", "v", "gate", "up")  # projections whose input is the residual stream
@@ -105,11 +105,8 @@ def select(model: nn.Module, spec: ArchSpec, scores: Scores, cfg: SelectConfig, 
                                        kept_channels=list(range(w["channels"]))) for w in widths],
                      kept_hidden=sorted(int(i) for i in order[:kept]))
     gone = (hidden - kept) * cost
-    plan.params = {"total_before": params["total"],
-                   "total_after": params["total"] - gone - (hidden - kept) * embedding_cost,
-                   "non_embedding_before": params["non_embedding"],
-                   "non_embedding_after": params["non_embedding"] - gone,
-                   "achieved_ratio": gone / params["non_embedding"], "hidden_before": hidden, "hidden_after": kept}
+    plan.params = accounting(params, gone, (hidden - kept) * embedding_cost) | {"hidden_before": hidden,
+                                                                               "hidden_after": kept}
     return plan
 
 

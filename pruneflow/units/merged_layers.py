@@ -22,8 +22,9 @@ from pruneflow.apply import layer_shapes, remove_layers
 from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
 from pruneflow.execution import streaming
-from pruneflow.plan import LayerPlan, PrunePlan, SelectConfig, removed_parameters
+from pruneflow.plan import LayerPlan, accounting, PrunePlan, SelectConfig, removed_parameters
 from pruneflow.scores import Scores
+from pruneflow.units import alone
 
 NAME = "merged_layers"
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -38,9 +39,7 @@ def check_settings(spec: ArchSpec, cfg, method: str | None = None) -> None:
     """Merged layers alone, on dense blocks, without reconstruction (``cfg`` resolved)."""
     if not claims(cfg.units, spec):
         return
-    if len(cfg.units) > 1:
-        raise PruneflowError(f"prune.units: merged layers are pruned on their own (units: [merged_layers]), not "
-                             f"with {', '.join(u for u in cfg.units if u != NAME)}")
+    alone(NAME, cfg.units)
     if spec.moe:
         raise PruneflowError("prune.units: merged_layers folds dense blocks; this is a Mixture-of-Experts model: "
                              "prune its experts or layers")
@@ -126,8 +125,5 @@ def select(model: nn.Module, spec: ArchSpec, scores: Scores, cfg: SelectConfig, 
                              for s in shapes],
                      kept_layers=survivors(len(shapes), merges), kept={NAME: {"merges": merges, "formula": formula}})
     gone = removed_parameters(plan, shapes)
-    plan.params = {"total_before": params["total"], "total_after": params["total"] - gone,
-                   "non_embedding_before": params["non_embedding"],
-                   "non_embedding_after": params["non_embedding"] - gone,
-                   "achieved_ratio": gone / params["non_embedding"]}
+    plan.params = accounting(params, gone)
     return plan

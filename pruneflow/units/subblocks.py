@@ -21,8 +21,9 @@ from pruneflow import arch as A
 from pruneflow.apply import layer_shapes
 from pruneflow.arch import ArchSpec
 from pruneflow.errors import PruneflowError
-from pruneflow.plan import LayerPlan, LayerShape, PrunePlan, SelectConfig, removed_parameters
+from pruneflow.plan import LayerPlan, accounting, LayerShape, PrunePlan, SelectConfig, removed_parameters
 from pruneflow.scores import Scores
+from pruneflow.units import alone
 
 NAME = "subblocks"
 KINDS = ("attention", "mlp")  # the two sub-blocks of a block, the columns of the scores
@@ -36,9 +37,7 @@ def check_settings(spec: ArchSpec, cfg, method: str | None = None) -> None:
     """Sub-blocks alone, on a dense decoder LM, globally ranked, without reconstruction (``cfg`` resolved)."""
     if not claims(cfg.units, spec):
         return
-    if len(cfg.units) > 1:
-        raise PruneflowError(f"prune.units: sub-blocks are removed on their own (units: [subblocks]), not with "
-                             f"{', '.join(u for u in cfg.units if u != NAME)}")
+    alone(NAME, cfg.units)
     if not spec.causal_lm or spec.moe:
         raise PruneflowError("prune.units: subblocks removes the attention or the dense MLP of a decoder block "
                              "(llama, mistral, qwen2, qwen3); this architecture is "
@@ -107,10 +106,7 @@ def select(model: nn.Module, spec: ArchSpec, scores: Scores, cfg: SelectConfig, 
                      units=[NAME], round_to=cfg.round_to, reconstruct="none", seed=seed,
                      layers=removal_plan(shapes, removed))
     gone = removed_parameters(plan, shapes)
-    plan.params = {"total_before": params["total"], "total_after": params["total"] - gone,
-                   "non_embedding_before": params["non_embedding"],
-                   "non_embedding_after": params["non_embedding"] - gone,
-                   "achieved_ratio": gone / params["non_embedding"]}
+    plan.params = accounting(params, gone)
     return plan
 
 
