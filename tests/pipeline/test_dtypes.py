@@ -44,7 +44,8 @@ def test_every_method_prunes_a_16_bit_checkpoint_and_saves_it_in_its_dtype(metho
     assert model.dtype == dtype  # auto: the checkpoint's own
     cfg = PruneParams(ratio=0.3)
     result = prune(model, spec, method, cfg, WINDOWS, options=BONSAI if method == "bonsai" else None)
-    if METHODS[method].depth:  # whole blocks: the one block of four closest to 30%
+    if METHODS[method].depth or METHODS[method].units == ("merged_layers",):  # whole blocks (LaCo: folded): the
+        # one block of four closest to 30%
         assert len(result.plan.kept_layers) == 3
     elif METHODS[method].experts:  # whole experts: one from every block is 1/8 of the MLP parameters
         assert abs(result.plan.params["achieved_ratio"] - 0.3) < 0.06
