@@ -150,8 +150,7 @@ def remove_layers(model: nn.Module, spec: ArchSpec, kept: list[int]) -> None:
     """Drop whole blocks, renumber ``layer_idx`` (KV-cache slots) and shorten the config's per-layer lists."""
     old_count = len(A.blocks(model, spec))
     blocks = nn.ModuleList(A.blocks(model, spec)[i] for i in kept)
-    parent, _, name = spec.layers.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, blocks)
+    A.set_blocks(model, spec, blocks)
     for new_index, block in enumerate(blocks):
         for module in block.modules():
             if isinstance(getattr(module, "layer_idx", None), int):

@@ -109,6 +109,15 @@ def blocks(model: nn.Module, arch: ArchSpec) -> nn.ModuleList:
     return get(model, arch.layers)
 
 
+def set_blocks(model: nn.Module, arch: ArchSpec, blocks: nn.ModuleList) -> nn.ModuleList:
+    """Make ``blocks`` the model's block list; returns the list it replaces."""
+    parent, _, name = arch.layers.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    old = getattr(owner, name)
+    setattr(owner, name, blocks)
+    return old
+
+
 def layer_widths(model: nn.Module, arch: ArchSpec) -> list[dict]:
     """Per layer: query heads, KV heads, MLP channels (of one expert, in an MoE block), experts (MoE only) and
     whether o/down carry a bias."""

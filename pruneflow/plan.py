@@ -25,6 +25,11 @@ class LayerPlan:
     kept_kv_heads: list[int]
     kept_channels: list[int]
 
+    @classmethod
+    def full(cls, heads: int, kv_heads: int, channels: int) -> "LayerPlan":
+        """A block that keeps its whole width."""
+        return cls(list(range(heads)), list(range(kv_heads)), list(range(channels)))
+
 
 @dataclass
 class PrunePlan:
@@ -260,8 +265,7 @@ def _layer_plan(layer: int, shape: LayerShape, removed: dict, scores: Scores, cf
     gone_channels = set(_round_channels(removed.get((layer, "channel"), []), scores.channels[layer], shape,
                                         cfg.round_to, layer) if "channels" in cfg.units else [])
     if not scores.heads:  # depth-only plan: every kept block keeps its full width
-        return LayerPlan(kept_heads=list(range(shape.heads)), kept_kv_heads=list(range(shape.kv_heads)),
-                         kept_channels=list(range(shape.channels)))
+        return LayerPlan.full(shape.heads, shape.kv_heads, shape.channels)
     gone_groups = set(removed.get((layer, "group"), []))
     query_steps = len(removed.get((layer, "query"), []))
     per_group = scores.heads[layer].reshape(shape.kv_heads, shape.group_size)

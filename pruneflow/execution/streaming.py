@@ -357,17 +357,14 @@ def capture(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor,
         embeds = embedding(input_ids.to(embedding.weight.device))
     blocks = A.blocks(model, spec)
     record: dict = {}
-    parent, _, name = spec.layers.rpartition(".")
-    owner = model.get_submodule(parent) if parent else model
-    stand_ins = nn.ModuleList(_Catch(i, i == len(blocks) - 1, record, b) for i, b in enumerate(blocks))
-    setattr(owner, name, stand_ins)
+    A.set_blocks(model, spec, nn.ModuleList(_Catch(i, i == len(blocks) - 1, record, b) for i, b in enumerate(blocks)))
     try:
         backbone = getattr(model, model.base_model_prefix, model)  # an encoder is loaded as its base model
         backbone(inputs_embeds=embeds, use_cache=False)
     except _Stop:
         pass
     finally:
-        setattr(owner, name, blocks)
+        A.set_blocks(model, spec, blocks)
     return record["hidden"], record["calls"]
 
 

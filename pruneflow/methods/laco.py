@@ -34,14 +34,11 @@ log = logging.getLogger(__name__)
 @contextmanager
 def only_blocks(model: nn.Module, spec, blocks: list[nn.Module]):
     """The model runs with ``blocks`` as its block list (no KV cache is used)."""
-    parent_path, _, name = spec.layers.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    original = getattr(parent, name)
-    setattr(parent, name, nn.ModuleList(blocks))
+    original = A.set_blocks(model, spec, nn.ModuleList(blocks))
     try:
         yield
     finally:
-        setattr(parent, name, original)
+        A.set_blocks(model, spec, original)
 
 
 @torch.no_grad()

@@ -142,8 +142,7 @@ def select(model: nn.Module, spec: ArchSpec, scores: Scores, cfg: SelectConfig, 
     layer_widths = A.layer_widths(model, spec)
     plan = PrunePlan(method=method, ratio=cfg.ratio, allocation=cfg.allocation, head_mode=cfg.head_mode,
                      units=["channels"], round_to=cfg.round_to, reconstruct="none", seed=seed,
-                     layers=[LayerPlan(kept_heads=list(range(w["heads"])), kept_kv_heads=list(range(w["kv_heads"])),
-                                       kept_channels=list(range(w["channels"] - n)))
+                     layers=[LayerPlan.full(w["heads"], w["kv_heads"], w["channels"] - n)
                              for w, n in zip(layer_widths, counts)],
                      kept_expert_channels=kept)
     gone = sum(n * cost for n, (_, cost) in zip(counts, widths))

@@ -162,8 +162,7 @@ def select(model: nn.Module, spec: ArchSpec, scores: Scores, cfg: SelectConfig, 
     widths = A.layer_widths(model, spec)
     plan = PrunePlan(method=method, ratio=cfg.ratio, allocation=cfg.allocation, head_mode=cfg.head_mode,
                      units=["experts"], round_to=cfg.round_to, reconstruct="none", seed=seed,
-                     layers=[LayerPlan(kept_heads=list(range(w["heads"])), kept_kv_heads=list(range(w["kv_heads"])),
-                                       kept_channels=list(range(w["channels"]))) for w in widths],
+                     layers=[LayerPlan.full(w["heads"], w["kv_heads"], w["channels"]) for w in widths],
                      kept_experts=kept)
     gone = sum((experts - len(k)) * cost for k, (experts, _, cost) in zip(kept, counts))
     plan.params = accounting(params, gone) | {

@@ -121,8 +121,7 @@ def select(model: nn.Module, spec: ArchSpec, scores: Scores, cfg: SelectConfig, 
     shapes, params = layer_shapes(model, spec), A.count_parameters(model)
     plan = PrunePlan(method=method, ratio=cfg.ratio, allocation="global", head_mode=cfg.head_mode, units=[NAME],
                      round_to=cfg.round_to, reconstruct="none", seed=seed,
-                     layers=[LayerPlan(list(range(s.heads)), list(range(s.kv_heads)), list(range(s.channels)))
-                             for s in shapes],
+                     layers=[LayerPlan.full(s.heads, s.kv_heads, s.channels) for s in shapes],
                      kept_layers=survivors(len(shapes), merges), kept={NAME: {"merges": merges, "formula": formula}})
     gone = removed_parameters(plan, shapes)
     plan.params = accounting(params, gone)
