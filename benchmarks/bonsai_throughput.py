@@ -21,10 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    from pruneflow import calibration as C
-    from pruneflow import checkpoint
+    from pruneflow.data import calibration as C
+    from pruneflow.model import checkpoint
     from pruneflow.methods import bonsai
-    from pruneflow.runtime import Runtime
+    from pruneflow.execution.runtime import Runtime
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sub-models", type=int, default=32)

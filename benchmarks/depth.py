@@ -46,13 +46,14 @@ def removed(plan) -> str:
 def run(model_name: str, threads: int) -> list[dict]:
     import torch
 
-    from pruneflow import calibration as C
-    from pruneflow import checkpoint, corpus
-    from pruneflow.evaluate import measure
+    from pruneflow.data import calibration as C
+    from pruneflow.model import checkpoint
+    from pruneflow.data import corpus
+    from pruneflow.evaluation.evaluate import measure
     from pruneflow.methods import METHODS
-    from pruneflow.params import PruneParams
+    from pruneflow.pipeline.params import PruneParams
     from pruneflow.prune import prune
-    from pruneflow.runtime import Runtime
+    from pruneflow.execution.runtime import Runtime
 
     torch.set_num_threads(threads)
     runtime = Runtime.create("cpu", "auto")

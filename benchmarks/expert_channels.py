@@ -30,11 +30,11 @@ RUNS = [("magnitude", "uniform", None), ("wanda_sp", "uniform", None), ("flap", 
 
 
 def run_model(name: str, path: Path, threads: int) -> list[dict]:
-    from pruneflow import arch as A
-    from pruneflow import checkpoint
+    from pruneflow.model import arch as A
+    from pruneflow.model import checkpoint
     from pruneflow.units import expert_channels as XC
-    from pruneflow.evaluate import measure
-    from pruneflow.params import PruneParams
+    from pruneflow.evaluation.evaluate import measure
+    from pruneflow.pipeline.params import PruneParams
     from pruneflow.prune import prune
 
     dense, tokenizer, spec, test, windows = load(path, threads)

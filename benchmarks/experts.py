@@ -33,7 +33,7 @@ RANDOM_SEEDS = (0, 1, 2)
 def ratio_for(model, spec, removed: int, cost=None) -> float:
     """The prune.ratio whose uniform count is ``removed`` units per layer, a unit of block b costing
     ``cost(b, spec)`` parameters (default: one expert)."""
-    from pruneflow import arch as A
+    from pruneflow.model import arch as A
     from pruneflow.units import experts as X
 
     per_step = sum((cost or X.expert_cost)(b, spec) for b in A.blocks(model, spec))
@@ -45,8 +45,9 @@ def load(path: Path, threads: int):
     model, torch on ``threads`` threads."""
     import torch
 
-    from pruneflow import calibration as C
-    from pruneflow import checkpoint, corpus
+    from pruneflow.data import calibration as C
+    from pruneflow.model import checkpoint
+    from pruneflow.data import corpus
 
     torch.set_num_threads(threads)
     dense, tokenizer, spec = checkpoint.load(path)
@@ -58,14 +59,14 @@ def load(path: Path, threads: int):
 def run_model(name: str, path: Path, threads: int) -> list[dict]:
     import torch
 
-    from pruneflow import arch as A
-    from pruneflow import checkpoint
+    from pruneflow.model import arch as A
+    from pruneflow.model import checkpoint
     from pruneflow.units import experts as X
-    from pruneflow.evaluate import measure
-    from pruneflow.params import PruneParams
-    from pruneflow.plan import SelectConfig
+    from pruneflow.evaluation.evaluate import measure
+    from pruneflow.pipeline.params import PruneParams
+    from pruneflow.selection.plan import SelectConfig
     from pruneflow.prune import prune
-    from pruneflow.scores import Scores
+    from pruneflow.selection.scores import Scores
 
     dense, tokenizer, spec, test, windows = load(path, threads)
     experts = A.blocks(dense, spec)[0].get_submodule(spec.experts).num_experts

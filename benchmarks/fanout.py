@@ -31,13 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     import ray
 
-    from pruneflow import calibration as C
-    from pruneflow import checkpoint
+    from pruneflow.data import calibration as C
+    from pruneflow.model import checkpoint
     from pruneflow.execution import replicas
     from pruneflow.methods.options import BonsaiParams
-    from pruneflow.params import PruneParams
+    from pruneflow.pipeline.params import PruneParams
     from pruneflow.prune import prune
-    from pruneflow.runtime import Runtime
+    from pruneflow.execution.runtime import Runtime
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workers", type=int, default=2)

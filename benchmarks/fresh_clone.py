@@ -24,7 +24,7 @@ OUT = ROOT / "benchmarks" / "fresh_clone.json"
 
 
 def run(threads: int) -> dict:
-    from pruneflow.graph import OUTPUTS, RESOURCES, STAGES
+    from pruneflow.pipeline.graph import OUTPUTS, RESOURCES, STAGES
 
     if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
                       text=True).stdout.strip():

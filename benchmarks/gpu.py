@@ -116,7 +116,7 @@ def bonsai_throughput(model, spec, runtime, windows: torch.Tensor, sub_models: i
 def regression(runtime, columns: int, rows: int = 200) -> dict:
     """Seconds of ``lasso.fit_cv`` on the runtime's device and on the CPU, and how far apart their fits are."""
     from benchmarks.scale import bonsai_design
-    from pruneflow.lasso import fit_cv
+    from pruneflow.methods.lasso import fit_cv
 
     x, y = bonsai_design(columns, rows)
     out = {"columns": columns, "rows": rows}
@@ -134,7 +134,7 @@ def regression(runtime, columns: int, rows: int = 200) -> dict:
 
 def forward_flops(model, spec, tokens: int) -> float:
     """Forward FLOPs per token at a context of ``tokens``: 2 · (matmul parameters) + 4 · attention width · context."""
-    from pruneflow import arch as A
+    from pruneflow.model import arch as A
 
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     head_dim = A.geometry(model.config).head_dim
@@ -144,7 +144,7 @@ def forward_flops(model, spec, tokens: int) -> float:
 
 
 def speed(models: dict, spec, runtime, prefill: int, decode: int, rounds: int) -> list[dict]:
-    from pruneflow.evaluate import decode_rate, prefill_seconds
+    from pruneflow.evaluation.evaluate import decode_rate, prefill_seconds
 
     times = {name: {"prefill": [], "decode": []} for name in models}
     for round_ in range(rounds + 1):  # round 0 warms up; round-robin so drift falls on every model alike
@@ -169,7 +169,7 @@ def speed(models: dict, spec, runtime, prefill: int, decode: int, rounds: int) -
 
 
 def pruned_copy(model, spec, runtime, windows, ratio: float):
-    from pruneflow.params import PruneParams
+    from pruneflow.pipeline.params import PruneParams
     from pruneflow.prune import prune
 
     copy_ = copy.deepcopy(model)
@@ -197,8 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.bonsai_windows, args.bonsai_sub_models, args.columns = 2, 4, 400
 
     sys.path.insert(0, str(ROOT))
-    from pruneflow import arch as A
-    from pruneflow.runtime import Runtime
+    from pruneflow.model import arch as A
+    from pruneflow.execution.runtime import Runtime
 
     runtime = Runtime.create(args.device, "bfloat16")
     started = time.perf_counter()

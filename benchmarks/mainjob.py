@@ -26,9 +26,9 @@ OUT = ROOT / "benchmarks" / "mainjob.json"
 def run_model(model: str, variants: list[tuple[str, list[str]]], params_file: Path, threads: int) -> list[dict]:
     import torch
 
-    from pruneflow import stages
-    from pruneflow.graph import OUTPUTS, RESOURCES, STAGES
-    from pruneflow.params import load_params
+    from pruneflow.pipeline import stages
+    from pruneflow.pipeline.graph import OUTPUTS, RESOURCES, STAGES
+    from pruneflow.pipeline.params import load_params
 
     torch.set_num_threads(threads)
     rows = []

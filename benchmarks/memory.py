@@ -39,8 +39,8 @@ SMALL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_a
 def _model(name: str, runtime):
     import torch
 
-    from pruneflow import arch as A
-    from pruneflow import checkpoint
+    from pruneflow.model import arch as A
+    from pruneflow.model import checkpoint
 
     if name == "reference":
         model, _, spec = checkpoint.load(ROOT / "models" / "reference", runtime, with_tokenizer=False)
@@ -61,9 +61,9 @@ def _model(name: str, runtime):
 def run_one(job: dict) -> dict:
     import torch
 
-    from pruneflow.params import BonsaiParams, PruneParams
+    from pruneflow.pipeline.params import BonsaiParams, PruneParams
     from pruneflow.prune import prune
-    from pruneflow.runtime import Runtime
+    from pruneflow.execution.runtime import Runtime
 
     torch.set_num_threads(job["threads"])
     runtime = Runtime.create(job["device"])

@@ -32,12 +32,13 @@ def run_one(job: dict) -> dict:
     """Measure one configuration in this process."""
     import torch
 
-    from pruneflow import calibration as C
-    from pruneflow import checkpoint, corpus
-    from pruneflow.evaluate import compare_speed, embedding_fidelity, measure
-    from pruneflow.params import BonsaiParams, PruneParams
+    from pruneflow.data import calibration as C
+    from pruneflow.model import checkpoint
+    from pruneflow.data import corpus
+    from pruneflow.evaluation.evaluate import compare_speed, embedding_fidelity, measure
+    from pruneflow.pipeline.params import BonsaiParams, PruneParams
     from pruneflow.prune import prune
-    from pruneflow.runtime import Runtime
+    from pruneflow.execution.runtime import Runtime
 
     torch.set_num_threads(job["threads"])
     runtime = Runtime.create(job.get("device", "cpu"), job.get("dtype", "auto"))
@@ -83,10 +84,10 @@ def llama_cpp_speeds(model, tokenizer, spec, job: dict) -> dict:
     protocol: each exported to a temporary GGUF in its checkpoint's dtype)."""
     import tempfile
 
-    from pruneflow import checkpoint
-    from pruneflow.evaluate import add_llama_cpp_speed
-    from pruneflow.params import EvaluateParams
-    from pruneflow.sources import resolve
+    from pruneflow.model import checkpoint
+    from pruneflow.evaluation.evaluate import add_llama_cpp_speed
+    from pruneflow.pipeline.params import EvaluateParams
+    from pruneflow.model.sources import resolve
 
     with tempfile.TemporaryDirectory(prefix="pruneflow-methods-") as tmp:
         checkpoint.save(model, tokenizer, Path(tmp) / "pruned", spec, dtype=checkpoint.stored_dtype(job["model"]))

@@ -75,7 +75,7 @@ def _encoder_table(rows: list[dict]) -> str:
 
 
 def _plot(rows: list[dict], dense: dict, path: Path) -> None:
-    from pruneflow.report import save_ppl_plot
+    from pruneflow.evaluation.report import save_ppl_plot
     import matplotlib
 
     matplotlib.use("Agg")

@@ -114,14 +114,14 @@ def run_job(job: dict) -> dict:
     """One (shape, depth, mode) in this process: each phase's seconds, bytes read and peak resident set."""
     import torch
 
-    from pruneflow import checkpoint
+    from pruneflow.model import checkpoint
     from pruneflow.execution import streaming
     from pruneflow.methods import bonsai
-    from pruneflow.params import PruneParams
+    from pruneflow.pipeline.params import PruneParams
     from pruneflow.prune import apply_plan, choose, score
     import psutil
 
-    from pruneflow.runtime import Runtime
+    from pruneflow.execution.runtime import Runtime
 
     torch.set_num_threads(job["threads"])
     runtime = Runtime.create(device="cpu", dtype="auto", max_memory=job["max_memory"])
@@ -201,7 +201,7 @@ def run_regression(job: dict) -> dict:
     """``lasso.fit_cv`` on a Bonsai-like design of ``job['columns']`` columns (see the module docstring)."""
     import torch
 
-    from pruneflow.lasso import fit_cv
+    from pruneflow.methods.lasso import fit_cv
 
     torch.set_num_threads(job["threads"])
     x, y = bonsai_design(job["columns"], job["rows"])
@@ -214,8 +214,8 @@ def run_regression(job: dict) -> dict:
 def estimates(shape_name: str, shape: dict, job: dict, where: Path) -> dict:
     """The dry run's phases for the full-depth config with this benchmark's sizes, in memory and streamed."""
     from pruneflow.execution.estimate import estimate
-    from pruneflow.params import Params
-    from pruneflow.runtime import Runtime
+    from pruneflow.pipeline.params import Params
+    from pruneflow.execution.runtime import Runtime
 
     path = config_only(where / f"{shape_name}-config", shape)
     params = Params.model_validate({

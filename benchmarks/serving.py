@@ -5,7 +5,7 @@ For each committed reference model: the dense model and each method × ratio (ea
 - test perplexity (transformers, the packaged test split, 256-token windows), as the pruning left it;
 - agreement: tokenization of the first 20 test documents equal to transformers', and the largest logit
   difference to transformers over the first 200 tokens of the first document (f32 KV cache);
-- speed (``pruneflow.evaluate.llama_cpp_speed``, what ``evaluate.llama_cpp`` runs): prefill of 256 tokens
+- speed (``pruneflow.evaluation.evaluate.llama_cpp_speed``, what ``evaluate.llama_cpp`` runs): prefill of 256 tokens
   (ms) and greedy decode of 64 tokens after a 16-token prompt (tokens/s), on ``--threads`` threads, one
   warm-up round then ``--rounds`` (20) rounds round-robin over dense and pruned (the protocol of the transformers
   speed columns), medians; beside them the ideal, the ratio of non-embedding parameters;
@@ -32,7 +32,7 @@ def agreement(model, tokenizer, gguf: Path, docs: list[str], threads: int) -> di
     import numpy as np
     import torch
 
-    from pruneflow.evaluate import llama_cpp_engine
+    from pruneflow.evaluation.evaluate import llama_cpp_engine
 
     llm = llama_cpp_engine(gguf, threads, logits_all=True)
     same = sum(llm.tokenize(d.encode(), add_bos=False, special=False) == tokenizer(d)["input_ids"] for d in docs)
@@ -49,15 +49,16 @@ def run_model(name: str, configs: list[tuple[str, float]], threads: int, rounds:
               round_to: int = 1) -> list[dict]:
     import torch
 
-    from pruneflow import calibration as C
-    from pruneflow import checkpoint, corpus
-    from pruneflow.arch import count_parameters
-    from pruneflow.evaluate import llama_cpp_speed, perplexity
-    from pruneflow.export import export_gguf, export_onnx
+    from pruneflow.data import calibration as C
+    from pruneflow.model import checkpoint
+    from pruneflow.data import corpus
+    from pruneflow.model.arch import count_parameters
+    from pruneflow.evaluation.evaluate import llama_cpp_speed, perplexity
+    from pruneflow.model.export import export_gguf, export_onnx
     from pruneflow.methods import METHODS
-    from pruneflow.params import PruneParams
+    from pruneflow.pipeline.params import PruneParams
     from pruneflow.prune import prune
-    from pruneflow.runtime import Runtime
+    from pruneflow.execution.runtime import Runtime
 
     torch.set_num_threads(threads)
     runtime = Runtime.create("cpu", "auto")

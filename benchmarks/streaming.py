@@ -138,7 +138,7 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
     baseline = timed([sys.executable, "-c", "import torch, transformers, accelerate, safetensors; "
-                      "import pruneflow.cli, pruneflow.prune, pruneflow.checkpoint, pruneflow.calibration"],
+                      "import pruneflow.cli, pruneflow.prune, pruneflow.model.checkpoint, pruneflow.data.calibration"],
                      env)["peak_rss"]
     import torch
 

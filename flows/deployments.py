@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from pruneflow.errors import PruneflowError
-from pruneflow.params import load_params
+from pruneflow.pipeline.params import load_params
 
 CODE = Path(__file__).resolve().parents[1]  # the checkout whose flows/ the entrypoints name
 

@@ -18,9 +18,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from pruneflow.errors import PruneflowError
-from pruneflow.params import Params, load_params
-from pruneflow.graph import STAGES
-from pruneflow.report import run_table
+from pruneflow.pipeline.params import Params, load_params
+from pruneflow.pipeline.graph import STAGES
+from pruneflow.evaluation.report import run_table
 from pruneflow.tasks import tracking
 from pruneflow.tasks.remote import check_tracking_uri, preflight, push, record_process
 from pruneflow.tasks.stage import dvc_status, run_stage, up_to_date
@@ -53,7 +53,7 @@ def pipeline(params: Params = Params(), repo: str = ".", run_name: str | None = 
     stage_names(repo_path)  # a dvc.yaml out of sync with the code fails before any work
     check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", ""))  # a malformed URI: no retries, no work
     version = code_version(repo_path)
-    from pruneflow.stages import check_fits
+    from pruneflow.pipeline.stages import check_fits
 
     check_fits(params, repo_path)  # every stage can stream where it must, and the prune's plan fits: before any work
     preflight(str(repo_path))

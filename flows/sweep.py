@@ -17,8 +17,8 @@ from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
 from pruneflow.errors import PruneflowError
-from pruneflow.params import Params, validate
-from pruneflow.report import run_table, task_table
+from pruneflow.pipeline.params import Params, validate
+from pruneflow.evaluation.report import run_table, task_table
 from pruneflow.tasks import tracking
 from pruneflow.tasks.remote import record_process
 

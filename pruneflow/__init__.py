@@ -10,6 +10,6 @@ def load(path, with_tokenizer: bool = True):
 
     Returns ``(model, tokenizer, arch_spec)``. Imported lazily so ``import pruneflow`` stays cheap.
     """
-    from pruneflow.checkpoint import load as _load
+    from pruneflow.model.checkpoint import load as _load
 
     return _load(path, with_tokenizer=with_tokenizer)

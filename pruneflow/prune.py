@@ -10,19 +10,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pruneflow import arch as A
-from pruneflow import reconstruct, search, units
+from pruneflow.model import arch as A
+from pruneflow.units import reconstruct
+from pruneflow.selection import search
+from pruneflow import units
 from pruneflow.execution import blockwise, streaming
-from pruneflow.apply import apply, layer_shapes
-from pruneflow.arch import ArchSpec
+from pruneflow.units.apply import apply, layer_shapes
+from pruneflow.model.arch import ArchSpec
 from pruneflow.errors import PruneflowError
-from pruneflow.iterations import IterationStore, compose, fingerprint
-from pruneflow.methods import CAUSAL_LM, METHODS, SCORERS
+from pruneflow.selection.iterations import IterationStore, compose, fingerprint
+from pruneflow.execution.objectives import resolve as resolve_objective
+from pruneflow.methods import CAUSAL_LM, METHODS, OBJECTIVE, SCORERS
 from pruneflow.methods.options import Options
-from pruneflow.params import PruneParams, check_method
-from pruneflow.plan import LayerPlan, PrunePlan, SelectConfig, accounting, removed_parameters, select
-from pruneflow.runtime import Runtime
-from pruneflow.scores import Scores
+from pruneflow.pipeline.params import PruneParams, check_method
+from pruneflow.selection.plan import LayerPlan, PrunePlan, SelectConfig, accounting, removed_parameters, select
+from pruneflow.execution.runtime import Runtime
+from pruneflow.selection.scores import Scores
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +49,29 @@ def score(model: nn.Module, spec: ArchSpec, method: str, windows: torch.Tensor |
                            **options)
 
 
-def check_model(method: str, spec: ArchSpec, cfg: PruneParams | None = None) -> None:
-    """Refuse a method, or with ``cfg`` an allocation, the model cannot be pruned with (before the model is
-    loaded, calibration or any forward pass)."""
+def check_model(method: str, spec: ArchSpec, cfg: PruneParams | None = None, objective: str = "auto") -> None:
+    """Refuse a method, or with ``cfg`` an allocation, or an ``objective`` (``score.objective``) the model cannot
+    be pruned with (before the model is loaded, calibration or any forward pass)."""
     if CAUSAL_LM in METHODS[method].needs and not spec.causal_lm:
-        raise PruneflowError(f"method {method} scores by next-token loss and needs a causal LM; this model is an "
-                             f"encoder: use magnitude, random, wanda_sp or flap")
-    if cfg is not None and cfg.for_method(method).allocation == "search" and not spec.causal_lm:
-        raise PruneflowError("prune.allocation: search scores candidates by next-token loss and needs a causal "
-                             "LM; this model is an encoder: use allocation uniform or global")
+        usable = ", ".join(name for name, m in METHODS.items() if CAUSAL_LM not in m.needs
+                           and (spec.moe or not m.experts))
+        raise PruneflowError(f"method {method} needs gradients of the next-token loss and a causal LM; this model is "
+                             f"an encoder: use {usable}")
+    if cfg is not None:
+        units.check_settings(spec, cfg.for_method(method), method)
+    if uses_objective(method, cfg):
+        resolve_objective(objective, spec.causal_lm)
+    elif objective != "auto":
+        scorers = ", ".join(name for name, m in METHODS.items() if OBJECTIVE in m.needs)
+        allocation = "" if cfg is None else f" with prune.allocation: {cfg.for_method(method).allocation}"
+        raise PruneflowError(f"score.objective: {objective} measures candidate sub-models, and method {method}"
+                             f"{allocation} scores none; it applies to {scorers} and to prune.allocation: search "
+                             f"(or leave it auto)")
+
+
+def uses_objective(method: str, cfg: PruneParams | None = None) -> bool:
+    """Whether scoring or the allocation search measures candidates by ``score.objective``."""
+    return OBJECTIVE in METHODS[method].needs or (cfg is not None and cfg.for_method(method).allocation == "search")
 
 
 def check_streams(method: str, model: nn.Module | None = None) -> None:
@@ -85,31 +102,34 @@ def select_config(cfg: PruneParams, scores: Scores) -> SelectConfig:
 
 def prune(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, windows: torch.Tensor | None,
           seed: int = 0, options: Options | None = None, state_dir: Path | None = None,
-          runtime: Runtime | None = None) -> PruneResult:
+          runtime: Runtime | None = None, objective: str = "auto") -> PruneResult:
     """Prune ``model`` in place; returns the plan (with exact parameter accounting) and timings.
 
     ``cfg``'s ``auto`` settings mean the method's own (``PruneParams.for_method``). Iterative methods (bonsai)
     take their ``options`` (default: the method's options model's defaults) and, with ``state_dir``, save every
-    completed iteration there and resume from it.
+    completed iteration there and resume from it. ``objective`` (``score.objective``) measures candidate
+    sub-models where the method or the allocation search scores them (``auto``: the paper's).
     """
     try:
         check_method(method, cfg)
     except ValueError as err:
         raise PruneflowError(str(err)) from None
-    check_model(method, spec, cfg)
+    check_model(method, spec, cfg, objective)
     check_streams(method, model)
     cfg, entry, runtime = cfg.for_method(method), METHODS[method], runtime or Runtime()
     check_units(model, spec, cfg, method)
     check_reconstruct(model, spec, cfg, windows, runtime)
     if entry.iterative:
         options = options or entry.options()
-        return prune_iteratively(model, spec, method, cfg, windows, seed, options, state_dir, runtime)
+        return prune_iteratively(model, spec, method, cfg, windows, seed, options, state_dir, runtime,
+                                 objective=objective)
     started = time.perf_counter()
     scores = score(model, spec, method, windows, seed, cfg.ratio, runtime,
-                   **({"config": options or entry.options()} if entry.options else {}))
+                   **({"config": options or entry.options()} if entry.options else {}),
+                   **({"objective": objective} if OBJECTIVE in entry.needs else {}))
     scores = means_for(model, spec, cfg, scores, windows, runtime)
     scored = time.perf_counter()
-    plan, searched = choose(model, spec, method, cfg, scores, windows, runtime, seed)
+    plan, searched = choose(model, spec, method, cfg, scores, windows, runtime, seed, objective)
     fit = apply_plan(model, spec, plan, scores, windows, runtime)
     actual = A.count_parameters(model)["non_embedding"]
     if actual != plan.params["non_embedding_after"]:
@@ -123,9 +143,10 @@ def prune(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, windo
 
 
 def choose(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, scores: Scores,
-           windows: torch.Tensor | None, runtime: Runtime, seed: int = 0) -> tuple[PrunePlan, dict | None]:
+           windows: torch.Tensor | None, runtime: Runtime, seed: int = 0, objective: str = "auto"
+           ) -> tuple[PrunePlan, dict | None]:
     """The plan for ``scores`` (``cfg`` resolved for the method): select's rule, or the allocation search from
-    the method's own plan (returns its summary too)."""
+    the method's own plan, its candidates measured by ``objective`` (returns its summary too)."""
     unit = units.claiming(cfg.units, spec)
     if unit is not None:  # a unit with its own module selects itself (pruneflow.units)
         return unit.select(model, spec, scores, select_config(cfg, scores), method, seed), None
@@ -138,8 +159,9 @@ def choose(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, scor
     start = select(scores, shapes, params, start_cfg, method=method, seed=seed)
     s = cfg.search
     result = search.search(model, spec, scores, shapes, params, select_config(cfg, scores), start, windows, runtime,
-                           s.budget, s.windows, s.offspring, s.seed, method)
-    return result.plan, {"start_allocation": start_cfg.allocation, "start_loss": result.start_loss,
+                           s.budget, s.windows, s.offspring, s.seed, method, objective)
+    return result.plan, {"start_allocation": start_cfg.allocation,
+                         "objective": resolve_objective(objective, spec.causal_lm), "start_loss": result.start_loss,
                          "best_loss": result.best_loss, "history": result.history}
 
 
@@ -176,7 +198,7 @@ def check_reconstruct(model: nn.Module, spec: ArchSpec, cfg: PruneParams, window
 
 def prune_iteratively(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, windows: torch.Tensor,
                       seed: int, options: Options, state_dir: Path | None = None,
-                      runtime: Runtime | None = None, refit: bool = True) -> PruneResult:
+                      runtime: Runtime | None = None, refit: bool = True, objective: str = "auto") -> PruneResult:
     """Repeat score → select → apply, each step removing ``prune_frac`` of the original non-embedding
     parameters (the last one what remains), until the achieved ratio is within ``tolerance`` of the target.
 
@@ -194,7 +216,8 @@ def prune_iteratively(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneP
     store = None
     if state_dir is not None:
         key = fingerprint(model, windows, {"method": method, "seed": seed, "prune": cfg.model_dump(),
-                                           "options": options.model_dump()})
+                                           "options": options.model_dump(),
+                                           **({"objective": objective} if objective != "auto" else {})})
         store = IterationStore(state_dir, key)
         if store.completed():
             log.info("resuming %s at iteration %d from %s", method, store.completed(), store.dir)
@@ -208,7 +231,8 @@ def prune_iteratively(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneP
             plan, summary = store.load(k)
         else:
             step = min(options.prune_frac * original, cfg.ratio * original - removed)
-            scores, plan, summary = _iteration(model, spec, method, cfg, windows, seed, options, k, step, runtime)
+            scores, plan, summary = _iteration(model, spec, method, cfg, windows, seed, options, k, step, runtime,
+                                               objective)
             if store is not None:
                 store.save(k, plan, summary, {name: value for name, value in scores.extra[method].items()
                                               if isinstance(value, torch.Tensor)})
@@ -237,11 +261,13 @@ def prune_iteratively(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneP
 
 
 def _iteration(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, windows: torch.Tensor, seed: int,
-               options: Options, k: int, step: float, runtime: Runtime) -> tuple[Scores, PrunePlan, dict]:
+               options: Options, k: int, step: float, runtime: Runtime, objective: str = "auto"
+               ) -> tuple[Scores, PrunePlan, dict]:
     """Score the current model and select ``step`` parameters to remove (global allocation)."""
     began = time.perf_counter()
     scores = score(model, spec, method, windows, seed, cfg.ratio, runtime, config=options, iteration=k,
-                   units=tuple(cfg.units), head_mode=cfg.head_mode)
+                   units=tuple(cfg.units), head_mode=cfg.head_mode,
+                   **({"objective": objective} if OBJECTIVE in METHODS[method].needs else {}))
     current = A.count_parameters(model)
     plan = select(scores, layer_shapes(model, spec), current,
                   SelectConfig(ratio=step / current["non_embedding"], allocation="global", units=tuple(cfg.units),

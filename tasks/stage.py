@@ -88,9 +88,9 @@ def up_to_date(name: str, workspace: str, status: dict[str, list], state_dir: st
         return False
     import json
 
-    from pruneflow.graph import OUTPUTS
-    from pruneflow.params import load_params
-    from pruneflow.sources import fingerprint, resolve
+    from pruneflow.pipeline.graph import OUTPUTS
+    from pruneflow.pipeline.params import load_params
+    from pruneflow.model.sources import fingerprint, resolve
 
     recorded = Path(workspace) / "artifacts" / OUTPUTS["source"]
     try:
@@ -104,7 +104,7 @@ def up_to_date(name: str, workspace: str, status: dict[str, list], state_dir: st
 
 def dvc_env(state_dir: str | None = None) -> dict[str, str]:
     """The environment stage commands run in: this interpreter's scripts (pruneflow, dvc) first on PATH, and
-    the directory iterative methods resume from (see pruneflow.stages.state_dir)."""
+    the directory iterative methods resume from (see pruneflow.pipeline.stages.state_dir)."""
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "DVC_NO_ANALYTICS": "1"}
     if state_dir:

@@ -17,7 +17,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pruneflow.graph import RESOURCES
+from pruneflow.pipeline.graph import RESOURCES
 
 EXPERIMENT = "pruneflow"
 STAGE_FILES = {"source": ["source.json"], "score": ["scores/scores.json", "scores/iterations.json"], "prune": ["model/plan.json"],
@@ -189,7 +189,7 @@ def register_model(repo: str, run_id: str, workspace: str, name: str) -> dict:
 
 def _log_exports(client, run_id: str, name: str, version, export_dir: Path) -> dict[str, str]:
     """The export stage's files (GGUF, ONNX) logged beside the registered version, each version tagged with
-    where its file is (``pruneflow.export.gguf`` = ``runs:/RUN/export/model.gguf``); {format: that URI}. A
+    where its file is (``pruneflow.model.export.gguf`` = ``runs:/RUN/export/model.gguf``); {format: that URI}. A
     version that already has a format's tag (a cached re-run of the same model) keeps it: nothing re-logged."""
     path = export_dir / "export.json"
     if not path.exists():
@@ -197,7 +197,7 @@ def _log_exports(client, run_id: str, name: str, version, export_dir: Path) -> d
     summary, tags = json.loads(path.read_text()), dict(version.tags or {})
     out = {}
     for fmt in summary.get("formats", []):
-        key = f"pruneflow.export.{fmt}"
+        key = f"pruneflow.model.export.{fmt}"
         if key not in tags:
             target, rel = export_dir / summary[fmt]["path"], f"export/{summary[fmt]['path']}"
             if target.is_dir():

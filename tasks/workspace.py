@@ -21,7 +21,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from pruneflow.errors import PruneflowError
-from pruneflow.params import Params, load_params
+from pruneflow.pipeline.params import Params, load_params
 from pruneflow.tasks.stage import dvc_bin, dvc_env
 
 

@@ -123,7 +123,7 @@ def per_layer_round_trip(model, spec, out, ids):
     first."""
     from transformers import AutoModelForCausalLM
 
-    from pruneflow import checkpoint
+    from pruneflow.model import checkpoint
 
     with torch.no_grad():
         logits = model(input_ids=ids).logits
@@ -166,8 +166,8 @@ def _randomize_norms(model) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from pruneflow import corpus
-    from pruneflow.reference import train_tokenizer
+    from pruneflow.data import corpus
+    from pruneflow.data.reference import train_tokenizer
 
     return train_tokenizer(corpus.load_split("validation")[:200], vocab_size=300)
 
@@ -226,7 +226,7 @@ def moe_checkpoint(tmp_path_factory, tiny_tokenizer):
 
 @pytest.fixture(scope="session")
 def calibration_txt(tmp_path_factory):
-    from pruneflow import corpus
+    from pruneflow.data import corpus
 
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
     path.write_text("\n\n".join(corpus.load_split("validation")[:40]))
@@ -270,7 +270,7 @@ def project(tmp_path, tiny_checkpoint, calibration_txt):
 def make_project(tmp_path, tiny_checkpoint, calibration_txt):
     import yaml
 
-    from pruneflow.params import Params
+    from pruneflow.pipeline.params import Params
     from pruneflow.tasks.stage import dvc_bin
 
     repo = tmp_path / "project"

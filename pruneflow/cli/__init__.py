@@ -2,7 +2,8 @@
 (``model``: prune, calibrate, evaluate, demo), the pipeline (``pipeline``: stage, run, serve, deploy, sweep,
 report), the local stack (``stack``: up, status, down) and what pruneflow ships (``tools``: methods, export,
 reference, corpus); ``common`` holds the Typer apps and what every command shares. The composition root: only
-here does the library meet the flows, the tasks and the infra."""
+here does the library meet the flows, the tasks and the infra. It may import every room (a command's modules
+load when it runs, so ``pruneflow --help`` loads no torch); nothing in the library imports it."""
 
 from __future__ import annotations
 

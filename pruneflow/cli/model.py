@@ -23,6 +23,10 @@ def prune(
     calibration: Optional[str] = typer.Option(None, help="'corpus', a .txt/.jsonl file, or hf:NAME"),
     units: Optional[str] = typer.Option(None, help="comma-separated: heads,channels | layers | hidden | experts"),
     allocation: Optional[str] = typer.Option(None, help="uniform | global | search (per-layer counts searched on calibration loss) | auto"),
+    objective: Optional[str] = typer.Option(
+        None, help="what bonsai, sleb, blockpruner and --allocation search measure candidates by: loss | kl (to the "
+                   "unmasked model's next-token distribution) | hidden (1 − cos of the final hidden states; "
+                   "encoders) | auto (the paper's: loss, hidden on an encoder)"),
     head_mode: Optional[str] = typer.Option(None, help="auto | query (a head from every KV group) | group (whole KV groups)"),
     round_to: Optional[int] = typer.Option(None, help="keep MLP widths a multiple of N"),
     seed: Optional[int] = typer.Option(None, help="seed for calibration sampling and random scores"),
@@ -52,10 +56,11 @@ def prune(
                                  "per phase, and whether it fits --device/--max-memory; exit 1 if it does not"),
 ) -> None:
     """Prune MODEL_DIR (a directory or hub id) and write a smaller checkpoint to OUT, then print a summary."""
-    from pruneflow.params import load_params
+    from pruneflow.pipeline.params import load_params
 
     options = {"calibrate.source": calibration, "calibrate.seed": seed, "calibrate.n_windows": n_calibration,
-               "calibrate.seqlen": seqlen, "score.method": method, "prune.ratio": ratio,
+               "calibrate.seqlen": seqlen, "score.method": method, "score.objective": objective,
+               "prune.ratio": ratio,
                "prune.units": units and units.split(","), "prune.allocation": allocation,
                "prune.head_mode": head_mode, "prune.round_to": round_to, "prune.reconstruct": reconstruct,
                "runtime.device": device, "runtime.dtype": dtype, "runtime.max_memory": max_memory, "runtime.workers": workers,
@@ -85,14 +90,14 @@ def _dry_run(params) -> bool:
     from rich.console import Console
     from rich.table import Table
 
-    from pruneflow import arch as A
-    from pruneflow import checkpoint
+    from pruneflow.model import arch as A
+    from pruneflow.model import checkpoint
     from pruneflow.execution.estimate import estimate
-    from pruneflow.params import check_method
+    from pruneflow.pipeline.params import check_method
     from pruneflow.prune import check_model
-    from pruneflow.runtime import Runtime
+    from pruneflow.execution.runtime import Runtime
     from pruneflow.sizes import format_size
-    from pruneflow.sources import resolve
+    from pruneflow.model.sources import resolve
 
     runtime = Runtime.from_params(params.runtime)
     method = params.score.method
@@ -101,7 +106,8 @@ def _dry_run(params) -> bool:
     except ValueError as err:
         raise PruneflowError(str(err)) from None
     source = resolve(params.model, weights=False)
-    check_model(method, A.arch_for(checkpoint.read_config(source).get("model_type", "")), params.prune)
+    check_model(method, A.arch_for(checkpoint.read_config(source).get("model_type", "")), params.prune,
+                params.score.objective)
     workers = int(runtime.workers) if runtime.workers.isdigit() else 1
     plan = estimate(source.path, params, runtime, workers)
     table = Table(title=f"dry run: {method} removing {params.prune.ratio:.0%} of {params.model} (per run of a phase)")
@@ -130,23 +136,24 @@ def _dry_run(params) -> bool:
 
 def _prune(params, out: Path, force: bool, state_dir: Path | None = None,
            max_shard_size: str = "5GB") -> dict[str, dict]:
-    from pruneflow import arch as A
-    from pruneflow import calibration as C
-    from pruneflow import checkpoint
+    from pruneflow.model import arch as A
+    from pruneflow.data import calibration as C
+    from pruneflow.model import checkpoint
     from pruneflow.methods import METHODS
     from pruneflow.prune import check_model, check_streams
     from pruneflow.prune import prune as run_prune
-    from pruneflow.runtime import Runtime
+    from pruneflow.execution.runtime import Runtime
     from pruneflow.sizes import format_size, parse_size
-    from pruneflow.sources import resolve
-    from pruneflow.stages import method_options
+    from pruneflow.model.sources import resolve
+    from pruneflow.pipeline.stages import method_options
 
     started = time.perf_counter()
     runtime = Runtime.from_params(params.runtime)
     parse_size(max_shard_size)
     source = resolve(params.model)  # hub errors (not cached, gated, unknown revision) before any work
     method, c = params.score.method, params.calibrate
-    check_model(method, A.arch_for(checkpoint.read_config(source).get("model_type", "")), params.prune)
+    check_model(method, A.arch_for(checkpoint.read_config(source).get("model_type", "")), params.prune,
+                params.score.objective)
     stored = checkpoint.stored_dtype(source)
     _, weight_bytes = checkpoint.compute_size(source, runtime)
     if runtime.streams(weight_bytes):
@@ -168,7 +175,8 @@ def _prune(params, out: Path, force: bool, state_dir: Path | None = None,
     _step(f"scoring with {params.score.method}, removing {resolved.ratio:.0%} ({resolved.allocation})")
     runtime.reset_peak()
     result = run_prune(model, spec, params.score.method, params.prune, windows, seed=c.seed,
-                       options=method_options(params), state_dir=state_dir, runtime=runtime)
+                       options=method_options(params), state_dir=state_dir, runtime=runtime,
+                       objective=params.score.objective)
     peak = runtime.peak_bytes()
     _step(f"saving {out}")
     saving = time.perf_counter()
@@ -209,7 +217,7 @@ def _fit_summary(blocks: list[dict]) -> str:
 
 
 def _size_mb(path: Path) -> float:
-    from pruneflow.evaluate import size_on_disk
+    from pruneflow.evaluation.evaluate import size_on_disk
 
     return size_on_disk(path) / 1e6
 
@@ -226,9 +234,9 @@ def calibrate(
     force: bool = typer.Option(False, help="replace OUT if it exists"),
 ) -> None:
     """Sample seeded calibration windows from a text source and save them with a manifest."""
-    from pruneflow import calibration as C
-    from pruneflow.checkpoint import load_tokenizer
-    from pruneflow.params import load_params
+    from pruneflow.data import calibration as C
+    from pruneflow.model.checkpoint import load_tokenizer
+    from pruneflow.pipeline.params import load_params
 
     options = {"calibrate.source": source, "calibrate.n_windows": n_windows, "calibrate.seqlen": seqlen,
                "calibrate.seed": seed}
@@ -236,7 +244,7 @@ def calibrate(
         c = load_params(params_file, updates={k: v for k, v in options.items() if v is not None}).calibrate
         _check_out_dir(out, force)
         _quiet_libraries()
-        from pruneflow.sources import resolve
+        from pruneflow.model.sources import resolve
 
         source = resolve(model_dir)
         if not (source.path / "tokenizer_config.json").exists():
@@ -265,7 +273,7 @@ def evaluate(
         None, help="most model weights in memory at once; a larger model is streamed for perplexity (--no-speed)"),
 ) -> None:
     """Measure parameters, size, test perplexity and speed of several checkpoints, one loaded at a time."""
-    from pruneflow.params import EvaluateParams, RuntimeParams, validate
+    from pruneflow.pipeline.params import EvaluateParams, RuntimeParams, validate
 
     try:
         given = {"source": text, "ppl_seqlen": seqlen}
@@ -273,9 +281,9 @@ def evaluate(
                                        **{k: v for k, v in given.items() if v is not None}}, prefix="evaluate")
         rt = validate(RuntimeParams, {"device": device, "dtype": dtype, "max_memory": max_memory}, prefix="runtime")
         _quiet_libraries()
-        from pruneflow.evaluate import evaluate_dirs
-        from pruneflow.runtime import Runtime
-        from pruneflow.sources import resolve
+        from pruneflow.evaluation.evaluate import evaluate_dirs
+        from pruneflow.execution.runtime import Runtime
+        from pruneflow.model.sources import resolve
 
         runtime = Runtime.from_params(rt)
         sources = {name: resolve(name) for name in models}  # every model found before the first is measured
@@ -295,7 +303,7 @@ def demo(
     out: Path = typer.Option(Path("artifacts/demo"), help="directory for the demo's outputs (replaced)"),
 ) -> None:
     """The main job on the embedded default: prune the reference model, evaluate dense vs pruned."""
-    from pruneflow.params import load_params
+    from pruneflow.pipeline.params import load_params
 
     if params_file is None:
         params_file = Path("params.yaml") if Path("params.yaml").is_file() else None
@@ -306,9 +314,9 @@ def demo(
         _check_out_dir(out / "pruned", force=True)
         _quiet_libraries()
         _table("prune", _prune(params, out / "pruned", force=True))
-        from pruneflow.evaluate import evaluate_dirs
+        from pruneflow.evaluation.evaluate import evaluate_dirs
 
-        from pruneflow.runtime import Runtime
+        from pruneflow.execution.runtime import Runtime
 
         runtime = Runtime.from_params(params.runtime)
         pruned = f"{params.score.method} −{params.prune.ratio:.0%}"

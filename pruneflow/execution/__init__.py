@@ -9,7 +9,11 @@ device, one block loaded at a time: :mod:`.streaming`), or fanned out over repli
 - ``losses`` — the mean next-token loss of N :class:`.candidates.Candidates` (virtual sub-models as keep masks on
   heads, channels and blocks), and ``nll_batches`` for the model itself (perplexity).
 
-Layering: ``lineage`` imports nothing of pruneflow's; ``streaming`` and ``candidates`` only the model-level
-modules (arch, masking, losses, runtime); ``replicas`` rebuilds models with ``checkpoint`` and ``apply``;
-``passes`` sits on top. Nothing here imports a method, selection or the pipeline, and this file imports nothing.
+Also here: the one ``Runtime`` that owns device, dtype, memory budget and workers (``runtime``), next-token losses
+from final hidden states a chunk at a time (``losses``) and running activation moments (``stats``).
+
+Layering: ``lineage`` imports nothing of pruneflow's; ``streaming`` and ``candidates`` only the model room and the
+unit masks (arch, masking, losses, runtime); ``replicas`` rebuilds models with ``checkpoint`` and ``apply``;
+``passes`` sits on top. Nothing here imports a method module, selection or the pipeline (``estimate`` reads the
+method registry's metadata), and this file imports nothing.
 """

@@ -27,11 +27,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pruneflow import arch as A
-from pruneflow.apply import remove_layers
-from pruneflow.arch import ArchSpec
+from pruneflow.model import arch as A
+from pruneflow.units.apply import remove_layers
+from pruneflow.model.arch import ArchSpec
 from pruneflow.execution import streaming
-from pruneflow.runtime import Runtime
+from pruneflow.execution.runtime import Runtime
 
 
 class Fitted:

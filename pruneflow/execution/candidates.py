@@ -1,7 +1,7 @@
 """The losses of N candidate sub-models of the current model: the one question search-like methods ask.
 
 A candidate is what it removes, as keep masks on the dense model — query heads and MLP channels per layer
-(masks on o_proj / down_proj inputs, :mod:`pruneflow.masking`), whole blocks (the block passes its input
+(masks on o_proj / down_proj inputs, :mod:`pruneflow.units.masking`), whole blocks (the block passes its input
 through) — never a weight copy. Bonsai's sub-models, the allocation search's offspring and SLEB's trial
 removals are all :class:`Candidates`; :func:`losses` returns each one's mean next-token loss on the windows.
 
@@ -23,18 +23,21 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from pruneflow import arch as A
-from pruneflow.arch import ArchSpec
-from pruneflow.masking import block_masks
-from pruneflow.runtime import Runtime
+from pruneflow.model import arch as A
+from pruneflow.model.arch import ArchSpec
+from pruneflow.units.masking import block_masks
+from pruneflow.execution.runtime import Runtime
+from pruneflow.execution import streaming
+from pruneflow.execution.losses import hidden_states, lm_parts
+from pruneflow.execution.objectives import Objective
 
 
 @dataclass
 class Candidates:
     """``count`` sub-models as keep masks (True keeps): per layer (count, H_l) query heads and (count, I_l) MLP
     channels (None: not varied), and (count, L) blocks (False: the block is skipped; None: none skipped)."""
-
     count: int
     heads: list[torch.Tensor] | None = None
     channels: list[torch.Tensor] | None = None
@@ -90,7 +93,6 @@ def row_masks(block: nn.Module, spec: ArchSpec, i: int, rows: Candidates, head_d
 class Batches:
     """How ``count`` candidates × ``n`` windows are cut into forward passes: per batch, the candidate (owner) and
     the window of each row."""
-
     owners: list[torch.Tensor]
     picks: list[torch.Tensor]
 
@@ -107,15 +109,11 @@ class Batches:
 
 @torch.no_grad()
 def batch_sums(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, candidates: Candidates, batches: Batches,
-               runtime: Runtime, desc: str = "candidates", progress: Callable[[int], None] | None = None
-               ) -> list[torch.Tensor]:
-    """Per batch, (B,) float64 sums of each row's next-token NLL, on this process's model (in memory or
-    streamed). ``progress(k)``: k more batches done."""
-    from tqdm import tqdm
-
-    from pruneflow.execution import streaming
-    from pruneflow.losses import token_nll
-
+               runtime: Runtime, desc: str = "candidates", progress: Callable[[int], None] | None = None,
+               objective: Objective | None = None) -> list[torch.Tensor]:
+    """Per batch, (B,) float64 sums of each row's per-token ``objective`` (default: next-token NLL), on this
+    process's model (in memory or streamed). ``progress(k)``: k more batches done."""
+    objective = objective or Objective()
     head_dim = A.geometry(model.config).head_dim
     inputs = [windows[pick] for pick in batches.picks]
     rows = [candidates.rows(owner) for owner in batches.owners]
@@ -124,18 +122,25 @@ def batch_sums(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, candidat
         def around(i, block, b):
             return row_masks(block, spec, i, rows[b], head_dim, runtime.device)
 
-        for nll in streaming.token_nll_batches(model, spec, inputs, runtime, around):
-            out.append(nll.cpu().double().sum(1))
+        def measure(head, hidden, b):
+            return objective.per_token(head, hidden, inputs[b].to(hidden.device), batches.picks[b])
+
+        for values in streaming.token_nll_batches(model, spec, inputs, runtime, around, measure):
+            out.append(values.cpu().double().sum(1))
             if progress:
                 progress(1)
         return out
     device = runtime.input_device(model)
     blocks = A.blocks(model, spec)
-    for batch, row in tqdm(list(zip(inputs, rows)), desc=desc, unit="batch", leave=False, disable=progress is not None):
+    head = lm_parts(model)[1]
+    for batch, row, pick in tqdm(list(zip(inputs, rows, batches.picks)), desc=desc, unit="batch", leave=False,
+                                 disable=progress is not None):
         with ExitStack() as stack:
             for i, block in enumerate(blocks):
                 stack.enter_context(row_masks(block, spec, i, row, head_dim, device))
-            out.append(token_nll(model, batch.to(device)).cpu().double().sum(1))  # float64 on the host (MPS has none)
+            batch = batch.to(device)
+            values = objective.per_token(head, hidden_states(model, batch), batch, pick)
+            out.append(values.cpu().double().sum(1))  # float64 on the host (MPS has none)
         if progress:
             progress(1)
         runtime.release_host()

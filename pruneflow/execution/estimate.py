@@ -18,14 +18,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pruneflow import arch as A
-from pruneflow.arch import ArchSpec
-from pruneflow.checkpoint import SHARD_SIZE
+from pruneflow.model import arch as A
+from pruneflow.model.arch import ArchSpec
+from pruneflow.model.checkpoint import SHARD_SIZE
 from pruneflow.errors import PruneflowError
 from pruneflow.execution import streaming
-from pruneflow.losses import LOGIT_BYTES
-from pruneflow.runtime import Runtime
+from pruneflow.execution.losses import LOGIT_BYTES
+from pruneflow.execution.runtime import Runtime
 from pruneflow.sizes import format_size, parse_size
+from pruneflow.model import checkpoint, modeling_pruneflow
+from pruneflow.methods import METHODS
 
 STATISTIC_METHODS = {"wanda_sp", "flap", "minitron", "block_influence", "angular", "router_weighted",
                      "expert_drop", "taylor"}
@@ -67,8 +69,6 @@ def skeleton(path: Path) -> tuple[nn.Module, ArchSpec, torch.dtype]:
     """The model of ``path``'s config.json on the meta device, its spec, and the dtype its config states."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-    from pruneflow import checkpoint, modeling_pruneflow
 
     model_type = checkpoint.read_config(path).get("model_type", "")
     spec = A.arch_for(model_type)
@@ -123,8 +123,6 @@ def candidate_batches(method: str, params, n_blocks: int, blocks_removed: int) -
 
 def estimate(path: Path, params, runtime: Runtime, workers: int = 1) -> Estimate:
     """The plan of work of ``pruneflow prune`` with ``params`` on ``runtime`` (see the module docstring)."""
-    from pruneflow.methods import METHODS
-
     method, c = params.score.method, params.calibrate
     model, spec, stated = skeleton(path)
     dtype = runtime.dtype or stated

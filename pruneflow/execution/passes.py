@@ -12,30 +12,53 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pruneflow import arch as A
-from pruneflow.arch import ArchSpec
+from pruneflow.model import arch as A
+from pruneflow.model.arch import ArchSpec
 from pruneflow.execution import replicas, streaming
 from pruneflow.execution.candidates import Batches, Candidates
 from pruneflow.execution.streaming import BATCH, each_block
-from pruneflow.losses import token_nll
-from pruneflow.runtime import Runtime
+from pruneflow.execution.losses import hidden_states, token_nll
+from pruneflow.execution.objectives import Objective, resolve
+from pruneflow.execution.runtime import Runtime
 
 Hooks = Callable[[int, nn.Module], list]
 
-__all__ = ["Candidates", "calibration_pass", "each_block", "losses", "nll_batches"]
+__all__ = ["Candidates", "Objective", "calibration_pass", "each_block", "losses", "nll_batches", "objective"]
 
 
 def losses(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, candidates: Candidates, runtime: Runtime,
-           rows_per_forward: int | None = None, desc: str = "candidates") -> torch.Tensor:
-    """(count,) float64 mean next-token loss of every candidate over ``windows`` (n, T); ``rows_per_forward``
-    (default n: one candidate per forward pass) rows of (candidate, window) per forward pass."""
+           rows_per_forward: int | None = None, desc: str = "candidates",
+           objective: Objective | None = None) -> torch.Tensor:
+    """(count,) float64 mean per-token ``objective`` (default: next-token loss; see :func:`objective`) of every
+    candidate over ``windows`` (n, T); ``rows_per_forward`` (default n: one candidate per forward pass) rows of
+    (candidate, window) per forward pass."""
+    objective = objective or Objective()
     n, length = windows.shape
     batches = Batches.plan(candidates.count, n, rows_per_forward or n)
-    sums = replicas.batch_sums(model, spec, windows, candidates, batches, runtime, desc)
+    sums = replicas.batch_sums(model, spec, windows, candidates, batches, runtime, desc, objective)
     total = torch.zeros(candidates.count, dtype=torch.float64)
     for owner, part in zip(batches.owners, sums):
         total.index_add_(0, owner, part)
-    return total / (n * (length - 1))
+    return total / (n * objective.positions(length))
+
+
+@torch.no_grad()
+def objective(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, runtime: Runtime, kind: str = "auto",
+              batch_size: int = BATCH) -> Objective:
+    """The :class:`Objective` ``kind`` (``score.objective``; ``auto``: the loss, or ``hidden`` on an encoder) for
+    candidates of ``model`` on ``windows``, with the unmasked model's final hidden states where it needs them (one
+    pass over the windows, in memory or streamed; kept on the host in the model's dtype)."""
+    kind = resolve(kind, spec.causal_lm)
+    if kind == "loss":
+        return Objective(kind)
+    batches = list(windows.split(batch_size))
+    if streaming.is_streamed(model):
+        states = streaming.token_nll_batches(model, spec, batches, runtime,
+                                             measure=lambda head, hidden, b: hidden.cpu())
+    else:
+        device = runtime.input_device(model)
+        states = (hidden_states(model, batch.to(device)).cpu() for batch in batches)
+    return Objective(kind, torch.cat(list(states)))
 
 
 def nll_batches(model: nn.Module, batches: list[torch.Tensor], runtime: Runtime, desc: str | None = None):

@@ -26,11 +26,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pruneflow.arch import ArchSpec
+from pruneflow.model.arch import ArchSpec
 from pruneflow.errors import PruneflowError
 from pruneflow.execution.candidates import batch_sums as local_batch_sums
+from pruneflow.execution.objectives import Objective
 from pruneflow.execution.lineage import Lineage
-from pruneflow.runtime import Runtime
+from pruneflow.execution.runtime import Runtime
+from pruneflow.model import checkpoint, sources
+from pruneflow.units.apply import apply
+from pruneflow.execution.streaming import calibration_pass
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +52,6 @@ class Replica:
         self.model, self.spec, self.key = None, None, None
 
     def _rebuild(self, lineage: Lineage) -> None:
-        from pruneflow import checkpoint, sources
-        from pruneflow.apply import apply
-
         source = lineage.path if Path(lineage.path).is_dir() or lineage.pinned is None else lineage.pinned
         if not Path(lineage.path).is_dir() and lineage.pinned is None:
             raise PruneflowError(f"worker on {os.uname().nodename}: the model directory {lineage.path} is not "
@@ -70,17 +71,16 @@ class Replica:
             self.runtime.free()
             self._rebuild(ray.get(lineage_ref[0]))
 
-    def batch_sums(self, key: str, lineage_ref: list, windows, candidates, batches) -> list[torch.Tensor]:
+    def batch_sums(self, key: str, lineage_ref: list, windows, candidates, batches, objective
+                   ) -> list[torch.Tensor]:
         self._ready(key, lineage_ref)
         return local_batch_sums(self.model, self.spec, windows, candidates, batches, self.runtime,
-                                progress=lambda _: None)
+                                progress=lambda _: None, objective=objective)
 
     def statistics(self, key: str, lineage_ref: list, windows, payload: tuple, batch_size: int):
         """``payload`` = (hooks, state): the caller's hooks run over ``windows`` on this replica, filling this
         copy of its ``state``, which goes back to be added to the others' (a tensor the hooks kept on this
         worker's accelerator travels on the CPU, marked to go back onto the driver's)."""
-        from pruneflow.execution.streaming import calibration_pass
-
         self._ready(key, lineage_ref)
         hooks, state = payload
         calibration_pass(self.model, self.spec, windows, self.runtime, hooks, batch_size=batch_size)
@@ -131,14 +131,15 @@ class Pool:
         self.lineage_key, self.lineage_ref = None, None
         log.info("%d Ray worker(s) on %s, one model replica each", count, "GPUs" if gpu else "CPUs")
 
-    def batch_sums(self, lineage: Lineage, windows, candidates, batches, desc: str) -> list[torch.Tensor]:
+    def batch_sums(self, lineage: Lineage, windows, candidates, batches, desc: str, objective
+                   ) -> list[torch.Tensor]:
         from tqdm import tqdm
 
         key = self._put(lineage)
         total = len(batches.owners)
         cuts = [round(total * k / len(self.actors)) for k in range(len(self.actors) + 1)]
         runs = [(actor, a, b) for actor, a, b in zip(self.actors, cuts, cuts[1:]) if b > a]
-        futures = [actor.batch_sums.remote(key, [self.lineage_ref], windows, candidates, batches.part(a, b))
+        futures = [actor.batch_sums.remote(key, [self.lineage_ref], windows, candidates, batches.part(a, b), objective)
                    for actor, a, b in runs]
         sizes = {future.hex(): b - a for future, (_, a, b) in zip(futures, runs)}
         with tqdm(total=total, desc=f"{desc} ({len(futures)} workers)", unit="batch", leave=False) as bar:
@@ -212,14 +213,14 @@ def shutdown() -> None:
 
 
 def batch_sums(model: nn.Module, spec: ArchSpec, windows, candidates, batches, runtime: Runtime,
-               desc: str) -> list[torch.Tensor]:
+               desc: str, objective: Objective | None = None) -> list[torch.Tensor]:
     """:func:`pruneflow.execution.candidates.batch_sums` on the workers, or here (``--workers local``, or a
     model the workers cannot rebuild)."""
     where = fanned_out(model, runtime)
     if where is not None:
         pool, lineage = where
-        return pool.batch_sums(lineage, windows, candidates, batches, desc)
-    return local_batch_sums(model, spec, windows, candidates, batches, runtime, desc)
+        return pool.batch_sums(lineage, windows, candidates, batches, desc, objective)
+    return local_batch_sums(model, spec, windows, candidates, batches, runtime, desc, objective=objective)
 
 
 def fanned_out(model: nn.Module, runtime: Runtime) -> tuple[Pool, Lineage] | None:

@@ -34,12 +34,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from pruneflow import arch as A
-from pruneflow.arch import ArchSpec
+from pruneflow.model import arch as A
+from pruneflow.model.arch import ArchSpec
 from pruneflow.errors import PruneflowError
-from pruneflow.losses import run_blocks
-from pruneflow.runtime import Runtime
+from pruneflow.execution.losses import run_blocks
+from pruneflow.execution.runtime import Runtime
 from pruneflow.sizes import format_size
+from pruneflow.execution.losses import LOGIT_BYTES, hidden_nll
+from pruneflow.data.corpus import sha256_file
 
 EMBED_CHUNK_BYTES = 64 * 2**20  # rows of the embedding matrix read at a time for the lookup
 READ_CHUNK_BYTES = 16 * 2**20  # a larger tensor is read this many bytes of rows at a time (see LazyWeights.read)
@@ -183,7 +185,6 @@ def _read_exactly(f, into, file: Path) -> None:
 class Pending:
     """A plan recorded on a streamed model: the plan (its JSON goes into resume keys; ``kept_layers`` says which
     blocks are written) and how it slices dense block ``i`` in place (given by whoever applied it)."""
-
     plan: object
     slice: Callable[[nn.Module, int], None]
 
@@ -196,7 +197,6 @@ class Pending:
 @dataclass
 class Stream:
     """What a streamed skeleton needs to reach its weights."""
-
     weights: LazyWeights
     dense: nn.Module  # meta skeleton with the shapes of the weights on disk (the model itself gets pruned)
     dtype: torch.dtype  # compute dtype
@@ -425,14 +425,14 @@ def calibration_pass(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, ru
 
 @torch.no_grad()
 def token_nll_batches(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor], runtime: Runtime,
-                      around: Callable | None = None) -> Iterator[torch.Tensor]:
+                      around: Callable | None = None, measure: Callable | None = None) -> Iterator[torch.Tensor]:
     """(B, T - 1) next-token NLL of each batch of input ids, in order, streamed: the batches go through the
     blocks a group at a time (as many as the budget carries beside a block or the head, at most a quarter
     of it: :func:`loss_group`; each group reads every block once),
     then the final norm and the head (loaded for it, dropped after) turn them into losses a chunk of tokens at
-    a time. ``around(i, block, b)``: a context manager block ``i`` runs batch ``b`` under (e.g. masks)."""
-    from pruneflow.losses import hidden_nll
-
+    a time. ``around(i, block, b)``: a context manager block ``i`` runs batch ``b`` under (e.g. masks);
+    ``measure(head, hidden, b)``: what is yielded of batch ``b``'s final hidden states instead of its NLL (an
+    objective's per-token measure; the head is None for an encoder)."""
     stream = stream_of(model)
     backbone = getattr(model, model.base_model_prefix)
     widest = max(batches, key=lambda b: b.numel())
@@ -451,15 +451,16 @@ def token_nll_batches(model: nn.Module, spec: ArchSpec, batches: list[torch.Tens
             advance(block, i, states, carried,
                     None if around is None else lambda k, i=i, block=block: around(i, block, part[k]))
             runtime.release_host()
-        for module in (*finals, head):
+        for module in (*finals, *([head] if head is not None else [])):
             load_module(stream, module, _prefix(model, module), tied=embedding)
         try:
             for b, hidden in zip(part, states):
                 for module in finals:
                     hidden = module(hidden)
-                yield hidden_nll(head, hidden, batches[b].to(hidden.device))
+                yield (hidden_nll(head, hidden, batches[b].to(hidden.device)) if measure is None
+                       else measure(head, hidden, b))
         finally:
-            for module in (*finals, head):
+            for module in (*finals, *([head] if head is not None else [])):
                 offload(module)
         del carried, states
 
@@ -491,15 +492,13 @@ def requirement(blocks: list[int], config, spec: ArchSpec, dtype: torch.dtype, w
       widest activations, attention scores);
     - through the head (losses: perplexity, sub-models, search candidates): the final norm and the LM head
       (vocabulary × hidden; a tied head is the embedding), the carried activations and one chunk of logits with
-      its log-softmax (at most :data:`pruneflow.losses.LOGIT_BYTES` of float32, ×2.5 with the head's own
+      its log-softmax (at most :data:`pruneflow.execution.losses.LOGIT_BYTES` of float32, ×2.5 with the head's own
       output);
     - capturing the inputs: one chunk of embedding rows and the carried activations;
     - saving: the largest tensor (the head), or a block and its sliced copy beside the pending shard (``shard``
       bytes, :func:`shard_limit`; by default a quarter of the smallest budget that holds it), each beside a chunk
       being read — the pending shard is written before a tensor that would not fit it.
     """
-    from pruneflow.losses import LOGIT_BYTES
-
     carried = windows * seqlen * config.hidden_size * dtype.itemsize
     batch = min(windows, BATCH)
     inner = max(config.intermediate_size * 3, config.hidden_size * 4)
@@ -560,8 +559,6 @@ def record(model: nn.Module, plan, slice: Callable[[nn.Module, int], None]) -> N
 def digest(model: nn.Module) -> bytes:
     """sha256 of the checkpoint files a streamed model reads (what its weights are), for resume keys."""
     import hashlib
-
-    from pruneflow.corpus import sha256_file
 
     stream = stream_of(model)
     total = hashlib.sha256()

@@ -16,6 +16,7 @@ from pruneflow.methods.options import BonsaiParams, ExpertDropParams, LacoParams
 from pruneflow.units import ALLOCATIONS, WIDTH_UNITS
 
 ACTIVATIONS, GRADIENTS, CAUSAL_LM, RATIO = "activations", "gradients", "causal_lm", "ratio"
+OBJECTIVE = "objective"  # scores candidate sub-models by ``score.objective`` (loss, kl, hidden: any architecture)
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class Method:
     module: str  # the module of this package whose ``score`` it is
     summary: str
     units: tuple[str, ...] = WIDTH_UNITS  # unit types it scores
-    needs: frozenset[str] = frozenset()  # ACTIVATIONS, GRADIENTS, CAUSAL_LM, RATIO
+    needs: frozenset[str] = frozenset()  # ACTIVATIONS, GRADIENTS, CAUSAL_LM, RATIO, OBJECTIVE
     allocation: str = "uniform"  # what prune.allocation: auto means for it
     allocations: tuple[str, ...] = ALLOCATIONS  # the allocations it supports
     reconstruct: str = "none"  # what prune.reconstruct: auto means for it
@@ -71,16 +72,16 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("angular", "angular", "Gromov et al.: the contiguous run of blocks with the least angular change",
            units=("layers",), needs=frozenset({ACTIVATIONS, RATIO}), allocation="global", streams=True),
     Method("sleb", "sleb", "SLEB: greedily remove the block whose removal raises the calibration loss least",
-           units=("layers",), needs=frozenset({ACTIVATIONS, CAUSAL_LM, RATIO}), allocation="global"),
+           units=("layers",), needs=frozenset({ACTIVATIONS, OBJECTIVE, RATIO}), allocation="global"),
     Method("blockpruner", "blockpruner", "BlockPruner: greedily remove the attention or MLP sub-block whose "
            "removal raises the calibration loss least", units=("subblocks",),
-           needs=frozenset({ACTIVATIONS, CAUSAL_LM, RATIO}), allocation="global", allocations=("global",)),
+           needs=frozenset({ACTIVATIONS, OBJECTIVE, RATIO}), allocation="global", allocations=("global",)),
     Method("laco", "laco", "LaCo: fold the blocks after a base block into it (parameter differences), top down, "
            "keeping a merge while the last hidden states keep their cosine to the dense model's",
            units=("merged_layers",), needs=frozenset({ACTIVATIONS, RATIO}), allocation="global",
            allocations=("global",), options=LacoParams),
     Method("bonsai", "bonsai", "Bonsai: importance from the losses of perturbed sub-models, forward passes only",
-           needs=frozenset({ACTIVATIONS, CAUSAL_LM}), allocation="global", allocations=("global",), iterative=True,
+           needs=frozenset({ACTIVATIONS, OBJECTIVE}), allocation="global", allocations=("global",), iterative=True,
            options=BonsaiParams, streams=True),
     Method("minitron", "minitron", "Minitron: activation magnitude, mean |x| over the sequence then L2 over the "
            "batch, of the norm outputs (hidden), o_proj inputs (heads), down_proj inputs (channels)",

@@ -13,9 +13,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from pruneflow import arch as A
-from pruneflow.arch import ArchSpec
-from pruneflow.runtime import Runtime
+from pruneflow.model import arch as A
+from pruneflow.model.arch import ArchSpec
+from pruneflow.execution.runtime import Runtime
 from pruneflow.execution.passes import calibration_pass
 
 CHUNK_TOKENS = 256

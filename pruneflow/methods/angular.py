@@ -8,10 +8,10 @@ import math
 
 import torch
 
-from pruneflow import arch as A
+from pruneflow.model import arch as A
 from pruneflow.errors import PruneflowError
 from pruneflow.methods._hidden import boundary_distances
-from pruneflow.scores import Scores
+from pruneflow.selection.scores import Scores
 
 
 def blocks_for_ratio(model, spec, ratio: float) -> int:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from pruneflow import arch as A
+from pruneflow.model import arch as A
 from pruneflow.execution.passes import calibration_pass
 from pruneflow.methods._hidden import cosine
-from pruneflow.scores import Scores
+from pruneflow.selection.scores import Scores
 from pruneflow.units import subblocks
 
 

@@ -4,7 +4,8 @@ sub-blocks one at a time, each round the one whose removal raises calibration pe
 Every block is two residual sub-blocks (pruneflow.units.subblocks). Each round removes every remaining
 sub-block in turn from the model as pruned so far — a removed attention or MLP adds nothing to the residual
 stream, as masking all its heads or channels does — measures the mean next-token loss on the calibration
-windows (perplexity is its exponential: the same order) and removes the cheapest before the next round. Rounds
+windows (perplexity is its exponential: the same order; ``score.objective``: or the KL to the unmasked model, or
+on an encoder the distance of the final hidden states) and removes the cheapest before the next round. Rounds
 go on until the removed parameters reach the target ratio. Forward passes only: the trials of a round are
 candidates of the execution layer (in memory, streamed or on workers). Scores rank the sub-blocks by removal
 order (``Scores.extra["subblocks"]``, (L, 2)).
@@ -15,12 +16,12 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from pruneflow import arch as A
-from pruneflow.apply import layer_shapes
+from pruneflow.model import arch as A
+from pruneflow.units.apply import layer_shapes
 from pruneflow.errors import PruneflowError
 from pruneflow.execution import passes
 from pruneflow.execution.candidates import Candidates
-from pruneflow.scores import Scores
+from pruneflow.selection.scores import Scores
 from pruneflow.units import subblocks
 
 BATCH = 8  # calibration windows per forward pass, as the perplexity protocol batches them
@@ -38,9 +39,10 @@ def candidates(shapes, removed: list[tuple[int, int]], trials: list[tuple[int, i
 
 
 @torch.no_grad()
-def score(model, spec, windows, runtime, ratio: float | None = None, **_) -> Scores:
+def score(model, spec, windows, runtime, ratio: float | None = None, objective: str = "auto", **_) -> Scores:
     if ratio is None:
         raise PruneflowError("method blockpruner needs the target ratio to know how many sub-blocks to remove")
+    measure = passes.objective(model, spec, windows, runtime, objective)
     shapes = layer_shapes(model, spec)
     target = ratio * A.count_parameters(model)["non_embedding"]
     remaining = [(i, kind) for i in range(len(shapes)) for kind in (0, 1)]
@@ -50,7 +52,8 @@ def score(model, spec, windows, runtime, ratio: float | None = None, **_) -> Sco
     with tqdm(total=round(target), desc="blockpruner rounds", unit="param", leave=False) as bar:
         while total < target and remaining:
             values = passes.losses(model, spec, windows, candidates(shapes, removed, remaining), runtime,
-                                   rows_per_forward=min(BATCH, len(windows)), desc="blockpruner candidates").tolist()
+                                   rows_per_forward=min(BATCH, len(windows)), desc="blockpruner candidates",
+                                   objective=measure).tolist()
             best = min(zip(values, remaining))[1]  # the lowest loss; of equal losses, the first sub-block
             losses.append(values[remaining.index(best)])
             remaining.remove(best)
@@ -61,4 +64,4 @@ def score(model, spec, windows, runtime, ratio: float | None = None, **_) -> Sco
     return Scores(heads=[], channels=[], comparable=True,
                   extra={subblocks.NAME: subblocks.ranks(removed, len(shapes)),
                          "removal_order": [f"{subblocks.KINDS[k]} {i}" for i, k in removed],
-                         "calibration_loss": losses})
+                         "calibration_loss": losses, "objective": measure.kind})

@@ -5,11 +5,11 @@ One call scores one iteration (``pruneflow.prune`` repeats it, slicing in betwee
 2. per module (a layer's heads or its MLP channels) the top (1 − 2f) units by prior are safe; the rest are
    candidates, drawn with probability ∝ (module max prior − prior);
 3. ``sub_models`` virtual sub-models, in pairs: a draw drops some candidates of every module, its complement
-   drops the module's other candidates; masks act on o_proj/down_proj inputs (``pruneflow.masking``), several
+   drops the module's other candidates; masks act on o_proj/down_proj inputs (``pruneflow.units.masking``), several
    sub-models per forward pass (masks in the batch dimension), no gradients, no weight copies;
 4. each sub-model's score is −perplexity (or −loss) on the scoring windows;
 5. a lasso y ≈ w·keep_mask + b, its penalty chosen by k-fold cross-validated Kendall τ; w is the importance
-   (every penalty × fold in one batched FISTA solve on the runtime's device: :func:`pruneflow.lasso.fit_cv`).
+   (every penalty × fold in one batched FISTA solve on the runtime's device: :func:`pruneflow.methods.lasso.fit_cv`).
 
 Head units are whole KV groups or single query heads, whichever selection removes (``plan.head_unit``).
 Deviations from the reference code, each a parameter: a module with fewer than 2·k candidates gets more
@@ -30,16 +30,17 @@ from dataclasses import dataclass
 
 import torch
 
-from pruneflow import arch as A
+from pruneflow import methods  # the registry: SCORERS loads the method modules on first use
+from pruneflow.model import arch as A
 from pruneflow.execution import passes
-from pruneflow.apply import layer_shapes
+from pruneflow.units.apply import layer_shapes
 from pruneflow.errors import PruneflowError
 from pruneflow.execution.candidates import Candidates
-from pruneflow.lasso import fit_cv
+from pruneflow.methods.lasso import fit_cv
 from pruneflow.methods.options import BonsaiParams
-from pruneflow.plan import head_unit, unit_cost
-from pruneflow.runtime import Runtime
-from pruneflow.scores import Scores
+from pruneflow.selection.plan import head_unit, unit_cost
+from pruneflow.execution.runtime import Runtime
+from pruneflow.selection.scores import Scores
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Module:
     """A contiguous run of units in the flat unit vector: one layer's heads or its MLP channels."""
-
     layer: int
     kind: str  # "heads" | "channels"
     start: int
@@ -82,9 +82,7 @@ def layout(model, spec, units: tuple[str, ...], head_mode: str) -> list[Module]:
 
 def unit_priors(model, spec, windows, runtime, modules: list[Module], prior: str, seed: int) -> torch.Tensor:
     """(N,) prior per unit from a one-shot method (a KV group's prior is its heads' mean)."""
-    from pruneflow.methods import SCORERS
-
-    scores = SCORERS[prior](model, spec, windows=windows, runtime=runtime, seed=seed)
+    scores = methods.SCORERS[prior](model, spec, windows=windows, runtime=runtime, seed=seed)
     values = []
     for module in modules:
         if module.kind == "heads":
@@ -162,8 +160,9 @@ def candidates_of(modules: list[Module], keep: torch.Tensor) -> Candidates:
 
 
 def submodel_losses(model, spec, modules: list[Module], keep: torch.Tensor, windows: torch.Tensor,
-                    rows_per_forward: int, runtime: Runtime | None = None, desc: str = "sub-models") -> torch.Tensor:
-    """(M,) mean next-token loss of each sub-model over ``windows`` (n, T).
+                    rows_per_forward: int, runtime: Runtime | None = None, desc: str = "sub-models",
+                    objective: passes.Objective | None = None) -> torch.Tensor:
+    """(M,) mean next-token loss (or ``objective``'s measure) of each sub-model over ``windows`` (n, T).
 
     Rows of a forward pass are (sub-model, window) pairs, each computed with its own sub-model's masks;
     ``rows_per_forward = n`` is the naive one-sub-model-per-forward loop. How the passes run (in memory, streamed
@@ -171,15 +170,16 @@ def submodel_losses(model, spec, modules: list[Module], keep: torch.Tensor, wind
     business (:func:`pruneflow.execution.losses`).
     """
     return passes.losses(model, spec, windows, candidates_of(modules, keep), runtime or Runtime(),
-                            rows_per_forward, desc=desc)
+                         rows_per_forward, desc=desc, objective=objective)
 
 
 def score(model, spec, windows, runtime=None, seed: int = 0, config: BonsaiParams | None = None, iteration: int = 0,
-          units: tuple[str, ...] = ("channels", "heads"), head_mode: str = "auto", **_) -> Scores:
-    """One Bonsai iteration: importance of every candidate unit (+inf for this round's safe units)."""
+          units: tuple[str, ...] = ("channels", "heads"), head_mode: str = "auto", objective: str = "auto",
+          **_) -> Scores:
+    """One Bonsai iteration: importance of every candidate unit (+inf for this round's safe units). Sub-models are
+    measured by ``objective`` (``score.objective``: auto is the paper's next-token loss, on an encoder the
+    distance of the final hidden states to the unmasked model's)."""
     config, runtime = config or BonsaiParams(), runtime or Runtime()
-    if not spec.causal_lm:
-        raise PruneflowError("method bonsai scores sub-models by next-token loss and needs a causal LM")
     if len(windows) < config.n_windows:
         raise PruneflowError(f"score.bonsai.n_windows={config.n_windows} but the calibration set has "
                              f"{len(windows)} windows; raise calibrate.n_windows or lower it")
@@ -189,8 +189,10 @@ def score(model, spec, windows, runtime=None, seed: int = 0, config: BonsaiParam
     runtime.free()  # the prior's forward pass is done: its activations are not needed by the sub-models
     keep, candidates = sample_masks(modules, priors, config.prune_frac, config.sub_models, config.drop_count,
                                     generator)
-    losses = submodel_losses(model, spec, modules, keep, windows[: config.n_windows], config.rows_per_forward,
-                             runtime, desc=f"bonsai iteration {iteration}")
+    fit_windows = windows[: config.n_windows]
+    measure = passes.objective(model, spec, fit_windows, runtime, objective)
+    losses = submodel_losses(model, spec, modules, keep, fit_windows, config.rows_per_forward,
+                             runtime, desc=f"bonsai iteration {iteration}", objective=measure)
     targets = -losses.clamp(max=math.log(1e8)).exp() if config.objective == "ppl" else -losses
     x = keep[:, candidates].double()
     offset = prior_baseline(modules, candidates, priors, x, targets) if config.shrink_to == "prior" else None

@@ -19,11 +19,11 @@ import math
 import torch
 from torch import nn
 
-from pruneflow import arch as A
+from pruneflow.model import arch as A
 from pruneflow.units import experts as X
 from pruneflow.errors import PruneflowError
 from pruneflow.methods.options import ExpertDropParams
-from pruneflow.scores import Scores
+from pruneflow.selection.scores import Scores
 from pruneflow.execution.passes import calibration_pass
 
 CHUNK_BYTES = 256 * 2**20  # the re-routed outputs of this many bytes' worth of combinations at a time

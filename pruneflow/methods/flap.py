@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from pruneflow.inputs import column_sums, from_input_channels
-from pruneflow.scores import Scores
+from pruneflow.methods.inputs import column_sums, from_input_channels
+from pruneflow.selection.scores import Scores
 
 
 def fluctuation(weight: torch.Tensor, input_var: torch.Tensor) -> torch.Tensor:

@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruneflow import arch as A
+from pruneflow.model import arch as A
 from pruneflow.errors import PruneflowError
 from pruneflow.methods.angular import blocks_for_ratio
 from pruneflow.methods.options import LacoParams
-from pruneflow.scores import Scores
+from pruneflow.selection.scores import Scores
 from pruneflow.units import merged_layers as M
 
 log = logging.getLogger(__name__)

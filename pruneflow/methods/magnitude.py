@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from pruneflow import arch as A
-from pruneflow import mlp as M
+from pruneflow.model import arch as A
+from pruneflow.model import mlp as M
 from pruneflow.execution.passes import each_block
-from pruneflow.scores import Scores
+from pruneflow.selection.scores import Scores
 
 
 @torch.no_grad()

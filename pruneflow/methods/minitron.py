@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pruneflow import arch as A
+from pruneflow.model import arch as A
 from pruneflow.errors import PruneflowError
-from pruneflow.mlp import of as mlp_of
-from pruneflow.scores import Scores
+from pruneflow.model.mlp import of as mlp_of
+from pruneflow.selection.scores import Scores
 from pruneflow.execution.passes import calibration_pass
 
 

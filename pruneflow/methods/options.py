@@ -20,7 +20,7 @@ BONSAI_PRESETS = {
 
 
 class SearchParams(Options):
-    """``prune.allocation: search`` (pruneflow.search): a (1 + λ) evolutionary search of per-layer counts."""
+    """``prune.allocation: search`` (pruneflow.selection.search): a (1 + λ) evolutionary search of per-layer counts."""
 
     budget: int = Field(128, ge=1, description="candidate allocations evaluated, the starting plan included: "
                                                "one forward pass over the fitness windows each")

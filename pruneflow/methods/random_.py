@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from pruneflow import arch as A
-from pruneflow.scores import Scores
+from pruneflow.model import arch as A
+from pruneflow.selection.scores import Scores
 
 
 def score(model, spec, windows=None, seed: int = 0, **_) -> Scores:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pruneflow import arch as A
+from pruneflow.model import arch as A
 from pruneflow.units import experts as X
-from pruneflow.scores import Scores
+from pruneflow.selection.scores import Scores
 from pruneflow.execution.passes import calibration_pass
 
 

@@ -15,10 +15,10 @@ from collections.abc import Iterator
 
 import torch
 
-from pruneflow import arch as A
+from pruneflow.model import arch as A
 from pruneflow.errors import PruneflowError
-from pruneflow.losses import training_losses
-from pruneflow.scores import Scores
+from pruneflow.execution.losses import training_losses
+from pruneflow.selection.scores import Scores
 
 ROWS = 1024  # rows of W ⊙ G formed in the accumulation dtype at a time
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from pruneflow.inputs import column_sums, from_input_channels
-from pruneflow.scores import Scores
+from pruneflow.methods.inputs import column_sums, from_input_channels
+from pruneflow.selection.scores import Scores
 
 
 def channel_importance(weight: torch.Tensor, input_l2: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,16 @@
-"""What pruning removes: the unit vocabulary, and the units that select and apply themselves.
+"""Units: what pruning removes, and how — the vocabulary, removal, and the units that select and apply themselves.
 
-The block widths — heads, channels, layers — are the default: every block's ``LayerPlan`` (pruneflow.plan
-selects it, pruneflow.apply slices it). Every other unit type is one module of this package behind one protocol,
-listed in ``MODULES``; the generic code (prune, apply, the pipeline's stages) asks the registry, never the unit:
+Owns the slicer that physically removes what a plan says from every block (``apply``: heads, channels, blocks,
+and what a unit module hands it), virtual removal for sub-model and search scoring (``masking``: keep masks on
+heads and channels), what replaces the removed units' contribution (``reconstruct``: a bias, or the lstsq re-fit of
+o_proj/down_proj) and one module per unit type with its own selection, behind one protocol. Unit modules may
+import the model room, selection (plans, scores) and the execution layer; nothing here imports a method module
+(``experts`` reads the method registry's metadata) or the pipeline.
+
+The block widths — heads, channels, layers — are the default: every block's ``LayerPlan``
+(``pruneflow.selection.plan`` selects it, ``apply`` slices it). Every other unit type is one module of this
+package behind one protocol, listed in ``MODULES``; the generic code (prune, apply, the pipeline's stages) asks
+the registry, never the unit:
     NAME                                  the unit it is
     claims(units, spec)                   whether it prunes ``prune.units`` on this architecture
     check_settings(spec, cfg, method)     refusals from params and the config alone (before the model loads)
@@ -39,9 +47,9 @@ from pruneflow.errors import PruneflowError
 UNIT_TYPES = ("heads", "channels", "layers", "hidden", "experts", "subblocks", "merged_layers")
 WIDTH_UNITS = ("heads", "channels")
 HEAD_MODES = ("auto", "query", "group")
-ALLOCATIONS = ("uniform", "global", "search")  # search: pruneflow.search, from the method's own plan
+ALLOCATIONS = ("uniform", "global", "search")  # search: pruneflow.selection.search, from the method's own plan
 # what replaces the removed units' contribution (prune.reconstruct): nothing, their mean as a bias (FLAP), or a
-# least-squares re-fit of the kept input columns of o_proj/down_proj (pruneflow.reconstruct)
+# least-squares re-fit of the kept input columns of o_proj/down_proj (pruneflow.units.reconstruct)
 RECONSTRUCTIONS = ("none", "bias", "lstsq")
 ALIASES = {"mlp": "channels"}  # the name params files used before; still read
 

@@ -22,13 +22,13 @@ import math
 import torch
 from torch import nn
 
-from pruneflow import arch as A
+from pruneflow.model import arch as A
 from pruneflow.units import experts as X
-from pruneflow.arch import ArchSpec
+from pruneflow.model.arch import ArchSpec
 from pruneflow.errors import PruneflowError
-from pruneflow.modeling_pruneflow import resize_expert_width
-from pruneflow.plan import LayerPlan, accounting, PrunePlan, SelectConfig
-from pruneflow.scores import Scores, zscore
+from pruneflow.model.modeling_pruneflow import resize_expert_width
+from pruneflow.selection.plan import LayerPlan, accounting, PrunePlan, SelectConfig
+from pruneflow.selection.scores import Scores, zscore
 
 ALLOCATIONS = ("uniform", "global")
 

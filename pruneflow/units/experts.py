@@ -16,20 +16,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruneflow import arch as A
+from pruneflow.model import arch as A
 from pruneflow.execution import streaming
-from pruneflow.arch import ArchSpec
+from pruneflow.model.arch import ArchSpec
 from pruneflow.errors import PruneflowError
-from pruneflow.modeling_pruneflow import resize_experts
-from pruneflow.plan import LayerPlan, accounting, PrunePlan, SelectConfig
-from pruneflow.scores import Scores, zscore
+from pruneflow.model.modeling_pruneflow import resize_experts
+from pruneflow.selection.plan import LayerPlan, accounting, PrunePlan, SelectConfig
+from pruneflow.selection.scores import Scores, zscore
+from pruneflow.methods import METHODS
 
 
 def check_units(spec: ArchSpec, units: list[str] | tuple[str, ...], method: str | None = None) -> None:
     """The unit types (and ``method``) fit the architecture: experts only on MoE models; MoE models (for now)
     by whole experts or by the channels inside their experts, with a method that scores those."""
-    from pruneflow.methods import METHODS
-
     if "experts" in units and not spec.moe:
         raise PruneflowError("prune.units: experts needs a Mixture-of-Experts model (qwen3_moe, mixtral); this "
                              "model's MLPs are dense: prune heads, channels or layers")

@@ -19,13 +19,13 @@ import math
 import torch
 from torch import nn
 
-from pruneflow import arch as A
-from pruneflow import mlp
+from pruneflow.model import arch as A
+from pruneflow.model import mlp
 from pruneflow.execution import streaming
-from pruneflow.arch import ArchSpec
+from pruneflow.model.arch import ArchSpec
 from pruneflow.errors import PruneflowError
-from pruneflow.plan import LayerPlan, accounting, PrunePlan, SelectConfig
-from pruneflow.scores import Scores
+from pruneflow.selection.plan import LayerPlan, accounting, PrunePlan, SelectConfig
+from pruneflow.selection.scores import Scores
 
 READERS = ("q", "k", "v", "gate", "up")  # projections whose input is the residual stream
 WRITERS = ("o", "down")  # projections whose output is added to it

@@ -17,13 +17,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pruneflow import arch as A
-from pruneflow.apply import layer_shapes, remove_layers
-from pruneflow.arch import ArchSpec
+from pruneflow.model import arch as A
+from pruneflow.units.apply import layer_shapes, remove_layers
+from pruneflow.model.arch import ArchSpec
 from pruneflow.errors import PruneflowError
 from pruneflow.execution import streaming
-from pruneflow.plan import LayerPlan, accounting, PrunePlan, SelectConfig, removed_parameters
-from pruneflow.scores import Scores
+from pruneflow.selection.plan import LayerPlan, accounting, PrunePlan, SelectConfig, removed_parameters
+from pruneflow.selection.scores import Scores
 from pruneflow.units import alone
 
 NAME = "merged_layers"

@@ -3,10 +3,10 @@
 A transformer block is two residual sub-blocks, ``h + attn(norm(h))`` and ``h + mlp(norm(h))``. Removing one
 makes it a residual no-op: the block passes its input through that half. In the plan a removed attention is a
 ``LayerPlan`` keeping no heads and no KV heads, a removed MLP one keeping no channels, so the block slicer
-(pruneflow.apply) removes them like any width and the per-layer loader (``pruneflow_layers``: ``heads: 0``,
+(pruneflow.units.apply) removes them like any width and the per-layer loader (``pruneflow_layers``: ``heads: 0``,
 ``channels: 0``) rebuilds them: zero-width projections, and an attention that adds nothing (its KV cache entry is
 empty, so positions stay right). The block's norms stay (``hidden`` parameters each, outside the removed cost).
-In GGUF it is llama.cpp's ``deci`` with ``n_head = 0`` / ``n_ff = 0`` for the removed parts (pruneflow.export).
+In GGUF it is llama.cpp's ``deci`` with ``n_head = 0`` / ``n_ff = 0`` for the removed parts (pruneflow.model.export).
 
 Scores (``Scores.extra["subblocks"]``, (L, 2): attention, MLP of every block) rank the sub-blocks, lowest
 removed first; selection takes them in that order until the removed parameters are closest to the target.
@@ -17,12 +17,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pruneflow import arch as A
-from pruneflow.apply import layer_shapes
-from pruneflow.arch import ArchSpec
+from pruneflow.model import arch as A
+from pruneflow.units.apply import layer_shapes
+from pruneflow.model.arch import ArchSpec
 from pruneflow.errors import PruneflowError
-from pruneflow.plan import LayerPlan, accounting, LayerShape, PrunePlan, SelectConfig, removed_parameters
-from pruneflow.scores import Scores
+from pruneflow.selection.plan import LayerPlan, accounting, LayerShape, PrunePlan, SelectConfig, removed_parameters
+from pruneflow.selection.scores import Scores
 from pruneflow.units import alone
 
 NAME = "subblocks"
@@ -72,7 +72,7 @@ def holds(plan: PrunePlan) -> bool:
 
 
 def apply_plan(model: nn.Module, spec: ArchSpec, plan: PrunePlan, scores=None) -> None:
-    raise AssertionError("sub-block plans are applied by pruneflow.apply")  # holds() is never true
+    raise AssertionError("sub-block plans are applied by pruneflow.units.apply")  # holds() is never true
 
 
 def removal_plan(shapes: list[LayerShape], removed: list[tuple[int, int]]) -> list[LayerPlan]:

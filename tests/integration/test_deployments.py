@@ -85,7 +85,7 @@ def project_on_stack(tmp_path_factory, tiny_checkpoint, calibration_txt):
 def test_a_deployment_run_triggered_through_the_api_with_overrides_completes(pool, stack):
     from mlflow import MlflowClient
 
-    from pruneflow.params import load_params
+    from pruneflow.pipeline.params import load_params
 
     env, project = pool
     deployment = api(env, "/deployments/name/pruneflow/pruneflow")

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("stack")]  # one 
 
 def test_served_deployment_runs_from_the_api_and_keeps_its_schedule(stack, project):
     from pruneflow.infra.stack import client_env
-    from pruneflow.params import load_params
+    from pruneflow.pipeline.params import load_params
 
     (project / "prefect.yaml").write_text(yaml.safe_dump({"deployments": [{
         "name": "served", "entrypoint": "flows/pipeline.py:pipeline",

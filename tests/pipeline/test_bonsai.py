@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from pruneflow import arch as A
-from pruneflow import checkpoint
+from pruneflow.model import arch as A
+from pruneflow.model import checkpoint
 from pruneflow.methods import SCORERS
-from pruneflow.params import BonsaiParams, PruneParams
+from pruneflow.pipeline.params import BonsaiParams, PruneParams
 from pruneflow.prune import prune
 from tests.conftest import tiny_causal_lm
 from tests.pipeline.test_cli import prune_args, run
@@ -31,7 +31,7 @@ def test_bonsai_fast_preset_reaches_the_target_ratio():
     assert [round(s["achieved_ratio"], 2) for s in result.iterations] == [0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
     assert A.count_parameters(model)["non_embedding"] == result.plan.params["non_embedding_after"]
     # the composed plan, applied to the original model in one step, gives the same model
-    from pruneflow.apply import apply
+    from pruneflow.units.apply import apply
 
     fresh = tiny_causal_lm()
     apply(fresh, result.plan, spec)
@@ -79,7 +79,7 @@ def test_saved_iterations_hold_masks_losses_and_weights(tmp_path, caplog):
     spec = A.arch_for("llama")
     model = tiny_causal_lm()
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    with caplog.at_level(logging.INFO, logger="pruneflow.iterations"):
+    with caplog.at_level(logging.INFO, logger="pruneflow.selection.iterations"):
         prune(model, spec, "bonsai", PruneParams(ratio=0.05, allocation="global"), _windows(), seed=0,
               options=FAST, state_dir=tmp_path)
     from pruneflow.sizes import format_size

@@ -135,23 +135,33 @@ def test_bad_checkpoints_fail_cleanly(case, message, tiny_checkpoint, calibratio
     assert not out.exists()
 
 
-@pytest.mark.parametrize("method", ["taylor", "sleb", "bonsai"])
-def test_a_loss_based_method_on_an_encoder_is_refused_before_any_work(method, tmp_path, calibration_txt,
-                                                                       tiny_tokenizer):
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "taylor"], "method taylor needs gradients of the next-token loss and a causal LM; this model is an "
+                             "encoder: use"),
+    (["--method", "sleb", "--objective", "kl"], "score.objective: kl compares next-token predictions and needs a "
+                                                "causal LM; this model is an encoder: use objective hidden"),
+    (["--method", "bonsai", "--objective", "loss", "--set", "score.bonsai.n_windows=4"],
+     "score.objective: loss compares next-token predictions"),
+    (["--method", "flap", "--objective", "hidden"], "score.objective: hidden measures candidate sub-models, and "
+                                                    "method flap with prune.allocation: global scores none"),
+])
+def test_what_an_encoder_cannot_be_pruned_with_is_refused_before_any_work(extra, message, tmp_path, calibration_txt,
+                                                                          tiny_tokenizer):
     from conftest import tiny_bert
 
     path = tmp_path / "bert"
     tiny_bert(vocab_size=len(tiny_tokenizer)).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
-    result = run(*prune_args(path, tmp_path / "pruned", calibration_txt, "--method", method,
-                             "--set", "score.bonsai.n_windows=4"))
-    assert result.exit_code == 2
-    assert f"method {method} scores by next-token loss and needs a causal LM" in " ".join(result.output.split())
+    result = run(*prune_args(path, tmp_path / "pruned", calibration_txt, *extra))
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
     assert "calibration:" not in result.output and not (tmp_path / "pruned").exists()
 
 
-def test_the_allocation_search_on_an_encoder_is_refused_before_any_work(tmp_path, calibration_txt, tiny_tokenizer):
-    """It was refused only after the calibration forward pass, by the search itself."""
+def test_the_allocation_search_on_an_encoder_by_next_token_loss_is_refused_before_any_work(tmp_path, calibration_txt,
+                                                                                         tiny_tokenizer):
+    """It was refused only after the calibration forward pass, by the search itself; the search now runs on an
+    encoder by the distance of its final hidden states (objective auto or hidden)."""
     from conftest import tiny_bert
 
     path = tmp_path / "bert"
@@ -159,11 +169,11 @@ def test_the_allocation_search_on_an_encoder_is_refused_before_any_work(tmp_path
     tiny_tokenizer.save_pretrained(path)
     for extra in ([], ["--dry-run"]):
         result = run(*prune_args(path, tmp_path / "pruned", calibration_txt, "--method", "flap", "--allocation",
-                                 "search", *extra))
+                                 "search", "--objective", "loss", *extra))
         assert result.exit_code == 2, result.output
         text = " ".join(result.output.split())
-        assert "prune.allocation: search scores candidates by next-token loss and needs a causal LM" in text
-        assert "use allocation uniform or global" in text
+        assert "score.objective: loss compares next-token predictions and needs a causal LM" in text
+        assert "use objective hidden (or auto)" in text
         assert "calibration:" not in result.output and not (tmp_path / "pruned").exists()
 
 
@@ -203,7 +213,7 @@ def test_output_location_that_is_not_a_directory(tiny_checkpoint, calibration_tx
 
 
 def test_calibrate_saves_windows_and_manifest(tiny_checkpoint, calibration_txt, tmp_path):
-    from pruneflow import calibration as C
+    from pruneflow.data import calibration as C
 
     out = tmp_path / "calib"
     result = run("calibrate", tiny_checkpoint, "--out", out, "--source", calibration_txt, "--n-windows", 3,

@@ -7,13 +7,13 @@ import torch
 from torch.testing import assert_close
 
 from conftest import tiny_causal_lm
-from pruneflow import arch as A
-from pruneflow import checkpoint
+from pruneflow.model import arch as A
+from pruneflow.model import checkpoint
 from pruneflow.errors import PruneflowError
 from pruneflow.methods import block_influence
-from pruneflow.params import PruneParams
+from pruneflow.pipeline.params import PruneParams
 from pruneflow.prune import prune
-from pruneflow.runtime import Runtime
+from pruneflow.execution.runtime import Runtime
 
 WINDOWS = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -100,8 +100,8 @@ def _loss_without(model, spec, removed: set[int]) -> float:
     import copy
     import math
 
-    from pruneflow.apply import remove_layers
-    from pruneflow.evaluate import perplexity
+    from pruneflow.units.apply import remove_layers
+    from pruneflow.evaluation.evaluate import perplexity
 
     smaller = copy.deepcopy(model)
     remove_layers(smaller, spec, [i for i in range(len(A.blocks(model, spec))) if i not in removed])

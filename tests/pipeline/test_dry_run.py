@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from conftest import tiny_causal_lm
 from pruneflow.cli import app
 from pruneflow.execution.estimate import estimate
-from pruneflow.params import load_params
-from pruneflow.runtime import Runtime
+from pruneflow.pipeline.params import load_params
+from pruneflow.execution.runtime import Runtime
 
 LLAMA_70B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
              "intermediate_size": 28672, "num_attention_heads": 64, "num_key_value_heads": 8,
@@ -30,10 +30,10 @@ from pathlib import Path
 torch.set_num_threads(1)
 from conftest import tiny_causal_lm
 from memory import LiveTensors
-from pruneflow import checkpoint
-from pruneflow.params import load_params
+from pruneflow.model import checkpoint
+from pruneflow.pipeline.params import load_params
 from pruneflow.prune import prune
-from pruneflow.runtime import Runtime, _trim_heap
+from pruneflow.execution.runtime import Runtime, _trim_heap
 updates, out = json.loads(sys.argv[1]), Path(sys.argv[2])
 
 def run(path, out, **more):

@@ -8,13 +8,13 @@ import torch
 from safetensors import safe_open
 
 from conftest import tiny_causal_lm, tiny_moe
-from pruneflow import checkpoint
-from pruneflow.evaluate import size_on_disk
+from pruneflow.model import checkpoint
+from pruneflow.evaluation.evaluate import size_on_disk
 from pruneflow.methods import METHODS
-from pruneflow.params import BonsaiParams, PruneParams
+from pruneflow.pipeline.params import BonsaiParams, PruneParams
 from pruneflow.prune import prune
-from pruneflow.runtime import Runtime
-from pruneflow.scores import InputStats
+from pruneflow.execution.runtime import Runtime
+from pruneflow.selection.scores import InputStats
 
 WINDOWS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
 IDS = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))

@@ -54,9 +54,9 @@ def offline_wikitext(tmp_path, monkeypatch):
 def test_wikitext_perplexity_follows_the_fields_protocol(tiny_checkpoint, offline_wikitext):
     """The test split's rows joined by blank lines, tokenized once, non-overlapping windows of the context
     length: the same number as evaluate.perplexity on that stream, computed by hand here."""
-    from pruneflow import checkpoint
-    from pruneflow.evaluate import evaluate_dirs, perplexity
-    from pruneflow.params import EvaluateParams
+    from pruneflow.model import checkpoint
+    from pruneflow.evaluation.evaluate import evaluate_dirs, perplexity
+    from pruneflow.pipeline.params import EvaluateParams
 
     ev = EvaluateParams(source="hf:wikitext:wikitext-2-raw-v1:test", ppl_seqlen=32, speed=False, tasks=[])
     rows = evaluate_dirs({"m": tiny_checkpoint}, ev)

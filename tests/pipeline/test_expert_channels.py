@@ -11,11 +11,11 @@ import torch
 
 from conftest import per_layer_round_trip, safetensors_of
 from conftest import tiny_moe as dense_moe
-from pruneflow import arch as A
-from pruneflow import checkpoint
+from pruneflow.model import arch as A
+from pruneflow.model import checkpoint
 from pruneflow.units import expert_channels as XC
 from pruneflow.errors import PruneflowError
-from pruneflow.params import PruneParams
+from pruneflow.pipeline.params import PruneParams
 from pruneflow.prune import prune
 
 WINDOWS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
@@ -89,8 +89,8 @@ def _kill(block, dead: list[int]) -> None:
 def test_global_selection_ranks_steps_of_eight_across_layers():
     """Comparable scores, layer 1's far below the others': layer 1 gives up its channels first, in steps of 8,
     each expert its own weakest ones."""
-    from pruneflow.plan import SelectConfig
-    from pruneflow.scores import Scores
+    from pruneflow.selection.plan import SelectConfig
+    from pruneflow.selection.scores import Scores
 
     model = tiny_moe("qwen3_moe", num_hidden_layers=3)
     gen = torch.Generator().manual_seed(0)
@@ -190,7 +190,7 @@ def test_bad_expert_channel_plans_are_refused():
 def test_an_expert_channel_pruned_model_serves_in_llama_cpp_with_the_logits_of_transformers(kind, tmp_path,
                                                                                            tiny_tokenizer):
     """One expert width everywhere exports as llama.cpp's MoE architecture, the width in the header."""
-    from pruneflow.export import export_gguf
+    from pruneflow.model.export import export_gguf
     from tests.pipeline.test_export import llama_cpp_error
 
     model = tiny_moe(kind, vocab_size=len(tiny_tokenizer))

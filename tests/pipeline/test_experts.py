@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import per_layer_round_trip, safetensors_of, tiny_causal_lm, tiny_moe
-from pruneflow import arch as A
-from pruneflow import checkpoint
+from pruneflow.model import arch as A
+from pruneflow.model import checkpoint
 from pruneflow.units import experts as X
 from pruneflow.errors import PruneflowError
-from pruneflow.params import PruneParams
+from pruneflow.pipeline.params import PruneParams
 from pruneflow.prune import prune
 
 WINDOWS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
@@ -262,7 +262,7 @@ def test_expert_drop_loss_from_gram_matrices_is_the_direct_norm():
 def test_an_expert_pruned_model_serves_in_llama_cpp_with_the_logits_of_transformers(kind, tmp_path, tiny_tokenizer):
     """Uniform expert counts export as llama.cpp's own MoE architecture (qwen3moe; llama with experts for
     Mixtral): router and stacked expert tensors, expert count and top-k in the header."""
-    from pruneflow.export import export_gguf
+    from pruneflow.model.export import export_gguf
     from tests.pipeline.test_export import llama_cpp_error
 
     model = tiny_moe(kind, vocab_size=len(tiny_tokenizer))
@@ -276,7 +276,7 @@ def test_an_expert_pruned_model_serves_in_llama_cpp_with_the_logits_of_transform
 
 
 def test_per_layer_expert_counts_are_refused_for_gguf_before_writing(tmp_path, tiny_tokenizer):
-    from pruneflow.export import export_gguf
+    from pruneflow.model.export import export_gguf
 
     model = tiny_moe("qwen3_moe", vocab_size=len(tiny_tokenizer))
     X.apply(model, SPEC, [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3]])

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from conftest import tiny_bert, tiny_causal_lm
-from pruneflow import arch as A
-from pruneflow import checkpoint
-from pruneflow.apply import apply, remove_layers
-from pruneflow.export import export_gguf, llama3_rope_factors, rope_permute
-from pruneflow.plan import LayerPlan, PrunePlan
-from pruneflow.scores import Scores
+from pruneflow.model import arch as A
+from pruneflow.model import checkpoint
+from pruneflow.units.apply import apply, remove_layers
+from pruneflow.model.export import export_gguf, llama3_rope_factors, rope_permute
+from pruneflow.selection.plan import LayerPlan, PrunePlan
+from pruneflow.selection.scores import Scores
 from tests.pipeline.test_cli import run
 
 ALL = list(range(256))  # the tiny models' 256 MLP channels; 4 query heads in 2 KV groups of head_dim 16
@@ -139,7 +139,7 @@ def test_a_bf16_checkpoint_exports_its_bf16_bits_and_llama_cpp_is_as_close_as_tr
     import gguf
 
     from conftest import safetensors_of
-    from pruneflow.runtime import Runtime
+    from pruneflow.execution.runtime import Runtime
 
     source = build(tmp_path / "bf16", "per-layer", tiny_tokenizer, dtype=torch.bfloat16)
     summary = export_gguf(source, tmp_path / "bf16.gguf")  # auto: the checkpoint's dtype
@@ -160,7 +160,7 @@ def test_a_bf16_checkpoint_exports_its_bf16_bits_and_llama_cpp_is_as_close_as_tr
 
 
 def test_llama_cpp_splits_text_into_the_tokens_transformers_does(tmp_path, tiny_checkpoint, tiny_tokenizer):
-    from pruneflow import corpus
+    from pruneflow.data import corpus
 
     export_gguf(tiny_checkpoint, tmp_path / "tiny.gguf")
     llm = engine(tmp_path / "tiny.gguf")
@@ -280,7 +280,7 @@ def test_onnx_runtime_runs_each_kind_with_the_outputs_of_torch(kind, tmp_path, t
     import onnxruntime
     from transformers import AutoTokenizer
 
-    from pruneflow.export import export_onnx
+    from pruneflow.model.export import export_onnx
 
     if kind == "bert":
         source = tmp_path / "bert"
@@ -316,9 +316,9 @@ def test_an_onnx_export_onto_an_existing_directory_fails_with_exit_2_and_keeps_i
 
 def test_evaluate_with_llama_cpp_measures_each_model_in_the_engine_and_the_report_shows_it(tmp_path,
                                                                                          tiny_tokenizer):
-    from pruneflow.evaluate import evaluate_dirs
-    from pruneflow.params import EvaluateParams
-    from pruneflow.report import run_table
+    from pruneflow.evaluation.evaluate import evaluate_dirs
+    from pruneflow.pipeline.params import EvaluateParams
+    from pruneflow.evaluation.report import run_table
 
     llama_cpp()
     dense = build(tmp_path / "dense", "llama", tiny_tokenizer)
@@ -337,7 +337,7 @@ def test_evaluate_llama_cpp_without_llama_cpp_python_is_refused_when_the_params_
 
     from pydantic import ValidationError
 
-    from pruneflow.params import EvaluateParams
+    from pruneflow.pipeline.params import EvaluateParams
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))

@@ -19,7 +19,7 @@ def prefect_api():
 
 def test_flow_runs_the_stages_then_serves_them_from_cache_and_isolates_overrides(prefect_api, project):
     from pruneflow.flows.pipeline import pipeline
-    from pruneflow.params import load_params
+    from pruneflow.pipeline.params import load_params
     from pruneflow.tasks.stage import dvc_bin
 
     params = load_params(project / "params.yaml")
@@ -92,7 +92,7 @@ def _check_tracking(project, result):
     # the exported GGUF is logged with the registered version, which names it, byte-identical to DVC's copy
     version = client.get_model_version(model["name"], model["version"])
     assert model["exports"] == {"gguf": f"runs:/{parent.info.run_id}/export/model.gguf"}
-    assert version.tags["pruneflow.export.gguf"] == model["exports"]["gguf"]
+    assert version.tags["pruneflow.model.export.gguf"] == model["exports"]["gguf"]
     import mlflow
 
     logged = mlflow.artifacts.download_artifacts(model["exports"]["gguf"], tracking_uri=client.tracking_uri,
@@ -141,8 +141,8 @@ def test_the_flow_prunes_a_bf16_hub_model_from_the_local_cache(prefect_api, tmp_
     from transformers import AutoModelForCausalLM
 
     from pruneflow.flows.pipeline import pipeline
-    from pruneflow.evaluate import size_on_disk
-    from pruneflow.params import load_params
+    from pruneflow.evaluation.evaluate import size_on_disk
+    from pruneflow.pipeline.params import load_params
     from tests.conftest import hub_cache, make_project
 
     cache = tmp_path / "hf-cache"

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from conftest import tiny_causal_lm
-from pruneflow import arch as A
-from pruneflow.apply import layer_shapes
+from pruneflow.model import arch as A
+from pruneflow.units.apply import layer_shapes
 from pruneflow.methods import METHODS
-from pruneflow.params import BonsaiParams, PruneParams
-from pruneflow.plan import unit_cost
+from pruneflow.pipeline.params import BonsaiParams, PruneParams
+from pruneflow.selection.plan import unit_cost
 from pruneflow.prune import prune
 
 GEOMETRIES = {  # name: (family, query heads, KV heads, head_dim, intermediate)

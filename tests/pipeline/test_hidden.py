@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import tiny_causal_lm, tiny_moe
-from pruneflow import arch as A
-from pruneflow import checkpoint
+from pruneflow.model import arch as A
+from pruneflow.model import checkpoint
 from pruneflow.errors import PruneflowError
-from pruneflow.params import PruneParams
+from pruneflow.pipeline.params import PruneParams
 from pruneflow.prune import prune
 
 WINDOWS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
@@ -99,9 +99,9 @@ def test_a_hidden_pruned_model_recovers_and_serves_in_llama_cpp(tmp_path, tiny_t
     """LoRA recovery with distillation from the dense model (the Minitron recipe) runs on the narrower model —
     the teacher's logits from its own head, whether the teacher is in memory or only its precomputed states —
     and the GGUF export holds the result: llama.cpp gives transformers' logits."""
-    from pruneflow import recover as R
-    from pruneflow.export import export_gguf
-    from pruneflow.params import RecoverParams
+    from pruneflow.pipeline import recover as R
+    from pruneflow.model.export import export_gguf
+    from pruneflow.pipeline.params import RecoverParams
     from tests.pipeline.test_export import llama_cpp_error
 
     vocab = len(tiny_tokenizer)
@@ -133,9 +133,9 @@ def test_a_hidden_pruned_model_recovers_and_serves_in_llama_cpp(tmp_path, tiny_t
 def test_a_hidden_pruned_moe_model_recovers_and_serves_in_llama_cpp(kind, tmp_path, tiny_tokenizer):
     """The Minitron recipe on a Mixture-of-Experts model: LoRA on attention and the fused experts, distilled from
     the dense model, then GGUF as llama.cpp's MoE architecture with transformers' logits."""
-    from pruneflow import recover as R
-    from pruneflow.export import export_gguf
-    from pruneflow.params import RecoverParams
+    from pruneflow.pipeline import recover as R
+    from pruneflow.model.export import export_gguf
+    from pruneflow.pipeline.params import RecoverParams
     from tests.pipeline.test_export import llama_cpp_error
 
     vocab = len(tiny_tokenizer)

@@ -7,16 +7,16 @@ import pytest
 import torch
 
 from conftest import tiny_causal_lm, tiny_moe
-from pruneflow import arch as A
-from pruneflow import checkpoint
-from pruneflow.apply import apply
+from pruneflow.model import arch as A
+from pruneflow.model import checkpoint
+from pruneflow.units.apply import apply
 from pruneflow.errors import PruneflowError
-from pruneflow.export import export_gguf
+from pruneflow.model.export import export_gguf
 from pruneflow.methods import laco
 from pruneflow.methods.options import LacoParams
-from pruneflow.params import PruneParams
+from pruneflow.pipeline.params import PruneParams
 from pruneflow.prune import prune
-from pruneflow.runtime import Runtime
+from pruneflow.execution.runtime import Runtime
 from pruneflow.units import merged_layers as M
 
 WINDOWS = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(0))

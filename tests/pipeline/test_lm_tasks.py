@@ -5,9 +5,11 @@ import socket
 
 import pytest
 
-from pruneflow import checkpoint, corpus
+from pruneflow.model import checkpoint
+
+from pruneflow.data import corpus
 from pruneflow.errors import PruneflowError
-from pruneflow.lm_tasks import LOCAL_TASKS, build_tasks, evaluate_tasks, task_manager
+from pruneflow.evaluation.lm_tasks import LOCAL_TASKS, build_tasks, evaluate_tasks, task_manager
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def test_tasks_are_deterministic_and_well_formed(task_dir, tmp_path, tiny_tokeni
 def test_local_tasks_run_offline_on_dense_and_pruned_models(task_dir, tiny_checkpoint, monkeypatch):
     import torch
 
-    from pruneflow.params import PruneParams
+    from pruneflow.pipeline.params import PruneParams
     from pruneflow.prune import prune
 
     dense, tokenizer, spec = checkpoint.load(tiny_checkpoint)

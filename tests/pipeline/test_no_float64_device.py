@@ -13,9 +13,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from conftest import tiny_causal_lm, tiny_moe
-from pruneflow import arch as A
-from pruneflow import runtime as runtime_module
-from pruneflow.params import PruneParams
+from pruneflow.model import arch as A
+from pruneflow.execution import runtime as runtime_module
+from pruneflow.pipeline.params import PruneParams
 from pruneflow.prune import prune
 
 WINDOWS = torch.randint(0, 256, (24, 16), generator=torch.Generator().manual_seed(0))
@@ -82,7 +82,7 @@ def test_the_simulated_device_refuses_float64_and_the_host_takes_it(no_float64):
     ("sleb", {"units": ["layers"]}), ("minitron", {"units": ["hidden"]})])
 def test_methods_search_and_reconstruction_run_without_float64_on_the_device(no_float64, method, overrides):
     from pruneflow.methods import METHODS
-    from pruneflow.params import BonsaiParams
+    from pruneflow.pipeline.params import BonsaiParams
 
     model = tiny_causal_lm(num_hidden_layers=3)
     options = BonsaiParams(preset="fast", sub_models=4, n_windows=2, rows_per_forward=4, tolerance=0.05) \
@@ -104,7 +104,7 @@ def test_moe_methods_run_without_float64_on_the_device(no_float64, method, units
 
 
 def test_perplexity_runs_without_float64_on_the_device(no_float64):
-    from pruneflow.evaluate import perplexity
+    from pruneflow.evaluation.evaluate import perplexity
 
     model = tiny_causal_lm()
     expected = perplexity(model, WINDOWS.reshape(-1), 16)

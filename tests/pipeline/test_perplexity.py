@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_causal_lm
-from pruneflow.evaluate import perplexity
+from pruneflow.evaluation.evaluate import perplexity
 
 STREAM = torch.randint(0, 256, (5 * 16 + 7,), generator=torch.Generator().manual_seed(0))  # 5 windows + a tail
 

@@ -7,11 +7,11 @@ import torch
 from torch.testing import assert_close
 
 from conftest import tiny_bert, tiny_causal_lm
-from pruneflow import arch as A
-from pruneflow import checkpoint
+from pruneflow.model import arch as A
+from pruneflow.model import checkpoint
 from pruneflow.errors import PruneflowError
 from pruneflow.methods import METHODS
-from pruneflow.params import BonsaiParams, PruneParams
+from pruneflow.pipeline.params import BonsaiParams, PruneParams
 from pruneflow.prune import prune
 
 WINDOWS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
@@ -138,7 +138,7 @@ def test_existing_output_directory_is_never_replaced_without_force(tmp_path):
 
 def test_taylor_holds_gradients_of_the_scored_projections_only(monkeypatch):
     """Embeddings, norms and the LM head get no gradient (for a 128k vocabulary that is 2 × 0.5B values)."""
-    from pruneflow import losses
+    from pruneflow.execution import losses
     from pruneflow.methods import taylor
 
     model = tiny_causal_lm("llama")

@@ -5,14 +5,15 @@ import torch
 
 from conftest import safetensors_of as _tensors
 from conftest import tiny_causal_lm
-from pruneflow import arch as A
-from pruneflow import checkpoint, reconstruct
+from pruneflow.model import arch as A
+from pruneflow.model import checkpoint
+from pruneflow.units import reconstruct
 from pruneflow.execution import blockwise, streaming
 from pruneflow.errors import PruneflowError
-from pruneflow.params import BonsaiParams, PruneParams, load_params
-from pruneflow.plan import PrunePlan
+from pruneflow.pipeline.params import BonsaiParams, PruneParams, load_params
+from pruneflow.selection.plan import PrunePlan
 from pruneflow.prune import prune
-from pruneflow.runtime import Runtime
+from pruneflow.execution.runtime import Runtime
 
 WINDOWS = torch.randint(0, 256, (24, 16), generator=torch.Generator().manual_seed(0))  # 384 tokens ≥ 256 columns
 BUDGET = 2_600_000  # below the 16-layer models' weights, above two blocks, the activations, the solve (2.2 MB)

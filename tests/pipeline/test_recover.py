@@ -7,12 +7,12 @@ import torch
 from torch.testing import assert_close
 
 from conftest import tiny_causal_lm
-from pruneflow import arch as A
-from pruneflow import checkpoint
+from pruneflow.model import arch as A
+from pruneflow.model import checkpoint
 from pruneflow.errors import PruneflowError
-from pruneflow.params import PruneParams, RecoverParams
+from pruneflow.pipeline.params import PruneParams, RecoverParams
 from pruneflow.prune import prune
-from pruneflow.recover import distillation_loss, next_token_loss, recover, train_lora
+from pruneflow.pipeline.recover import distillation_loss, next_token_loss, recover, train_lora
 
 WINDOWS = torch.randint(0, 256, (16, 32), generator=torch.Generator().manual_seed(0))
 CFG = RecoverParams(steps=30, batch_size=4, seqlen=32, lr=5e-3, warmup_steps=2, rank=4, alpha=8)
@@ -88,7 +88,7 @@ def test_a_target_the_model_does_not_have_is_a_clear_error():
 def test_precomputed_teacher_states_train_exactly_as_the_teacher_in_memory(pruned):
     """The teacher's hidden states computed once before training (then the teacher can be freed) give the same
     recovered weights, bit for bit, as running the teacher at every step."""
-    from pruneflow.recover import teacher_states
+    from pruneflow.pipeline.recover import teacher_states
 
     model, dense, spec = pruned
     cfg = CFG.model_copy(update={"steps": 6, "distill_weight": 0.5})
@@ -100,7 +100,7 @@ def test_precomputed_teacher_states_train_exactly_as_the_teacher_in_memory(prune
 
 
 def test_the_teacher_states_are_kept_only_when_smaller_than_the_teacher():
-    from pruneflow.recover import precompute_pays
+    from pruneflow.pipeline.recover import precompute_pays
 
     class Config:
         hidden_size = 4096

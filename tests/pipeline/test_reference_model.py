@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pruneflow import calibration as C
-from pruneflow import checkpoint, corpus
-from pruneflow.evaluate import PPL_SEQLEN, embedding_fidelity, perplexity
-from pruneflow.params import PruneParams
+from pruneflow.data import calibration as C
+from pruneflow.model import checkpoint
+from pruneflow.data import corpus
+from pruneflow.evaluation.evaluate import PPL_SEQLEN, embedding_fidelity, perplexity
+from pruneflow.pipeline.params import PruneParams
 from pruneflow.prune import prune
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,7 +33,7 @@ def test_reference_models_reproduce_their_model_cards(name):
     build config names, and the card's test perplexity."""
     from dataclasses import asdict
 
-    from pruneflow.reference import CONFIGS, OUT_DIRS
+    from pruneflow.data.reference import CONFIGS, OUT_DIRS
 
     path = ROOT / OUT_DIRS[name]
     model, tokenizer, _ = checkpoint.load(path)

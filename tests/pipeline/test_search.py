@@ -7,16 +7,16 @@ import torch
 import yaml
 
 from conftest import tiny_causal_lm
-from pruneflow import arch as A
-from pruneflow import checkpoint
+from pruneflow.model import arch as A
+from pruneflow.model import checkpoint
 from pruneflow.execution import streaming
-from pruneflow.apply import layer_shapes
+from pruneflow.units.apply import layer_shapes
 from pruneflow.errors import PruneflowError
-from pruneflow.params import PruneParams, load_params
-from pruneflow.plan import removal_target
+from pruneflow.pipeline.params import PruneParams, load_params
+from pruneflow.selection.plan import removal_target
 from pruneflow.prune import prune, select_config
-from pruneflow.runtime import Runtime
-from pruneflow.search import masked_loss
+from pruneflow.execution.runtime import Runtime
+from pruneflow.selection.search import masked_loss
 
 WINDOWS = torch.randint(0, 256, (16, 16), generator=torch.Generator().manual_seed(0))
 SEARCH = {"budget": 12, "windows": 4, "offspring": 4, "seed": 1}
@@ -34,7 +34,7 @@ def prune_(model, method, cfg, runtime=None):
 def _sliced_loss(plan, **geometry) -> float:
     """Mean next-token cross-entropy on WINDOWS of the dense model with ``plan`` physically applied (slicing,
     not the search's masks), computed from the logits here."""
-    from pruneflow.apply import apply
+    from pruneflow.units.apply import apply
 
     model = tiny_causal_lm(**geometry)
     apply(model, plan, A.arch_for("llama"))
@@ -77,8 +77,8 @@ def test_search_is_seeded_and_its_fitness_is_the_masked_models_loss():
     shapes = layer_shapes(dense, spec)
     masked = masked_loss(dense, spec, plans[0], shapes, WINDOWS[:4], Runtime())
     sliced = tiny_causal_lm(num_hidden_layers=3, intermediate_size=128)
-    from pruneflow.apply import apply
-    from pruneflow.losses import token_nll
+    from pruneflow.units.apply import apply
+    from pruneflow.execution.losses import token_nll
 
     apply(sliced, plans[0], spec)
     with torch.no_grad():
@@ -106,11 +106,11 @@ def test_a_streamed_generation_reads_each_block_once(tmp_path, monkeypatch):
     candidates, passes, inside = [], [], []
     real_nll, real_blocks = streaming.token_nll_batches, streaming.each_block
 
-    def token_nll_batches(model, spec, batches, runtime, around=None):
+    def token_nll_batches(model, spec, batches, runtime, *args):
         candidates.append(len(batches))
         passes.append(0)
         inside.append(True)
-        yield from real_nll(model, spec, batches, runtime, around)
+        yield from real_nll(model, spec, batches, runtime, *args)
         inside.pop()
 
     def each_block(*args, **kwargs):

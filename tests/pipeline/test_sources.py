@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from conftest import hub_cache
 from pruneflow.errors import PruneflowError
-from pruneflow.sources import fingerprint, resolve
+from pruneflow.model.sources import fingerprint, resolve
 from tests.pipeline.test_cli import run
 
 PRUNEFLOW = str(Path(sys.executable).parent / "pruneflow")

@@ -9,7 +9,7 @@ import yaml
 
 
 def _workspace(tmp_path, tiny_checkpoint):
-    from pruneflow.sources import fingerprint, resolve
+    from pruneflow.model.sources import fingerprint, resolve
 
     shutil.copytree(tiny_checkpoint, tmp_path / "models" / "tiny")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"model": "models/tiny"}))

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from pruneflow import checkpoint
+from pruneflow.model import checkpoint
 from tests.pipeline.test_cli import run
 
 
@@ -27,7 +27,7 @@ def stage(name, params_file, artifacts, *extra):
 
 
 def test_the_stages_run_in_order_and_write_their_outputs(params_file, tmp_path, tiny_checkpoint):
-    from pruneflow.graph import STAGES
+    from pruneflow.pipeline.graph import STAGES
 
     artifacts = tmp_path / "artifacts"
     for name in STAGES:
@@ -129,8 +129,8 @@ def test_an_export_the_model_cannot_take_fails_in_the_source_stage(tmp_path, tin
 
 
 def test_gates_fail_an_over_pruned_model_and_a_missed_ratio():
-    from pruneflow.params import load_params
-    from pruneflow.stages import gates
+    from pruneflow.pipeline.params import load_params
+    from pruneflow.pipeline.stages import gates
 
     params = load_params(None, ["prune.ratio=0.5"])
     over_pruned = gates({"achieved_ratio": 0.5, "ppl_ratio": 2.4}, params)
@@ -175,7 +175,7 @@ def test_stages_fail_clearly_without_their_inputs_or_with_stale_ones(params_file
 
 def test_iterative_state_goes_where_the_flow_points_it(params_file, tmp_path, monkeypatch):
     """Isolated flow runs keep Bonsai's iterations in the main checkout, which outlives their worktree."""
-    from pruneflow.stages import state_dir
+    from pruneflow.pipeline.stages import state_dir
 
     assert state_dir(tmp_path / "artifacts") == tmp_path / "artifacts" / ".state"
     monkeypatch.setenv("PRUNEFLOW_STATE_DIR", str(tmp_path / "main" / "state"))
@@ -192,9 +192,9 @@ def test_evaluate_holds_one_model_at_a_time(tiny_checkpoint, tmp_path, monkeypat
     import gc
     import weakref
 
-    from pruneflow import checkpoint as ckpt
-    from pruneflow.evaluate import evaluate_dirs
-    from pruneflow.params import EvaluateParams
+    from pruneflow.model import checkpoint as ckpt
+    from pruneflow.evaluation.evaluate import evaluate_dirs
+    from pruneflow.pipeline.params import EvaluateParams
 
     loaded, real_load = [], ckpt.load
 

@@ -10,14 +10,14 @@ import torch
 from conftest import safetensors_of as _tensors
 from conftest import tiny_causal_lm
 from memory import LiveTensors
-from pruneflow import arch as A
-from pruneflow import checkpoint
+from pruneflow.model import arch as A
+from pruneflow.model import checkpoint
 from pruneflow.execution import streaming
 from pruneflow.errors import PruneflowError
 from pruneflow.methods import METHODS
-from pruneflow.params import BonsaiParams, PruneParams
+from pruneflow.pipeline.params import BonsaiParams, PruneParams
 from pruneflow.prune import prune
-from pruneflow.runtime import Runtime, parse_size
+from pruneflow.execution.runtime import Runtime, parse_size
 
 WINDOWS = torch.randint(0, 256, (12, 16), generator=torch.Generator().manual_seed(0))  # two batches of 8
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -206,7 +206,7 @@ def test_cli_prune_with_max_memory_streams_and_matches_the_in_memory_run(deep_ch
 ])
 def test_cli_refuses_what_cannot_stream_before_any_work(extra, message, deep_checkpoint, calibration_txt, tmp_path,
                                                          monkeypatch):
-    from pruneflow import calibration
+    from pruneflow.data import calibration
 
     def no_calibration(*args, **kwargs):
         raise AssertionError("calibration ran before the input was checked")
@@ -230,7 +230,7 @@ def _stage_params(path, model, calibration, max_memory, method="flap"):
 
 
 def test_every_stage_streams_under_runtime_max_memory_with_recovery_off(deep_checkpoint, calibration_txt, tmp_path):
-    from pruneflow.graph import STAGES
+    from pruneflow.pipeline.graph import STAGES
 
     for name, budget in (("memory", None), ("streamed", "1MiB")):
         params = _stage_params(tmp_path / f"{name}.yaml", deep_checkpoint, calibration_txt, budget)
@@ -251,8 +251,8 @@ def test_every_stage_streams_under_runtime_max_memory_with_recovery_off(deep_che
 
 def test_the_flow_checks_up_front_that_every_stage_can_stream(deep_checkpoint,
                                                                                       calibration_txt, tmp_path):
-    from pruneflow.params import load_params
-    from pruneflow.stages import check_memory
+    from pruneflow.pipeline.params import load_params
+    from pruneflow.pipeline.stages import check_memory
 
     params = load_params(_stage_params(tmp_path / "p.yaml", deep_checkpoint, calibration_txt, "1MiB"))
     check_memory(params)  # streaming score method, recovery off, perplexity only: every stage streams
@@ -267,8 +267,8 @@ def test_the_flow_checks_up_front_that_every_stage_can_stream(deep_checkpoint,
 
 def test_the_flow_refuses_up_front_a_prune_whose_plan_of_work_does_not_fit(deep_checkpoint, calibration_txt,
                                                                           tmp_path):
-    from pruneflow.params import load_params
-    from pruneflow.stages import check_fits
+    from pruneflow.pipeline.params import load_params
+    from pruneflow.pipeline.stages import check_fits
 
     check_fits(load_params(_stage_params(tmp_path / "p.yaml", deep_checkpoint, calibration_txt, "1MiB")))
     small = load_params(_stage_params(tmp_path / "s.yaml", deep_checkpoint, calibration_txt, "96KiB"))
@@ -281,7 +281,7 @@ def test_the_flow_refuses_up_front_a_prune_whose_plan_of_work_does_not_fit(deep_
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])  # qwen2: the head is tied to the embedding
 def test_streamed_perplexity_equals_the_in_memory_one(kind, tmp_path):
-    from pruneflow.evaluate import perplexity
+    from pruneflow.evaluation.evaluate import perplexity
 
     dense = _dense(tmp_path, kind)
     stream = torch.randint(0, 256, (30 * 16,), generator=torch.Generator().manual_seed(2))
@@ -317,8 +317,8 @@ def test_a_budget_just_above_the_claimed_minimum_is_kept(tmp_path):
     """The LM head (64 MiB), a chunk of its logits and a read chunk outweigh a block (15 MiB) several times over:
     the claimed minimum counts them, and a perplexity pass, a FLAP prune and the save, under a budget 5% above
     it, never hold more tensor bytes than the budget (counted at every torch operation)."""
-    from pruneflow.evaluate import perplexity
-    from pruneflow.runtime import Runtime as R
+    from pruneflow.evaluation.evaluate import perplexity
+    from pruneflow.execution.runtime import Runtime as R
 
     dense = tmp_path / "dense"
     tiny_causal_lm(vocab_size=32768, num_hidden_layers=12, hidden_size=512, intermediate_size=2048,

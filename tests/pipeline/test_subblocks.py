@@ -7,17 +7,17 @@ import torch
 from torch.testing import assert_close
 
 from conftest import per_layer_round_trip, tiny_bert, tiny_causal_lm, tiny_moe
-from pruneflow import arch as A
-from pruneflow.apply import apply, layer_shapes
+from pruneflow.model import arch as A
+from pruneflow.units.apply import apply, layer_shapes
 from pruneflow.errors import PruneflowError
 from pruneflow.execution import passes
-from pruneflow.losses import token_nll
+from pruneflow.execution.losses import token_nll
 from pruneflow.methods import blockpruner
-from pruneflow.params import PruneParams
-from pruneflow.plan import PrunePlan
+from pruneflow.pipeline.params import PruneParams
+from pruneflow.selection.plan import PrunePlan
 from pruneflow.prune import prune
-from pruneflow.runtime import Runtime
-from pruneflow.scores import Scores
+from pruneflow.execution.runtime import Runtime
+from pruneflow.selection.scores import Scores
 from pruneflow.units import subblocks
 
 WINDOWS = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -133,7 +133,7 @@ def test_a_width_method_cannot_score_subblocks():
 
 
 def test_the_score_stage_keeps_the_sub_block_scores(tmp_path):
-    from pruneflow.stages import load_scores, save_scores
+    from pruneflow.pipeline.stages import load_scores, save_scores
 
     ranked = subblocks.ranks([(1, 0), (0, 1)], 2)
     save_scores(Scores(heads=[], channels=[], comparable=True, extra={"subblocks": ranked, "note": "x"}), tmp_path)

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from pruneflow import arch as A
-from pruneflow import checkpoint
-from pruneflow.params import PruneParams
+from pruneflow.model import arch as A
+from pruneflow.model import checkpoint
+from pruneflow.pipeline.params import PruneParams
 from pruneflow.prune import prune
 from tests.conftest import tiny_causal_lm
 
@@ -103,9 +103,9 @@ def test_the_exported_gguf_is_logged_with_the_registered_version(workspace, tmp_
     from mlflow import MlflowClient
     from prefect.logging import disable_run_logger
 
-    from pruneflow import stages
-    from pruneflow.params import Params
-    from pruneflow.runtime import Runtime
+    from pruneflow.pipeline import stages
+    from pruneflow.pipeline.params import Params
+    from pruneflow.execution.runtime import Runtime
     from pruneflow.tasks.tracking import register_model, start_run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -125,7 +125,7 @@ def test_the_exported_gguf_is_logged_with_the_registered_version(workspace, tmp_
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     uri = f"runs:/{first_run}/export/model.gguf"
     assert first["exports"] == again["exports"] == {"gguf": uri} and first["version"] == again["version"]
-    assert client.get_model_version("tiny-gguf", first["version"]).tags["pruneflow.export.gguf"] == uri
+    assert client.get_model_version("tiny-gguf", first["version"]).tags["pruneflow.model.export.gguf"] == uri
     assert [f.path for f in client.list_artifacts(first_run, "export")] == ["export/model.gguf"]
     logged = client.download_artifacts(first_run, "export/model.gguf", str(tmp_path))
     assert open(logged, "rb").read() == (artifacts / "export" / "model.gguf").read_bytes()

@@ -13,14 +13,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pruneflow import arch as A
-from pruneflow import checkpoint
+from pruneflow.model import arch as A
+from pruneflow.model import checkpoint
 from pruneflow.errors import PruneflowError
 from pruneflow.execution import replicas
 from pruneflow.methods.options import BonsaiParams
-from pruneflow.params import PruneParams
+from pruneflow.pipeline.params import PruneParams
 from pruneflow.prune import prune
-from pruneflow.runtime import Runtime
+from pruneflow.execution.runtime import Runtime
 from tests.conftest import tiny_causal_lm, tiny_moe
 
 pytestmark = pytest.mark.xdist_group("ray")
@@ -190,7 +190,7 @@ def test_calibration_statistics_on_workers_are_the_local_sums(ray_workers, saved
 
 
 def test_partial_statistics_add_item_by_item():
-    from pruneflow.stats import InputStats
+    from pruneflow.execution.stats import InputStats
 
     a = [InputStats(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0]), 2), None, 3.0]
     b = [InputStats(torch.tensor([3.0, 1.0]), torch.tensor([9.0, 1.0]), 1), InputStats(torch.ones(2), torch.ones(2), 1), 4.0]
@@ -206,7 +206,7 @@ def test_partial_statistics_add_item_by_item():
 def test_statistics_come_back_where_the_hooks_kept_them():
     """A sum a worker kept on its accelerator goes onto the driver's device; one kept on the CPU (expert_drop's
     per-combination losses) stays on the CPU. The meta device stands in for an accelerator here."""
-    from pruneflow.stats import InputStats
+    from pruneflow.execution.stats import InputStats
 
     marked = replicas._OnDevice(torch.ones(3))
     parts = [[InputStats(marked, replicas._OnDevice(torch.ones(3)), 2), torch.zeros(2)],

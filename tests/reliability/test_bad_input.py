@@ -159,11 +159,11 @@ def test_lora_target_the_model_does_not_have(tmp_path, calibration_txt):
     bert = tmp_path / "bert"
     tiny_bert().save_pretrained(bert)
     from pruneflow.errors import PruneflowError
-    from pruneflow.params import RecoverParams
-    from pruneflow.recover import recover
+    from pruneflow.pipeline.params import RecoverParams
+    from pruneflow.pipeline.recover import recover
 
     import torch
-    from pruneflow import checkpoint
+    from pruneflow.model import checkpoint
 
     model, _, spec = checkpoint.load(bert, with_tokenizer=False)
     with pytest.raises(PruneflowError, match="recover.targets: 'gate' is not a module of this model"):

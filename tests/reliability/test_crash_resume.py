@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pruneflow.graph import STAGES
+from pruneflow.pipeline.graph import STAGES
 from pruneflow.tasks.stage import dvc_bin, dvc_env
 from tests.conftest import make_project
 

@@ -145,7 +145,7 @@ def test_s3_stopped_mid_push_loses_nothing_and_the_next_run_completes_the_push(
 
     from pruneflow.flows.pipeline import pipeline
     from pruneflow.infra import stack
-    from pruneflow.params import load_params
+    from pruneflow.pipeline.params import load_params
     from pruneflow.tasks import remote
     from pruneflow.tasks.stage import dvc_bin
     from tests.conftest import KEY, SECRET

@@ -3,10 +3,10 @@ import torch
 from torch.testing import assert_close
 
 from conftest import tiny_bert, tiny_causal_lm
-from pruneflow import arch as A
-from pruneflow.apply import apply, layer_shapes
-from pruneflow.plan import LayerPlan, PrunePlan
-from pruneflow.scores import Scores
+from pruneflow.model import arch as A
+from pruneflow.units.apply import apply, layer_shapes
+from pruneflow.selection.plan import LayerPlan, PrunePlan
+from pruneflow.selection.scores import Scores
 
 PLAN_LAYERS = [  # 4 query heads in 2 KV groups (2 per group), 256 channels
     LayerPlan(kept_heads=[1, 3], kept_kv_heads=[0, 1], kept_channels=list(range(0, 256, 2))),

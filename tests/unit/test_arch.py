@@ -1,7 +1,7 @@
 import pytest
 
 from conftest import tiny_causal_lm
-from pruneflow import arch as A
+from pruneflow.model import arch as A
 from pruneflow.errors import PruneflowError
 
 

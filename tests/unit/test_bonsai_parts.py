@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from pruneflow import arch as A
-from pruneflow.lasso import fit_cv, kendall_tau, lasso
+from pruneflow.model import arch as A
+from pruneflow.methods.lasso import fit_cv, kendall_tau, lasso
 from pruneflow.methods import bonsai
 from tests.conftest import tiny_causal_lm
 
@@ -120,7 +120,7 @@ def _fista(x, y, penalty, steps=4000):
 def test_batched_fits_each_equal_the_plain_fit_on_their_own_rows():
     """Every penalty × row subset of one batched solve is the fit of its rows alone (well-posed problems, where
     FISTA converges: more rows than columns)."""
-    from pruneflow.lasso import lasso_batch
+    from pruneflow.methods.lasso import lasso_batch
 
     gen = torch.Generator().manual_seed(1)
     x = (torch.rand(120, 30, generator=gen) > 0.5).double()
@@ -138,7 +138,7 @@ def test_batched_fits_each_equal_the_plain_fit_on_their_own_rows():
 
 def test_batched_fits_stop_each_at_its_own_convergence():
     """A fit that converges early is frozen there: in a batch with a slow fit it gives what it gives alone."""
-    from pruneflow.lasso import lasso_batch
+    from pruneflow.methods.lasso import lasso_batch
 
     gen = torch.Generator().manual_seed(3)
     x = (torch.rand(60, 200, generator=gen) > 0.5).double()  # more columns than rows: a tiny penalty is slow
@@ -152,7 +152,7 @@ def test_batched_fits_stop_each_at_its_own_convergence():
 
 def test_batched_fits_in_float32_stay_close_to_float64(monkeypatch):
     """A device without float64 (MPS) solves in float32: the same fits within 1e-4."""
-    from pruneflow import lasso as L
+    from pruneflow.methods import lasso as L
 
     gen = torch.Generator().manual_seed(2)
     x = (torch.rand(200, 40, generator=gen) > 0.5).double()

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from pruneflow import calibration as C
-from pruneflow import corpus
+from pruneflow.data import calibration as C
+from pruneflow.data import corpus
 from pruneflow.errors import PruneflowError
 
 

@@ -35,7 +35,7 @@ def test_remote_code_is_never_enabled_by_pruneflow():
 
 
 def test_modeling_file_shipped_with_checkpoints_depends_on_torch_and_transformers_only():
-    source = (ROOT / "pruneflow" / "modeling_pruneflow.py").read_text()
+    source = (ROOT / "pruneflow" / "model" / "modeling_pruneflow.py").read_text()
     imports = set(re.findall(r"^\s*(?:from|import)\s+([\w.]+)", source, re.M)) - set(sys.stdlib_module_names)
     assert imports <= {"torch", "transformers"}
 
@@ -43,9 +43,9 @@ def test_modeling_file_shipped_with_checkpoints_depends_on_torch_and_transformer
 def test_dvc_stages_are_real_cli_commands_with_real_params():
     from typer.main import get_command
 
-    from pruneflow import stages as S
+    from pruneflow.pipeline import stages as S
     from pruneflow.cli import app
-    from pruneflow.params import load_params
+    from pruneflow.pipeline.params import load_params
 
     commands = get_command(app).commands
     params = load_params(ROOT / "params.yaml").model_dump()
@@ -126,7 +126,51 @@ def test_no_import_cycle_in_the_library():
 
 def test_the_import_graph_counts_function_local_imports_and_the_check_finds_a_cycle():
     graph = _import_graph()
-    assert "pruneflow.execution.streaming" in graph["pruneflow.reconstruct"]
-    assert "pruneflow.apply" in graph["pruneflow.reconstruct"]  # imported inside refit()
-    planted = {**graph, "pruneflow.apply": graph["pruneflow.apply"] | {"pruneflow.reconstruct"}}
-    assert any(c.startswith("pruneflow.apply → ") and "pruneflow.reconstruct" in c for c in _cycles(planted))
+    assert "pruneflow.execution.streaming" in graph["pruneflow.units.reconstruct"]
+    assert "pruneflow.units.apply" in graph["pruneflow.units.reconstruct"]
+    planted = {**graph, "pruneflow.units.apply": graph["pruneflow.units.apply"] | {"pruneflow.units.reconstruct"}}
+    assert any(c.startswith("pruneflow.units.apply → ") and "pruneflow.units.reconstruct" in c for c in _cycles(planted))
+
+
+def _local_imports(path: Path) -> list[str]:
+    """``path``'s imports of pruneflow made inside a function or class body (line: statement)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    top = {id(node) for node in tree.body}
+    return [f"{node.lineno}: {ast.unparse(node)}" for node in ast.walk(tree)
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top
+            and any(n.startswith("pruneflow") for n in ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                                                         else [a.name for a in node.names]))]
+
+
+def test_pruneflow_modules_import_each_other_at_the_top():
+    """Function-local imports are for optional heavy dependencies (peft, lm-eval, ray, onnx ...) only: a
+    pruneflow module imported inside a function hides a dependency (and, once, hid an import cycle). Exempt: the
+    CLI (the composition root loads a command's modules when it runs) and the package façades' ``__init__``,
+    which stay light (``import pruneflow`` and the registries load no torch)."""
+    offenders = {str(p.relative_to(ROOT)): found for p in (ROOT / "pruneflow").rglob("*.py")
+                 if p.parent.name != "cli" and p.name != "__init__.py" and (found := _local_imports(p))}
+    assert offenders == {}
+
+
+def test_the_local_import_check_finds_one(tmp_path):
+    planted = tmp_path / "m.py"
+    planted.write_text("import torch\n\ndef f():\n    from pruneflow.units import apply\n    import json\n")
+    assert _local_imports(planted) == ["4: from pruneflow.units import apply"]
+
+
+ROOMS = {"model", "data", "units", "methods", "selection", "execution", "evaluation", "pipeline", "cli"}
+
+
+def test_the_library_is_rooms_each_saying_what_it_owns_and_may_import():
+    """pruneflow/ is a few sub-packages (rooms) and the entry point; each room's docstring says what it owns and
+    what it may import."""
+    import ast
+
+    package = ROOT / "pruneflow"
+    assert {p.name for p in package.iterdir() if p.is_dir() and (p / "__init__.py").exists()} == ROOMS
+    assert {p.stem for p in package.glob("*.py")} == {"__init__", "prune", "errors", "sizes", "atomic"}
+    for room in ROOMS:
+        doc = ast.get_docstring(ast.parse((package / room / "__init__.py").read_text())) or ""
+        assert len(doc) > 200 and "import" in doc, f"pruneflow/{room}/__init__.py: say what it owns and imports"

@@ -1,10 +1,10 @@
 import torch
 
 from conftest import tiny_causal_lm
-from pruneflow import arch as A
-from pruneflow.apply import apply
-from pruneflow.masking import unit_masks
-from pruneflow.plan import LayerPlan, PrunePlan
+from pruneflow.model import arch as A
+from pruneflow.units.apply import apply
+from pruneflow.units.masking import unit_masks
+from pruneflow.selection.plan import LayerPlan, PrunePlan
 
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
 

@@ -4,7 +4,7 @@ import pytest
 
 from pruneflow.errors import PruneflowError
 from pruneflow.methods import METHODS
-from pruneflow.params import Params, load_params
+from pruneflow.pipeline.params import Params, load_params
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -102,7 +102,7 @@ def test_every_fixed_vocabulary_is_a_choice_in_the_prefect_form():
 
     from pruneflow.flows.deployments import load_flow
     from pruneflow.methods import METHODS
-    from pruneflow.params import LORA_TARGETS
+    from pruneflow.pipeline.params import LORA_TARGETS
 
     schema = parameter_schema(load_flow("flows/pipeline.py:pipeline").fn).model_dump()["definitions"]
 

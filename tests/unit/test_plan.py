@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from pruneflow.errors import PruneflowError
-from pruneflow.plan import LayerShape, PrunePlan, SelectConfig, removed_parameters, select
-from pruneflow.scores import Scores
+from pruneflow.selection.plan import LayerShape, PrunePlan, SelectConfig, removed_parameters, select
+from pruneflow.selection.scores import Scores
 
 HIDDEN, HEAD_DIM = 64, 16
 
@@ -114,7 +114,7 @@ def test_round_to_keeps_multiples(allocation):
 def test_round_to_never_keeps_more_channels_than_the_layer_has(channels, removed, kept):
     """A width that is not a multiple (688 = 21.5 × 32) rounds to the nearest multiple below it or stays whole;
     rounding up past it once wrapped around and removed all but 16 channels of a barely pruned layer."""
-    from pruneflow.plan import _round_channels
+    from pruneflow.selection.plan import _round_channels
 
     shape = shapes(layers=1, channels=channels)[0]
     values = torch.arange(channels, dtype=torch.float32)

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_causal_lm
-from pruneflow import losses
+from pruneflow.execution import losses
 from pruneflow.errors import PruneflowError
-from pruneflow.runtime import Runtime, plan_gpu_placement, resolve_device, resolve_dtype
+from pruneflow.execution.runtime import Runtime, plan_gpu_placement, resolve_device, resolve_dtype
 
 ROOT = Path(__file__).resolve().parents[2]
 GIB = 2**30
@@ -46,7 +46,7 @@ def test_one_gpu_when_it_holds_the_weights_else_every_gpu_else_a_clear_error():
 def test_cpu_statistics_keep_a_small_variance_under_a_large_mean():
     """FLAP's fluctuation is Σx² − (Σx)²/n: inputs of mean 1000 and std 0.01 over 4,096 tokens cancel 8 digits,
     which float32 sums lose entirely; the runtime's accumulation on the CPU keeps them."""
-    from pruneflow.scores import InputStats
+    from pruneflow.selection.scores import InputStats
 
     x = 1000 + 0.01 * torch.randn(4096, 3, generator=torch.Generator().manual_seed(0))
     stats = InputStats()
@@ -106,7 +106,7 @@ def test_the_library_and_the_gpu_benchmark_run_without_the_orchestration_package
     """The lent GPU machine has torch/transformers/peft/accelerate but no prefect, mlflow, dvc or lm-eval."""
     script = (BLOCKED + "import runpy; sys.argv = ['gpu.py', '--tiny', '--device', 'cpu', '--out', "
               f"{str(tmp_path / 'gpu.json')!r}]; runpy.run_path('benchmarks/gpu.py', run_name='__main__'); "
-              "import pruneflow.stages, pruneflow.recover, pruneflow.evaluate, pruneflow.cli")
+              "import pruneflow.pipeline.stages, pruneflow.pipeline.recover, pruneflow.evaluation.evaluate, pruneflow.cli")
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json

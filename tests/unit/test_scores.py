@@ -3,8 +3,8 @@ from torch.testing import assert_close
 
 from pruneflow.methods.flap import fluctuation
 from pruneflow.methods.wanda_sp import channel_importance
-from pruneflow.inputs import per_head
-from pruneflow.scores import InputStats
+from pruneflow.methods.inputs import per_head
+from pruneflow.selection.scores import InputStats
 
 
 def test_wanda_sp_is_mean_abs_weight_times_input_norm():
@@ -35,7 +35,7 @@ def test_per_head_averages_each_heads_dimensions():
 
 
 def test_zscore_standardizes_and_handles_no_spread():
-    from pruneflow.scores import zscore
+    from pruneflow.selection.scores import zscore
 
     z = zscore(torch.tensor([1.0, 2.0, 3.0]))
     assert_close(z, torch.tensor([-1.0, 0.0, 1.0]))
@@ -62,10 +62,10 @@ def test_taylor_sums_a_bf16_models_gradients_over_batches_in_float32():
     """Each batch's bf16 gradient, summed over 16 batches: Taylor's channel scores equal the ones from the float64
     sum of the same per-batch gradients to float32 rounding (bf16 .grad accumulated across batches: ~1e-3 off)."""
     from conftest import tiny_causal_lm
-    from pruneflow import arch as A
-    from pruneflow.losses import training_losses
+    from pruneflow.model import arch as A
+    from pruneflow.execution.losses import training_losses
     from pruneflow.methods import taylor
-    from pruneflow.runtime import Runtime
+    from pruneflow.execution.runtime import Runtime
 
     model = tiny_causal_lm(num_hidden_layers=1).to(torch.bfloat16)
     spec = A.arch_for("llama")
@@ -92,9 +92,9 @@ def test_flap_ranks_heads_by_the_squared_attention_metric_on_a_planted_case():
     WIFVs (0, 4) and (2, 2.5): means 2 and 2.25 — unsquared, head B ranks first — but squared (0, 16) and
     (4, 6.25), means 8 and 5.125, so flap.score must rank head A first."""
     from conftest import tiny_causal_lm
-    from pruneflow import arch as A
+    from pruneflow.model import arch as A
     from pruneflow.methods import flap
-    from pruneflow.runtime import Runtime
+    from pruneflow.execution.runtime import Runtime
 
     model = tiny_causal_lm(hidden_size=4, num_attention_heads=2, num_key_value_heads=1, intermediate_size=8,
                            num_hidden_layers=1)
@@ -118,9 +118,9 @@ def test_flap_score_is_flaps_prune_flap_on_a_tiny_model():
     """flap.score against FLAP's lib/prune.py written out: WIFV per o_proj/down_proj input channel, attention
     squared, (x - mean) / std per layer over channels, heads = mean over head_dim."""
     from conftest import tiny_causal_lm
-    from pruneflow import arch as A
+    from pruneflow.model import arch as A
     from pruneflow.methods import flap
-    from pruneflow.runtime import Runtime
+    from pruneflow.execution.runtime import Runtime
 
     model, spec = tiny_causal_lm(num_hidden_layers=2), A.arch_for("llama")
     windows = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(0))

@@ -3,14 +3,14 @@ module that owns it (and block widths to none) on every family."""
 
 import pytest
 
-from pruneflow import arch as A
+from pruneflow.model import arch as A
 from pruneflow import units
-from pruneflow.params import PruneParams
-from pruneflow.plan import PrunePlan
+from pruneflow.pipeline.params import PruneParams
+from pruneflow.selection.plan import PrunePlan
 
 PROTOCOL = ("claims", "check_settings", "check_model", "select", "holds", "apply_plan")
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "bert")
-# prune.units → the module that owns it, per kind of architecture (None: block widths, pruneflow.apply)
+# prune.units → the module that owns it, per kind of architecture (None: block widths, pruneflow.units.apply)
 OWNER = {("heads",): (None, None), ("channels",): (None, "expert_channels"), ("layers",): (None, None),
          ("heads", "channels"): (None, "expert_channels"), ("hidden",): ("hidden", "hidden"),
          ("experts",): ("experts", "experts"), ("subblocks",): ("subblocks", "subblocks"),

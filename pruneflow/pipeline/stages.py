@@ -25,19 +25,33 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pruneflow import arch as A
-from pruneflow import calibration as C
-from pruneflow import checkpoint, units
+from pruneflow.model import arch as A
+from pruneflow.data import calibration as C
+from pruneflow.model import checkpoint
+from pruneflow import units
 from pruneflow.atomic import atomic_dir
 from pruneflow.errors import PruneflowError
 from pruneflow.execution import streaming
-from pruneflow.graph import OUTPUTS, REPORT, RESOURCES, STAGES
+from pruneflow.pipeline.graph import OUTPUTS, REPORT, RESOURCES, STAGES
 from pruneflow.methods import METHODS
-from pruneflow.params import Params
-from pruneflow.runtime import Runtime, dtype_name
-from pruneflow.scores import Scores
+from pruneflow.pipeline.params import Params
+from pruneflow.execution.runtime import Runtime, dtype_name
+from pruneflow.selection.scores import Scores
 from pruneflow.sizes import format_size
-from pruneflow.sources import ModelSource, fingerprint, resolve
+from pruneflow.model.sources import ModelSource, fingerprint, resolve
+from pruneflow.execution.estimate import estimate
+from pruneflow.prune import (apply_plan, check_model, check_reconstruct, check_streams, check_units, choose, means_for,
+                             prune_iteratively, uses_objective)
+from pruneflow.prune import score as run_scorer
+from pruneflow.evaluation.lm_tasks import build_tasks, evaluate_tasks, task_manager
+from pruneflow.model.export import check_onnx, check_plan
+from pruneflow.selection.plan import PrunePlan
+from pruneflow.pipeline import recover as R
+from pruneflow.evaluation.evaluate import evaluate_dirs
+from pruneflow.model.export import export_gguf, export_onnx
+from pruneflow.data import corpus
+from pruneflow.evaluation.report import write_report
+from pruneflow.data.calibration import describe_held_out
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +77,6 @@ def run(name: str, params: Params, root: Path = Path("artifacts")) -> Path:
 def check_memory(params: Params, base: Path | None = None) -> None:
     """Before any stage runs: with ``runtime.max_memory`` below the model's weights, every stage must stream
     (score with a streaming method, no recovery, evaluate perplexity only)."""
-    from pruneflow.prune import check_streams
-
     if not params.runtime.max_memory:
         return
     runtime = Runtime.from_params(params.runtime)
@@ -89,13 +101,10 @@ def check_fits(params: Params, base: Path | None = None) -> None:
     config alone (``pruneflow prune --dry-run``'s estimate; a hub id fetches configs only) must fit the device,
     or ``runtime.max_memory`` when the model streams — said now, not after the source and calibration stages.
     ``base``: what a relative ``params.model`` is relative to (the repository the stages run in)."""
-    from pruneflow.execution.estimate import estimate
-
-    from pruneflow.prune import check_model
-
     check_memory(params, base)
     source = resolve(params.model, base, weights=False)
-    check_model(params.score.method, A.arch_for(checkpoint.read_config(source).get("model_type", "")), params.prune)
+    check_model(params.score.method, A.arch_for(checkpoint.read_config(source).get("model_type", "")), params.prune,
+                params.score.objective)
     runtime = Runtime.from_params(params.runtime)
     plan = estimate(source.path, params, runtime)
     if not plan.fits:
@@ -148,8 +157,6 @@ def check_unit_settings(params: Params, config: dict) -> None:
 
 def check_export(params: Params, config: dict) -> None:
     """An export the model or the planned widths cannot take fails in the source stage, before any work."""
-    from pruneflow.export import check_onnx, check_plan
-
     if "onnx" in params.export.formats:
         try:
             check_onnx(config)
@@ -223,12 +230,9 @@ def method_options(params: Params):
 
 
 def score(params: Params, root: Path, runtime: Runtime) -> Path:
-    from pruneflow.prune import check_model, check_units, prune_iteratively
-    from pruneflow.prune import score as run_scorer
-
     method, seed = params.score.method, params.calibrate.seed
     spec = A.arch_for(checkpoint.read_config(model_source(params, root)).get("model_type", ""))
-    check_model(method, spec, params.prune)  # before the model is loaded
+    check_model(method, spec, params.prune, params.score.objective)  # before the model is loaded
     windows, manifest = C.load(_needs(root / OUTPUTS["calibrate"], "calibrate"))
     model, _, spec = checkpoint.load(model_source(params, root), runtime, with_tokenizer=False,
                                      stream=METHODS[method].streams, calibration=tuple(windows.shape),
@@ -240,14 +244,16 @@ def score(params: Params, root: Path, runtime: Runtime) -> Path:
     with atomic_dir(root / OUTPUTS["score"], overwrite=True) as tmp:
         if METHODS[method].iterative:  # the plan is the score: it comes out of the score → select → apply loop
             result = prune_iteratively(model, spec, method, params.prune, windows, seed, method_options(params),
-                                       state_dir=state_dir(root), runtime=runtime, refit=False)
+                                       state_dir=state_dir(root), runtime=runtime, refit=False,
+                                       objective=params.score.objective)
             (tmp / "plan.json").write_text(result.plan.to_json() + "\n")
             (tmp / "iterations.json").write_text(json.dumps(result.iterations, indent=1) + "\n")
             meta["comparable"] = True
         else:
             options = method_options(params)
             scores = run_scorer(model, spec, method, windows, seed, params.prune.ratio, runtime,
-                                **({"config": options} if options is not None else {}))
+                                **({"config": options} if options is not None else {}),
+                                **({"objective": params.score.objective} if uses_objective(method) else {}))
             save_scores(scores, tmp)
             meta["comparable"] = scores.comparable
         meta["seconds"] = time.perf_counter() - started
@@ -256,9 +262,6 @@ def score(params: Params, root: Path, runtime: Runtime) -> Path:
 
 
 def prune(params: Params, root: Path, runtime: Runtime) -> Path:
-    from pruneflow.plan import PrunePlan
-    from pruneflow.prune import apply_plan, check_reconstruct, check_units, choose, means_for
-
     scores_dir = _needs(root / OUTPUTS["score"], "score")
     meta = json.loads((scores_dir / "scores.json").read_text())
     if meta["method"] != params.score.method:
@@ -278,7 +281,8 @@ def prune(params: Params, root: Path, runtime: Runtime) -> Path:
         scores = means_for(model, spec, cfg, None, windows, runtime)
     else:
         scores = means_for(model, spec, cfg, load_scores(scores_dir), windows, runtime)
-        plan, searched = choose(model, spec, meta["method"], cfg, scores, windows, runtime, params.calibrate.seed)
+        plan, searched = choose(model, spec, meta["method"], cfg, scores, windows, runtime, params.calibrate.seed,
+                                params.score.objective)
         if searched is not None:
             extra["search.json"] = json.dumps(searched, indent=1)
     fit = apply_plan(model, spec, plan, scores, windows, runtime)
@@ -298,8 +302,6 @@ def recover(params: Params, root: Path, runtime: Runtime) -> Path:
     One model is loaded at a time where that saves memory: the dense teacher first; if its hidden states for
     every step take less room than its weights they are computed and the teacher is freed before the student
     is loaded, otherwise the two are held together."""
-    from pruneflow import recover as R
-
     pruned = _needs(root / OUTPUTS["prune"], "prune")
     out, cfg = root / OUTPUTS["recover"], params.recover
     if not cfg.enabled:
@@ -352,8 +354,6 @@ def gates(metrics: dict, params: Params) -> dict[str, dict]:
 
 
 def evaluate(params: Params, root: Path, runtime: Runtime) -> Path:
-    from pruneflow.evaluate import evaluate_dirs
-
     pruned = _needs(root / OUTPUTS["prune"], "prune")
     which, final = final_model(root)
     dense = model_source(params, root)
@@ -364,7 +364,6 @@ def evaluate(params: Params, root: Path, runtime: Runtime) -> Path:
         lm_eval: dict = {}
 
         def run_tasks(name: str, model, tokenizer, row: dict) -> None:  # while the model is loaded
-            from pruneflow.lm_tasks import evaluate_tasks
 
             e = params.evaluate
             result = evaluate_tasks(model, tokenizer, e.tasks, manager, e.task_batch_size, e.task_limit)
@@ -395,8 +394,6 @@ def final_model(root: Path) -> tuple[str, Path]:
 def export(params: Params, root: Path, runtime: Runtime) -> Path:
     """The final model in the formats of ``export.formats`` under ``artifacts/export/`` (``model.gguf``,
     ``onnx/``) with ``export.json`` (what was exported from which model); with none, ``export.json`` only."""
-    from pruneflow.export import export_gguf, export_onnx
-
     which, model = final_model(root)
     formats = params.export.formats
     summary: dict = {"formats": formats, "model": which if formats else None}
@@ -415,9 +412,6 @@ def export(params: Params, root: Path, runtime: Runtime) -> Path:
 
 def _task_setup(params: Params, dense: ModelSource, report_dir: Path):
     """The local lm-eval tasks, written under the report, and a TaskManager that knows every asked name."""
-    from pruneflow import corpus
-    from pruneflow.lm_tasks import build_tasks, task_manager
-
     e = params.evaluate
     if not e.tasks:
         return None
@@ -429,8 +423,6 @@ def _task_setup(params: Params, dense: ModelSource, report_dir: Path):
 
 
 def _write_report(dense: ModelSource, params: Params, metrics: dict, plan: dict, report_dir: Path) -> None:
-    from pruneflow.report import write_report
-
     config = checkpoint.read_config(dense)
     widths = {"layers": config["num_hidden_layers"], "heads": config["num_attention_heads"],
               "kv_heads": config.get("num_key_value_heads") or config["num_attention_heads"],
@@ -440,8 +432,6 @@ def _write_report(dense: ModelSource, params: Params, metrics: dict, plan: dict,
 
 
 def _metrics(params: Params, rows: dict[str, dict], plan: dict) -> dict:
-    from pruneflow.calibration import describe_held_out
-
     metrics = dict(rows)
     final = "recovered" if "recovered" in rows else "pruned"  # the model the gates judge and the registry gets
     metrics |= {"final": final, "achieved_ratio": plan["params"]["achieved_ratio"], "method": plan["method"],

@@ -20,7 +20,7 @@ IGNORE = -100
 def lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(backbone, head) of a causal LM (also under a peft wrapper): hidden states, then logits."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base, base.base_model_prefix), base.get_output_embeddings()
+    return getattr(base, base.base_model_prefix, base), base.get_output_embeddings()  # an encoder: itself, None
 
 
 def run_blocks(model: nn.Module, input_ids: torch.Tensor, causal_lm: bool = True):
@@ -36,9 +36,10 @@ def chunk_rows(vocab: int) -> int:
 
 
 def hidden_states(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T, D) final hidden states (after the final norm), the LM head's input."""
-    backbone, _ = lm_parts(model)
-    return backbone(input_ids=input_ids, use_cache=False).last_hidden_state
+    """(B, T, D) final hidden states (after the final norm): a causal LM's head input, an encoder's output."""
+    backbone, head = lm_parts(model)
+    cache = {"use_cache": False} if head is not None else {}  # an encoder keeps no cache
+    return backbone(input_ids=input_ids, **cache).last_hidden_state
 
 
 def _targets(input_ids: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pruneflow.errors import PruneflowError
-from pruneflow.modeling_pruneflow import head_dim_of
+from pruneflow.model.modeling_pruneflow import head_dim_of
 
 PRUNED_PREFIX = "pruneflow_"
 

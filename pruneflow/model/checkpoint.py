@@ -19,16 +19,16 @@ from safetensors import SafetensorError, safe_open
 from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
-from pruneflow import arch as A
-from pruneflow import mlp, modeling_pruneflow
+from pruneflow.model import arch as A
+from pruneflow.model import mlp, modeling_pruneflow
 from pruneflow.execution import streaming
 from pruneflow.execution.lineage import note_origin
-from pruneflow.arch import ArchSpec
+from pruneflow.model.arch import ArchSpec
 from pruneflow.atomic import atomic_dir
 from pruneflow.errors import PruneflowError
-from pruneflow.runtime import Runtime
+from pruneflow.execution.runtime import Runtime
 from pruneflow.sizes import format_size, parse_size
-from pruneflow.sources import ModelSource, resolve
+from pruneflow.model.sources import ModelSource, resolve
 
 SHARD_SIZE = "5GB"  # the hub's convention: a 70B model is ~30 files, not one 140 GB file
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}

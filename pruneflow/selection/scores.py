@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pruneflow.stats import InputStats
+from pruneflow.execution.stats import InputStats
 
 __all__ = ["InputStats", "Scores", "zscore"]
 

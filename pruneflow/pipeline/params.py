@@ -14,6 +14,8 @@ from pruneflow.methods.options import (BONSAI_PRESETS, BonsaiParams, ExpertDropP
                                        Options, SearchParams)
 from pruneflow.sizes import parse_size
 from pruneflow.units import ALIASES, ALLOCATIONS, RECONSTRUCTIONS, UNIT_TYPES
+from pruneflow.data.corpus import parse_hf
+from pruneflow.evaluation.lm_tasks import LOCAL_TASKS
 
 MethodName = Literal[tuple(METHODS)]  # a choice in the Prefect form
 UnitName = Literal[UNIT_TYPES]
@@ -38,7 +40,6 @@ class CalibrateParams(_Section):
 
 class RuntimeParams(_Section):
     """Where the stages run: the device and the dtype models compute in (saved checkpoints keep their input's)."""
-
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
                         description="auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
@@ -66,6 +67,11 @@ class RuntimeParams(_Section):
 
 class ScoreParams(_Section):
     method: MethodName = Field("flap", description="importance method (see `pruneflow methods`)")
+    objective: Literal["auto", "loss", "kl", "hidden"] = Field(
+        "auto", description="what candidate sub-models are measured by where a method (bonsai, sleb, blockpruner) "
+                            "or prune.allocation: search scores them: next-token loss, KL to the unmasked model's "
+                            "next-token distribution (causal LMs), or 1 − cos of the final hidden states to the "
+                            "unmasked model's (any model); auto: the paper's (loss; hidden on an encoder)")
     bonsai: BonsaiParams = Field(default_factory=BonsaiParams)
     expert_drop: ExpertDropParams = Field(default_factory=ExpertDropParams)
     laco: LacoParams = Field(default_factory=LacoParams)
@@ -133,7 +139,6 @@ LoraTarget = Literal[LORA_TARGETS]  # choices in the Prefect form
 
 class RecoverParams(_Section):
     """LoRA recovery (peft) of the pruned model on the calibration source's train split."""
-
     enabled: bool = Field(True, description="run LoRA recovery after pruning (false: the stage only records a skip)")
     targets: list[LoraTarget] = Field(default_factory=lambda: list(LORA_TARGETS),
                                description="ArchSpec projections that get LoRA adapters")
@@ -193,7 +198,6 @@ class EvaluateParams(_Section):
     @classmethod
     def _source(cls, value: str) -> str:
         if value.startswith("hf:"):
-            from pruneflow.calibration import parse_hf
 
             try:
                 parse_hf(value)
@@ -204,8 +208,6 @@ class EvaluateParams(_Section):
     @field_validator("tasks")
     @classmethod
     def _local_tasks(cls, value: list[str]) -> list[str]:
-        from pruneflow.lm_tasks import LOCAL_TASKS
-
         # standard names are checked against lm-eval's index by the evaluate stage (building it takes ~10 s)
         typos = [t for t in value if t.startswith("pruneflow_") and t not in LOCAL_TASKS]
         if typos:

@@ -1,5 +1,5 @@
 """The stage graph's names and fixed outputs (under the artifacts dir). No heavy imports: the flow checks
-dvc.yaml against them before anything loads torch; pruneflow.stages implements them."""
+dvc.yaml against them before anything loads torch; pruneflow.pipeline.stages implements them."""
 
 STAGES = ("source", "calibrate", "score", "prune", "recover", "evaluate", "export")
 OUTPUTS = {"source": "source.json", "calibrate": "calibration", "score": "scores", "prune": "model",

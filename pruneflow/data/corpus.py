@@ -21,7 +21,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pruneflow import packaged
+from pruneflow.data import packaged
+from pruneflow.errors import PruneflowError
 
 log = logging.getLogger(__name__)
 
@@ -172,3 +173,12 @@ def load_split(split: str, corpus_dir: Path = CORPUS_DIR) -> list[str]:
 def digest(corpus_dir: Path = CORPUS_DIR) -> str:
     """A digest of the packaged corpus (its manifest), for calibration manifests."""
     return hashlib.sha256((corpus_dir / "MANIFEST.json").read_bytes()).hexdigest()
+
+
+def parse_hf(source: str) -> tuple[str, str | None, str | None]:
+    """``hf:NAME[:CONFIG][:SPLIT]`` → (NAME, CONFIG or None, SPLIT or None)."""
+    parts = source.removeprefix("hf:").split(":")
+    if not parts[0] or len(parts) > 3 or any(not p for p in parts[1:]):
+        raise PruneflowError(f"text source {source!r}: expected hf:NAME[:CONFIG][:SPLIT], e.g. "
+                             f"hf:wikitext:wikitext-2-raw-v1:test")
+    return parts[0], (parts[1] if len(parts) > 1 else None), (parts[2] if len(parts) > 2 else None)

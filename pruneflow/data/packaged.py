@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]  # pruneflow/ (this module lives in pruneflow/data/)
 REFERENCE = "models/reference"  # params.yaml's default model
 CORPUS = "data/corpus"
 

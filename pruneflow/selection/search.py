@@ -6,9 +6,10 @@ It starts from the plan of the method's own allocation (``auto``); each generati
 children of the best allocation so far, each by one to three *switches* — one layer/unit type loses a step
 (a head unit, or 1/32 of the layer's channels) and another gains one back — after which channels are added or
 restored in random layers until the parameters removed are within half a channel of the target again. A child
-replaces its parent only if its fitness is lower. Fitness is the mean next-token loss on ``windows``
+replaces its parent only if its fitness is lower. Fitness is the mean next-token loss (``score.objective``: or
+the KL to the dense model, or on an encoder the distance of the final hidden states) on ``windows``
 calibration windows (a seeded subset of the calibration set; never test text), computed with per-layer masks
-on the dense model (no weight copies; :mod:`pruneflow.masking`). ``budget`` counts the candidates evaluated,
+on the dense model (no weight copies; :mod:`pruneflow.units.masking`). ``budget`` counts the candidates evaluated,
 the starting plan included: each is one forward pass over the fitness windows (streamed, a generation's
 children share the passes over the blocks).
 """
@@ -21,14 +22,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from pruneflow.execution import passes
-from pruneflow.arch import ArchSpec
+from pruneflow.model.arch import ArchSpec
 from pruneflow.errors import PruneflowError
 from pruneflow.execution.candidates import Candidates
-from pruneflow.plan import LayerShape, PrunePlan, SelectConfig, head_unit, plan_from_removed, ranked_units, unit_cost
-from pruneflow.runtime import Runtime
-from pruneflow.scores import Scores
+from pruneflow.selection.plan import (LayerShape, PrunePlan, SelectConfig, head_unit, plan_from_removed, ranked_units,
+                                      removal_target, unit_cost)
+from pruneflow.execution.runtime import Runtime
+from pruneflow.selection.scores import Scores
 
 log = logging.getLogger(__name__)
 
@@ -128,37 +131,36 @@ def candidates_of(plans: list[PrunePlan], shapes: list[LayerShape]) -> Candidate
 
 
 def masked_loss(model: nn.Module, spec: ArchSpec, plan: PrunePlan, shapes: list[LayerShape],
-                windows: torch.Tensor, runtime: Runtime) -> float:
-    """Mean next-token loss of ``windows`` with what ``plan`` removes masked out of the dense ``model``."""
-    return masked_losses(model, spec, [plan], shapes, windows, runtime)[0]
+                windows: torch.Tensor, runtime: Runtime, objective: passes.Objective | None = None) -> float:
+    """Mean next-token loss (or ``objective``'s measure) of ``windows`` with what ``plan`` removes masked out of
+    the dense ``model``."""
+    return masked_losses(model, spec, [plan], shapes, windows, runtime, objective)[0]
 
 
 def masked_losses(model: nn.Module, spec: ArchSpec, plans: list[PrunePlan], shapes: list[LayerShape],
-                  windows: torch.Tensor, runtime: Runtime) -> list[float]:
+                  windows: torch.Tensor, runtime: Runtime, objective: passes.Objective | None = None) -> list[float]:
     """:func:`masked_loss` of each plan: one forward pass each over ``windows`` (the execution layer decides
     how: in memory, streamed with a generation's children sharing the passes over the blocks, or on workers)."""
     return passes.losses(model, spec, windows, candidates_of(plans, shapes), runtime,
-                            desc="allocation search").tolist()
+                         desc="allocation search", objective=objective).tolist()
 
 
 def search(model: nn.Module, spec: ArchSpec, scores: Scores, shapes: list[LayerShape], params: dict[str, int],
            cfg: SelectConfig, start: PrunePlan, windows: torch.Tensor, runtime: Runtime, budget: int,
-           fitness_windows: int, offspring: int, seed: int, method: str = "") -> SearchResult:
-    """Search the per-layer counts from ``start`` (see the module docstring); returns the best plan found."""
-    from tqdm import tqdm
-
-    from pruneflow.plan import removal_target
-
+           fitness_windows: int, offspring: int, seed: int, method: str = "", objective: str = "auto"
+           ) -> SearchResult:
+    """Search the per-layer counts from ``start`` (see the module docstring); returns the best plan found.
+    Candidates are measured by ``objective`` (``score.objective``; auto: next-token loss, on an encoder the
+    distance of the final hidden states to the dense model's)."""
     if budget < 1:
         raise PruneflowError("prune.search.budget must be at least 1 (candidates evaluated)")
     if "channels" not in cfg.units:
         raise PruneflowError("prune.allocation: search balances the exact ratio with MLP channels; "
                              "add channels to prune.units")
-    if not spec.causal_lm:
-        raise PruneflowError("prune.allocation: search scores candidates by next-token loss and needs a causal LM")
     rng = random.Random(seed)
     picked = sorted(rng.sample(range(len(windows)), min(fitness_windows, len(windows))))
     fit = windows[picked]
+    measure = passes.objective(model, spec, fit, runtime, objective)
     kinds = [head_unit(cfg.head_mode, shape) for shape in shapes]
     space = _Space(shapes, cfg, kinds)
     target = removal_target(shapes, params["non_embedding"], cfg)
@@ -176,13 +178,13 @@ def search(model: nn.Module, spec: ArchSpec, scores: Scores, shapes: list[LayerS
 
     parent = _counts(start, shapes, kinds)
     parent_plan = plan_of(parent)
-    parent_loss = start_loss = masked_loss(model, spec, parent_plan, shapes, fit, runtime)
+    parent_loss = start_loss = masked_loss(model, spec, parent_plan, shapes, fit, runtime, measure)
     evaluated, history = 1, [{"evaluated": 1, "loss": start_loss}]
     bar = tqdm(total=budget, initial=1, desc="allocation search", unit="candidate", leave=False)
     while evaluated < budget:
         children = [_mutate(parent, space, target, rng) for _ in range(min(offspring, budget - evaluated))]
         child_plans = [plan_of(child) for child in children]
-        losses = masked_losses(model, spec, child_plans, shapes, fit, runtime)
+        losses = masked_losses(model, spec, child_plans, shapes, fit, runtime, measure)
         evaluated += len(children)
         bar.update(len(children))
         best = min(zip(losses, range(len(children))))  # the first of equal losses, as before

@@ -11,7 +11,12 @@ import torch
 
 from pruneflow.execution.passes import nll_batches
 from pruneflow.errors import PruneflowError
-from pruneflow.runtime import Runtime
+from pruneflow.execution.runtime import Runtime
+from pruneflow.model.arch import count_parameters
+from pruneflow.model import checkpoint
+from pruneflow.model.export import export_gguf
+from pruneflow.data import calibration as C
+from pruneflow.model.sources import ModelSource, resolve
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +117,6 @@ def measure(model, tokenizer, spec, checkpoint_dir=None, test_stream: torch.Tens
             ppl_seqlen: int = PPL_SEQLEN, max_windows: int | None = None, speed: bool = True,
             decode_tokens: int = 64, runtime: Runtime | None = None) -> dict:
     """Parameters, size on disk, held-out perplexity and speed of one model, as a flat dict."""
-    from pruneflow.arch import count_parameters
-
     runtime = runtime or Runtime()
     counts = count_parameters(model)
     row = {"params": counts["total"], "non_embedding_params": counts["non_embedding"]}
@@ -200,9 +203,6 @@ def add_llama_cpp_speed(models: dict, rows: dict, ev, threads: int) -> None:
     import tempfile
     from pathlib import Path
 
-    from pruneflow import checkpoint
-    from pruneflow.export import export_gguf
-
     with tempfile.TemporaryDirectory(prefix="pruneflow-gguf-") as tmp:
         files = {}
         for name, source in models.items():
@@ -218,8 +218,6 @@ def add_llama_cpp_speed(models: dict, rows: dict, ev, threads: int) -> None:
 def check_streamed(models: dict, ev, runtime: Runtime, tasks: bool) -> None:
     """Before any model is measured: a model above the runtime's ``max_memory`` is streamed, and only its
     perplexity can be measured that way (speed and lm-eval tasks need it whole)."""
-    from pruneflow import checkpoint
-
     if runtime.max_memory is None:
         return
     for name, source in models.items():
@@ -236,10 +234,6 @@ def evaluate_dirs(models: dict, ev, runtime: Runtime | None = None, threads: int
     (``{name: directory, hub id or ModelSource}``), keyed by name. One model is in memory at a time: each is
     loaded, measured (then ``each(name, model, tokenizer, row)`` runs, e.g. lm-eval) and freed before the next.
     Encoders get cosine fidelity to the first."""
-    from pruneflow import calibration as C
-    from pruneflow import checkpoint
-    from pruneflow.sources import ModelSource, resolve
-
     runtime = runtime or Runtime()
     if threads:
         torch.set_num_threads(threads)

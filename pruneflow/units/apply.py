@@ -7,16 +7,16 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from pruneflow import arch as A
+from pruneflow.model import arch as A
 from pruneflow import units
 from pruneflow.execution import streaming
 from pruneflow.execution.lineage import note_applied
-from pruneflow.arch import ArchSpec
+from pruneflow.model.arch import ArchSpec
 from pruneflow.errors import PruneflowError
-from pruneflow.modeling_pruneflow import resize_block
-from pruneflow.plan import LayerPlan, LayerShape, PrunePlan
-from pruneflow import runtime as R  # R.accum_dtype: looked up at call time (tests simulate a device)
-from pruneflow.scores import Scores
+from pruneflow.model.modeling_pruneflow import resize_block
+from pruneflow.selection.plan import LayerPlan, LayerShape, PrunePlan
+from pruneflow.execution import runtime as R  # R.accum_dtype: looked up at call time (tests simulate a device)
+from pruneflow.selection.scores import Scores
 
 
 def layer_shapes(model: nn.Module, spec: ArchSpec) -> list[LayerShape]:
@@ -120,7 +120,7 @@ def apply_block(block: nn.Module, spec: ArchSpec, plan: PrunePlan, scores: Score
 
 def apply(model: nn.Module, plan: PrunePlan, spec: ArchSpec, scores: Scores | None = None) -> nn.Module:
     """Slice the model in place to what ``plan`` keeps; with ``plan.reconstruct == "bias"``, add FLAP's bias
-    compensation (``lstsq`` re-fits after slicing: :func:`pruneflow.reconstruct.refit`)."""
+    compensation (``lstsq`` re-fits after slicing: :func:`pruneflow.units.reconstruct.refit`)."""
     note_applied(model, plan, scores)  # replicas on workers replay it (pruneflow.execution.replicas)
     unit = units.holding(plan)
     if unit is not None:  # a unit with its own module removes itself (pruneflow.units)

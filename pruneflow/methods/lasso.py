@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pruneflow import runtime as R  # R.accum_dtype: float64, float32 on MPS (looked up at call time)
+from pruneflow.execution import runtime as R  # R.accum_dtype: float64, float32 on MPS (looked up at call time)
 
 log = logging.getLogger(__name__)
 

@@ -39,10 +39,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pruneflow import arch as A
-from pruneflow import mlp
+from pruneflow.model import arch as A
+from pruneflow.model import mlp
 from pruneflow.errors import PruneflowError
-from pruneflow.sources import ModelSource, resolve
+from pruneflow.model.sources import ModelSource, resolve
+from pruneflow.model import checkpoint as C
+from pruneflow.execution.streaming import LazyWeights
+from pruneflow.atomic import atomic_dir
+from pruneflow.execution.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +89,6 @@ PRE_TOKENIZERS = {
 @dataclass
 class Block:
     """One block as llama.cpp will see it."""
-
     heads: int
     kv_heads: int
     channels: int  # MoE: one expert's width
@@ -114,7 +117,6 @@ class Block:
 @dataclass
 class Layout:
     """What the GGUF file will hold: its architecture, per-block widths and the hyper-parameters it needs."""
-
     arch: str
     family: str
     blocks: list[Block]
@@ -437,9 +439,6 @@ def export_gguf(checkpoint: str | Path | ModelSource, out: Path, dtype: str = "a
     """
     import gguf
 
-    from pruneflow import checkpoint as C
-    from pruneflow.execution.streaming import LazyWeights
-
     out = Path(out)
     if out.exists() and not overwrite:
         raise PruneflowError(f"output file {out} already exists; choose another or pass --force")
@@ -563,9 +562,6 @@ def export_onnx(checkpoint: str | Path | ModelSource, out_dir: Path, overwrite: 
     except ImportError as err:
         raise PruneflowError(f"ONNX export needs onnx, onnxscript and onnxruntime: pip install 'pruneflow[onnx]' "
                              f"({err})") from None
-    from pruneflow import checkpoint as C
-    from pruneflow.atomic import atomic_dir
-    from pruneflow.runtime import Runtime
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:

@@ -8,7 +8,7 @@ Memory: pruning and LoRA leave the LM head alone, so the teacher's logits are th
 teacher's final hidden states. Those are either computed per step by the teacher in memory, or — when they take
 less room than the teacher's weights (:func:`precompute_pays`) — computed once for every step's batch before
 training (:func:`teacher_states`), after which the teacher is not needed. Losses over the vocabulary are chunked
-(``pruneflow.losses``); gradient checkpointing turns on where a batch's activations would not fit otherwise.
+(``pruneflow.execution.losses``); gradient checkpointing turns on where a batch's activations would not fit otherwise.
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pruneflow import mlp
-from pruneflow.arch import ArchSpec
+from pruneflow.model import mlp
+from pruneflow.model.arch import ArchSpec
 from pruneflow.errors import PruneflowError
-from pruneflow.losses import hidden_states, lm_parts, training_losses
-from pruneflow.params import RecoverParams
-from pruneflow.runtime import Runtime
+from pruneflow.execution.losses import hidden_states, lm_parts, training_losses
+from pruneflow.pipeline.params import RecoverParams
+from pruneflow.execution.runtime import Runtime
+from pruneflow.execution.lineage import note_changed
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,6 @@ class RecoveryResult:
 @dataclass
 class TeacherStates:
     """The teacher's final hidden states for every training step's batch (host memory, the model's dtype)."""
-
     states: list[torch.Tensor]
     head_digest: str  # sha256 of the teacher's LM head: the student's must be the same weights
     head: nn.Module | None = None  # the teacher's head itself, kept when the student's is narrower (hidden unit)
@@ -152,7 +152,6 @@ def recover(model: nn.Module, windows: torch.Tensor, spec: ArchSpec, cfg: Recove
     student, history = train_lora(model, windows, spec, cfg, teacher, runtime, checkpointing)
     merged = student.merge_and_unload()
     merged.eval()
-    from pruneflow.execution.lineage import note_changed
 
     note_changed(merged, "LoRA adapters were merged into it")
     return RecoveryResult(model=merged, history=history, seconds=time.perf_counter() - started,

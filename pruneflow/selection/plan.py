@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from pruneflow.errors import PruneflowError
-from pruneflow.scores import Scores, zscore
+from pruneflow.selection.scores import Scores, zscore
 
 
 @dataclass

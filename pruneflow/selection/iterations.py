@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from pruneflow.execution import streaming
-from pruneflow.plan import LayerShape, PrunePlan
+from pruneflow.selection.plan import LayerShape, PrunePlan
 from pruneflow.sizes import format_size
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
-from pruneflow import arch as A
-from pruneflow.arch import ArchSpec
+from pruneflow.model import arch as A
+from pruneflow.model.arch import ArchSpec
 
 
 @contextmanager

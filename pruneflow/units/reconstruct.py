@@ -1,7 +1,7 @@
 """Forward-only weight reconstruction after structured removal (``prune.reconstruct``).
 
 ``bias``: FLAP's compensation — the removed input channels of o_proj / down_proj are replaced by their mean
-contribution, a bias (:func:`pruneflow.apply._compensation`). Methods that do not compute input means
+contribution, a bias (:func:`pruneflow.units.apply._compensation`). Methods that do not compute input means
 themselves get them from one calibration pass of the dense model (:func:`input_means`).
 
 ``lstsq``: block by block in order, with the blocks before it already pruned and re-fitted, the kept input
@@ -17,6 +17,12 @@ accumulation dtype (float64) and solved by Cholesky. The damping follows GPTQ/Sp
 mean diagonal of G (not tuned on any text), and pulls the fit towards the dense weights where the calibration
 data says little. o_proj is fitted first; down_proj is then fitted on the MLP inputs the re-fitted attention
 produces. The config stays vanilla (no bias is added).
+
+The target is the projection's own output, before the residual add, in every family. In a post-LN encoder
+(BERT: ``attention.output.dense`` and ``output.dense``, each followed by dropout, the residual add and a
+LayerNorm) that is the dense model's dense-layer output on its own activations: the LayerNorm then sees the sum it
+would see densely wherever the fit is exact — the fit does not target the normalised output, whose scale the
+LayerNorm removes anyway.
 
 It works a block at a time in every case — the dense block and its pruned copy are the only weights it holds
 beyond the model: in memory the block is sliced and re-fitted in place of the dense one; for a streamed model
@@ -36,16 +42,18 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from pruneflow import arch as A
+from pruneflow.model import arch as A
 from pruneflow.execution import blockwise, streaming
 from pruneflow.execution.blockwise import DenseBlocks
-from pruneflow.arch import ArchSpec
+from pruneflow.model.arch import ArchSpec
 from pruneflow.errors import PruneflowError
-from pruneflow.plan import PrunePlan
-from pruneflow.runtime import Runtime
-from pruneflow.inputs import stats_hooks
-from pruneflow.scores import Scores
+from pruneflow.selection.plan import PrunePlan
+from pruneflow.execution.runtime import Runtime
+from pruneflow.methods.inputs import stats_hooks
+from pruneflow.selection.scores import Scores
 from pruneflow.sizes import format_size
+from pruneflow.units.apply import apply_block
+from pruneflow.execution.lineage import note_changed
 
 log = logging.getLogger(__name__)
 
@@ -253,9 +261,6 @@ def refit(model: nn.Module, spec: ArchSpec, plan: PrunePlan, scores: Scores | No
     the dense blocks are read from the files. Returns a per-block report (relative error before/after).
     """
     from tqdm import tqdm
-
-    from pruneflow.apply import apply_block
-    from pruneflow.execution.lineage import note_changed
 
     note_changed(model, "its o_proj/down_proj were re-fitted by least squares")
     head_dim = A.geometry(model.config).head_dim

@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pruneflow import packaged
-from pruneflow.corpus import sha256_file
+from pruneflow.data import packaged
+from pruneflow.data.corpus import sha256_file
 from pruneflow.errors import PruneflowError
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(@(?P<revision>[\w./-]+))?$")

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pruneflow import corpus
+from pruneflow.data import corpus
+from pruneflow.data.corpus import parse_hf
 from pruneflow.atomic import atomic_dir
 from pruneflow.errors import PruneflowError
 
@@ -43,15 +44,6 @@ def _read_jsonl(path: Path) -> list[str]:
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise PruneflowError(f"{path}:{number}: expected a JSON object with a 'text' field ({err})") from err
     return docs
-
-
-def parse_hf(source: str) -> tuple[str, str | None, str | None]:
-    """``hf:NAME[:CONFIG][:SPLIT]`` → (NAME, CONFIG or None, SPLIT or None)."""
-    parts = source.removeprefix("hf:").split(":")
-    if not parts[0] or len(parts) > 3 or any(not p for p in parts[1:]):
-        raise PruneflowError(f"text source {source!r}: expected hf:NAME[:CONFIG][:SPLIT], e.g. "
-                             f"hf:wikitext:wikitext-2-raw-v1:test")
-    return parts[0], (parts[1] if len(parts) > 1 else None), (parts[2] if len(parts) > 2 else None)
 
 
 def read_source(source: str, split: str = "train", what: str = "calibration source") -> tuple[list[str], str]:

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pruneflow import corpus
-from pruneflow.evaluate import perplexity
+from pruneflow.data import corpus
+from pruneflow.evaluation.evaluate import perplexity
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Scores from the inputs a block's linear layers see: the calibration statistics most scorers share (the input
-moments of o_proj and down_proj, :class:`~pruneflow.stats.InputStats`), collected through the execution layer's
+moments of o_proj and down_proj, :class:`~pruneflow.execution.stats.InputStats`), collected through the execution layer's
 calibration pass (sums over tokens: fanned out over ``--workers`` when there are any)."""
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from pruneflow import arch as A
-from pruneflow import mlp as M
-from pruneflow.arch import ArchSpec
+from pruneflow.model import arch as A
+from pruneflow.model import mlp as M
+from pruneflow.model.arch import ArchSpec
 from pruneflow.execution.passes import calibration_pass
-from pruneflow.runtime import Runtime
-from pruneflow.scores import Scores, zscore
-from pruneflow.stats import InputStats
+from pruneflow.execution.runtime import Runtime
+from pruneflow.selection.scores import Scores, zscore
+from pruneflow.execution.stats import InputStats
 
 
 def stats_hooks(spec: ArchSpec, runtime: Runtime, attn_stats: list, mlp_stats: list) -> Callable:

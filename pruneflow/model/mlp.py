@@ -16,9 +16,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from pruneflow import arch as A
-from pruneflow.arch import ArchSpec
-from pruneflow.stats import InputStats
+from pruneflow.model import arch as A
+from pruneflow.model.arch import ArchSpec
+from pruneflow.execution.stats import InputStats
 
 
 class Dense:
