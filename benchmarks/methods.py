@@ -35,7 +35,7 @@ def run_one(job: dict) -> dict:
     from pruneflow.data import calibration as C
     from pruneflow.model import checkpoint
     from pruneflow.data import corpus
-    from pruneflow.evaluation.evaluate import compare_speed, embedding_fidelity, measure
+    from pruneflow.evaluation.evaluate import compare_speed, embedding_fidelity, held_out_sentences, measure
     from pruneflow.pipeline.params import BonsaiParams, PruneParams
     from pruneflow.prune import prune
     from pruneflow.execution.runtime import Runtime
@@ -50,9 +50,10 @@ def run_one(job: dict) -> dict:
                                getattr(model.config, "max_position_embeddings", None))
         started = time.perf_counter()
         cfg = PruneParams(ratio=job["ratio"], allocation=job["allocation"], units=job["units"],
-                          reconstruct=reconstruction(job))
+                          reconstruct=reconstruction(job), **({"search": job["search"]} if "search" in job else {}))
         result = prune(model, spec, job["method"], cfg, windows, seed=job["seed"],
-                       options=BonsaiParams(**job.get("bonsai", {})), runtime=runtime)
+                       options=BonsaiParams(**job.get("bonsai", {})), runtime=runtime,
+                       objective=job.get("objective", "auto"))
         row.update(prune_seconds=time.perf_counter() - started, score_seconds=result.seconds["score"],
                    achieved_ratio=result.plan.params["achieved_ratio"])
     test_docs = corpus.load_split("test")
@@ -72,7 +73,7 @@ def run_one(job: dict) -> dict:
             row.update(llama_cpp_speeds(model, tokenizer, spec, job))
     else:
         dense, _, _ = checkpoint.load(job["model"], runtime)
-        sentences = [s for doc in test_docs[:100] for s in doc.split(". ")[:4]]
+        sentences = held_out_sentences(test_docs, 100)
         row.update(measure(model, tokenizer, spec, None, None, speed=False, runtime=runtime),
                    fidelity=embedding_fidelity(dense, model, tokenizer, sentences, runtime))
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -158,7 +159,7 @@ def reconstruction(row: dict) -> str:
 
 def _key(job: dict) -> tuple:
     return (job["model"], job["method"], job["ratio"], job["allocation"], job["seed"], reconstruction(job),
-            json.dumps(job.get("bonsai", {}), sort_keys=True))
+            json.dumps(job.get("bonsai", {}), sort_keys=True), job.get("objective", "auto"))
 
 
 def main() -> None:
@@ -176,6 +177,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N | mps")
     parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's) | bfloat16 | float16 | float32")
     parser.add_argument("--no-encoder", dest="encoder", action="store_false")
+    parser.add_argument("--objective", default="auto",
+                        help="score.objective of every row (auto | loss | kl | hidden): what bonsai, sleb, "
+                             "blockpruner and allocation: search measure candidates by")
     parser.add_argument("--models", nargs="+", default=["reference"],
                         help="committed models under models/: reference, reference-deep")
     parser.add_argument("--reconstructs", nargs="*", default=[],
@@ -199,6 +203,8 @@ def main() -> None:
     rows = []
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     todo = jobs(args)
+    if args.objective != "auto":
+        todo = [{**job, "objective": args.objective} for job in todo if job["method"] != "dense"]
     kept: list[dict] = []
     if args.merge and args.out.exists():
         kept = json.loads(args.out.read_text())["rows"]

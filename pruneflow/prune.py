@@ -20,7 +20,7 @@ from pruneflow.model.arch import ArchSpec
 from pruneflow.errors import PruneflowError
 from pruneflow.selection.iterations import IterationStore, compose, fingerprint
 from pruneflow.execution.objectives import resolve as resolve_objective
-from pruneflow.methods import CAUSAL_LM, METHODS, OBJECTIVE, SCORERS
+from pruneflow.methods import CAUSAL_LM, METHODS, NORMS, OBJECTIVE, SCORERS
 from pruneflow.methods.options import Options
 from pruneflow.pipeline.params import PruneParams, check_method
 from pruneflow.selection.plan import LayerPlan, PrunePlan, SelectConfig, accounting, removed_parameters, select
@@ -59,6 +59,10 @@ def check_model(method: str, spec: ArchSpec, cfg: PruneParams | None = None, obj
                              f"an encoder: use {usable}")
     if cfg is not None:
         units.check_settings(spec, cfg.for_method(method), method)
+    if NORMS in METHODS[method].needs and not spec.norms:
+        raise PruneflowError(f"method {method} reads the outputs of each block's norms; this architecture's "
+                             f"ArchSpec names none ({'an encoder' if not spec.causal_lm else 'no norms'}): use "
+                             f"wanda_sp or flap for its heads and channels")
     if uses_objective(method, cfg):
         resolve_objective(objective, spec.causal_lm)
     elif objective != "auto":

@@ -106,6 +106,11 @@ def mean_pooled_embeddings(model, tokenizer, sentences: list[str], batch_size: i
     return torch.cat(out)
 
 
+def held_out_sentences(docs: list[str], count: int, per_doc: int = 4) -> list[str]:
+    """The first ``per_doc`` sentences of each of the first ``count`` documents: an encoder's fidelity set."""
+    return [s for doc in docs[:count] if doc for s in doc.split(". ")[:per_doc]]
+
+
 def embedding_fidelity(dense, pruned, tokenizer, sentences: list[str], runtime: Runtime | None = None) -> float:
     """Mean cosine similarity between dense and pruned sentence embeddings."""
     a = mean_pooled_embeddings(dense, tokenizer, sentences, runtime=runtime)
@@ -241,7 +246,7 @@ def evaluate_dirs(models: dict, ev, runtime: Runtime | None = None, threads: int
     check_streamed(models, ev, runtime, tasks=each is not None)
     text = C.read_source(ev.source, split="test", what=C.HELD_OUT)  # a missing file or dataset: said before any model loads
     rows, reference, causal_lm = {}, None, True
-    sentences = [s for doc in text[0][:64] if doc for s in doc.split(". ")[:4]]
+    sentences = held_out_sentences(text[0], 64)
     for name, source in models.items():
         log.info("evaluating %s on %s", source.name, runtime)
         model, tokenizer, spec = checkpoint.load(source, runtime, stream=True, calibration=(8, ev.ppl_seqlen),

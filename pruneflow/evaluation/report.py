@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+from pruneflow.units import kept_of
+
 COLUMNS = [  # (header, key in a model's row, format)
     ("params", "params", "{:,}"),
     ("size MB", "size_mb", "{:.1f}"),
@@ -114,15 +116,16 @@ def kept_heatmap(plan: dict, dense_widths: dict, out_png) -> None:
     import matplotlib.pyplot as plt
 
     n_layers = dense_widths["layers"]
-    kept_layers = plan.get("kept_layers") or list(range(n_layers))
+    kept_units = kept_of(plan)  # a plan written with a field per unit reads the same
+    kept_layers = kept_units.get("layers") or list(range(n_layers))
     rows = {"query heads": ("kept_heads", dense_widths["heads"]), "KV heads": ("kept_kv_heads", dense_widths["kv_heads"]),
             "MLP channels": ("kept_channels", dense_widths["channels"])}
-    if plan.get("kept_experts") and dense_widths.get("experts"):
+    if kept_units.get("experts") and dense_widths.get("experts"):
         rows["experts"] = ("kept_experts", dense_widths["experts"])
     grid = [[0.0] * n_layers for _ in rows]
     for new_index, layer in enumerate(kept_layers):
         entry = plan["layers"][new_index] if len(plan["layers"]) == len(kept_layers) else plan["layers"][layer]
-        entry = {**entry, "kept_experts": (plan.get("kept_experts") or [None] * n_layers)[layer]}
+        entry = {**entry, "kept_experts": (kept_units.get("experts") or [None] * n_layers)[layer]}
         for r, (key, total) in enumerate(rows.values()):
             kept = entry.get(key)
             grid[r][layer] = 1.0 if kept is None else len(kept) / total

@@ -17,6 +17,7 @@ from pruneflow.units import ALLOCATIONS, WIDTH_UNITS
 
 ACTIVATIONS, GRADIENTS, CAUSAL_LM, RATIO = "activations", "gradients", "causal_lm", "ratio"
 OBJECTIVE = "objective"  # scores candidate sub-models by ``score.objective`` (loss, kl, hidden: any architecture)
+NORMS = "norms"  # reads the outputs of each block's norms (an ArchSpec that names them)
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class Method:
     module: str  # the module of this package whose ``score`` it is
     summary: str
     units: tuple[str, ...] = WIDTH_UNITS  # unit types it scores
-    needs: frozenset[str] = frozenset()  # ACTIVATIONS, GRADIENTS, CAUSAL_LM, RATIO, OBJECTIVE
+    needs: frozenset[str] = frozenset()  # ACTIVATIONS, GRADIENTS, CAUSAL_LM, RATIO, OBJECTIVE, NORMS
     allocation: str = "uniform"  # what prune.allocation: auto means for it
     allocations: tuple[str, ...] = ALLOCATIONS  # the allocations it supports
     reconstruct: str = "none"  # what prune.reconstruct: auto means for it
@@ -85,7 +86,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            options=BonsaiParams, streams=True),
     Method("minitron", "minitron", "Minitron: activation magnitude, mean |x| over the sequence then L2 over the "
            "batch, of the norm outputs (hidden), o_proj inputs (heads), down_proj inputs (channels)",
-           units=("hidden", "heads", "channels"), needs=frozenset({ACTIVATIONS}), allocations=("uniform",),
+           units=("hidden", "heads", "channels"), needs=frozenset({ACTIVATIONS, NORMS}), allocations=("uniform",),
            auto_units=("hidden",)),  # hidden channels are sliced in memory: no streaming
     Method("router_weighted", "router_weighted", "experts (MoE): Σ over the tokens routed to an expert of gate weight "
            "× ‖its output‖₂ (router frequency × gate weight × output norm; MoE-Pruner's router hint per expert)",

@@ -189,6 +189,9 @@ def score(model, spec, windows, runtime=None, seed: int = 0, config: BonsaiParam
     runtime.free()  # the prior's forward pass is done: its activations are not needed by the sub-models
     keep, candidates = sample_masks(modules, priors, config.prune_frac, config.sub_models, config.drop_count,
                                     generator)
+    if not bool(candidates.any()):
+        raise PruneflowError(f"bonsai iteration {iteration}: no {' or '.join(units)} left to remove (every module is "
+                             f"at its smallest width); lower prune.ratio or allow more unit types")
     fit_windows = windows[: config.n_windows]
     measure = passes.objective(model, spec, fit_windows, runtime, objective)
     losses = submodel_losses(model, spec, modules, keep, fit_windows, config.rows_per_forward,

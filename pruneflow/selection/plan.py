@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from pruneflow.errors import PruneflowError
+from pruneflow.units import OLD_KEPT, kept_of
 from pruneflow.selection.scores import Scores, zscore
 
 
@@ -43,14 +44,29 @@ class PrunePlan:
     seed: int
     layers: list[LayerPlan]
     params: dict = field(default_factory=dict)  # before/after/achieved ratio, filled by select
-    kept_layers: list[int] | None = None  # blocks kept (None: all); ``layers`` still has one entry per block
-    kept_hidden: list[int] | None = None  # hidden channels kept (None: all; the hidden unit, pruneflow.units.hidden)
-    kept_experts: list[list[int]] | None = None  # per block, the experts kept (None: all; pruneflow.units.experts)
-    # per block and expert, the channels kept (None: all; the channels unit of an MoE model, expert_channels)
-    kept_expert_channels: list[list[list[int]]] | None = None
-    # what a unit with its own module keeps or does beyond block widths, by unit type (pruneflow.units), e.g.
-    # merged_layers: {"merges": [[base, m], ...]}
+    # what the plan keeps beyond block widths, one entry per unit type (absent: all of it kept) —
+    #   layers           the blocks kept (``layers`` above still has one entry per block of the dense model)
+    #   hidden           the hidden channels kept (pruneflow.units.hidden)
+    #   experts          per block, the experts kept (pruneflow.units.experts)
+    #   expert_channels  per block and expert, the channels kept (pruneflow.units.expert_channels)
+    #   merged_layers    {"merges": [[base, m], ...], "formula": ...} (pruneflow.units.merged_layers)
     kept: dict = field(default_factory=dict)
+
+    @property
+    def kept_layers(self) -> list[int] | None:
+        return self.kept.get("layers")
+
+    @property
+    def kept_hidden(self) -> list[int] | None:
+        return self.kept.get("hidden")
+
+    @property
+    def kept_experts(self) -> list[list[int]] | None:
+        return self.kept.get("experts")
+
+    @property
+    def kept_expert_channels(self) -> list[list[list[int]]] | None:
+        return self.kept.get("expert_channels")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -61,6 +77,9 @@ class PrunePlan:
         if "compensate" in data:  # plans written before prune.reconstruct
             data["reconstruct"] = "bias" if data.pop("compensate") else "none"
         data["layers"] = [LayerPlan(**layer) for layer in data["layers"]]
+        data["kept"] = kept_of(data)  # plans written with a field per unit
+        for old in OLD_KEPT:
+            data.pop(old, None)
         return cls(**data)
 
     @classmethod
@@ -345,7 +364,7 @@ def plan_from_removed(scores: Scores, shapes: list[LayerShape], params: dict[str
                      units=list(cfg.units), round_to=cfg.round_to, reconstruct=cfg.reconstruct, seed=seed,
                      layers=[_layer_plan(i, s, removed, scores, cfg) for i, s in enumerate(shapes)])
     if "layers" in cfg.units:
-        plan.kept_layers = [i for i in range(len(shapes)) if not removed.get((i, "layer"))]
+        plan.kept["layers"] = [i for i in range(len(shapes)) if not removed.get((i, "layer"))]
     gone = removed_parameters(plan, shapes)
     plan.params = accounting(params, gone)
     return plan

@@ -56,6 +56,17 @@ ALIASES = {"mlp": "channels"}  # the name params files used before; still read
 MODULES = ("hidden", "experts", "expert_channels", "subblocks", "merged_layers")  # the units with their own module, in the order they claim
 
 
+OLD_KEPT = {"kept_layers": "layers", "kept_hidden": "hidden", "kept_experts": "experts",
+            "kept_expert_channels": "expert_channels"}  # plan.json fields before ``kept``: still read
+
+
+def kept_of(plan: dict) -> dict:
+    """A plan.json's ``kept`` mapping (unit type → what it keeps), from a plan written with a field per unit too."""
+    kept = dict(plan.get("kept") or {})
+    kept.update({unit: plan[old] for old, unit in OLD_KEPT.items() if plan.get(old) is not None})
+    return kept
+
+
 def modules() -> list:
     """The unit modules (imported on first use)."""
     return [importlib.import_module(f"{__name__}.{name}") for name in MODULES]

@@ -144,7 +144,7 @@ def select(model: nn.Module, spec: ArchSpec, scores: Scores, cfg: SelectConfig, 
                      units=["channels"], round_to=cfg.round_to, reconstruct="none", seed=seed,
                      layers=[LayerPlan.full(w["heads"], w["kv_heads"], w["channels"] - n)
                              for w, n in zip(layer_widths, counts)],
-                     kept_expert_channels=kept)
+                     kept={"expert_channels": kept})
     gone = sum(n * cost for n, (_, cost) in zip(counts, widths))
     plan.params = accounting(params, gone) | {
         "expert_width_before": [w for w, _ in widths],

@@ -162,7 +162,7 @@ def select(model: nn.Module, spec: ArchSpec, scores: Scores, cfg: SelectConfig, 
     plan = PrunePlan(method=method, ratio=cfg.ratio, allocation=cfg.allocation, head_mode=cfg.head_mode,
                      units=["experts"], round_to=cfg.round_to, reconstruct="none", seed=seed,
                      layers=[LayerPlan.full(w["heads"], w["kv_heads"], w["channels"]) for w in widths],
-                     kept_experts=kept)
+                     kept={NAME: kept})
     gone = sum((experts - len(k)) * cost for k, (experts, _, cost) in zip(kept, counts))
     plan.params = accounting(params, gone) | {
         "experts_before": [experts for experts, _, _ in counts], "experts_after": [len(k) for k in kept]}

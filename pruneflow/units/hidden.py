@@ -31,11 +31,15 @@ READERS = ("q", "k", "v", "gate", "up")  # projections whose input is the residu
 WRITERS = ("o", "down")  # projections whose output is added to it
 
 
-def check(model: nn.Module, spec: ArchSpec) -> None:
-    """Refuse a model whose hidden dimension this module cannot slice consistently."""
+def check_arch(spec: ArchSpec) -> None:
     if not spec.norms or spec.final_norm is None or not spec.causal_lm:
         raise PruneflowError("prune.units: hidden is supported for decoder LMs whose ArchSpec names their norms "
                              "(llama, mistral, qwen2, qwen3), not this architecture")
+
+
+def check(model: nn.Module, spec: ArchSpec) -> None:
+    """Refuse a model whose hidden dimension this module cannot slice consistently."""
+    check_arch(spec)
     if getattr(model.config, "model_type", "").startswith(A.PRUNED_PREFIX):
         raise PruneflowError("prune.units: hidden needs a checkpoint with uniform widths; this one has per-layer "
                              "widths (prune the hidden dimension first, then heads and channels)")
@@ -102,7 +106,7 @@ def select(model: nn.Module, spec: ArchSpec, scores: Scores, cfg: SelectConfig, 
     plan = PrunePlan(method=method, ratio=cfg.ratio, allocation=cfg.allocation, head_mode=cfg.head_mode,
                      units=["hidden"], round_to=cfg.round_to, reconstruct="none", seed=seed,
                      layers=[LayerPlan.full(w["heads"], w["kv_heads"], w["channels"]) for w in widths],
-                     kept_hidden=sorted(int(i) for i in order[:kept]))
+                     kept={NAME: sorted(int(i) for i in order[:kept])})
     gone = (hidden - kept) * cost
     plan.params = accounting(params, gone, (hidden - kept) * embedding_cost) | {"hidden_before": hidden,
                                                                                "hidden_after": kept}
@@ -150,7 +154,9 @@ def claims(units, spec: ArchSpec) -> bool:
 
 
 def check_settings(spec: ArchSpec, cfg, method: str | None = None) -> None:
-    """Nothing to refuse before the model is loaded: :func:`check` needs the model."""
+    """The architecture's refusal, before the model is loaded (the rest of :func:`check` needs the model)."""
+    if claims(tuple(cfg.units), spec):
+        check_arch(spec)
 
 
 def check_model(model: nn.Module, spec: ArchSpec, cfg) -> None:

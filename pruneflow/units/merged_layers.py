@@ -9,7 +9,7 @@ an already merged block). The result has fewer blocks of unchanged widths: a sto
 the family's own GGUF architecture).
 
 Scores carry the merges the method accepted (``Scores.extra["merges"]``, (k, 2) of base, m); the plan keeps them
-(``plan.kept["merged_layers"]``) with the surviving blocks' original indices in ``kept_layers``.
+(``plan.kept["merged_layers"]``) with the surviving blocks' original indices in ``plan.kept["layers"]``.
 """
 
 from __future__ import annotations
@@ -122,7 +122,8 @@ def select(model: nn.Module, spec: ArchSpec, scores: Scores, cfg: SelectConfig, 
     plan = PrunePlan(method=method, ratio=cfg.ratio, allocation="global", head_mode=cfg.head_mode, units=[NAME],
                      round_to=cfg.round_to, reconstruct="none", seed=seed,
                      layers=[LayerPlan.full(s.heads, s.kv_heads, s.channels) for s in shapes],
-                     kept_layers=survivors(len(shapes), merges), kept={NAME: {"merges": merges, "formula": formula}})
+                     kept={"layers": survivors(len(shapes), merges),
+                                           NAME: {"merges": merges, "formula": formula}})
     gone = removed_parameters(plan, shapes)
     plan.params = accounting(params, gone)
     return plan

@@ -227,7 +227,7 @@ def test_the_stages_prune_recover_and_evaluate_expert_channels(tmp_path, moe_che
         result = run("stage", name, "--params", params, "--artifacts", artifacts)
         assert result.exit_code == 0, result.output
     plan = json.loads((artifacts / "model" / "plan.json").read_text())
-    widths = [len(layer[0]) for layer in plan["kept_expert_channels"]]
+    widths = [len(layer[0]) for layer in plan["kept"]["expert_channels"]]
     assert plan["allocation"] == "global" and max(widths) < 32
     config = json.loads((artifacts / "model" / "config.json").read_text())
     if len(set(widths)) == 1:

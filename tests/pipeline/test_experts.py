@@ -170,7 +170,7 @@ def test_the_stages_prune_recover_and_evaluate_experts(method, allocation, tmp_p
         result = run("stage", name, "--params", params, "--artifacts", artifacts)
         assert result.exit_code == 0, result.output
     plan = json.loads((artifacts / "model" / "plan.json").read_text())
-    counts = [len(k) for k in plan["kept_experts"]]
+    counts = [len(k) for k in plan["kept"]["experts"]]
     assert min(counts) >= 2 and sum(counts) < 3 * 8
     for name in ("model", "recovered"):
         config = json.loads((artifacts / name / "config.json").read_text())
@@ -217,7 +217,7 @@ def test_cli_prune_removes_experts_and_refuses_an_impossible_ratio(moe_checkpoin
                              "--ratio", 0.3, "--set", "score.expert_drop.max_combinations=1000"))
     assert result.exit_code == 0, result.output
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
-    assert plan["units"] == ["experts"] and len({len(k) for k in plan["kept_experts"]}) == 1
+    assert plan["units"] == ["experts"] and len({len(k) for k in plan["kept"]["experts"]}) == 1
     result = run(*prune_args(moe_checkpoint, tmp_path / "bad", calibration_txt, "--method", "router_weighted",
                              "--ratio", 0.7))
     assert result.exit_code == 2 and "fewer than its top-k" in result.output

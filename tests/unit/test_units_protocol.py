@@ -35,12 +35,29 @@ def test_a_plan_is_held_by_the_unit_that_wrote_it_and_old_plans_are_block_widths
     base = dict(method="m", ratio=0.3, allocation="global", head_mode="auto", units=["heads"], round_to=1,
                 reconstruct="none", seed=0, layers=[])
     assert units.holding(PrunePlan(**base)) is None
-    assert units.holding(PrunePlan(**base, kept_hidden=[0, 1])).NAME == "hidden"
-    assert units.holding(PrunePlan(**base, kept_experts=[[0]])).NAME == "experts"
-    assert units.holding(PrunePlan(**base, kept_expert_channels=[[[0]]])).NAME == "expert_channels"
+    assert units.holding(PrunePlan(**base, kept={"hidden": [0, 1]})).NAME == "hidden"
+    assert units.holding(PrunePlan(**base, kept={"experts": [[0]]})).NAME == "experts"
+    assert units.holding(PrunePlan(**base, kept={"expert_channels": [[[0]]]})).NAME == "expert_channels"
     assert units.holding(PrunePlan(**base, kept={"merged_layers": {"merges": []}})).NAME == "merged_layers"
     old = PrunePlan.from_dict({k: v for k, v in base.items()})  # a plan.json written before plan.kept
     assert old.kept == {} and units.holding(old) is None
+
+
+def test_a_plan_keeps_one_mapping_per_unit_type_and_reads_the_fields_it_had_before():
+    """plan.json: ``kept`` holds what every unit keeps beyond block widths; plans written with a field per unit
+    (kept_layers, kept_hidden, kept_experts, kept_expert_channels; None: all kept) read into it."""
+    import json
+
+    base = dict(method="m", ratio=0.3, allocation="global", head_mode="auto", units=["layers"], round_to=1,
+                reconstruct="none", seed=0, layers=[])
+    old = PrunePlan.from_dict({**base, "kept_layers": [0, 2], "kept_hidden": None, "kept_experts": [[1, 3]],
+                               "kept_expert_channels": None, "kept": {}})
+    assert old.kept == {"layers": [0, 2], "experts": [[1, 3]]}
+    assert (old.kept_layers, old.kept_experts, old.kept_hidden) == ([0, 2], [[1, 3]], None)
+    written = json.loads(old.to_json())
+    assert written["kept"] == {"layers": [0, 2], "experts": [[1, 3]]}
+    assert not any(key.startswith("kept_") for key in written)
+    assert PrunePlan.from_dict(written) == old
 
 
 @pytest.mark.parametrize("family", FAMILIES)
