@@ -129,6 +129,7 @@ class Pool:
         dtype = str(runtime.dtype).removeprefix("torch.") if runtime.dtype else None
         self.actors = [actor.remote(device, dtype, runtime.max_memory) for _ in range(count)]
         self.lineage_key, self.lineage_ref = None, None
+        self.objective, self.objective_ref = None, None
         log.info("%d Ray worker(s) on %s, one model replica each", count, "GPUs" if gpu else "CPUs")
 
     def batch_sums(self, lineage: Lineage, windows, candidates, batches, desc: str, objective
@@ -139,8 +140,10 @@ class Pool:
         total = len(batches.owners)
         cuts = [round(total * k / len(self.actors)) for k in range(len(self.actors) + 1)]
         runs = [(actor, a, b) for actor, a, b in zip(self.actors, cuts, cuts[1:]) if b > a]
-        futures = [actor.batch_sums.remote(key, [self.lineage_ref], windows, candidates, batches.part(a, b), objective)
-                   for actor, a, b in runs]
+        if objective is not self.objective:  # a reference of (windows × T × D) goes to the store once, not per call
+            self.objective, self.objective_ref = objective, self.ray.put(objective)
+        futures = [actor.batch_sums.remote(key, [self.lineage_ref], windows, candidates, batches.part(a, b),
+                                           self.objective_ref) for actor, a, b in runs]
         sizes = {future.hex(): b - a for future, (_, a, b) in zip(futures, runs)}
         with tqdm(total=total, desc=f"{desc} ({len(futures)} workers)", unit="batch", leave=False) as bar:
             pending = list(futures)

@@ -100,9 +100,13 @@ def test_losses_equal_local_bit_for_bit_and_workers_rebuild_the_pruned_model(ray
         first = prune(model, spec, "sleb", PruneParams(ratio=0.2, units=["layers"]), WINDOWS, runtime=runtime)
         assert len(A.blocks(model, spec)) == 3  # pruned in place: the workers must replay this plan
         candidates = Candidates.of_blocks([set(), {0}, {1}, {2}, {0, 2}], 3)
-        results.append((first.plan.to_json(), passes.losses(model, spec, WINDOWS, candidates, runtime, 5)))
+        measured = [passes.losses(model, spec, WINDOWS, candidates, runtime, 5,
+                                  objective=passes.objective(model, spec, WINDOWS, runtime, kind))
+                    for kind in ("loss", "kl", "hidden")]  # the objective's reference travels to the workers
+        results.append((first.plan.to_json(), measured))
     assert results[0][0] == results[1][0]
-    assert torch.equal(results[0][1], results[1][1])
+    for local, fanned in zip(results[0][1], results[1][1]):
+        assert torch.equal(local, fanned)
 
 
 def test_a_worker_that_cannot_load_the_model_is_a_clear_error(ray_workers, saved, tmp_path):
