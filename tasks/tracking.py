@@ -188,7 +188,7 @@ def register_model(repo: str, run_id: str, workspace: str, name: str) -> dict:
 
 
 def _log_exports(client, run_id: str, name: str, version, export_dir: Path) -> dict[str, str]:
-    """The export stage's files (GGUF, ONNX) logged beside the registered version, each version tagged with
+    """The export stage's files (GGUF, its quantized copies as ``gguf_TYPE``, ONNX) logged beside the registered version, each version tagged with
     where its file is (``pruneflow.model.export.gguf`` = ``runs:/RUN/export/model.gguf``); {format: that URI}. A
     version that already has a format's tag (a cached re-run of the same model) keeps it: nothing re-logged."""
     path = export_dir / "export.json"
@@ -196,10 +196,12 @@ def _log_exports(client, run_id: str, name: str, version, export_dir: Path) -> d
         return {}
     summary, tags = json.loads(path.read_text()), dict(version.tags or {})
     out = {}
-    for fmt in summary.get("formats", []):
+    files = {fmt: summary[fmt] for fmt in summary.get("formats", [])}
+    files.update({f"gguf_{kind}": entry for kind, entry in summary.get("quantized", {}).items()})  # model-TYPE.gguf
+    for fmt, entry in files.items():
         key = f"pruneflow.model.export.{fmt}"
         if key not in tags:
-            target, rel = export_dir / summary[fmt]["path"], f"export/{summary[fmt]['path']}"
+            target, rel = export_dir / entry["path"], f"export/{entry['path']}"
             if target.is_dir():
                 client.log_artifacts(run_id, str(target), rel)
             else:

@@ -30,24 +30,52 @@ def methods() -> None:
 @export_app.command("gguf")
 def export_gguf(
     checkpoint: str = typer.Argument(..., help="checkpoint: a directory (pruneflow's or transformers') or a hub "
-                                               "id ORG/NAME[@REVISION]"),
+                                               "id ORG/NAME[@REVISION]; with --quantize also an f32/f16/bf16 "
+                                               ".gguf file"),
     out: Path = typer.Argument(..., help="the .gguf file to write (must not exist)"),
     dtype: str = typer.Option("auto", help="auto (the checkpoint's: bf16/f16 stay, else f32) | f32 | f16 | bf16; "
                                            "norms and biases are always f32"),
+    quantize: Optional[str] = typer.Option(
+        None, help="q8_0 | q6_k | q5_k_m | q4_k_m: quantize with llama.cpp's own quantizer (from the --dtype file); "
+                   "rows whose length is not a multiple of the type's block (256 for k-quants: set "
+                   "prune.round_to) fall back to another type, listed"),
     force: bool = typer.Option(False, help="replace OUT if it exists"),
 ) -> None:
     """Write CHECKPOINT as one GGUF file for llama.cpp: uniform widths as the model's own architecture
-    (llama, qwen2, qwen3), per-layer widths as llama.cpp's `deci`."""
+    (llama, qwen2, qwen3), per-layer widths as llama.cpp's `deci`; optionally quantized."""
     from pruneflow.model.export import export_gguf as run_export
+    from pruneflow.model.quantize import quantize_gguf
 
     _quiet_libraries()
     try:
-        summary = run_export(checkpoint, out, dtype, overwrite=force)
+        if checkpoint.endswith(".gguf") and Path(checkpoint).is_file():
+            if quantize is None:
+                raise PruneflowError(f"{checkpoint} is already a GGUF file: give --quantize TYPE to quantize it, or "
+                                     f"a checkpoint directory to export")
+            summary = quantize_gguf(Path(checkpoint), out, quantize, overwrite=force)
+            typer.echo(f"wrote {summary['path']}: {summary['quantize']}, {summary['bytes'] / 2**20:.1f} MiB "
+                       f"(from {summary['source_bytes'] / 2**20:.1f} MiB)")
+        else:
+            summary = run_export(checkpoint, out, dtype, overwrite=force, quantize=quantize)
+            typer.echo(f"wrote {summary['path']}: {summary['architecture']}, {summary['blocks']} blocks, "
+                       f"{summary['dtype']}" + (f" quantized to {quantize}" if quantize else "") + f", {summary['tensors']} tensors, {summary['bytes'] / 2**20:.1f} MiB; "
+                       f"tokenizer {summary['tokenizer']['model']} ({summary['tokenizer']['tokens']} tokens)")
+            summary = summary.get("quantize")
     except PruneflowError as err:
         _fail(err)
-    typer.echo(f"wrote {summary['path']}: {summary['architecture']}, {summary['blocks']} blocks, "
-               f"{summary['dtype']}, {summary['tensors']} tensors, {summary['bytes'] / 2**20:.1f} MiB; tokenizer "
-               f"{summary['tokenizer']['model']} ({summary['tokenizer']['tokens']} tokens)")
+    if summary:
+        _quantize_report(summary)
+
+
+def _quantize_report(summary: dict) -> None:
+    """The tensor types of a quantized file and each tensor that fell back to another type, with why."""
+    typer.echo("tensors: " + ", ".join(f"{n} {kind}" for kind, n in summary["tensors"].items()))
+    fallbacks = summary["fallbacks"]
+    if summary["fallback_count"]:
+        typer.echo(f"{summary['fallback_count']} tensor(s) could not take their type and fell back (a width that is "
+                   f"a multiple of 256 avoids it: prune.round_to):")
+        for f in fallbacks:
+            typer.echo(f"  {f['tensor']}: {f['wanted']} -> {f['got']} ({f['why']})")
 
 
 @export_app.command("onnx")

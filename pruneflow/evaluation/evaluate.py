@@ -168,6 +168,32 @@ def llama_cpp_engine(path, threads: int, logits_all: bool = False, n_ctx: int = 
                  flash_attn=False, n_threads=threads, n_threads_batch=threads, verbose=False)
 
 
+def llama_cpp_perplexity(path, token_ids: torch.Tensor, seqlen: int = PPL_SEQLEN, max_windows: int | None = None,
+                         threads: int = 1) -> float:
+    """Perplexity of a GGUF file measured in llama.cpp, by the protocol of :func:`perplexity` (the same windows,
+    every token but each window's first predicted): each window evaluated from an empty KV cache, the NLL taken
+    from the engine's own logits (float64 on the host)."""
+    import numpy as np
+
+    n_windows = windows_of(len(token_ids), seqlen, max_windows)
+    if n_windows == 0:
+        raise PruneflowError(f"held-out text has {len(token_ids)} tokens, fewer than one {seqlen}-token window")
+    windows = token_ids[: n_windows * seqlen].view(n_windows, seqlen).tolist()
+    llm = llama_cpp_engine(path, threads, logits_all=True, n_ctx=seqlen)
+    total_nll = 0.0
+    try:
+        for ids in windows:
+            llm.reset()
+            llm.eval(ids)
+            logits = np.asarray(llm.scores[: seqlen - 1], dtype=np.float64)
+            top = logits.max(axis=1, keepdims=True)
+            log_z = (top[:, 0] + np.log(np.exp(logits - top).sum(axis=1)))
+            total_nll += float((log_z - logits[np.arange(seqlen - 1), ids[1:]]).sum())
+    finally:
+        llm.close()
+    return math.exp(total_nll / (n_windows * (seqlen - 1)))
+
+
 def llama_cpp_speed(ggufs: list, vocab: int, threads: int, tokens: int = PPL_SEQLEN, decode_tokens: int = 64,
                     rounds: int = 5) -> list[dict]:
     """llama.cpp's prefill latency (``tokens`` tokens, ms) and greedy decode speed (``decode_tokens`` after a

@@ -44,6 +44,7 @@ from pruneflow.model import mlp
 from pruneflow.errors import PruneflowError
 from pruneflow.model.sources import ModelSource, resolve
 from pruneflow.model import checkpoint as C
+from pruneflow.model import quantize as Q
 from pruneflow.execution.streaming import LazyWeights
 from pruneflow.atomic import atomic_dir
 from pruneflow.execution.runtime import Runtime
@@ -430,15 +431,20 @@ def _pre_tokenizer(spec: dict) -> str:
 
 
 def export_gguf(checkpoint: str | Path | ModelSource, out: Path, dtype: str = "auto",
-                overwrite: bool = False) -> dict:
+                overwrite: bool = False, quantize: str | None = None) -> dict:
     """Write ``checkpoint`` (a directory or hub id; pruneflow's or plain transformers) as one GGUF file.
 
     ``dtype``: ``auto`` (the checkpoint's: bf16 stays bf16, f16 f16, anything else f32), ``f32``, ``f16`` or
-    ``bf16`` for the matrices; norms and biases are always f32. Returns a summary (architecture, widths,
-    tensors, bytes). Every check runs before the output file is opened.
+    ``bf16`` for the matrices; norms and biases are always f32. ``quantize`` (one of ``quantize.QUANT_TYPES``):
+    the file in ``dtype`` is then quantized by llama.cpp's quantizer into ``out`` (:func:`quantize.quantize_gguf`:
+    its summary, with the fallbacks, under ``"quantize"``). Returns a summary (architecture, widths, tensors,
+    bytes). Every check runs before the output file is opened.
     """
     import gguf
 
+    if quantize is not None:
+        quantize = Q.check_type(quantize)
+        Q.llama_cpp_module()
     out = Path(out)
     if out.exists() and not overwrite:
         raise PruneflowError(f"output file {out} already exists; choose another or pass --force")
@@ -478,18 +484,21 @@ def export_gguf(checkpoint: str | Path | ModelSource, out: Path, dtype: str = "a
                 raise PruneflowError(f"tensor {t.name}: read {tuple(data.shape)}, expected {t.shape}")
             writer.write_tensor_data(_numpy(data))
         writer.close()
-        os.replace(tmp, out)
+        quantized = Q.quantize_gguf(tmp, out, quantize, overwrite=overwrite) if quantize else None
+        if not quantize:
+            os.replace(tmp, out)
     except BaseException as err:
         writer.close()
-        tmp.unlink(missing_ok=True)
         if isinstance(err, OSError):
             raise PruneflowError(f"writing {out} failed ({err.strerror or err}); nothing was written") from err
         raise
+    finally:
+        tmp.unlink(missing_ok=True)
     blocks = layout.blocks
     return {"path": str(out), "architecture": layout.arch, "dtype": str(target).removeprefix("torch."),
             "blocks": len(blocks), "heads": [b.heads for b in blocks], "kv_heads": [b.kv_heads for b in blocks],
             "channels": [b.channels for b in blocks], "tied": layout.tied, "tensors": len(tensors),
-            "tokenizer": vocab, "bytes": out.stat().st_size}
+            "tokenizer": vocab, "bytes": out.stat().st_size, **({"quantize": quantized} if quantized else {})}
 
 
 def _add_hparams(writer, layout: Layout, config: dict, source: ModelSource, file_type) -> None:

@@ -216,6 +216,7 @@ class EvaluateParams(_Section):
 
 
 ExportFormat = Literal["gguf", "onnx"]  # choices in the Prefect form
+QuantType = Literal["q8_0", "q6_k", "q5_k_m", "q4_k_m"]  # = model.quantize.QUANT_TYPES (params stays torch-free)
 
 
 class ExportParams(_Section):
@@ -224,6 +225,9 @@ class ExportParams(_Section):
         "artifacts/export/model.gguf), onnx (ONNX Runtime, artifacts/export/onnx/); []: nothing exported")
     dtype: Literal["auto", "f32", "f16", "bf16"] = Field(
         "auto", description="GGUF matrices: auto (the checkpoint's dtype), f32, f16 or bf16 (ONNX is float32)")
+    quantize: list[QuantType] = Field(
+        default_factory=list, description="the GGUF also quantized by llama.cpp's quantizer, one file per type "
+        "(artifacts/export/model-TYPE.gguf): q8_0, q6_k, q5_k_m, q4_k_m; needs gguf in formats")
 
     @field_validator("formats")
     @classmethod
@@ -235,6 +239,23 @@ class ExportParams(_Section):
             raise ValueError(f"onnx needs {', '.join(missing)}, which is not installed (pip install "
                              f"'pruneflow[onnx]')")
         return list(dict.fromkeys(value))
+
+    @field_validator("quantize")
+    @classmethod
+    def _quantize(cls, value: list[str]) -> list[str]:
+        import importlib.util
+
+        if value and importlib.util.find_spec("llama_cpp") is None:
+            raise ValueError("quantizing needs llama.cpp's quantizer from llama-cpp-python, which is not installed "
+                             "(pip install llama-cpp-python)")
+        return list(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _quantize_needs_gguf(self):
+        if self.quantize and "gguf" not in self.formats:
+            raise ValueError(f"quantize: {', '.join(self.quantize)} quantizes the GGUF export: add gguf to "
+                             f"export.formats")
+        return self
 
 
 class Params(_Section):

@@ -49,6 +49,7 @@ from pruneflow.selection.plan import PrunePlan
 from pruneflow.pipeline import recover as R
 from pruneflow.evaluation.evaluate import evaluate_dirs
 from pruneflow.model.export import export_gguf, export_onnx
+from pruneflow.model.quantize import quantize_gguf
 from pruneflow.data import corpus
 from pruneflow.evaluation.report import write_report
 from pruneflow.data.calibration import describe_held_out
@@ -393,7 +394,8 @@ def final_model(root: Path) -> tuple[str, Path]:
 
 def export(params: Params, root: Path, runtime: Runtime) -> Path:
     """The final model in the formats of ``export.formats`` under ``artifacts/export/`` (``model.gguf``,
-    ``onnx/``) with ``export.json`` (what was exported from which model); with none, ``export.json`` only."""
+    ``model-TYPE.gguf`` per ``export.quantize`` type, ``onnx/``) with ``export.json`` (what was exported from which
+    model, the quantized files' tensor types and fallbacks); with none, ``export.json`` only."""
     which, model = final_model(root)
     formats = params.export.formats
     summary: dict = {"formats": formats, "model": which if formats else None}
@@ -402,6 +404,10 @@ def export(params: Params, root: Path, runtime: Runtime) -> Path:
             log.info("exporting the %s model to GGUF", which)
             info = export_gguf(model, tmp / "model.gguf", params.export.dtype)
             summary["gguf"] = {**info, "path": "model.gguf"}
+            for kind in params.export.quantize:  # from model.gguf, by llama.cpp's quantizer
+                log.info("quantizing the GGUF to %s", kind)
+                info = quantize_gguf(tmp / "model.gguf", tmp / f"model-{kind}.gguf", kind)
+                summary.setdefault("quantized", {})[kind] = {**info, "path": f"model-{kind}.gguf"}
         if "onnx" in formats:
             log.info("exporting the %s model to ONNX", which)
             info = export_onnx(model, tmp / "onnx")

@@ -7,6 +7,7 @@ llama-cpp-python is built from source by `make test`'s install; without it the e
 """
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -344,3 +345,97 @@ def test_evaluate_llama_cpp_without_llama_cpp_python_is_refused_when_the_params_
     with pytest.raises(ValidationError, match="llama-cpp-python"):
         EvaluateParams(llama_cpp=True)
     assert EvaluateParams().llama_cpp is False
+
+
+# --- quantized GGUF (llama.cpp's own quantizer) ---------------------------------------------------------------
+
+REFERENCE = Path(__file__).resolve().parents[2] / "models" / "reference"  # hidden 256: k-quant rows
+# |perplexity in llama.cpp / the f16 file's − 1| on the reference model's first test windows; measured there
+# (2-core CPU, 16 windows of 256): q8_0 −0.01%, q6_k +0.01%, q5_k_m +0.07%, q4_k_m +0.46%
+PPL_BOUND = {"q8_0": 0.005, "q6_k": 0.005, "q5_k_m": 0.01, "q4_k_m": 0.02}
+
+
+@pytest.fixture(scope="module")
+def reference_f16(tmp_path_factory):
+    """The reference model as an f16 GGUF and its test stream."""
+    from pruneflow.data import calibration as C
+
+    out = tmp_path_factory.mktemp("quantize") / "reference-f16.gguf"
+    export_gguf(REFERENCE, out, "f16")
+    return out, C.held_out(checkpoint.load_tokenizer(REFERENCE), "corpus")
+
+
+def test_llama_cpp_perplexity_of_a_gguf_is_transformers_perplexity(reference_f16):
+    from pruneflow.evaluation.evaluate import llama_cpp_perplexity, perplexity
+
+    llama_cpp()
+    path, stream = reference_f16
+    model, _, _ = checkpoint.load(REFERENCE)
+    expected = perplexity(model.half().float(), stream, 128, max_windows=4)  # the f16 weights, in float32
+    assert abs(llama_cpp_perplexity(path, stream, 128, max_windows=4) / expected - 1) < 1e-4
+
+
+@pytest.mark.parametrize("kind", list(PPL_BOUND))
+def test_each_quantized_gguf_loads_in_llama_cpp_with_a_perplexity_near_the_f16_files(kind, reference_f16, tmp_path):
+    from pruneflow.evaluation.evaluate import llama_cpp_perplexity
+    from pruneflow.model.quantize import quantize_gguf
+
+    llama_cpp()
+    path, stream = reference_f16
+    summary = quantize_gguf(path, tmp_path / f"{kind}.gguf", kind, threads=1)
+    main = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q5_k_m": "Q5_K", "q4_k_m": "Q4_K"}[kind]
+    assert summary["tensors"].get(main, 0) >= 40 and summary["bytes"] < 0.7 * path.stat().st_size
+    f16 = llama_cpp_perplexity(path, stream, 128, max_windows=4)
+    quantized = llama_cpp_perplexity(tmp_path / f"{kind}.gguf", stream, 128, max_windows=4)
+    assert abs(quantized / f16 - 1) <= PPL_BOUND[kind], (quantized, f16)
+    assert quantized != f16  # the weights did change
+
+
+def test_the_quantizer_names_each_tensor_whose_rows_cannot_take_the_type(reference_f16, tmp_path):
+    """The reference model's ffn_down rows are its 688 MLP channels (not a multiple of 256, nor of q8_0's 32):
+    those 8 tensors fall back, named with the reason; kept at 512 channels (a multiple of 256), none does."""
+    from pruneflow.model.quantize import quantize_gguf
+
+    llama_cpp()
+    summary = quantize_gguf(reference_f16[0], tmp_path / "q4.gguf", "q4_k_m", threads=1)
+    assert summary["fallback_count"] == 8
+    assert [f["tensor"] for f in summary["fallbacks"]] == [f"blk.{i}.ffn_down.weight" for i in range(8)]
+    assert {(f["got"], f["why"]) for f in summary["fallbacks"]} == {
+        ("F16", "rows of 688 values are not a multiple of 256")}
+    model, tokenizer, spec = checkpoint.load(REFERENCE)
+    plan = PrunePlan(method="test", ratio=0.2, allocation="uniform", head_mode="query", units=["channels"],
+                     round_to=256, reconstruct="none", seed=0,
+                     layers=[LayerPlan(kept_heads=list(range(8)), kept_kv_heads=list(range(4)),
+                                       kept_channels=list(range(512)))] * 8)
+    apply(model, plan, spec)
+    checkpoint.save(model, tokenizer, tmp_path / "rounded", spec)
+    result = run("export", "gguf", tmp_path / "rounded", tmp_path / "rounded.gguf", "--quantize", "q4_k_m")
+    assert result.exit_code == 0, result.output
+    assert "quantized to q4_k_m" in result.output and "fell back" not in result.output
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the unquantized temporary is gone
+
+
+def test_bad_quantization_input_fails_with_exit_2_and_writes_nothing(reference_f16, tmp_path, tiny_checkpoint,
+                                                                      monkeypatch):
+    import sys
+
+    from pruneflow.model.quantize import quantize_gguf
+
+    llama_cpp()
+    quantized = tmp_path / "q8.gguf"
+    quantize_gguf(reference_f16[0], quantized, "q8_0", threads=1)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    cases = [
+        (("export", "gguf", quantized, tmp_path / "again.gguf", "--quantize", "q4_k_m"), "already quantized (Q8_0)"),
+        (("export", "gguf", tiny_checkpoint, tmp_path / "a.gguf", "--quantize", "q3_k"),
+         "unknown quantization type 'q3_k'; choose from q8_0, q6_k, q5_k_m, q4_k_m"),
+        (("export", "gguf", reference_f16[0], tmp_path / "b.gguf"), "give --quantize TYPE"),
+        (("export", "gguf", reference_f16[0], quantized, "--quantize", "q8_0"), "already exists"),
+    ]
+    for args, message in cases:
+        result = run(*args)
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # llama-cpp-python not installed
+    result = run("export", "gguf", tiny_checkpoint, tmp_path / "c.gguf", "--quantize", "q8_0")
+    assert result.exit_code == 2 and "needs llama.cpp's quantizer from llama-cpp-python" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -101,12 +101,15 @@ def test_recovery_off_records_a_skip_and_evaluate_judges_the_pruned_model(params
     artifacts = tmp_path / "artifacts"
     for name in ("calibrate", "score", "prune", "recover", "evaluate", "export"):
         assert stage(name, params_file, artifacts, "--set", "recover.enabled=false",
-                     "--set", "export.formats=[gguf]").exit_code == 0
+                     "--set", "export.formats=[gguf]", "--set", "export.quantize=[q8_0]").exit_code == 0
     assert [p.name for p in (artifacts / "recovered").iterdir()] == ["recovery.json"]
     metrics = json.loads((artifacts / "metrics.json").read_text())
     assert metrics["final"] == "pruned" and "recovered" not in metrics
     assert metrics["ppl_ratio"] == metrics["ppl_ratio_pruned"]
     _assert_gguf_of(artifacts, artifacts / "model", "pruned")  # the export writes the final model too
+    quantized = json.loads((artifacts / "export" / "export.json").read_text())["quantized"]["q8_0"]
+    assert quantized["path"] == "model-q8_0.gguf" and quantized["tensors"]["Q8_0"] > 0
+    assert (artifacts / "export" / "model-q8_0.gguf").stat().st_size == quantized["bytes"]
 
 
 def test_an_export_the_model_cannot_take_fails_in_the_source_stage(tmp_path, tiny_tokenizer, calibration_txt):

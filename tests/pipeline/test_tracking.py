@@ -97,7 +97,8 @@ def test_the_same_model_is_registered_once(workspace, tmp_path, monkeypatch):
 
 
 def test_the_exported_gguf_is_logged_with_the_registered_version(workspace, tmp_path, monkeypatch):
-    """The export stage's GGUF goes to MLflow beside the version it was made from; the version's tag names it.
+    """The export stage's GGUF (and its q8_0 copy) goes to MLflow beside the version it was made from; the
+    version's tags name them.
     A re-registration of the same model (a cached re-run) keeps that tag and logs nothing again."""
     import yaml
     from mlflow import MlflowClient
@@ -112,7 +113,7 @@ def test_the_exported_gguf_is_logged_with_the_registered_version(workspace, tmp_
     artifacts = workspace / "artifacts"
     (artifacts / "recovered").mkdir()
     (artifacts / "recovered" / "recovery.json").write_text('{"enabled": false}')  # recovery off: the pruned model
-    stages.export(Params(export={"formats": ["gguf"]}), artifacts, Runtime.create("cpu"))
+    stages.export(Params(export={"formats": ["gguf"], "quantize": ["q8_0"]}), artifacts, Runtime.create("cpu"))
     _metrics(workspace, passed=True)
     (workspace / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"prune": {
         "outs": [{"path": "artifacts/model", "md5": "aaa.dir"}]}}}))
@@ -123,9 +124,12 @@ def test_the_exported_gguf_is_logged_with_the_registered_version(workspace, tmp_
         first = register_model.fn(str(repo), first_run, str(workspace), "tiny-gguf")
         again = register_model.fn(str(repo), start_run.fn(str(repo), {}, "b", {}), str(workspace), "tiny-gguf")
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    uri = f"runs:/{first_run}/export/model.gguf"
-    assert first["exports"] == again["exports"] == {"gguf": uri} and first["version"] == again["version"]
-    assert client.get_model_version("tiny-gguf", first["version"]).tags["pruneflow.model.export.gguf"] == uri
-    assert [f.path for f in client.list_artifacts(first_run, "export")] == ["export/model.gguf"]
+    uri, q8 = f"runs:/{first_run}/export/model.gguf", f"runs:/{first_run}/export/model-q8_0.gguf"
+    assert first["exports"] == again["exports"] == {"gguf": uri, "gguf_q8_0": q8}
+    assert first["version"] == again["version"]
+    tags = client.get_model_version("tiny-gguf", first["version"]).tags
+    assert (tags["pruneflow.model.export.gguf"], tags["pruneflow.model.export.gguf_q8_0"]) == (uri, q8)
+    assert [f.path for f in client.list_artifacts(first_run, "export")] == ["export/model-q8_0.gguf",
+                                                                           "export/model.gguf"]
     logged = client.download_artifacts(first_run, "export/model.gguf", str(tmp_path))
     assert open(logged, "rb").read() == (artifacts / "export" / "model.gguf").read_bytes()

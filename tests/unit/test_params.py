@@ -38,6 +38,8 @@ def test_every_shipped_params_yaml_loads():
     ("score.bonsai.sub_modles=8", "score.bonsai.sub_modles: Extra inputs are not permitted"),
     ("export.formats=[safetensors]", "export.formats.0: Input should be 'gguf' or 'onnx'"),
     ("export.dtype=q4", "export.dtype: Input should be 'auto', 'f32', 'f16' or 'bf16'"),
+    ("export.quantize=[q3_k]", "export.quantize.0: Input should be 'q8_0', 'q6_k', 'q5_k_m' or 'q4_k_m'"),
+    ("export.quantize=[q8_0]", "export: quantize: q8_0 quantizes the GGUF export: add gguf to export.formats"),
 ])
 def test_bad_params_name_the_key(override, message):
     if message is None:
@@ -122,3 +124,6 @@ def test_every_fixed_vocabulary_is_a_choice_in_the_prefect_form():
     assert choices("BonsaiParams", "preset") >= {"paper", "fast"}
     assert choices("ExportParams", "formats") == {"gguf", "onnx"}
     assert choices("ExportParams", "dtype") == {"auto", "f32", "f16", "bf16"}
+    from pruneflow.model.quantize import QUANT_TYPES
+
+    assert choices("ExportParams", "quantize") == set(QUANT_TYPES)  # the form offers what the quantizer takes
