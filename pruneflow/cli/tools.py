@@ -98,6 +98,32 @@ def export_onnx(
                f"ONNX Runtime vs torch: {summary['onnxruntime_max_diff']:.1e}")
 
 
+@export_app.command("vllm")
+def export_vllm(
+    checkpoint: str = typer.Argument(..., help="checkpoint: a directory (pruneflow's or transformers') or a hub "
+                                               "id ORG/NAME[@REVISION]"),
+    out_dir: Path = typer.Argument(..., help="the directory to write (must not exist)"),
+    max_shard_size: str = typer.Option("5GB", help="largest safetensors file written"),
+    force: bool = typer.Option(False, help="replace OUT_DIR if it exists"),
+) -> None:
+    """Write CHECKPOINT as a nemotron-nas (DeciLM) directory that stock vLLM serves with per-layer MLP widths,
+    KV heads and removed (sub-)blocks: `vllm serve OUT_DIR --trust-remote-code`. Per-layer query heads and
+    FLAP's output biases are refused, naming a recipe that is servable."""
+    from pruneflow.model.deci import export_vllm as run_export
+
+    _quiet_libraries()
+    try:
+        summary = run_export(checkpoint, out_dir, overwrite=force, max_shard_size=max_shard_size)
+    except PruneflowError as err:
+        _fail(err)
+    removed = [f"no attention in {summary['no_op_attention']}" if summary["no_op_attention"] else "",
+               f"no MLP in {summary['no_op_ffn']}" if summary["no_op_ffn"] else ""]
+    typer.echo(f"wrote {summary['path']}: nemotron-nas, {summary['blocks']} blocks, {summary['dtype']}, "
+               f"{summary['bytes'] / 2**20:.1f} MiB; MLP widths {summary['channels']}"
+               + "".join(f"; {r}" for r in removed if r)
+               + f"\nserve it: vllm serve {summary['path']} --trust-remote-code")
+
+
 @reference_app.command("build")
 def reference_build(
     config: str = typer.Option("default", help="geometry: default (8 layers, hidden 256, 8/4 heads) | deep "

@@ -215,14 +215,15 @@ class EvaluateParams(_Section):
         return list(dict.fromkeys(value))
 
 
-ExportFormat = Literal["gguf", "onnx"]  # choices in the Prefect form
+ExportFormat = Literal["gguf", "onnx", "vllm"]  # choices in the Prefect form
 QuantType = Literal["q8_0", "q6_k", "q5_k_m", "q4_k_m"]  # = model.quantize.QUANT_TYPES (params stays torch-free)
 
 
 class ExportParams(_Section):
     formats: list[ExportFormat] = Field(
         default_factory=list, description="the final model (recovered, else pruned) also as: gguf (llama.cpp, "
-        "artifacts/export/model.gguf), onnx (ONNX Runtime, artifacts/export/onnx/); []: nothing exported")
+        "artifacts/export/model.gguf), onnx (ONNX Runtime, artifacts/export/onnx/), vllm (nemotron-nas for vLLM's "
+        "per-layer widths, artifacts/export/vllm/); []: nothing exported")
     dtype: Literal["auto", "f32", "f16", "bf16"] = Field(
         "auto", description="GGUF matrices: auto (the checkpoint's dtype), f32, f16 or bf16 (ONNX is float32)")
     quantize: list[QuantType] = Field(

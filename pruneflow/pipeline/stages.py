@@ -50,6 +50,8 @@ from pruneflow.pipeline import recover as R
 from pruneflow.evaluation.evaluate import evaluate_dirs
 from pruneflow.model.export import export_gguf, export_onnx
 from pruneflow.model.quantize import quantize_gguf
+from pruneflow.model import deci
+from pruneflow.model.deci import export_vllm
 from pruneflow.data import corpus
 from pruneflow.evaluation.report import write_report
 from pruneflow.data.calibration import describe_held_out
@@ -163,10 +165,15 @@ def check_export(params: Params, config: dict) -> None:
             check_onnx(config)
         except PruneflowError as err:
             raise PruneflowError(f"export.formats has onnx, but {err}") from None
+    cfg = params.prune.for_method(params.score.method)
+    if "vllm" in params.export.formats:
+        try:
+            deci.check_plan(config, cfg.units, cfg.allocation, cfg.reconstruct)
+        except PruneflowError as err:
+            raise PruneflowError(f"export.formats has vllm, but {err}") from None
     if "gguf" not in params.export.formats:
         return
 
-    cfg = params.prune.for_method(params.score.method)
     try:
         per_layer = cfg.allocation != "uniform" and not set(cfg.units) <= {"layers", "merged_layers"}
         check_plan(config, per_layer=per_layer,
@@ -394,7 +401,7 @@ def final_model(root: Path) -> tuple[str, Path]:
 
 def export(params: Params, root: Path, runtime: Runtime) -> Path:
     """The final model in the formats of ``export.formats`` under ``artifacts/export/`` (``model.gguf``,
-    ``model-TYPE.gguf`` per ``export.quantize`` type, ``onnx/``) with ``export.json`` (what was exported from which
+    ``model-TYPE.gguf`` per ``export.quantize`` type, ``onnx/``, ``vllm/``) with ``export.json`` (what was exported from which
     model, the quantized files' tensor types and fallbacks); with none, ``export.json`` only."""
     which, model = final_model(root)
     formats = params.export.formats
@@ -408,6 +415,10 @@ def export(params: Params, root: Path, runtime: Runtime) -> Path:
                 log.info("quantizing the GGUF to %s", kind)
                 info = quantize_gguf(tmp / "model.gguf", tmp / f"model-{kind}.gguf", kind)
                 summary.setdefault("quantized", {})[kind] = {**info, "path": f"model-{kind}.gguf"}
+        if "vllm" in formats:
+            log.info("exporting the %s model for vLLM (nemotron-nas)", which)
+            info = export_vllm(model, tmp / "vllm")
+            summary["vllm"] = {**info, "path": "vllm"}
         if "onnx" in formats:
             log.info("exporting the %s model to ONNX", which)
             info = export_onnx(model, tmp / "onnx")

@@ -113,7 +113,8 @@ def test_recovery_off_records_a_skip_and_evaluate_judges_the_pruned_model(params
 
 
 def test_an_export_the_model_cannot_take_fails_in_the_source_stage(tmp_path, tiny_tokenizer, calibration_txt):
-    """Checked on the config before any work: a qwen3 (q/k norms) with per-layer widths has no GGUF form."""
+    """Checked on the config before any work: a qwen3 (q/k norms) with per-layer widths has no GGUF form, nor
+    any nemotron-nas form for vLLM."""
     from tests.conftest import tiny_causal_lm
 
     qwen3 = tmp_path / "qwen3"
@@ -128,6 +129,9 @@ def test_an_export_the_model_cannot_take_fails_in_the_source_stage(tmp_path, tin
     assert result.exit_code == 2
     assert "export.formats has gguf, but a qwen3 model with per-layer widths is not representable" in result.output
     assert not (artifacts / "source.json").exists()
+    result = stage("source", params, artifacts, "--set", "export.formats=[vllm]")  # nemotron-nas: no q/k norms
+    assert result.exit_code == 2 and "export.formats has vllm, but vLLM's per-layer format (nemotron-nas) has no " \
+        "q/k norms" in result.output and not (artifacts / "source.json").exists()
     assert stage("source", params, artifacts, "--set", "prune.allocation=uniform").exit_code == 0
 
 

@@ -36,7 +36,7 @@ def test_every_shipped_params_yaml_loads():
     ("score.bonsai.preset=huge", "score.bonsai.preset: Input should be 'paper' or 'fast'"),
     ("score.bonsai.drop_count=some", "score.bonsai.drop_count: Input should be 'fixed' or 'varied'"),
     ("score.bonsai.sub_modles=8", "score.bonsai.sub_modles: Extra inputs are not permitted"),
-    ("export.formats=[safetensors]", "export.formats.0: Input should be 'gguf' or 'onnx'"),
+    ("export.formats=[safetensors]", "export.formats.0: Input should be 'gguf', 'onnx' or 'vllm'"),
     ("export.dtype=q4", "export.dtype: Input should be 'auto', 'f32', 'f16' or 'bf16'"),
     ("export.quantize=[q3_k]", "export.quantize.0: Input should be 'q8_0', 'q6_k', 'q5_k_m' or 'q4_k_m'"),
     ("export.quantize=[q8_0]", "export: quantize: q8_0 quantizes the GGUF export: add gguf to export.formats"),
@@ -122,7 +122,7 @@ def test_every_fixed_vocabulary_is_a_choice_in_the_prefect_form():
     assert choices("RuntimeParams", "dtype") == {"auto", "bfloat16", "float16", "float32"}
     assert choices("RecoverParams", "targets") == set(LORA_TARGETS)
     assert choices("BonsaiParams", "preset") >= {"paper", "fast"}
-    assert choices("ExportParams", "formats") == {"gguf", "onnx"}
+    assert choices("ExportParams", "formats") == {"gguf", "onnx", "vllm"}
     assert choices("ExportParams", "dtype") == {"auto", "f32", "f16", "bf16"}
     from pruneflow.model.quantize import QUANT_TYPES
 
