@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--merge", action="store_true", help="keep the other rows of an existing --out")
+    parser.add_argument("--missing", action="store_true", help="with --merge: run only the jobs --out has no row of")
     parser.add_argument("--report-only", action="store_true", help="rewrite BENCHMARKS.md's table from --out")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -123,6 +124,8 @@ def main() -> None:
         return
     todo = jobs(args)
     kept = json.loads(args.out.read_text())["rows"] if args.merge and args.out.exists() else []
+    if args.missing:
+        todo = [job for job in todo if key(job) not in {key(row) for row in kept}]
     kept = [row for row in kept if key(row) not in {key(job) for job in todo}]
     machine = {"processor": platform.processor() or platform.machine(), "platform": platform.platform(),
                "cpus": os.cpu_count(), "threads": args.threads, "parallel": args.parallel,

@@ -124,6 +124,11 @@ def _dry_run(params) -> bool:
     console.print(f"{plan.parameters:,} parameters, {format_size(plan.weight_bytes)} of {plan.dtype} weights, "
                   f"{mode}, on {runtime.device}; {sum(p.total('passes') for p in plan.phases):,} passes over the blocks, "
                   f"{format_size(sum(p.total('read_bytes') for p in plan.phases))} read in all")
+    reference = max((p.host_bytes for p in plan.phases), default=0)
+    if reference:
+        console.print(f"score.objective {params.score.objective}: the unmasked model's final hidden states of the "
+                      f"measured windows, {format_size(reference)}, stay on the host while candidates run"
+                      + (" (counted in the peak)" if runtime.device.type == "cpu" else ""))
     if runtime.workers != "local":
         candidates = [p for p in plan.phases if p.candidates]
         console.print(f"--workers {runtime.workers}: the candidate passes "

@@ -125,7 +125,9 @@ def batch_sums(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, candidat
         def measure(head, hidden, b):
             return objective.per_token(head, hidden, inputs[b].to(hidden.device), batches.picks[b])
 
-        for values in streaming.token_nll_batches(model, spec, inputs, runtime, around, measure):
+        # the objective's reference is on the host: in the budget's memory when the model runs on the CPU
+        held = objective.reference_bytes if runtime.device.type == "cpu" else 0
+        for values in streaming.token_nll_batches(model, spec, inputs, runtime, around, measure, held):
             out.append(values.cpu().double().sum(1))
             if progress:
                 progress(1)

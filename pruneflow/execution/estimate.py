@@ -24,6 +24,7 @@ from pruneflow.model.checkpoint import SHARD_SIZE
 from pruneflow.errors import PruneflowError
 from pruneflow.execution import streaming
 from pruneflow.execution.losses import LOGIT_BYTES
+from pruneflow.execution.objectives import resolve as resolve_objective
 from pruneflow.execution.runtime import Runtime
 from pruneflow.sizes import format_size, parse_size
 from pruneflow.model import checkpoint, modeling_pruneflow
@@ -42,6 +43,7 @@ class Phase:
     peak_bytes: int  # memory held at once (the device's; the host's on a CPU)
     candidates: int = 0  # sub-models evaluated (split over --workers)
     repeat: int = 1  # the phase runs this many times (Bonsai's iterations, SLEB's rounds)
+    host_bytes: int = 0  # kept on the host meanwhile: the objective's reference (in peak_bytes too on a CPU)
 
     def total(self, field: str) -> int:
         return self.repeat * getattr(self, field)
@@ -105,19 +107,22 @@ def iterations(method: str, params) -> int:
 
 
 def candidate_batches(method: str, params, n_blocks: int, blocks_removed: int) -> list[tuple]:
-    """(phase, candidates, batches, rows per batch, repeat) of the candidate phases ``method`` runs."""
+    """(phase, candidates, batches, rows per batch, repeat, windows measured) of the candidate phases ``method``
+    runs."""
     c, out = params.calibrate, []
     if method == "bonsai":
         options = params.score.bonsai
         rows = options.rows_per_forward
         batches = math.ceil(options.sub_models * options.n_windows / rows)
-        out.append(("bonsai sub-models", options.sub_models, batches, rows, iterations(method, params)))
+        out.append(("bonsai sub-models", options.sub_models, batches, rows, iterations(method, params),
+                    options.n_windows))
     if method == "sleb":  # round k tries the n_blocks − k remaining blocks: the first round, the most
         out.append(("sleb candidates", n_blocks, n_blocks * math.ceil(c.n_windows / 8), min(8, c.n_windows),
-                    blocks_removed))
+                    blocks_removed, c.n_windows))
     if params.prune.allocation == "search":
         search = params.prune.search
-        out.append(("allocation search", search.budget, search.budget, min(search.windows, c.n_windows), 1))
+        windows = min(search.windows, c.n_windows)
+        out.append(("allocation search", search.budget, search.budget, windows, 1, windows))
     return out
 
 
@@ -159,19 +164,25 @@ def estimate(path: Path, params, runtime: Runtime, workers: int = 1) -> Estimate
     if "layers" in (params.prune.units if params.prune.units != "auto" else METHODS[method].auto_units or ()):
         mean_block = every_block / len(block_sizes)
         removed_blocks = min(len(blocks) - 1, max(1, round(params.prune.ratio * every_block / mean_block)))
-    for name, count, n_batches, rows, repeat in candidate_batches(method, params, len(blocks), removed_blocks):
+    # kl/hidden keep the unmasked model's final hidden states of the measured windows on the host (in the model's
+    # dtype) while candidates run: in the budget's memory on a CPU, beside it on a GPU
+    kind = resolve_objective(params.score.objective, spec.causal_lm)
+    for name, count, n_batches, rows, repeat, windows in candidate_batches(method, params, len(blocks),
+                                                                           removed_blocks):
         seqlen = c.seqlen
+        reference = windows * seqlen * config.hidden_size * dtype.itemsize if kind != "loss" else 0
+        held = reference if runtime.device.type == "cpu" else 0
         if streamed:
             per = streaming.requirement(block_sizes, config, spec, dtype, rows, seqlen, converts, shard)
             fixed = max(2 * per["block"] + per["work"], per["head"] + per["logits"])
             budget = runtime.max_memory
-            group = max(1, min(budget // 4, budget - fixed) // per["carried"])
+            group = max(1, min(budget // 4, budget - held - fixed) // per["carried"])  # streaming.loss_group
             passes = math.ceil(n_batches / group)
             read = passes * (every_block + head) + head  # blocks and head per group of batches; one lookup sweep
-            peak = fixed + min(group, n_batches) * per["carried"]
+            peak = fixed + min(group, n_batches) * per["carried"] + held
         else:
-            passes, read, peak = n_batches, 0, in_memory(rows, seqlen, True)
-        phases.append(Phase(name, passes, n_batches * rows * seqlen, read, peak, count, repeat))
+            passes, read, peak = n_batches, 0, in_memory(rows, seqlen, True) + held
+        phases.append(Phase(name, passes, n_batches * rows * seqlen, read, peak, count, repeat, reference))
     if params.prune.reconstruct == "lstsq":
         geo = A.geometry(config)
         columns = max(max(w["heads"] * geo.head_dim, w["channels"]) for w in A.layer_widths(model, spec))

@@ -50,6 +50,11 @@ class Objective:
     kind: str = "loss"
     reference: torch.Tensor | None = None
 
+    @property
+    def reference_bytes(self) -> int:
+        """What the reference holds on the host for as long as candidates are measured (0 for the loss)."""
+        return 0 if self.reference is None else self.reference.numel() * self.reference.element_size()
+
     def positions(self, length: int) -> int:
         """How many positions of a window of ``length`` tokens the measure has (the loss: every next token)."""
         return length - 1 if self.kind == "loss" else length

@@ -52,9 +52,11 @@ def objective(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, runtime: 
     if kind == "loss":
         return Objective(kind)
     batches = list(windows.split(batch_size))
-    if streaming.is_streamed(model):
+    if streaming.is_streamed(model):  # the states it gathers on the host count in a CPU's budget
+        held = windows.numel() * model.config.hidden_size * streaming.stream_of(model).dtype.itemsize \
+            if runtime.device.type == "cpu" else 0
         states = streaming.token_nll_batches(model, spec, batches, runtime,
-                                             measure=lambda head, hidden, b: hidden.cpu())
+                                             measure=lambda head, hidden, b: hidden.cpu(), held=held)
     else:
         device = runtime.input_device(model)
         states = (hidden_states(model, batch.to(device)).cpu() for batch in batches)

@@ -425,18 +425,20 @@ def calibration_pass(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, ru
 
 @torch.no_grad()
 def token_nll_batches(model: nn.Module, spec: ArchSpec, batches: list[torch.Tensor], runtime: Runtime,
-                      around: Callable | None = None, measure: Callable | None = None) -> Iterator[torch.Tensor]:
+                      around: Callable | None = None, measure: Callable | None = None,
+                      held: int = 0) -> Iterator[torch.Tensor]:
     """(B, T - 1) next-token NLL of each batch of input ids, in order, streamed: the batches go through the
     blocks a group at a time (as many as the budget carries beside a block or the head, at most a quarter
     of it: :func:`loss_group`; each group reads every block once),
     then the final norm and the head (loaded for it, dropped after) turn them into losses a chunk of tokens at
     a time. ``around(i, block, b)``: a context manager block ``i`` runs batch ``b`` under (e.g. masks);
     ``measure(head, hidden, b)``: what is yielded of batch ``b``'s final hidden states instead of its NLL (an
-    objective's per-token measure; the head is None for an encoder)."""
+    objective's per-token measure; the head is None for an encoder). ``held``: bytes the caller keeps in the
+    budget's memory meanwhile (an objective's reference on a CPU), which the groups leave room for."""
     stream = stream_of(model)
     backbone = getattr(model, model.base_model_prefix)
     widest = max(batches, key=lambda b: b.numel())
-    group = loss_group(model, spec, runtime, *widest.shape)
+    group = loss_group(model, spec, runtime, *widest.shape, held=held)
     lookup = lookup_for(model, batches)  # the embedding read once for every group, not once per batch
     finals = [module for name, module in backbone.named_children()
               if module is not model.get_input_embeddings() and name != spec.layers.rpartition(".")[2]
@@ -534,15 +536,15 @@ def check_budget(weights: LazyWeights, config, spec: ArchSpec, dtype: torch.dtyp
             f"({format_size(need['carried'])}), need at least {format_size(need['total'], up=True)}")
 
 
-def loss_group(model: nn.Module, spec: ArchSpec, runtime: Runtime, rows: int, length: int) -> int:
+def loss_group(model: nn.Module, spec: ArchSpec, runtime: Runtime, rows: int, length: int, held: int = 0) -> int:
     """How many batches of ``rows`` × ``length`` tokens a loss pass carries through the blocks at once: what the
-    budget leaves beside the larger of (a block, its copy and a batch's work) and (the head and a chunk of
-    logits), and at most a quarter of the budget."""
+    budget, less ``held`` bytes kept meanwhile, leaves beside the larger of (a block, its copy and a batch's work)
+    and (the head and a chunk of logits), and at most a quarter of the budget."""
     stream = stream_of(model)
     need = required_bytes(stream.weights, model.config, spec, stream.dtype, rows, length)
     fixed = max(2 * need["block"] + need["work"], need["head"] + need["logits"])
     budget = runtime.max_memory or 0
-    return max(1, min(budget // 4, budget - fixed) // need["carried"])
+    return max(1, min(budget // 4, budget - held - fixed) // need["carried"])
 
 
 # ---- apply and save -----------------------------------------------------------------------------------------

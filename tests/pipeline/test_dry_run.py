@@ -118,3 +118,26 @@ def test_a_dry_run_refuses_what_pruneflow_cannot_prune(tmp_path):
 def test_prune_without_out_or_dry_run_is_a_clear_error(model_dir):
     result = CliRunner().invoke(app, ["prune", str(model_dir)])
     assert result.exit_code == 2 and "--out" in result.output and "--dry-run" in result.output
+
+
+def test_the_objectives_reference_is_counted_in_the_peak_and_leaves_room_in_the_streamed_groups(tmp_path):
+    """kl/hidden keep the unmasked model's final hidden states of the measured windows on the host (2 bytes per
+    value in bf16): on a CPU the estimate adds them to the phase's peak, and under --max-memory the streamed
+    groups shrink to leave room for them, so the peak stays within the budget."""
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B))
+    updates = {"model": str(tmp_path), "score.method": "flap", "prune.allocation": "search", "runtime.device": "cpu",
+               "runtime.max_memory": "6GiB", "calibrate.n_windows": 64, "calibrate.seqlen": 512,
+               "prune.search.windows": 64}  # a budget the fixed part (a block's work, the head) nearly fills
+    phases = {}
+    for kind in ("loss", "kl"):
+        params = load_params(None, [], updates={**updates, "score.objective": kind})
+        plan = estimate(tmp_path, params, Runtime.from_params(params.runtime))
+        phases[kind] = next(p for p in plan.phases if p.name == "allocation search")
+    assert phases["loss"].host_bytes == 0 and phases["kl"].host_bytes == 64 * 512 * 8192 * 2
+    assert phases["kl"].passes > phases["loss"].passes  # smaller groups: more passes over the blocks
+    assert phases["kl"].peak_bytes - phases["kl"].host_bytes < phases["loss"].peak_bytes
+    assert phases["kl"].peak_bytes <= 6 * 2**30
+    result = CliRunner().invoke(app, ["prune", str(tmp_path), "--dry-run", "--method", "flap", "--allocation",
+                                      "search", "--objective", "kl", "--device", "cpu", "--max-memory", "6GiB"],
+                                env={"COLUMNS": "160"})
+    assert "score.objective kl: the unmasked model's final hidden states" in result.output, result.output
