@@ -176,10 +176,10 @@ def register_model(repo: str, run_id: str, workspace: str, name: str) -> dict:
         if digest:
             client.set_model_version_tag(name, str(version.version), "pruneflow.model_md5", digest)
     client.set_tag(run_id, "pruneflow.registered_model", f"{name}/{version.version}")
-    client.set_registered_model_alias(name, "candidate", version.version)
+    set_alias(client, name, "candidate", version.version)
     promoted = bool(metrics.get("gates_passed"))
     if promoted:
-        client.set_registered_model_alias(name, "champion", version.version)
+        set_alias(client, name, "champion", version.version)
     logger.info("registered %s version %s as candidate%s", name, version.version,
                 " and champion" if promoted else " (gates failed: not promoted)")
     exports = _log_exports(client, run_id, name, version, artifacts / "export")
@@ -250,9 +250,34 @@ def _log_and_register(client, repo: str, run_id: str, name: str, model_dir: Path
     return _register_directory(client, name, run_id)
 
 
+RACES = ("UNIQUE constraint failed", "IntegrityError", "RESOURCE_ALREADY_EXISTS", "already exists")
+
+
+def set_alias(client, name: str, alias: str, version, tries: int = 5) -> None:
+    """Point ``alias`` at ``version``. Two runs of a sweep registering at once can both find the alias missing
+    and both insert it; the store refuses the second (a unique constraint). The alias then exists, so setting it
+    again updates it: last writer wins, as for one writer."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(tries):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except MlflowException as err:
+            if attempt == tries - 1 or not any(text in str(err) for text in RACES):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 def _register_directory(client, name: str, run_id: str):
+    from mlflow.exceptions import MlflowException
+
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
-        client.create_registered_model(name)
+        try:
+            client.create_registered_model(name)
+        except MlflowException as err:  # another run of a sweep created it meanwhile
+            if not any(text in str(err) for text in RACES):
+                raise
     return client.create_model_version(name, source=client.get_run(run_id).info.artifact_uri + "/model",
                                        run_id=run_id)
 

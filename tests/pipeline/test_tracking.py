@@ -133,3 +133,29 @@ def test_the_exported_gguf_is_logged_with_the_registered_version(workspace, tmp_
                                                                            "export/model.gguf"]
     logged = client.download_artifacts(first_run, "export/model.gguf", str(tmp_path))
     assert open(logged, "rb").read() == (artifacts / "export" / "model.gguf").read_bytes()
+
+
+def test_an_alias_set_by_two_runs_at_once_is_retried_until_the_store_takes_it(tmp_path):
+    """Two sweep points registering together: the store refuses the second insert of the same alias (a unique
+    constraint); setting it again updates the row. Anything else is raised at once."""
+    from mlflow.exceptions import MlflowException
+
+    from pruneflow.tasks.tracking import set_alias
+
+    class Store:
+        def __init__(self, failures):
+            self.failures, self.calls = list(failures), 0
+
+        def set_registered_model_alias(self, name, alias, version):
+            self.calls += 1
+            if self.failures:
+                raise self.failures.pop(0)
+
+    raced = Store([MlflowException("BAD_REQUEST: (sqlite3.IntegrityError) UNIQUE constraint failed: "
+                                   "registered_model_aliases.workspace")])
+    set_alias(raced, "m", "champion", "2")
+    assert raced.calls == 2
+    broken = Store([MlflowException("PERMISSION_DENIED")])
+    with pytest.raises(MlflowException, match="PERMISSION_DENIED"):
+        set_alias(broken, "m", "champion", "2")
+    assert broken.calls == 1
