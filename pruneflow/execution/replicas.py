@@ -105,17 +105,9 @@ class Pool:
         if workers.startswith("ray://"):
             _reachable(workers)
         if not ray.is_initialized():
-            address = workers if workers.startswith("ray://") else os.environ.get("RAY_ADDRESS")
-            try:
-                if address:
-                    ray.init(address=address, log_to_driver=False)
-                else:
-                    count = int(workers) if workers.isdigit() else None
-                    ray.init(num_cpus=max(count or 0, os.cpu_count() or 1), include_dashboard=False,
-                             log_to_driver=False)
-            except (ConnectionError, RuntimeError, ValueError) as err:
-                raise PruneflowError(f"--workers {workers}: cannot reach Ray at {address or 'a local instance'}: "
-                                     f"{str(err).splitlines()[0][:300]}") from None
+            count = int(workers) if workers.isdigit() else None
+            connect(workers if workers.startswith("ray://") else os.environ.get("RAY_ADDRESS"),
+                    cpus=max(count or 0, os.cpu_count() or 1), what=f"--workers {workers}")
         resources = ray.cluster_resources()
         available = int(resources.get("GPU" if gpu else "CPU", 0))
         count = int(workers) if workers.isdigit() else available
@@ -180,6 +172,37 @@ class Pool:
             if isinstance(cause, PruneflowError):
                 raise PruneflowError(f"a worker could not {what}: {cause.args[0] if cause.args else cause}") from None
             raise
+
+
+def connect(address: str | None, cpus: int | None = None, what: str = "Ray", attempts: int = 3,
+            wait: float = 2.0) -> None:
+    """``ray.init``: join ``address`` (a cluster's GCS or ``ray://HOST:PORT``), or with none start a local
+    instance of ``cpus`` CPUs. A Ray Client head starts one server process per connecting client, and that
+    start fails now and then on a loaded head ("Starting Ray client server failed", seen in CI) while the next
+    connection gets a fresh process: such a refusal is tried again, up to ``attempts`` times in all. Anything
+    else (nothing listening, a wrong token: Ray Client waits 30 s itself) fails at once, as a PruneflowError."""
+    import time
+
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+            return
+        except ConnectionAbortedError as err:  # the head's server for this client did not start
+            if "Starting Ray client server failed" not in str(err) or attempt == attempts:
+                raise PruneflowError(f"{what}: cannot reach Ray at {address}: the head could not start a server "
+                                     f"for this client ({attempts} tries); see ray_client_server_*.err in "
+                                     f"the head's session logs") from None
+            log.warning("%s: the Ray head at %s could not start a server for this client (try %d of %d); "
+                        "trying again", what, address, attempt, attempts)
+            time.sleep(wait * attempt)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise PruneflowError(f"{what}: cannot reach Ray at {address or 'a local instance'}: "
+                                 f"{str(err).splitlines()[0][:300]}") from None
 
 
 def _reachable(address: str, seconds: float = 5.0) -> None:

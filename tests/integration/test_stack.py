@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -172,9 +173,12 @@ def test_up_with_ray_starts_a_token_authenticated_head_that_runs_workers(tmp_pat
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         client = {**env, "RAY_ADDRESS": state["ray"]["url"], "RAY_AUTH_MODE": "token",
                   "RAY_AUTH_TOKEN_PATH": state["ray"]["token_path"]}
-        code = ("import ray; ray.init(); f = ray.remote(lambda x: x * 2); print('answer', ray.get(f.remote(21)))")
-        ok = subprocess.run([sys.executable, "-c", code], env=client, capture_output=True, text=True, timeout=120)
-        assert "answer 42" in ok.stdout, ok.stderr[-2000:]
+        code = ("import os, ray; from pruneflow.execution.replicas import connect; connect(os.environ['RAY_ADDRESS']); "
+                "f = ray.remote(lambda x: x * 2); print('answer', ray.get(f.remote(21)))")  # as --workers joins
+        ok = subprocess.run([sys.executable, "-c", code], env=client, capture_output=True, text=True, timeout=200)
+        logs = Path(state["ray"]["temp_dir"], "session_latest", "logs")
+        assert "answer 42" in ok.stdout, ok.stderr[-2000:] + "".join(
+            f"\n== {f.name}\n{f.read_text()[-1500:]}" for f in sorted(logs.glob("ray_client_server*.err")))
         stranger = {**env, "RAY_ADDRESS": state["ray"]["url"], "RAY_AUTH_MODE": "token",
                     "RAY_AUTH_TOKEN": "0" * 64}
         refused = subprocess.run([sys.executable, "-c", code], env=stranger, capture_output=True, text=True,

@@ -171,6 +171,41 @@ def test_an_unreachable_cluster_is_a_clear_error(tmp_path, saved):
     assert not (tmp_path / "out").exists() and "loading" not in result.output  # before the model is read
 
 
+def test_a_head_that_fails_to_start_a_client_server_is_tried_again_and_nothing_else_is(monkeypatch):
+    """Ray Client's head refusing a connection because its per-client server died at start (the words Ray's
+    proxier sends) is retried with a fresh connection; a timeout (no head, a wrong token) is not."""
+    import ray
+
+    refused = ConnectionAbortedError("Initialization failure from server:\nTraceback (most recent call last):\n"
+                                     "RuntimeError: Starting Ray client server failed. See "
+                                     "ray_client_server_23000.err for detailed logs.\n")
+    calls = []
+
+    def init(outcomes):
+        def fake(**kwargs):
+            calls.append(kwargs)
+            outcome = outcomes.pop(0)
+            if outcome is not None:
+                raise outcome
+        return fake
+
+    monkeypatch.setattr(ray, "init", init([refused, None]))
+    replicas.connect("ray://head:10001", what="--workers ray://head:10001", wait=0)
+    assert [c["address"] for c in calls] == ["ray://head:10001"] * 2
+
+    calls.clear()
+    monkeypatch.setattr(ray, "init", init([refused] * 3))
+    with pytest.raises(PruneflowError, match="could not start a server for this client \\(3 tries\\)"):
+        replicas.connect("ray://head:10001", wait=0)
+    assert len(calls) == 3
+
+    calls.clear()
+    monkeypatch.setattr(ray, "init", init([ConnectionError("ray client connection timeout"), None]))
+    with pytest.raises(PruneflowError, match="cannot reach Ray at ray://head:10001: ray client connection timeout"):
+        replicas.connect("ray://head:10001", wait=0)
+    assert len(calls) == 1
+
+
 def test_workers_without_ray_installed_is_a_clear_error(monkeypatch):
     import importlib.util
 
