@@ -49,14 +49,26 @@ def score(model: nn.Module, spec: ArchSpec, method: str, windows: torch.Tensor |
                            **options)
 
 
+def usable_methods(spec: ArchSpec) -> list[str]:
+    """The methods whose own settings (``auto`` units, allocation, reconstruction) this architecture takes."""
+    usable = []
+    for name, entry in METHODS.items():
+        if CAUSAL_LM in entry.needs and not spec.causal_lm:
+            continue
+        try:
+            check_model(name, spec, PruneParams(ratio=0.5))
+        except PruneflowError:
+            continue
+        usable.append(name)
+    return usable
+
+
 def check_model(method: str, spec: ArchSpec, cfg: PruneParams | None = None, objective: str = "auto") -> None:
     """Refuse a method, or with ``cfg`` an allocation, or an ``objective`` (``score.objective``) the model cannot
     be pruned with (before the model is loaded, calibration or any forward pass)."""
     if CAUSAL_LM in METHODS[method].needs and not spec.causal_lm:
-        usable = ", ".join(name for name, m in METHODS.items() if CAUSAL_LM not in m.needs
-                           and (spec.moe or not m.experts))
         raise PruneflowError(f"method {method} needs gradients of the next-token loss and a causal LM; this model is "
-                             f"an encoder: use {usable}")
+                             f"an encoder: use {', '.join(usable_methods(spec))}")
     if cfg is not None:
         units.check_settings(spec, cfg.for_method(method), method)
     if NORMS in METHODS[method].needs and not spec.norms:

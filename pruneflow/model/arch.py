@@ -94,6 +94,11 @@ class Geometry:
         return self.num_heads // self.num_kv_heads
 
 
+def head_dim_in(config: dict) -> int:
+    """The head size a config.json (as a dict) gives: its ``head_dim``, else hidden size / query heads."""
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
 def geometry(config) -> Geometry:
     num_heads = config.num_attention_heads
     head_dim = head_dim_of(config)

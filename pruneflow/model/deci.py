@@ -106,7 +106,7 @@ def read_blocks(config: dict, weights: LazyWeights) -> tuple[list[DeciBlock], bo
     for name in GLOBAL[:2]:
         if name not in names:
             raise PruneflowError(f"checkpoint {weights.path} lacks {name} (truncated or not a causal LM?)")
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    head_dim = A.head_dim_in(config)
     count = 1 + max((int(n.split(".")[2]) for n in names if n.startswith("model.layers.")), default=-1)
 
     def rows(i: int, proj: str) -> int:
@@ -149,7 +149,7 @@ def deci_config(config: dict, blocks: list[DeciBlock], qkv_bias: bool, dtype: to
             **{k: config[k] for k in keep if config.get(k) is not None},
             "num_hidden_layers": len(blocks), "num_attention_heads": heads,
             "num_key_value_heads": next(b.kv_heads for b in blocks if b.heads),
-            "head_dim": config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"],
+            "head_dim": A.head_dim_in(config),
             "hidden_act": act, "attention_bias": False, "qkv_bias": qkv_bias, "mlp_bias": False,
             "dtype": str(dtype).removeprefix("torch."), "block_configs": block_configs}
 
@@ -182,7 +182,7 @@ def export_vllm(checkpoint: str | Path | ModelSource, out_dir: Path, overwrite: 
                     continue  # a no-op sub-block has no weights (a zero attention gets its own below)
             writer.make_room(weights.tensors[name].nbytes(dtype))
             writer.add(name, weights.read([name], dtype, cpu)[name])
-        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        head_dim = A.head_dim_in(config)
         for i, b in enumerate(blocks):
             if b.zero_attention:
                 hidden, q, kv = config["hidden_size"], b.heads * head_dim, b.kv_heads * head_dim

@@ -215,7 +215,7 @@ def plan_layout(config: dict, weights) -> Layout:
     for name in ("model.embed_tokens.weight", "model.norm.weight"):
         if name not in names:
             raise PruneflowError(f"checkpoint {weights.path} lacks {name} (truncated or not a causal LM?)")
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    head_dim = A.head_dim_in(config)
     count = 1 + max((int(n.split(".")[2]) for n in names if n.startswith("model.layers.")), default=-1)
 
     def width(i: int, proj: str, per: int) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pruneflow.model import arch as A
+from pruneflow.model import arch as A, mlp
 from pruneflow.units.apply import layer_shapes, remove_layers
 from pruneflow.model.arch import ArchSpec
 from pruneflow.errors import PruneflowError
@@ -40,7 +40,7 @@ def check_settings(spec: ArchSpec, cfg, method: str | None = None) -> None:
     if not claims(cfg.units, spec):
         return
     alone(NAME, cfg.units)
-    if spec.moe:
+    if mlp.of(spec) is not mlp.DENSE:
         raise PruneflowError("prune.units: merged_layers folds dense blocks; this is a Mixture-of-Experts model: "
                              "prune its experts or layers")
     if cfg.reconstruct != "none":

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pruneflow.model import arch as A
+from pruneflow.model import arch as A, mlp
 from pruneflow.units.apply import layer_shapes
 from pruneflow.model.arch import ArchSpec
 from pruneflow.errors import PruneflowError
@@ -38,7 +38,7 @@ def check_settings(spec: ArchSpec, cfg, method: str | None = None) -> None:
     if not claims(cfg.units, spec):
         return
     alone(NAME, cfg.units)
-    if not spec.causal_lm or spec.moe:
+    if not spec.causal_lm or mlp.of(spec) is not mlp.DENSE:
         raise PruneflowError("prune.units: subblocks removes the attention or the dense MLP of a decoder block "
                              "(llama, mistral, qwen2, qwen3); this architecture is "
                              f"{'an encoder' if not spec.causal_lm else 'a Mixture of Experts'}: prune heads and "

@@ -145,3 +145,15 @@ def test_kl_drives_sleb_on_a_causal_lm_and_the_score_says_so():
 def test_what_does_not_apply_is_refused_from_the_config_alone(method, cfg, objective, message):
     with pytest.raises(PruneflowError, match=message):
         check_model(method, A.arch_for("bert"), cfg, objective)
+
+
+def test_the_methods_offered_to_an_encoder_are_the_ones_it_takes():
+    """The refusal of a causal-LM method lists what an encoder can use instead: no method it would refuse too
+    (BlockPruner's sub-blocks and Minitron's norms are decoder-only)."""
+    with pytest.raises(PruneflowError) as refused:
+        check_model("taylor", A.arch_for("bert"), PruneParams(ratio=0.3))
+    offered = str(refused.value).split("use ")[-1].split(", ")
+    assert {"wanda_sp", "flap", "bonsai", "sleb"} <= set(offered)
+    assert not {"taylor", "blockpruner", "minitron", "expert_drop"} & set(offered)
+    for method in offered:
+        check_model(method, A.arch_for("bert"), PruneParams(ratio=0.3))

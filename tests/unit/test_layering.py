@@ -174,3 +174,12 @@ def test_the_library_is_rooms_each_saying_what_it_owns_and_may_import():
     for room in ROOMS:
         doc = ast.get_docstring(ast.parse((package / room / "__init__.py").read_text())) or ""
         assert len(doc) > 200 and "import" in doc, f"pruneflow/{room}/__init__.py: say what it owns and imports"
+
+
+def test_only_the_architecture_and_the_moe_units_ask_whether_a_model_is_moe():
+    """Generic code asks the MLP strategy (pruneflow.model.mlp) or the unit registry what a Mixture-of-Experts
+    block changes; ``spec.moe`` is read only where the architecture is defined and by the expert units."""
+    allowed = {"model/arch.py", "model/mlp.py", "units/experts.py", "units/expert_channels.py"}
+    readers = {str(p.relative_to(ROOT / "pruneflow")) for p in (ROOT / "pruneflow").rglob("*.py")
+               if re.search(r"\bspec\.moe\b", p.read_text())}
+    assert readers <= allowed and {"units/experts.py", "model/mlp.py"} <= readers  # the check sees them
