@@ -23,7 +23,7 @@ from pruneflow.execution.objectives import resolve as resolve_objective
 from pruneflow.methods import CAUSAL_LM, METHODS, NORMS, OBJECTIVE, SCORERS
 from pruneflow.methods.options import Options
 from pruneflow.pipeline.params import PruneParams, check_method
-from pruneflow.selection.plan import LayerPlan, PrunePlan, SelectConfig, accounting, removed_parameters, select
+from pruneflow.selection.plan import LayerPlan, PrunePlan, SelectConfig, accounting, removed_parameters
 from pruneflow.execution.runtime import Runtime
 from pruneflow.selection.scores import Scores
 
@@ -103,9 +103,7 @@ def check_units(model: nn.Module, spec: ArchSpec, cfg: PruneParams, method: str 
     """Units the architecture, the method or the ratio cannot give (``cfg`` resolved): an error before any
     forward pass."""
     units.check_settings(spec, cfg, method)
-    unit = units.claiming(cfg.units, spec)
-    if unit is not None:
-        unit.check_model(model, spec, cfg)
+    units.claiming(cfg.units, spec).check_model(model, spec, cfg)
 
 
 def select_config(cfg: PruneParams, scores: Scores) -> SelectConfig:
@@ -164,15 +162,14 @@ def choose(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, scor
     """The plan for ``scores`` (``cfg`` resolved for the method): select's rule, or the allocation search from
     the method's own plan, its candidates measured by ``objective`` (returns its summary too)."""
     unit = units.claiming(cfg.units, spec)
-    if unit is not None:  # a unit with its own module selects itself (pruneflow.units)
-        return unit.select(model, spec, scores, select_config(cfg, scores), method, seed), None
-    shapes, params = layer_shapes(model, spec), A.count_parameters(model)
     if cfg.allocation != "search":
-        return select(scores, shapes, params, select_config(cfg, scores), method=method, seed=seed), None
+        return unit.select(model, spec, scores, select_config(cfg, scores), method, seed), None
+    # the search moves block widths (heads, channels) between layers; the params check refuses it for the rest
     if windows is None:
         raise PruneflowError("prune.allocation: search needs calibration windows")
     start_cfg = select_config(cfg.model_copy(update={"allocation": METHODS[method].allocation}), scores)
-    start = select(scores, shapes, params, start_cfg, method=method, seed=seed)
+    start = unit.select(model, spec, scores, start_cfg, method, seed)
+    shapes, params = layer_shapes(model, spec), A.count_parameters(model)
     s = cfg.search
     result = search.search(model, spec, scores, shapes, params, select_config(cfg, scores), start, windows, runtime,
                            s.budget, s.windows, s.offspring, s.seed, method, objective)
@@ -285,11 +282,10 @@ def _iteration(model: nn.Module, spec: ArchSpec, method: str, cfg: PruneParams, 
                    units=tuple(cfg.units), head_mode=cfg.head_mode,
                    **({"objective": objective} if OBJECTIVE in METHODS[method].needs else {}))
     current = A.count_parameters(model)
-    plan = select(scores, layer_shapes(model, spec), current,
-                  SelectConfig(ratio=step / current["non_embedding"], allocation="global", units=tuple(cfg.units),
-                               head_mode=cfg.head_mode, round_to=cfg.round_to,
-                               reconstruct="bias" if cfg.reconstruct == "bias" else "none"),
-                  method=method, seed=seed)
+    plan = units.claiming(cfg.units, spec).select(
+        model, spec, scores, SelectConfig(ratio=step / current["non_embedding"], allocation="global",
+                                          units=tuple(cfg.units), head_mode=cfg.head_mode, round_to=cfg.round_to,
+                                          reconstruct="bias" if cfg.reconstruct == "bias" else "none"), method, seed)
     record = scores.extra[method]
     summary = {"iteration": k, "seconds": time.perf_counter() - began, "sub_models": len(record["losses"]),
                "loss_min": float(record["losses"].min()), "loss_max": float(record["losses"].max()),

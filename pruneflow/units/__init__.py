@@ -7,10 +7,8 @@ o_proj/down_proj) and one module per unit type with its own selection, behind on
 import the model room, selection (plans, scores) and the execution layer; nothing here imports a method module
 (``experts`` reads the method registry's metadata) or the pipeline.
 
-The block widths — heads, channels, layers — are the default: every block's ``LayerPlan``
-(``pruneflow.selection.plan`` selects it, ``apply`` slices it). Every other unit type is one module of this
-package behind one protocol, listed in ``MODULES``; the generic code (prune, apply, the pipeline's stages) asks
-the registry, never the unit:
+Every unit type is one module of this package behind one protocol, listed in ``MODULES`` in the order they
+claim; the generic code (prune, apply, the pipeline's stages) asks the registry, never a unit by name:
     NAME                                  the unit it is
     claims(units, spec)                   whether it prunes ``prune.units`` on this architecture
     check_settings(spec, cfg, method)     refusals from params and the config alone (before the model loads)
@@ -18,8 +16,10 @@ the registry, never the unit:
     select(model, spec, scores, cfg, method, seed) -> PrunePlan
     holds(plan)                           whether a plan removes this unit
     apply_plan(model, spec, plan, scores) physical removal
-A unit whose plan is block widths (the sub-blocks: a block's whole attention or MLP) selects itself and lets the
-block slicer apply it (``holds`` is false). This package's ``__init__`` imports nothing heavy: params and the
+``blocks`` — heads, channels and whole layers, every block's ``LayerPlan`` — comes last: it claims what no other
+unit claims and holds every plan no other unit holds. A unit whose plan is block widths (the sub-blocks: a
+block's whole attention or MLP) selects itself and lets the block slicer apply it (its ``holds`` is false).
+This package's ``__init__`` imports nothing heavy: params and the
 method registry read its vocabulary without torch; the unit modules load on first use.
 
 Unit types — ``prune.units``, the fields of ``Scores``, a layer's widths, Bonsai's modules:
@@ -53,7 +53,8 @@ ALLOCATIONS = ("uniform", "global", "search")  # search: pruneflow.selection.sea
 RECONSTRUCTIONS = ("none", "bias", "lstsq")
 ALIASES = {"mlp": "channels"}  # the name params files used before; still read
 
-MODULES = ("hidden", "experts", "expert_channels", "subblocks", "merged_layers")  # the units with their own module, in the order they claim
+MODULES = ("hidden", "experts", "expert_channels", "subblocks", "merged_layers", "blocks")  # in the order they claim:
+# ``blocks`` (heads, channels, layers: block widths) last, as it takes what no other claims or holds
 
 
 OLD_KEPT = {"kept_layers": "layers", "kept_hidden": "hidden", "kept_experts": "experts",
@@ -73,13 +74,17 @@ def modules() -> list:
 
 
 def claiming(units, spec):
-    """The unit module that prunes ``units`` on ``spec``'s architecture (None: the block widths)."""
-    return next((unit for unit in modules() if unit.claims(tuple(units), spec)), None)
+    """The unit module that prunes ``units`` (``prune.units``, resolved) on ``spec``'s architecture."""
+    unit = next((unit for unit in modules() if unit.claims(tuple(units), spec)), None)
+    if unit is None:  # the params model refuses an unknown name first; a library caller gets these words
+        raise PruneflowError(f"prune.units: no unit type prunes {', '.join(units)}; the unit types are "
+                             f"{', '.join(UNIT_TYPES)}")
+    return unit
 
 
 def holding(plan):
-    """The unit module whose removal ``plan`` holds (None: block widths)."""
-    return next((unit for unit in modules() if unit.holds(plan)), None)
+    """The unit module whose removal ``plan`` holds (the block widths unless another unit wrote it)."""
+    return next(unit for unit in modules() if unit.holds(plan))
 
 
 def check_settings(spec, cfg, method: str | None = None) -> None:

@@ -122,10 +122,14 @@ def apply(model: nn.Module, plan: PrunePlan, spec: ArchSpec, scores: Scores | No
     """Slice the model in place to what ``plan`` keeps; with ``plan.reconstruct == "bias"``, add FLAP's bias
     compensation (``lstsq`` re-fits after slicing: :func:`pruneflow.units.reconstruct.refit`)."""
     note_applied(model, plan, scores)  # replicas on workers replay it (pruneflow.execution.replicas)
-    unit = units.holding(plan)
-    if unit is not None:  # a unit with its own module removes itself (pruneflow.units)
-        unit.apply_plan(model, spec, plan, scores)
-        return model
+    units.holding(plan).apply_plan(model, spec, plan, scores)  # the unit that wrote the plan removes itself
+    return model
+
+
+def slice_blocks(model: nn.Module, plan: PrunePlan, spec: ArchSpec, scores: Scores | None = None) -> None:
+    """The block slicer (the ``blocks`` unit's removal): every block to the widths ``plan`` keeps of it, with
+    FLAP's bias compensation for ``reconstruct: bias``, then the blocks it removes whole; a streamed model's
+    weights are sliced as they are written."""
     shapes = layer_shapes(model, spec)
     _check(plan, shapes)
     if plan.reconstruct == "bias" and (scores is None or scores.attn_mean is None):
@@ -138,12 +142,11 @@ def apply(model: nn.Module, plan: PrunePlan, spec: ArchSpec, scores: Scores | No
             resize_block(block, spec.to_dict(), widths, head_dim)
         if plan.kept_layers is not None and len(plan.kept_layers) < len(shapes):
             remove_layers(model, spec, plan.kept_layers)
-        return model
+        return
     for i, block in enumerate(A.blocks(model, spec)):
         apply_block(block, spec, plan, scores, i, head_dim)
     if plan.kept_layers is not None and len(plan.kept_layers) < len(shapes):
         remove_layers(model, spec, plan.kept_layers)
-    return model
 
 
 def remove_layers(model: nn.Module, spec: ArchSpec, kept: list[int]) -> None:

@@ -10,9 +10,10 @@ from pruneflow.selection.plan import PrunePlan
 
 PROTOCOL = ("claims", "check_settings", "check_model", "select", "holds", "apply_plan")
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "bert")
-# prune.units → the module that owns it, per kind of architecture (None: block widths, pruneflow.units.apply)
-OWNER = {("heads",): (None, None), ("channels",): (None, "expert_channels"), ("layers",): (None, None),
-         ("heads", "channels"): (None, "expert_channels"), ("hidden",): ("hidden", "hidden"),
+# prune.units → the module that owns it, per kind of architecture (dense, MoE)
+OWNER = {("heads",): ("blocks", "blocks"), ("channels",): ("blocks", "expert_channels"),
+         ("layers",): ("blocks", "blocks"), ("heads", "channels"): ("blocks", "expert_channels"),
+         ("heads", "channels", "layers"): ("blocks", "expert_channels"), ("hidden",): ("hidden", "hidden"),
          ("experts",): ("experts", "experts"), ("subblocks",): ("subblocks", "subblocks"),
          ("merged_layers",): ("merged_layers", "merged_layers")}
 
@@ -20,7 +21,8 @@ OWNER = {("heads",): (None, None), ("channels",): (None, "expert_channels"), ("l
 @pytest.mark.parametrize("module", units.modules(), ids=lambda m: m.NAME)
 def test_every_unit_module_has_the_whole_protocol(module):
     assert all(callable(getattr(module, name, None)) for name in PROTOCOL)
-    assert module.NAME in units.UNIT_TYPES or module.NAME == "expert_channels"  # the channels unit of MoE models
+    # expert_channels: the channels unit of MoE models; blocks: heads, channels and layers (block widths)
+    assert module.NAME in units.UNIT_TYPES or module.NAME in ("expert_channels", "blocks")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -28,19 +30,26 @@ def test_every_unit_module_has_the_whole_protocol(module):
 def test_the_registry_routes_each_unit_setting_to_its_owner(family, setting):
     spec = A.arch_for(family)
     owner = units.claiming(setting, spec)
-    assert (owner.NAME if owner else None) == OWNER[setting][spec.moe]
+    assert owner.NAME == OWNER[setting][spec.moe]
+
+
+def test_a_mix_no_unit_takes_is_a_clear_error():
+    from pruneflow.errors import PruneflowError
+
+    with pytest.raises(PruneflowError, match="no unit type prunes tokens"):
+        units.claiming(("tokens",), A.arch_for("llama"))
 
 
 def test_a_plan_is_held_by_the_unit_that_wrote_it_and_old_plans_are_block_widths():
     base = dict(method="m", ratio=0.3, allocation="global", head_mode="auto", units=["heads"], round_to=1,
                 reconstruct="none", seed=0, layers=[])
-    assert units.holding(PrunePlan(**base)) is None
+    assert units.holding(PrunePlan(**base)).NAME == "blocks"
     assert units.holding(PrunePlan(**base, kept={"hidden": [0, 1]})).NAME == "hidden"
     assert units.holding(PrunePlan(**base, kept={"experts": [[0]]})).NAME == "experts"
     assert units.holding(PrunePlan(**base, kept={"expert_channels": [[[0]]]})).NAME == "expert_channels"
     assert units.holding(PrunePlan(**base, kept={"merged_layers": {"merges": []}})).NAME == "merged_layers"
     old = PrunePlan.from_dict({k: v for k, v in base.items()})  # a plan.json written before plan.kept
-    assert old.kept == {} and units.holding(old) is None
+    assert old.kept == {} and units.holding(old).NAME == "blocks"
 
 
 def test_a_plan_keeps_one_mapping_per_unit_type_and_reads_the_fields_it_had_before():
