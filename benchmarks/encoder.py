@@ -2,13 +2,15 @@
 
 Per ratio (default 50%, 30%, 20%, in that order): the width methods (magnitude, random, wanda_sp, flap) ×
 allocation (uniform, global, search) × reconstruct (none, bias, lstsq); Bonsai (its global allocation, preset
-fast) × reconstruct; the depth methods (block_influence, angular, sleb: whole blocks). Forward passes only:
-taylor (gradients of a next-token loss) has no encoder form; minitron reads norm outputs a post-LN encoder's
-ArchSpec does not name (both refused up front). Bonsai, SLEB and the search
-measure candidates by the encoder's objective (``score.objective: auto`` = 1 − cos of the final hidden states to
-the unmasked model's). Calibration: 64 windows of 128 tokens of the packaged corpus (train split). Measured: the
-mean cosine between the pruned and dense mean-pooled sentence embeddings of 400 sentences of the corpus's test
-split (the first four sentences of its first 100 documents; never calibration text).
+fast) × reconstruct; the depth methods (block_influence, angular, sleb: whole blocks); at 50% also combined rows
+(``--combined-ratios``): 1 or 2 whole blocks removed by SLEB first, then each width method × allocation with lstsq
+to the same total (two ``prune`` calls, as two ``pruneflow prune`` runs would). Forward passes only: taylor
+(gradients of a next-token loss) has no encoder form; minitron reads norm outputs a post-LN encoder's ArchSpec
+does not name (both refused up front). Bonsai, SLEB and the search measure candidates by the encoder's objective
+(``score.objective: auto`` = 1 − cos of the final hidden states to the unmasked model's). Calibration: 64
+windows of 128 tokens of the packaged corpus (train split). Measured: the mean cosine between the pruned and dense
+mean-pooled sentence embeddings of 400 sentences of the corpus's test split (the first four sentences of its
+first 100 documents; never calibration text).
 
 Each configuration runs in its own process (``benchmarks/methods.py --one``); rows are written to
 ``benchmarks/encoder.json`` as they finish (``--merge`` keeps the other rows of an existing file), and the table
@@ -58,31 +60,46 @@ def jobs(args) -> list[dict]:
             elif method in DEPTH:
                 out.append({**base, "method": method, "ratio": ratio, "allocation": "global", "reconstruct": "none",
                             "units": ["layers"]})
-            elif method == "minitron":
+            if method in WIDTH and ratio in args.combined_ratios:  # whole blocks first, then this width method
+                out += [{**base, "method": method, "ratio": ratio, "allocation": allocation, "reconstruct": "lstsq",
+                         "depth": {"method": args.depth_method, "blocks": blocks}}
+                        for blocks in args.depth_blocks for allocation in args.allocations]
+            if method == "minitron":
                 out.append({**base, "method": method, "ratio": ratio, "allocation": "uniform", "reconstruct": "none",
                             "units": ["hidden"]})
     return out
 
 
 def key(row: dict) -> tuple:
-    return row["method"], row["ratio"], row["allocation"], row["reconstruct"], row.get("objective", "auto")
+    return (row["method"], row["ratio"], row["allocation"], row["reconstruct"], row.get("objective", "auto"),
+            json.dumps(row.get("depth"), sort_keys=True))
+
+
+def label(row: dict) -> str:
+    """The table's method column: the method, after whole blocks removed by a depth method for combined rows."""
+    depth = row.get("depth")
+    if not depth:
+        return row["method"]
+    return f"{depth['method']} −{depth['blocks']} block{'s' if depth['blocks'] > 1 else ''}, then {row['method']}"
 
 
 def table(rows: list[dict]) -> str:
     """Markdown: one row per method × allocation, a column per ratio × reconstruct (cosine to dense)."""
     ratios = sorted({r["ratio"] for r in rows}, reverse=True)
     recs = [rec for rec in ("none", "bias", "lstsq") if any(r["reconstruct"] == rec for r in rows)]
-    found = {key(r): r["fidelity"] for r in rows}
+    found = {(label(r), r["ratio"], r["allocation"], r["reconstruct"]): r["fidelity"] for r in rows
+             if r.get("objective", "auto") == "auto"}
     lines = ["| method | allocation | " + " | ".join(f"{ratio:.0%} {rec}" for ratio in ratios for rec in recs) + " |",
              "|---|---|" + "---:|" * (len(ratios) * len(recs))]
     order = {m: i for i, m in enumerate((*WIDTH, "bonsai", *DEPTH, "minitron"))}
-    seen = sorted({(r["method"], r["allocation"]) for r in rows}, key=lambda k: (order.get(k[0], 99), k[1]))
+    seen = sorted({(label(r), r["allocation"]) for r in rows},
+                  key=lambda k: (order.get(k[0], 99), k[0], k[1]))
     best = max(found.values())
     for method, allocation in seen:
         cells = []
         for ratio in ratios:
             for rec in recs:
-                value = found.get((method, ratio, allocation, rec, "auto"))
+                value = found.get((method, ratio, allocation, rec))
                 cells.append("" if value is None else (f"**{value:.3f}**" if value == best else f"{value:.3f}"))
         lines.append(f"| {method} | {allocation} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -109,6 +126,11 @@ def main() -> None:
     parser.add_argument("--allocations", nargs="+", default=["uniform", "global", "search"])
     parser.add_argument("--reconstructs", nargs="+", default=["none", "bias", "lstsq"])
     parser.add_argument("--search-budget", type=int, default=128, help="prune.search.budget (candidates)")
+    parser.add_argument("--combined-ratios", nargs="*", type=float, default=[0.5],
+                        help="ratios with combined rows: --depth-blocks whole blocks removed first, then each width "
+                             "method × allocation with lstsq to the same total")
+    parser.add_argument("--depth-blocks", nargs="*", type=int, default=[1, 2])
+    parser.add_argument("--depth-method", default="sleb")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--out", type=Path, default=OUT)

@@ -39,6 +39,7 @@ def run_one(job: dict) -> dict:
     from pruneflow.pipeline.params import BonsaiParams, PruneParams
     from pruneflow.prune import prune
     from pruneflow.execution.runtime import Runtime
+    from pruneflow.model.arch import count_parameters
 
     torch.set_num_threads(job["threads"])
     runtime = Runtime.create(job.get("device", "cpu"), job.get("dtype", "auto"))
@@ -49,13 +50,17 @@ def run_one(job: dict) -> dict:
         windows, _ = C.prepare(tokenizer, "corpus", job["n_windows"], job["seqlen"], 0,
                                getattr(model.config, "max_position_embeddings", None))
         started = time.perf_counter()
-        cfg = PruneParams(ratio=job["ratio"], allocation=job["allocation"], units=job["units"],
+        before = count_parameters(model)["non_embedding"]
+        ratio = job["ratio"]
+        if job.get("depth"):  # whole blocks first (a depth method), then the width method to the same total
+            ratio = remove_blocks(model, spec, job, windows, runtime)
+        cfg = PruneParams(ratio=ratio, allocation=job["allocation"], units=job["units"],
                           reconstruct=reconstruction(job), **({"search": job["search"]} if "search" in job else {}))
         result = prune(model, spec, job["method"], cfg, windows, seed=job["seed"],
                        options=BonsaiParams(**job.get("bonsai", {})), runtime=runtime,
                        objective=job.get("objective", "auto"))
         row.update(prune_seconds=time.perf_counter() - started, score_seconds=result.seconds["score"],
-                   achieved_ratio=result.plan.params["achieved_ratio"])
+                   achieved_ratio=1 - count_parameters(model)["non_embedding"] / before)
     test_docs = corpus.load_split("test")
     if spec.causal_lm:
         row.update(measure(model, tokenizer, spec, None, C.token_stream(tokenizer, test_docs), speed=False,
@@ -78,6 +83,24 @@ def run_one(job: dict) -> dict:
                    fidelity=embedding_fidelity(dense, model, tokenizer, sentences, runtime))
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return row
+
+
+def remove_blocks(model, spec, job: dict, windows, runtime) -> float:
+    """``job["depth"]`` = {"method", "blocks"}: remove that many whole blocks with that depth method (its own
+    allocation and objective), and return the ratio of what is left that the width step must still remove for
+    ``job["ratio"]`` of the dense model's non-embedding parameters in all."""
+    from pruneflow.model.arch import blocks, count_parameters
+    from pruneflow.pipeline.params import PruneParams
+    from pruneflow.prune import prune
+
+    depth, count = job["depth"], len(blocks(model, spec))
+    before = count_parameters(model)["non_embedding"]
+    prune(model, spec, depth["method"], PruneParams(ratio=depth["blocks"] / count, units=["layers"]), windows,
+          seed=job["seed"], runtime=runtime)
+    if count - len(blocks(model, spec)) != depth["blocks"]:
+        raise SystemExit(f"{depth['method']} removed {count - len(blocks(model, spec))} blocks, not {depth['blocks']}")
+    left = count_parameters(model)["non_embedding"]
+    return (job["ratio"] * before - (before - left)) / left
 
 
 def llama_cpp_speeds(model, tokenizer, spec, job: dict) -> dict:
@@ -159,6 +182,7 @@ def reconstruction(row: dict) -> str:
 
 def _key(job: dict) -> tuple:
     return (job["model"], job["method"], job["ratio"], job["allocation"], job["seed"], reconstruction(job),
+            json.dumps(job.get("depth"), sort_keys=True),
             json.dumps(job.get("bonsai", {}), sort_keys=True), job.get("objective", "auto"))
 
 
