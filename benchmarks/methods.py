@@ -170,6 +170,9 @@ def _jobs_for(args, model: str, depth: set, causal_only: set) -> list[dict]:
                 if method == "flap" and not args.reconstructs:  # ablation: FLAP's bias compensation off
                     out.append({**base, "method": method, "ratio": ratio, "allocation": allocation, "seed": 0,
                                 "reconstruct": "none"})
+    if args.depth_blocks:  # only the combined rows: whole blocks first, then each width job to the same total
+        out = [{**job, "depth": {"method": args.depth_method, "blocks": blocks}} for job in out
+               if job["method"] not in depth | {"dense", "bonsai"} for blocks in args.depth_blocks] + out[:1]
     return out
 
 
@@ -204,6 +207,10 @@ def main() -> None:
     parser.add_argument("--objective", default="auto",
                         help="score.objective of every row (auto | loss | kl | hidden): what bonsai, sleb, "
                              "blockpruner and allocation: search measure candidates by")
+    parser.add_argument("--depth-blocks", nargs="*", type=int, default=[],
+                        help="instead of the width rows, combined ones: this many whole blocks removed by "
+                             "--depth-method first, then the width method to the same total ratio")
+    parser.add_argument("--depth-method", default="sleb")
     parser.add_argument("--models", nargs="+", default=["reference"],
                         help="committed models under models/: reference, reference-deep")
     parser.add_argument("--reconstructs", nargs="*", default=[],

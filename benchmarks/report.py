@@ -134,6 +134,8 @@ def _reconstruct_table(rows: list[dict]) -> str:
         method = r["method"] + (f" ({r['bonsai']['preset']})" if r.get("bonsai", {}).get("preset") else "")
         method += " (hidden)" if "hidden" in r.get("units", []) else ""
         method += f" (objective {r['objective']})" if r.get("objective", "auto") != "auto" else ""
+        if r.get("depth"):  # whole blocks removed by a depth method first, then this method to the same total
+            method = f"{r['depth']['method']} −{r['depth']['blocks']} block(s), then {method}"
         cells[(Path(r["model"]).name, method, r["allocation"], r["ratio"])][rec] = r
     lines = ["| model | method | allocation | target | " + " | ".join(f"ppl {m}" for m in modes)
              + " | achieved (lstsq) | prune s none / lstsq | peak RSS ÷ inference (lstsq) |",
