@@ -95,7 +95,9 @@ def vllm_python() -> Path:
     return VLLM_PYTHON
 
 
-@pytest.fixture(scope="module")
+# session, not module: an xdist worker that does not yet hold this module's next test tears a module fixture down
+# after each test, and CI paid for the ~200 s vLLM run twice
+@pytest.fixture(scope="session")
 def served(tmp_path_factory):
     """Each kind: (the checkpoint transformers loads, what vLLM loads, vLLM's result)."""
     python = vllm_python()
