@@ -192,3 +192,11 @@ def test_up_with_ray_starts_a_token_authenticated_head_that_runs_workers(tmp_pat
         stopped = stack.down(tmp_path)
         shutil.rmtree(state.get("ray", {}).get("temp_dir", tmp_path / "none"), ignore_errors=True)
     assert stopped == ["ray"] and not stack._alive(state["ray"]["pid"])
+
+
+def test_the_tests_sharing_the_stack_run_on_one_worker(request):
+    """`make test` runs pytest-xdist with --dist loadgroup: this module's tests carry the group in their node id,
+    which puts them on one worker with the stack (pytest 9.2 ignores the id pytest-xdist 3.8 sets: the group was
+    silently lost, and the stack, vLLM and the Ray head ran on both workers, beside anything)."""
+    if getattr(request.config.option, "loadgroup", False):
+        assert request.node.nodeid.endswith("@stack")

@@ -95,8 +95,7 @@ def vllm_python() -> Path:
     return VLLM_PYTHON
 
 
-# session, not module: an xdist worker that does not yet hold this module's next test tears a module fixture down
-# after each test, and CI paid for the ~200 s vLLM run twice
+# session, not module: one vLLM run (~200 s in CI) per worker, whatever order the worker gets this module's tests in
 @pytest.fixture(scope="session")
 def served(tmp_path_factory):
     """Each kind: (the checkpoint transformers loads, what vLLM loads, vLLM's result)."""
