@@ -21,7 +21,10 @@ def prune(
     method: Optional[str] = typer.Option(None, help="importance method; see `pruneflow methods`"),
     ratio: Optional[float] = typer.Option(None, help="fraction of non-embedding parameters to remove"),
     calibration: Optional[str] = typer.Option(None, help="'corpus', a .txt/.jsonl file, or hf:NAME"),
-    units: Optional[str] = typer.Option(None, help="comma-separated: heads,channels | layers | hidden | experts"),
+    units: Optional[str] = typer.Option(
+        None, help="auto (the method's) or comma-separated: heads,channels | layers | subblocks | merged_layers | "
+                   "hidden | experts (on an MoE model, channels are those inside its experts); see `pruneflow "
+                   "methods` for what each method scores"),
     allocation: Optional[str] = typer.Option(None, help="uniform | global | search (per-layer counts searched on calibration loss) | auto"),
     objective: Optional[str] = typer.Option(
         None, help="what bonsai, sleb, blockpruner and --allocation search measure candidates by: loss | kl (to the "

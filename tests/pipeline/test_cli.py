@@ -288,3 +288,15 @@ def test_the_console_script_exits_although_a_thread_pool_was_never_shut_down():
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "minitron" in proc.stdout
+
+
+def test_the_units_help_names_every_unit_type():
+    """`prune --help` lists the units a user can ask for: every unit type of the vocabulary (it once stopped at
+    experts while sub-blocks and merged layers could be pruned)."""
+    from pruneflow.units import UNIT_TYPES
+
+    result = run("prune", "--help")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.replace("│", " ").split())
+    units_help = text[text.index("--units"):text.index("--allocation")]
+    assert [unit for unit in UNIT_TYPES if unit not in units_help] == []
