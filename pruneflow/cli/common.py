@@ -28,6 +28,7 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     logging.getLogger("datasets").setLevel(logging.ERROR)  # "using the latest cached version" on every offline read
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer's plan names the temporary file, not the output
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
 

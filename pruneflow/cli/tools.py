@@ -73,7 +73,7 @@ def _quantize_report(summary: dict) -> None:
     fallbacks = summary["fallbacks"]
     if summary["fallback_count"]:
         typer.echo(f"{summary['fallback_count']} tensor(s) could not take their type and fell back (a width that is "
-                   f"a multiple of 256 avoids it: prune.round_to):")
+                   f"a multiple of the block named avoids it: prune.round_to):")
         for f in fallbacks:
             typer.echo(f"  {f['tensor']}: {f['wanted']} -> {f['got']} ({f['why']})")
 
