@@ -166,3 +166,39 @@ def test_the_shipped_config_class_gives_vllm_attributes_and_saves_as_json(tmp_pa
     assert not hasattr(config.block_configs[0].ffn, "ffn_mult")  # vLLM takes the exact width, not a multiplier
     assert json.loads(config.to_json_string())["block_configs"][3]["ffn"]["intermediate_size"] == 250
     assert sys.modules.get("vllm") is None  # pruneflow never imports vLLM
+
+
+def test_a_bf16_checkpoint_goes_out_bit_for_bit_in_shards(tmp_path):
+    """An 8B model is bf16 and sharded: the export keeps each tensor's bytes and dtype, splits at
+    --max-shard-size with save_pretrained's index, and writes no weights for a no-op sub-block."""
+    from safetensors import safe_open
+
+    model, tokenizer, spec = checkpoint.load(REFERENCE)
+    widths = [300, 688, 0, 120, 256, 64, 17, 500]
+    _planned(model, spec, [layer(list(range(8)), list(range(4)), list(range(w))) for w in widths],
+             ["subblocks", "channels"])
+    checkpoint.save(model, tokenizer, tmp_path / "pruned", spec, dtype=torch.bfloat16)
+    summary = export_vllm(tmp_path / "pruned", tmp_path / "out", max_shard_size="2MB")
+    assert summary["dtype"] == "bfloat16" and summary["no_op_ffn"] == [2]
+
+    def tensors(directory):
+        found = {}
+        for path in sorted(directory.glob("*.safetensors")):
+            with safe_open(path, "pt") as f:
+                found.update({name: f.get_tensor(name) for name in f.keys()})
+        return found
+
+    source, written = tensors(tmp_path / "pruned"), tensors(tmp_path / "out")
+    no_op = {"model.layers.2.post_attention_layernorm.weight"} | {
+        f"model.layers.2.mlp.{p}_proj.weight" for p in ("gate", "up", "down")}
+    assert all(source[name].numel() == 0 for name in no_op if "mlp" in name)  # zero-width in pruneflow's checkpoint
+    assert set(written) == set(source) - no_op  # and absent (ffn.no_op) in vLLM's: nothing else added or lost
+    for name, tensor in written.items():
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, source[name]), name
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    shards = {shard: [n for n, s in index["weight_map"].items() if s == shard] for shard in index["weight_map"].values()}
+    assert set(index["weight_map"]) == set(written) and len(shards) > 1
+    assert set(shards) == {p.name for p in (tmp_path / "out").glob("*.safetensors")}
+    for names in shards.values():  # a shard holds at most 2 MB of tensors, unless it is one larger tensor
+        assert len(names) == 1 or sum(written[n].nbytes for n in names) <= 2_000_000, names
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
