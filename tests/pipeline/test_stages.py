@@ -110,6 +110,14 @@ def test_recovery_off_records_a_skip_and_evaluate_judges_the_pruned_model(params
     quantized = json.loads((artifacts / "export" / "export.json").read_text())["quantized"]["q8_0"]
     assert quantized["path"] == "model-q8_0.gguf" and quantized["tensors"]["Q8_0"] > 0
     assert (artifacts / "export" / "model-q8_0.gguf").stat().st_size == quantized["bytes"]
+    # export.formats: [vllm] writes the final model as nemotron-nas under export/vllm (vLLM itself: test_vllm)
+    assert stage("export", params_file, artifacts, "--set", "export.formats=[vllm]").exit_code == 0
+    summary = json.loads((artifacts / "export" / "export.json").read_text())
+    assert summary["formats"] == ["vllm"] and summary["model"] == "pruned" and summary["vllm"]["path"] == "vllm"
+    config = json.loads((artifacts / "export" / "vllm" / "config.json").read_text())
+    widths = [b["ffn"]["intermediate_size"] for b in config["block_configs"]]
+    assert config["model_type"] == "nemotron-nas" and widths == summary["vllm"]["channels"]
+    assert not (artifacts / "export" / "model.gguf").exists()  # the export directory is what this run asked for
 
 
 def test_an_export_the_model_cannot_take_fails_in_the_source_stage(tmp_path, tiny_tokenizer, calibration_txt):
