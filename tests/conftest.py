@@ -321,3 +321,18 @@ def stack(tmp_path_factory):
         os.environ.pop("AWS_SECRET_ACCESS_KEY")
 
 
+
+
+def record_bars(monkeypatch, module) -> list:
+    """Every tqdm progress bar ``module`` opens from now on (its ``tqdm`` replaced by a subclass that keeps them)."""
+    from tqdm import tqdm
+
+    bars = []
+
+    class Recorded(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(module, "tqdm", Recorded)
+    return bars

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from pruneflow.atomic import atomic_dir
 from pruneflow.errors import PruneflowError
@@ -173,15 +174,17 @@ def export_vllm(checkpoint: str | Path | ModelSource, out_dir: Path, overwrite: 
     cpu = torch.device("cpu")
     with atomic_dir(out_dir, overwrite) as tmp:
         writer = ShardWriter(tmp, limit)
-        for name in weights.tensors:
-            parts = name.split(".", 3)
-            if name.startswith("model.layers."):
-                b = blocks[int(parts[2])]
-                if (parts[3].startswith(ATTENTION) and (not b.heads or b.zero_attention)) or \
-                        (parts[3].startswith(FFN) and not b.channels):
-                    continue  # a no-op sub-block has no weights (a zero attention gets its own below)
-            writer.make_room(weights.tensors[name].nbytes(dtype))
-            writer.add(name, weights.read([name], dtype, cpu)[name])
+        total = sum(tensor.nbytes(dtype) for tensor in weights.tensors.values())
+        with tqdm(total=total, desc=f"writing {out_dir.name}", unit="B", unit_scale=True, leave=False) as bar:
+            for name in weights.tensors:
+                size, parts = weights.tensors[name].nbytes(dtype), name.split(".", 3)
+                b = blocks[int(parts[2])] if name.startswith("model.layers.") else None
+                # a no-op sub-block has no weights (a zero attention gets its own below)
+                if b is None or not ((parts[3].startswith(ATTENTION) and (not b.heads or b.zero_attention)) or
+                                     (parts[3].startswith(FFN) and not b.channels)):
+                    writer.make_room(size)
+                    writer.add(name, weights.read([name], dtype, cpu)[name])
+                bar.update(size)
         head_dim = A.head_dim_in(config)
         for i, b in enumerate(blocks):
             if b.zero_attention:

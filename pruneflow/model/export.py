@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from pruneflow.model import arch as A
 from pruneflow.model import mlp
@@ -478,11 +479,14 @@ def export_gguf(checkpoint: str | Path | ModelSource, out: Path, dtype: str = "a
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for t in tensors:
-            data = t.read()
-            if tuple(data.shape) != t.shape:
-                raise PruneflowError(f"tensor {t.name}: read {tuple(data.shape)}, expected {t.shape}")
-            writer.write_tensor_data(_numpy(data))
+        total = sum(math.prod(t.shape) * t.dtype.itemsize for t in tensors)
+        with tqdm(total=total, desc=f"writing {out.name}", unit="B", unit_scale=True, leave=False) as bar:
+            for t in tensors:
+                data = t.read()
+                if tuple(data.shape) != t.shape:
+                    raise PruneflowError(f"tensor {t.name}: read {tuple(data.shape)}, expected {t.shape}")
+                writer.write_tensor_data(_numpy(data))
+                bar.update(math.prod(t.shape) * t.dtype.itemsize)
         writer.close()
         quantized = Q.quantize_gguf(tmp, out, quantize, overwrite=overwrite) if quantize else None
         if not quantize:

@@ -21,6 +21,8 @@ import os
 import re
 from pathlib import Path
 
+from tqdm import tqdm
+
 from pruneflow.errors import PruneflowError
 
 # our names → llama.cpp's file types (llama_cpp.LLAMA_FTYPE_MOSTLY_<NAME>)
@@ -30,6 +32,8 @@ UNQUANTIZED = ("F32", "F16", "BF16")
 # blk.0.ffn_down.weight - ncols 688 not divisible by 256 (required for type q6_K) ... -> falling back to f16"
 FALLBACK = re.compile(r"warning:\s*(?P<tensor>\S+)\s+-\s+ncols\s+(?P<cols>\d+)\s+not divisible by\s+(?P<block>\d+)"
                       r"\s+\(required for type\s+(?P<wanted>\S+)\).*?falling back to\s+(?P<got>\S+)")
+# the line llama.cpp's quantizer starts each tensor with: "[  12/ 723] blk.1.attn_q.weight - [4096, 4096, ...]"
+PROGRESS = re.compile(r"\[\s*(?P<n>\d+)/\s*(?P<total>\d+)\]")
 FALLBACK_COUNT = re.compile(r"(?P<n>\d+) of (?P<total>\d+) tensor\(s\) required fallback")
 
 
@@ -87,10 +91,14 @@ def quantize_gguf(source: Path, out: Path, quantize: str, threads: int | None = 
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name.upper()}")
     params.nthread = threads or os.cpu_count() or 1
     lines: list[str] = []
+    bar = tqdm(desc=f"quantizing to {name}", unit="tensor", leave=False)
 
     @llama_cpp.llama_log_callback
     def collect(level, text, user_data):
         lines.append(text.decode("utf-8", errors="replace"))
+        if done := PROGRESS.match(lines[-1]):  # "[  12/ 723] blk.1.attn_q.weight - ...": tensor 12 of 723 begins
+            bar.total = int(done["total"])
+            bar.update(int(done["n"]) - 1 - bar.n)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.quantizing")  # not the exporter's temporary name
@@ -104,6 +112,7 @@ def quantize_gguf(source: Path, out: Path, quantize: str, threads: int | None = 
         os.replace(tmp, out)
     finally:
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        bar.close()
         tmp.unlink(missing_ok=True)
     log_text = "".join(lines)
     fallbacks = [{"tensor": m["tensor"], "wanted": m["wanted"].upper(), "got": m["got"].upper(),

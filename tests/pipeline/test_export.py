@@ -134,18 +134,24 @@ def test_llama_cpp_loads_each_kind_with_the_logits_and_greedy_tokens_of_transfor
 
 
 def test_a_bf16_checkpoint_exports_its_bf16_bits_and_llama_cpp_is_as_close_as_transformers_bf16(tmp_path,
-                                                                                              tiny_tokenizer):
+                                                                                              tiny_tokenizer,
+                                                                                              monkeypatch):
     """llama.cpp multiplies bf16 weights with bf16-rounded activations, so 1e-4 of the f32 forward is out of
-    reach; the bar is transformers' own bf16 forward of the same weights, against the f32 forward of them."""
+    reach; the bar is transformers' own bf16 forward of the same weights, against the f32 forward of them. The
+    progress bar counts the tensor bytes the file holds."""
     import gguf
 
-    from conftest import safetensors_of
+    from conftest import record_bars, safetensors_of
     from pruneflow.execution.runtime import Runtime
+    from pruneflow.model import export
 
     source = build(tmp_path / "bf16", "per-layer", tiny_tokenizer, dtype=torch.bfloat16)
+    bars = record_bars(monkeypatch, export)
     summary = export_gguf(source, tmp_path / "bf16.gguf")  # auto: the checkpoint's dtype
     assert summary["dtype"] == "bfloat16" and summary["architecture"] == "deci"
-    stored = {t.name: t for t in gguf.GGUFReader(tmp_path / "bf16.gguf").tensors}["blk.2.ffn_down.weight"]
+    tensors = gguf.GGUFReader(tmp_path / "bf16.gguf").tensors
+    assert [(bar.total, bar.n) for bar in bars] == [(sum(int(t.n_bytes) for t in tensors),) * 2]
+    stored = {t.name: t for t in tensors}["blk.2.ffn_down.weight"]
     expected = safetensors_of(source)["model.layers.2.mlp.down_proj.weight"].view(torch.int16).numpy()
     assert np.array_equal(np.asarray(stored.data).view(np.int16).reshape(expected.shape), expected)
     ids = torch.tensor([prompt(len(tiny_tokenizer))])
@@ -391,13 +397,19 @@ def test_each_quantized_gguf_loads_in_llama_cpp_with_a_perplexity_near_the_f16_f
     assert quantized != f16  # the weights did change
 
 
-def test_the_quantizer_names_each_tensor_whose_rows_cannot_take_the_type(reference_f16, tmp_path):
+def test_the_quantizer_names_each_tensor_whose_rows_cannot_take_the_type(reference_f16, tmp_path, monkeypatch):
     """The reference model's ffn_down rows are its 688 MLP channels (not a multiple of 256, nor of q8_0's 32):
-    those 8 tensors fall back, named with the reason; kept at 512 channels (a multiple of 256), none does."""
+    those 8 tensors fall back, named with the reason; kept at 512 channels (a multiple of 256), none does. The
+    progress bar follows llama.cpp's own count of the tensors it quantizes."""
+    from conftest import record_bars
+    from pruneflow.model import quantize
     from pruneflow.model.quantize import quantize_gguf
 
+    bars = record_bars(monkeypatch, quantize)
     llama_cpp()
     summary = quantize_gguf(reference_f16[0], tmp_path / "q4.gguf", "q4_k_m", threads=1)
+    tensors = sum(summary["tensors"].values())
+    assert [(bar.total, bar.n) for bar in bars] == [(tensors, tensors - 1)]  # the last tensor began
     assert summary["fallback_count"] == 8
     assert [f["tensor"] for f in summary["fallbacks"]] == [f"blk.{i}.ffn_down.weight" for i in range(8)]
     assert {(f["got"], f["why"]) for f in summary["fallbacks"]} == {

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_moe
+from conftest import record_bars, tiny_moe
 from pruneflow.model import arch as A
-from pruneflow.model import checkpoint
+from pruneflow.model import checkpoint, deci
 from pruneflow.model.deci import export_vllm
 from pruneflow.selection.plan import LayerPlan, PrunePlan
 from pruneflow.units import experts, hidden
@@ -168,7 +168,7 @@ def test_the_shipped_config_class_gives_vllm_attributes_and_saves_as_json(tmp_pa
     assert sys.modules.get("vllm") is None  # pruneflow never imports vLLM
 
 
-def test_a_bf16_checkpoint_goes_out_bit_for_bit_in_shards(tmp_path):
+def test_a_bf16_checkpoint_goes_out_bit_for_bit_in_shards(tmp_path, monkeypatch):
     """An 8B model is bf16 and sharded: the export keeps each tensor's bytes and dtype, splits at
     --max-shard-size with save_pretrained's index, and writes no weights for a no-op sub-block."""
     from safetensors import safe_open
@@ -178,6 +178,7 @@ def test_a_bf16_checkpoint_goes_out_bit_for_bit_in_shards(tmp_path):
     _planned(model, spec, [layer(list(range(8)), list(range(4)), list(range(w))) for w in widths],
              ["subblocks", "channels"])
     checkpoint.save(model, tokenizer, tmp_path / "pruned", spec, dtype=torch.bfloat16)
+    bars = record_bars(monkeypatch, deci)
     summary = export_vllm(tmp_path / "pruned", tmp_path / "out", max_shard_size="2MB")
     assert summary["dtype"] == "bfloat16" and summary["no_op_ffn"] == [2]
 
@@ -195,6 +196,7 @@ def test_a_bf16_checkpoint_goes_out_bit_for_bit_in_shards(tmp_path):
     assert set(written) == set(source) - no_op  # and absent (ffn.no_op) in vLLM's: nothing else added or lost
     for name, tensor in written.items():
         assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, source[name]), name
+    assert [(bar.total, bar.n) for bar in bars] == [(sum(t.nbytes for t in source.values()),) * 2]  # progress: read
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     shards = {shard: [n for n, s in index["weight_map"].items() if s == shard] for shard in index["weight_map"].values()}
     assert set(index["weight_map"]) == set(written) and len(shards) > 1
