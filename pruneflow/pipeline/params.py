@@ -328,8 +328,11 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(part) for part in (prefix, *e["loc"]) if part != "")
-        got = f", got {e['input']!r}" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
-        lines.append(f"{key or '(root)'}: {e['msg'].removeprefix('Value error, ')}{got}")
+        msg = e["msg"].removeprefix("Value error, ")
+        # the value, unless our own check quotes it already; a check across fields names its own fields
+        quoted = e["type"] == "value_error" and repr(e["input"]) in msg
+        got = f", got {e['input']!r}" if e["type"] != "missing" and not isinstance(e["input"], dict) and not quoted else ""
+        lines.append(f"{key}: {msg}{got}" if key else msg)
     return "; ".join(lines)
 
 

@@ -50,6 +50,19 @@ def test_bad_params_name_the_key(override, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("override, whole", [
+    ("score.method=obs", f"score.method: unknown method 'obs'; available: {', '.join(sorted(METHODS))}"),
+    ("prune.units=[subblocks]", "prune.units: method flap scores heads, channels, not subblocks; use units: "
+                                "[heads, channels] (or auto) with it"),
+])
+def test_a_message_says_its_key_and_the_value_once(override, whole):
+    """No ", got 'obs'" after a message that quotes the value, no "(root): " before a check across fields that
+    names its own."""
+    with pytest.raises(PruneflowError) as err:
+        load_params(ROOT / "params.yaml", [override])
+    assert str(err.value) == whole
+
+
 def test_method_and_units_are_checked_together_before_any_model_is_loaded():
     with pytest.raises(PruneflowError, match="prune.units: method block_influence scores layers, subblocks, not channels"):
         load_params(None, ["score.method=block_influence", "prune.units=[channels]"])
