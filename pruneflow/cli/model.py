@@ -160,8 +160,10 @@ def _prune(params, out: Path, force: bool, state_dir: Path | None = None,
     parse_size(max_shard_size)
     source = resolve(params.model)  # hub errors (not cached, gated, unknown revision) before any work
     method, c = params.score.method, params.calibrate
-    check_model(method, A.arch_for(checkpoint.read_config(source).get("model_type", "")), params.prune,
-                params.score.objective)
+    config = checkpoint.read_config(source)
+    check_model(method, A.arch_for(config.get("model_type", "")), params.prune, params.score.objective)
+    C.check_source(c.source)  # what the calibration can be refused for without the model, before it loads
+    C.check_seqlen(c.seqlen, config.get("max_position_embeddings"))
     stored = checkpoint.stored_dtype(source)
     _, weight_bytes = checkpoint.compute_size(source, runtime)
     if runtime.streams(weight_bytes):

@@ -46,9 +46,31 @@ def _read_jsonl(path: Path) -> list[str]:
     return docs
 
 
+def check_source(source: str, what: str = "calibration source") -> None:
+    """What can be refused of a text source without reading it (a missing file, hf: without ``datasets``), so
+    that a command refuses it before it loads the model."""
+    if source == "corpus" or source.startswith("corpus:"):
+        return
+    if source.startswith("hf:"):
+        parse_hf(source)
+        try:
+            import datasets  # noqa: F401
+        except ImportError as err:
+            raise PruneflowError(f"{what} hf:... needs the `datasets` package") from err
+    elif not Path(source).is_file():
+        raise PruneflowError(f"{what} {source!r} not found (expected 'corpus', a .txt/.jsonl file "
+                             f"or hf:NAME[:CONFIG][:SPLIT])")
+
+
+def check_seqlen(seqlen: int, max_positions: int | None) -> None:
+    if max_positions is not None and seqlen > max_positions:
+        raise PruneflowError(f"calibration seqlen {seqlen} exceeds the model's max positions ({max_positions})")
+
+
 def read_source(source: str, split: str = "train", what: str = "calibration source") -> tuple[list[str], str]:
     """The documents of a text source and a digest identifying their content (``split``: the corpus's or the
     dataset's split when the source names none; ``what``: the source's role, for errors)."""
+    check_source(source, what)
     if source == "corpus" or source.startswith("corpus:"):
         split = source.partition(":")[2] or split
         try:
@@ -58,9 +80,6 @@ def read_source(source: str, split: str = "train", what: str = "calibration sour
     if source.startswith("hf:"):
         return _read_datasets(source, split)
     path = Path(source)
-    if not path.is_file():
-        raise PruneflowError(f"{what} {source!r} not found (expected 'corpus', a .txt/.jsonl file "
-                             f"or hf:NAME[:CONFIG][:SPLIT])")
     if path.suffix == ".jsonl":
         docs = _read_jsonl(path)
     else:
@@ -69,11 +88,9 @@ def read_source(source: str, split: str = "train", what: str = "calibration sour
 
 
 def _read_datasets(source: str, split: str) -> tuple[list[str], str]:
+    import datasets
+
     name, config, asked = parse_hf(source)
-    try:
-        import datasets
-    except ImportError as err:
-        raise PruneflowError("text source hf:... needs the `datasets` package") from err
     try:
         data = datasets.load_dataset(name, config, split=asked or split)
     except Exception as err:  # datasets raises many types for "not available offline"
@@ -131,8 +148,7 @@ def prepare(tokenizer, source: str, n_windows: int, seqlen: int, seed: int,
     """``(n_windows, seqlen)`` token windows at seeded random offsets of the source's token stream."""
     if n_windows < 1 or seqlen < 2:
         raise PruneflowError(f"calibration needs n_windows >= 1 and seqlen >= 2, got {n_windows}, {seqlen}")
-    if max_positions is not None and seqlen > max_positions:
-        raise PruneflowError(f"calibration seqlen {seqlen} exceeds the model's max positions ({max_positions})")
+    check_seqlen(seqlen, max_positions)
     documents, digest = read_source(source)
     stream = token_stream(tokenizer, [d for d in documents if d])
     if len(stream) < seqlen:

@@ -72,6 +72,7 @@ def test_bad_prune_input(case, tiny_checkpoint, calibration_txt, tmp_path):
     result = run(*prune_args(tiny_checkpoint, out, calibration_txt), *options)
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split()), result.output
+    assert "loading" not in result.output  # refused before the model is read (minutes for a large one)
     assert _snapshot(tmp_path) == []
 
 
