@@ -322,6 +322,11 @@ def metrics_by_run(repo: str, names: list[str] | None = None) -> tuple[dict[str,
     file) is an error naming the run and the cause, never a silent skip."""
     from pruneflow.errors import PruneflowError
 
+    store = Path(repo).resolve() / "mlflow.db"
+    if not os.environ.get("MLFLOW_TRACKING_URI") and not store.is_file():  # opening it would create it
+        named = f"{', '.join(names)}: no such metrics.json file or directory, and " if names else ""
+        raise PruneflowError(f"{named}no MLflow store at {store} (MLFLOW_TRACKING_URI is unset): run the pipeline "
+                             f"in this checkout first, or give --repo the checkout that ran it")
     client = _client(Path(repo))
     found = client.get_experiment_by_name(EXPERIMENT)
     if found is None:

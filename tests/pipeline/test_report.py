@@ -90,3 +90,15 @@ def test_report_says_which_mlflow_runs_it_skips_or_cannot_read(two_runs, tmp_pat
     broken = run("report", "--out", tmp_path / "broken")
     assert broken.exit_code == 2 and f"MLflow run flap-0.3 ({ids['flap-0.3']})" in broken.output
     assert "not valid JSON" in broken.output and not (tmp_path / "broken").exists()
+
+
+def test_report_without_a_store_says_so_and_creates_none(tmp_path, monkeypatch):
+    """No MLFLOW_TRACKING_URI and no mlflow.db in the checkout: a name that is not a file is neither a file nor a
+    run anywhere; the report says so and leaves no empty store behind (opening one creates it)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    result = run("report", "nothing_here", "--out", tmp_path / "cmp")
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "nothing_here: no such metrics.json file or directory, and no MLflow store at" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
