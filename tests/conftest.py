@@ -63,7 +63,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 TINY = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128)
+            num_key_value_heads=2, max_position_embeddings=512)
 
 
 def tiny_causal_lm(kind: str = "llama", vocab_size: int = 256, seed: int = 0, **overrides):
@@ -84,7 +84,7 @@ def tiny_causal_lm(kind: str = "llama", vocab_size: int = 256, seed: int = 0, **
 
 
 MOE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-           max_position_embeddings=128, num_experts_per_tok=2)
+           max_position_embeddings=512, num_experts_per_tok=2)
 
 
 def tiny_moe(kind: str = "qwen3_moe", vocab_size: int = 256, seed: int = 0, experts: int = 8,

@@ -62,9 +62,11 @@ def check_source(source: str, what: str = "calibration source") -> None:
                              f"or hf:NAME[:CONFIG][:SPLIT])")
 
 
-def check_seqlen(seqlen: int, max_positions: int | None) -> None:
+def check_seqlen(seqlen: int, max_positions: int | None, what: str = "calibration seqlen",
+                 model: str = "the model's") -> None:
+    """Windows no longer than the model's positions (``max_position_embeddings``; None: no limit known)."""
     if max_positions is not None and seqlen > max_positions:
-        raise PruneflowError(f"calibration seqlen {seqlen} exceeds the model's max positions ({max_positions})")
+        raise PruneflowError(f"{what} {seqlen} exceeds {model} max positions ({max_positions})")
 
 
 def read_source(source: str, split: str = "train", what: str = "calibration source") -> tuple[list[str], str]:

@@ -12,7 +12,7 @@ import torch
 from pruneflow.execution.passes import nll_batches
 from pruneflow.errors import PruneflowError
 from pruneflow.execution.runtime import Runtime
-from pruneflow.model.arch import count_parameters
+from pruneflow.model.arch import arch_for, count_parameters
 from pruneflow.model import checkpoint
 from pruneflow.model.export import export_gguf
 from pruneflow.data import calibration as C
@@ -269,6 +269,10 @@ def evaluate_dirs(models: dict, ev, runtime: Runtime | None = None, threads: int
     if threads:
         torch.set_num_threads(threads)
     models = {name: s if isinstance(s, ModelSource) else resolve(s) for name, s in models.items()}
+    for name, source in models.items():  # every model's refusals before the first is measured
+        config = checkpoint.read_config(source)
+        if arch_for(config.get("model_type", "")).causal_lm:  # perplexity windows (an encoder has none)
+            C.check_seqlen(ev.ppl_seqlen, config.get("max_position_embeddings"), "evaluate.ppl_seqlen", f"{name}'s")
     check_streamed(models, ev, runtime, tasks=each is not None)
     text = C.read_source(ev.source, split="test", what=C.HELD_OUT)  # a missing file or dataset: said before any model loads
     rows, reference, causal_lm = {}, None, True

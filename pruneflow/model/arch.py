@@ -76,7 +76,9 @@ def arch_for(model_type: str) -> ArchSpec:
     """The ArchSpec for a ``config.model_type``, or a clear error listing what is supported."""
     model_type = base_model_type(model_type or "")
     if model_type not in ARCHS:
-        raise PruneflowError(f"unsupported model type {model_type!r}; supported: {', '.join(sorted(ARCHS))}")
+        written = " (pruneflow writes it for vLLM, `pruneflow export vllm`: use the checkpoint it came from)" \
+            if model_type == "nemotron-nas" else ""
+        raise PruneflowError(f"unsupported model type {model_type!r}{written}; supported: {', '.join(sorted(ARCHS))}")
     return ARCHS[model_type]
 
 

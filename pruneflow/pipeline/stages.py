@@ -145,6 +145,7 @@ def source(params: Params, root: Path, runtime: Runtime) -> Path:
     config = checkpoint.read_config(model)  # a directory without config.json fails here, not three stages later
     checkpoint.weight_dtypes(model.path)
     check_unit_settings(params, config)
+    check_windows(params, config)
     check_export(params, config)
     _write_json(root / OUTPUTS["source"], fingerprint(model, state_dir(root) / "digests.json"))
     return root / OUTPUTS["source"]
@@ -156,6 +157,17 @@ def check_unit_settings(params: Params, config: dict) -> None:
     spec = A.arch_for(config.get("model_type", ""))
     method = params.score.method
     units.check_settings(spec, params.prune.for_method(method), method)
+
+
+def check_windows(params: Params, config: dict) -> None:
+    """Calibration and perplexity windows the model's positions hold, in the source stage (the evaluate stage
+    comes after the pruning and the recovery)."""
+    positions = config.get("max_position_embeddings")
+    C.check_seqlen(params.calibrate.seqlen, positions, "calibrate.seqlen")
+    if params.recover.enabled:
+        C.check_seqlen(params.recover.seqlen, positions, "recover.seqlen")
+    if A.arch_for(config.get("model_type", "")).causal_lm:  # an encoder has no perplexity windows
+        C.check_seqlen(params.evaluate.ppl_seqlen, positions, "evaluate.ppl_seqlen")
 
 
 def check_export(params: Params, config: dict) -> None:

@@ -97,3 +97,24 @@ def test_an_unavailable_or_malformed_text_fails_before_any_model_loads(tiny_chec
         result = run("evaluate", tiny_checkpoint, "--text", source, "--seqlen", 32, "--no-speed")
     assert result.exit_code == 2 and message in result.output, result.output
     assert not any("evaluating" in r.getMessage() for r in caplog.records)  # no model was loaded
+
+
+def test_what_any_listed_model_cannot_take_is_refused_before_the_first_is_measured(tiny_checkpoint, tmp_path,
+                                                                                   caplog):
+    """The last model's type (a nemotron-nas export, written for vLLM) and a window past a model's positions."""
+    import json
+    import logging
+    import shutil
+
+    deci = tmp_path / "vllm"
+    shutil.copytree(tiny_checkpoint, deci)
+    config = json.loads((deci / "config.json").read_text())
+    (deci / "config.json").write_text(json.dumps({**config, "model_type": "nemotron-nas"}))
+    cases = [((tiny_checkpoint, deci), "unsupported model type 'nemotron-nas' (pruneflow writes it for vLLM"),
+             ((tiny_checkpoint, "--seqlen", config["max_position_embeddings"] + 1),
+              f"evaluate.ppl_seqlen {config['max_position_embeddings'] + 1} exceeds")]
+    for args, message in cases:
+        with caplog.at_level(logging.INFO):
+            result = run("evaluate", *args, "--no-speed", "--max-windows", 2)
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+        assert not any("evaluating" in r.getMessage() for r in caplog.records)  # no model was loaded

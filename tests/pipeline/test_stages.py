@@ -143,6 +143,19 @@ def test_an_export_the_model_cannot_take_fails_in_the_source_stage(tmp_path, tin
     assert stage("source", params, artifacts, "--set", "prune.allocation=uniform").exit_code == 0
 
 
+@pytest.mark.parametrize("override, message", [
+    ("evaluate.ppl_seqlen=513", "evaluate.ppl_seqlen 513 exceeds the model's max positions (512)"),
+    ("recover.seqlen=1024", "recover.seqlen 1024 exceeds the model's max positions (512)"),
+    ("calibrate.seqlen=600", "calibrate.seqlen 600 exceeds the model's max positions (512)"),
+])
+def test_windows_past_the_models_positions_fail_in_the_source_stage(override, message, params_file, tmp_path):
+    """Perplexity and recovery windows are read long after the pruning: they are checked with the model."""
+    artifacts = tmp_path / "artifacts"
+    result = stage("source", params_file, artifacts, "--set", override)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (artifacts / "source.json").exists()
+
+
 def test_gates_fail_an_over_pruned_model_and_a_missed_ratio():
     from pruneflow.pipeline.params import load_params
     from pruneflow.pipeline.stages import gates
