@@ -122,6 +122,9 @@ def export_vllm(
                f"{summary['bytes'] / 2**20:.1f} MiB; MLP widths {summary['channels']}"
                + "".join(f"; {r}" for r in removed if r)
                + f"\nserve it: vllm serve {summary['path']} --trust-remote-code")
+    if len({*zip(summary["heads"], summary["kv_heads"], summary["channels"])}) == 1:
+        typer.echo(f"(every block has the same widths: vLLM also serves {checkpoint} as it is, "
+                   f"`vllm serve {checkpoint}`)")
 
 
 @reference_app.command("build")

@@ -158,7 +158,7 @@ def test_the_shipped_config_class_gives_vllm_attributes_and_saves_as_json(tmp_pa
     checkpoint.save(model, tokenizer, tmp_path / "pruned", spec)
     result = run("export", "vllm", tmp_path / "pruned", tmp_path / "out")
     assert result.exit_code == 0, result.output
-    assert "vllm serve" in result.output
+    assert "vllm serve" in result.output and "also serves" not in result.output  # per-layer: only this way
     config = AutoConfig.from_pretrained(tmp_path / "out", trust_remote_code=True)
     assert config.model_type == "nemotron-nas" and config.num_attention_heads == 8
     assert [b.ffn.intermediate_size for b in config.block_configs] == [100 + 50 * i for i in range(8)]
@@ -166,6 +166,8 @@ def test_the_shipped_config_class_gives_vllm_attributes_and_saves_as_json(tmp_pa
     assert not hasattr(config.block_configs[0].ffn, "ffn_mult")  # vLLM takes the exact width, not a multiplier
     assert json.loads(config.to_json_string())["block_configs"][3]["ffn"]["intermediate_size"] == 250
     assert sys.modules.get("vllm") is None  # pruneflow never imports vLLM
+    dense = run("export", "vllm", REFERENCE, tmp_path / "dense")  # one width everywhere: the export is optional
+    assert dense.exit_code == 0 and f"vLLM also serves {REFERENCE} as it is" in " ".join(dense.output.split())
 
 
 def test_a_bf16_checkpoint_goes_out_bit_for_bit_in_shards(tmp_path, monkeypatch):
