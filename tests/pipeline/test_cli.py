@@ -300,3 +300,10 @@ def test_the_units_help_names_every_unit_type():
     text = " ".join(result.output.replace("│", " ").split())
     units_help = text[text.index("--units"):text.index("--allocation")]
     assert [unit for unit in UNIT_TYPES if unit not in units_help] == []
+
+
+@pytest.mark.parametrize("command", [("serve",), ("deploy", "--pool", "p")])
+def test_pipeline_commands_outside_a_checkout_say_they_need_one(command, tmp_path):
+    result = run(*command, "--repo", tmp_path)
+    assert result.exit_code == 2, result.output
+    assert f"{tmp_path.resolve()} is not in a git checkout of the project" in " ".join(result.output.split())
