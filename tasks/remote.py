@@ -88,10 +88,15 @@ def _check_mlflow(uri: str) -> None:
                              f"or unset MLFLOW_TRACKING_URI to track into a local file") from None
 
 
-def check_prefect_api(attempts: int = 3) -> None:
+def check_prefect_api(attempts: int = 3, needed_by: str | None = None) -> None:
     """With PREFECT_API_URL set, its server must answer /health (bounded retries with backoff); unset, Prefect
-    starts a temporary local server itself."""
+    starts a temporary local server itself — unless ``needed_by`` (a command whose deployments, workers or UI
+    must outlive it) is given: then unset is an error."""
     url = os.environ.get("PREFECT_API_URL", "").rstrip("/")
+    if not url and needed_by:
+        raise PruneflowError(f"{needed_by} needs a Prefect server that outlives it (deployments, work pools and the "
+                             f"UI live there; a temporary one is gone when the command ends): set PREFECT_API_URL "
+                             f"— `pruneflow up` starts one and prints the line — or point it at your team's server")
     if not url:
         return
     try:

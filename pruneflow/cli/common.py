@@ -57,12 +57,13 @@ def _exit_if_prefect_lost(err: Exception) -> None:
     os._exit(2)
 
 
-def _prefect_checks() -> None:
-    """Before a flow: the Prefect API must answer; flow runs of this host whose process died unreported are
-    marked Crashed (a failure there only warns: it must not stop the run)."""
+def _prefect_checks(needed_by: str | None = None) -> None:
+    """Before a flow: the Prefect API must answer (and be set, for ``needed_by``: see ``check_prefect_api``);
+    flow runs of this host whose process died unreported are marked Crashed (a failure there only warns: it
+    must not stop the run)."""
     from pruneflow.tasks.remote import check_prefect_api, mark_orphaned_runs
 
-    check_prefect_api()
+    check_prefect_api(needed_by=needed_by)
     if not os.environ.get("PREFECT_API_URL"):
         return  # a temporary server: a fresh database
     try:

@@ -102,9 +102,10 @@ def serve(
     from pruneflow.tasks.remote import check_prefect_api
 
     try:
-        check_prefect_api()
+        root = repo_root(repo.resolve())
+        check_prefect_api(needed_by="pruneflow serve")
         _quiet_libraries()
-        deployments.serve(repo_root(repo.resolve()), names or None, limit, schedules=not no_schedules)
+        deployments.serve(root, names or None, limit, schedules=not no_schedules)
     except PruneflowError as err:
         _fail(err)
 
@@ -123,9 +124,10 @@ def deploy(
     from pruneflow.tasks.remote import check_prefect_api
 
     try:
-        check_prefect_api()
+        root = repo_root(repo.resolve())
+        check_prefect_api(needed_by="pruneflow deploy")
         _quiet_libraries()
-        ids = deployments.deploy(repo_root(repo.resolve()), pool, names or None, on_created=lambda name: _step(
+        ids = deployments.deploy(root, pool, names or None, on_created=lambda name: _step(
             f"created work pool {name!r} (type process); start its workers with `prefect worker start --pool "
             f"{name}`"))
     except PruneflowError as err:
@@ -150,7 +152,7 @@ def sweep(
 
     try:
         params = load_params(params_file, overrides)
-        _prefect_checks()
+        _prefect_checks(needed_by="pruneflow sweep")
         ratio_values = [float(r) for r in ratios.split(",") if r.strip()]
         result = sweep_flow(methods=[m.strip() for m in methods.split(",") if m.strip()], ratios=ratio_values,
                             params=params, repo=str(repo_root(params_file.resolve().parent)),

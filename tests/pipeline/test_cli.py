@@ -307,3 +307,16 @@ def test_pipeline_commands_outside_a_checkout_say_they_need_one(command, tmp_pat
     result = run(*command, "--repo", tmp_path)
     assert result.exit_code == 2, result.output
     assert f"{tmp_path.resolve()} is not in a git checkout of the project" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("command", [("serve",), ("deploy", "--pool", "p"), ("sweep",)])
+def test_pipeline_commands_without_a_prefect_server_say_they_need_one(command, monkeypatch):
+    """A temporary server would take the deployments with it when the command ends (deploy registered them
+    there and said it had, with Prefect's own tracebacks on the way)."""
+    from pathlib import Path
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the checkout
+    result = run(*command)
+    assert result.exit_code == 2, result.output
+    assert f"pruneflow {command[0]} needs a Prefect server that outlives it" in " ".join(result.output.split())
