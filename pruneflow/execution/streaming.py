@@ -33,6 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from tqdm import tqdm
 
 from pruneflow.model import arch as A
 from pruneflow.model.arch import ArchSpec
@@ -390,8 +391,6 @@ def calibration_pass(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, ru
                      batch_size: int = BATCH, desc: str = "calibration forward") -> None:
     """Run ``windows`` through every block. ``hooks(i, block)`` registers what watches block ``i`` (returns the
     handles); ``done(i, block)`` runs once block ``i`` has seen every window, its weights still loaded."""
-    from tqdm import tqdm
-
     blocks = A.blocks(model, spec)
     if not is_streamed(model):
         handles = [h for i, block in enumerate(blocks) for h in hooks(i, block)]
@@ -631,7 +630,7 @@ def write_weights(model: nn.Module, spec: ArchSpec, out: Path, dtype: torch.dtyp
             writer.add(name, stream.weights.read([name], dtype, torch.device("cpu"))[name])
     last = stream.pending[-1].plan
     kept = last.kept_layers if last.kept_layers is not None else list(range(len(last.layers)))
-    for new_index, i in enumerate(kept):
+    for new_index, i in enumerate(tqdm(kept, desc=f"saving {out.name} (streamed)", unit="block", leave=False)):
         block = copy.deepcopy(A.blocks(stream.dense, spec)[i])
         load_module(stream, block, f"{prefix}{i}.")
         for pending in stream.pending:
