@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from tqdm import tqdm
 
 from pruneflow.data import packaged
 from pruneflow.data.corpus import sha256_file
@@ -103,22 +106,38 @@ def fingerprint(source: ModelSource, cache_file: Path | None = None) -> dict:
     in ``cache_file`` by path, size, mtime and inode, so an unchanged directory is not read again)."""
     files = sorted(p for p in source.path.rglob("*") if p.is_file() and not p.name.startswith("."))
     if source.repo_id:
-        digests = {str(p.relative_to(source.path)): Path(os.path.realpath(p)).name if p.is_symlink()
-                   else sha256_file(p) for p in files}
+        with _hashing([p for p in files if not p.is_symlink()]) as sha256:
+            digests = {str(p.relative_to(source.path)): Path(os.path.realpath(p)).name if p.is_symlink()
+                       else sha256(p) for p in files}
         return {"model": source.name, "repo_id": source.repo_id, "revision": source.revision,
                 "commit": source.commit, "files": digests}
     known = _read_json(cache_file) if cache_file else {}
     digests, seen = {}, {}
-    for p in files:
-        stat = p.stat()
-        key = f"{p.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
-        digests[str(p.relative_to(source.path))] = seen[key] = known.get(key) or sha256_file(p)
+    keys = {p: f"{p.resolve()}:{(st := p.stat()).st_size}:{st.st_mtime_ns}:{st.st_ino}" for p in files}
+    with _hashing([p for p in files if keys[p] not in known]) as sha256:
+        for p in files:
+            digests[str(p.relative_to(source.path))] = seen[keys[p]] = known.get(keys[p]) or sha256(p)
     if cache_file and seen != known:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
         tmp.write_text(json.dumps(seen, indent=0))
         os.replace(tmp, cache_file)
     return {"model": source.name, "files": digests}
+
+
+@contextmanager
+def _hashing(files: list[Path]):
+    """``sha256_file`` with a progress bar over the bytes of ``files`` (those to be read: a 70B model's
+    directory is 140 GB, minutes of reading the first time)."""
+    total = sum(p.stat().st_size for p in files)
+    with tqdm(total=total, desc="fingerprinting the model (sha256)", unit="B", unit_scale=True, leave=False,
+              disable=not files) as bar:
+        def sha256(path: Path) -> str:
+            digest = sha256_file(path)
+            bar.update(path.stat().st_size)
+            return digest
+
+        yield sha256
 
 
 def _read_json(path: Path) -> dict:

@@ -44,12 +44,19 @@ def test_a_hub_id_resolves_to_its_cached_snapshot_offline(cache):
     assert record["commit"] == commit and len(record["files"]["model.safetensors.index.json"]) == 64
 
 
-def test_a_local_directory_wins_and_its_fingerprint_is_cached_by_stat(bf16_checkpoint, tmp_path):
+def test_a_local_directory_wins_and_its_fingerprint_is_cached_by_stat(bf16_checkpoint, tmp_path, monkeypatch):
+    from conftest import record_bars
+    from pruneflow.model import sources
+
+    bars = record_bars(monkeypatch, sources)
     cache_file = tmp_path / "digests.json"
     first = fingerprint(resolve(str(bf16_checkpoint)), cache_file)
     assert set(first["files"]) >= {"config.json", "model.safetensors.index.json"}
     assert json.loads(cache_file.read_text())  # the digests, keyed by path, size, mtime and inode
     assert fingerprint(resolve(str(bf16_checkpoint)), cache_file) == first
+    size = sum(p.stat().st_size for p in bf16_checkpoint.rglob("*") if p.is_file() and not p.name.startswith("."))
+    # progress over every byte read the first time; the second time nothing is read (the bar is off)
+    assert [(bar.total, bar.n) for bar in bars] == [(size, size), (0, 0)]
 
 
 @pytest.mark.parametrize("name,message", [
