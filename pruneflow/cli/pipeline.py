@@ -146,16 +146,21 @@ def sweep(
 ) -> None:
     """Run methods × ratios as separate runs of the pipeline deployment (its pool's workers set the
     parallelism), then print one comparison table (also a Prefect artifact and an MLflow run)."""
-    from pruneflow.flows.sweep import sweep as sweep_flow
+    from pruneflow.flows.sweep import grid, sweep as sweep_flow
     from pruneflow.pipeline.params import load_params
     from pruneflow.tasks.workspace import repo_root
 
     try:
         params = load_params(params_file, overrides)
+        method_list = [m.strip() for m in methods.split(",") if m.strip()]
+        try:
+            ratio_values = [float(r) for r in ratios.split(",") if r.strip()]
+        except ValueError:
+            raise PruneflowError(f"--ratios {ratios!r}: comma-separated numbers, e.g. 0.2,0.3") from None
+        grid(params, method_list, ratio_values)  # every point, before a flow run starts (the flow checks again)
+        repo = repo_root(params_file.resolve().parent)
         _prefect_checks(needed_by="pruneflow sweep")
-        ratio_values = [float(r) for r in ratios.split(",") if r.strip()]
-        result = sweep_flow(methods=[m.strip() for m in methods.split(",") if m.strip()], ratios=ratio_values,
-                            params=params, repo=str(repo_root(params_file.resolve().parent)),
+        result = sweep_flow(methods=method_list, ratios=ratio_values, params=params, repo=str(repo),
                             deployment=deployment, name=name)
     except (PruneflowError, ValueError, RuntimeError) as err:
         _fail(err)

@@ -320,3 +320,18 @@ def test_pipeline_commands_without_a_prefect_server_say_they_need_one(command, m
     result = run(*command)
     assert result.exit_code == 2, result.output
     assert f"pruneflow {command[0]} needs a Prefect server that outlives it" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("options, message", [
+    (("--methods", "nope", "--ratios", "0.2"), "sweep[nope, 0.2].score.method: unknown method 'nope'"),
+    (("--methods", "flap", "--ratios", "0.2,x"), "--ratios '0.2,x': comma-separated numbers"),
+])
+def test_a_bad_sweep_point_is_refused_before_any_flow_run(options, message, monkeypatch):
+    """The grid is checked by the command (it was checked inside the sweep's flow run: a Prefect traceback, a
+    failed run on the server)."""
+    from pathlib import Path
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # never reached: the points fail first
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    result = run("sweep", *options)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
