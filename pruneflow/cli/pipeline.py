@@ -50,12 +50,14 @@ def run_pipeline(
     try:
         from pruneflow.flows.pipeline import pipeline
         from pruneflow.pipeline.params import load_params
+        from pruneflow.pipeline.stages import check_fits
         from pruneflow.tasks.stage import StageFailed, warm_up
         from pruneflow.tasks.workspace import repo_root
 
         try:
             params = load_params(params_file, overrides)
             repo = repo_root(params_file.resolve().parent)
+            check_fits(params, repo)  # what the flow's preflight refuses, said here with no flow run or traceback
             logging.basicConfig(level=logging.INFO, format="%(message)s")  # the stages run (and quiet) elsewhere
             warm_up(repo)  # the flow's libraries (MLflow, DVC) and the tracking store load while the server boots
             if temporary is not None and temporary.wanted():

@@ -100,14 +100,22 @@ def check_memory(params: Params, base: Path | None = None) -> None:
 
 
 def check_fits(params: Params, base: Path | None = None) -> None:
-    """Before any stage runs (the flow's preflight): :func:`check_memory`, then the prune's plan of work from the
-    config alone (``pruneflow prune --dry-run``'s estimate; a hub id fetches configs only) must fit the device,
-    or ``runtime.max_memory`` when the model streams — said now, not after the source and calibration stages.
-    ``base``: what a relative ``params.model`` is relative to (the repository the stages run in)."""
+    """Before any stage runs (the flow's preflight, and ``pruneflow run`` before it starts the flow): what the
+    source stage refuses, a calibration file that is not there, :func:`check_memory`, then the prune's plan of
+    work from the config alone (``pruneflow prune --dry-run``'s estimate; a hub id fetches configs only) must fit
+    the device, or ``runtime.max_memory`` when the model streams — said now, not after the source and calibration
+    stages. ``base``: what a relative ``params.model`` and calibration file are relative to (the repository the
+    stages run in)."""
     check_memory(params, base)
     source = resolve(params.model, base, weights=False)
-    check_model(params.score.method, A.arch_for(checkpoint.read_config(source).get("model_type", "")), params.prune,
-                params.score.objective)
+    config = checkpoint.read_config(source)
+    check_model(params.score.method, A.arch_for(config.get("model_type", "")), params.prune, params.score.objective)
+    check_unit_settings(params, config)
+    check_windows(params, config)
+    check_export(params, config)
+    calibration = params.calibrate.source
+    local = base is not None and ":" not in calibration and calibration != "corpus"
+    C.check_source(str(base / calibration) if local else calibration, "calibrate.source")
     runtime = Runtime.from_params(params.runtime)
     plan = estimate(source.path, params, runtime)
     if not plan.fits:

@@ -122,12 +122,26 @@ def _values(tree, key):
     return []
 
 
-def test_a_failing_stage_fails_the_run_with_its_own_message(prefect_api, project):
-    result = run("run", "--params", project / "params.yaml", "--set", "calibrate.source=missing.txt")
+def test_a_failing_stage_fails_the_run_with_its_own_message(prefect_api, project, tmp_path):
+    empty = tmp_path / "empty.txt"  # there, so the preflight lets it through; no window in it, so calibrate fails
+    empty.write_text("")
+    result = run("run", "--params", project / "params.yaml", "--set", f"calibrate.source={empty}")
     assert result.exit_code == 2
-    assert "stage calibrate failed" in result.output and "missing.txt" in result.output
+    assert "stage calibrate failed" in result.output and "empty.txt" in result.output
     # an override run works in a worktree: the checkout gets nothing but the shared state (file digests)
     assert [p.name for p in (project / "artifacts").iterdir()] == [".state"]
+    assert _sh(["git", "worktree", "list"], project).count("\n") == 1
+
+
+def test_what_the_preflight_refuses_starts_no_flow_run(prefect_api, project):
+    """A calibration file that is not there (relative: to the checkout) is refused by `pruneflow run` itself —
+    no flow run, no worktree, no stage — where it used to fail the calibrate stage with Prefect's traceback."""
+    before = sorted(p.name for p in project.iterdir())
+    result = run("run", "--params", project / "params.yaml", "--set", "calibrate.source=missing.txt")
+    assert result.exit_code == 2, result.output
+    assert f"calibrate.source '{project / 'missing.txt'}' not found" in " ".join(result.output.split())
+    assert "Traceback" not in result.output and "stage calibrate" not in result.output
+    assert sorted(p.name for p in project.iterdir()) == before
     assert _sh(["git", "worktree", "list"], project).count("\n") == 1
 
 
