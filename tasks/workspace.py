@@ -50,12 +50,12 @@ def dvc_error(stderr: str, limit: int = 800) -> str:
 
 def repo_root(path: str | Path = ".") -> Path:
     """The checkout ``path`` is in (the pipeline's commands need its dvc.yaml, params.yaml and prefect.yaml)."""
-    proc = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=Path(path), capture_output=True, text=True)
-    if proc.returncode != 0:
+    try:
+        return Path(run_git(["rev-parse", "--show-toplevel"], Path(path)))
+    except PruneflowError:
         raise PruneflowError(f"{Path(path).resolve()} is not in a git checkout of the project: the pipeline's "
                              f"commands (run, serve, deploy, sweep) run in one (clone it, or give --repo / "
-                             f"--params the checkout's)")
-    return Path(proc.stdout.strip())
+                             f"--params the checkout's)") from None
 
 
 def code_version(repo: Path) -> str:

@@ -46,9 +46,10 @@ def _read_jsonl(path: Path) -> list[str]:
     return docs
 
 
-def check_source(source: str, what: str = "calibration source") -> None:
+def check_source(source: str, what: str = "calibration source", base: Path | None = None) -> None:
     """What can be refused of a text source without reading it (a missing file, hf: without ``datasets``), so
-    that a command refuses it before it loads the model."""
+    that a command refuses it before it loads the model. ``base``: what a relative file is relative to (the
+    directory the source will be read in; default the current one)."""
     if source == "corpus" or source.startswith("corpus:"):
         return
     if source.startswith("hf:"):
@@ -57,8 +58,9 @@ def check_source(source: str, what: str = "calibration source") -> None:
             import datasets  # noqa: F401
         except ImportError as err:
             raise PruneflowError(f"{what} hf:... needs the `datasets` package") from err
-    elif not Path(source).is_file():
-        raise PruneflowError(f"{what} {source!r} not found (expected 'corpus', a .txt/.jsonl file "
+    elif not (path := Path(base or ".") / source).is_file():
+        shown = source if base is None else str(path)
+        raise PruneflowError(f"{what} {shown!r} not found (expected 'corpus', a .txt/.jsonl file "
                              f"or hf:NAME[:CONFIG][:SPLIT])")
 
 

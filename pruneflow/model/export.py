@@ -473,20 +473,19 @@ def export_gguf(checkpoint: str | Path | ModelSource, out: Path, dtype: str = "a
     try:
         _add_hparams(writer, layout, config, source, file_type)
         vocab = _add_vocab(writer, source.path, layout.vocab)
-        for t in tensors:
-            nbytes = math.prod(t.shape) * t.dtype.itemsize
+        sizes = [math.prod(t.shape) * t.dtype.itemsize for t in tensors]
+        for t, nbytes in zip(tensors, sizes):
             writer.add_tensor_info(t.name, t.shape, np.dtype(numpy_dtype[t.dtype]), nbytes, raw_dtype=raw[t.dtype])
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        total = sum(math.prod(t.shape) * t.dtype.itemsize for t in tensors)
-        with tqdm(total=total, desc=f"writing {out.name}", unit="B", unit_scale=True, leave=False) as bar:
-            for t in tensors:
+        with tqdm(total=sum(sizes), desc=f"writing {out.name}", unit="B", unit_scale=True, leave=False) as bar:
+            for t, nbytes in zip(tensors, sizes):
                 data = t.read()
                 if tuple(data.shape) != t.shape:
                     raise PruneflowError(f"tensor {t.name}: read {tuple(data.shape)}, expected {t.shape}")
                 writer.write_tensor_data(_numpy(data))
-                bar.update(math.prod(t.shape) * t.dtype.itemsize)
+                bar.update(nbytes)
         writer.close()
         quantized = Q.quantize_gguf(tmp, out, quantize, overwrite=overwrite) if quantize else None
         if not quantize:

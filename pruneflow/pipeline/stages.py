@@ -109,13 +109,11 @@ def check_fits(params: Params, base: Path | None = None) -> None:
     check_memory(params, base)
     source = resolve(params.model, base, weights=False)
     config = checkpoint.read_config(source)
-    check_model(params.score.method, A.arch_for(config.get("model_type", "")), params.prune, params.score.objective)
-    check_unit_settings(params, config)
+    check_model(params.score.method, A.arch_for(config.get("model_type", "")), params.prune,
+                params.score.objective)  # the source stage's unit settings among them
     check_windows(params, config)
     check_export(params, config)
-    calibration = params.calibrate.source
-    local = base is not None and ":" not in calibration and calibration != "corpus"
-    C.check_source(str(base / calibration) if local else calibration, "calibrate.source")
+    C.check_source(params.calibrate.source, "calibrate.source", base)
     runtime = Runtime.from_params(params.runtime)
     plan = estimate(source.path, params, runtime)
     if not plan.fits:
