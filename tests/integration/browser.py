@@ -43,19 +43,31 @@ def start(shots: Path):
                 "--window-size=1400,1800"):
         options.add_argument(arg)
     options.binary_location = browser
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console, for snap
     session = webdriver.Chrome(options=options, service=Service(driver))
-    session.shots = shots
+    session.shots, session.console = shots, []
     shots.mkdir(parents=True, exist_ok=True)
     return session
 
 
 def snap(session, name: str) -> str:
-    """Screenshot + visible text of the current page; returns where they are (for a failure message)."""
+    """Screenshot, visible text and console of the current page; returns where they are, the page's toasts and
+    the console's warnings and errors (a failed API call shows there, not in the text) for a failure message."""
     png = session.shots / f"{name}.png"
     session.save_screenshot(str(png))
     text = session.find_element("tag name", "body").text
-    (session.shots / f"{name}.txt").write_text(f"{session.current_url}\n\n{text}")
-    return f"screenshot {png}; page {session.current_url}: {text[:1500]!r}"
+    console = read_console(session)
+    toasts = [toast.text for toast in session.find_elements("css selector", ".p-toast")]
+    (session.shots / f"{name}.txt").write_text(f"{session.current_url}\n\n{text}\n\nconsole:\n" + "\n".join(console))
+    problems = [line for line in console if not line.startswith(("INFO", "DEBUG"))]
+    return (f"screenshot {png}; page {session.current_url}: {text[:1000]!r}; toasts {toasts!r}; "
+            f"console {problems[-10:]!r}")
+
+
+def read_console(session) -> list[str]:
+    """Every console line of the session so far ("LEVEL message"; chromium hands each line out once)."""
+    session.console.extend(f"{entry['level']} {entry['message']}" for entry in session.get_log("browser"))
+    return session.console
 
 
 def wait(session, condition, what: str, timeout: float = 60):
