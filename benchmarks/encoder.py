@@ -77,10 +77,9 @@ def key(row: dict) -> tuple:
 
 def label(row: dict) -> str:
     """The table's method column: the method, after whole blocks removed by a depth method for combined rows."""
-    depth = row.get("depth")
-    if not depth:
-        return row["method"]
-    return f"{depth['method']} −{depth['blocks']} block{'s' if depth['blocks'] > 1 else ''}, then {row['method']}"
+    from benchmarks.report import method_label
+
+    return method_label(row["method"], row.get("depth"))
 
 
 def table(rows: list[dict]) -> str:

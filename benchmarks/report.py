@@ -19,6 +19,14 @@ def _name(row: dict) -> str:
     return row["method"] + ("" if rec == "none" else f" ({rec})")
 
 
+def method_label(method: str, depth: dict | None) -> str:
+    """A table's method column: ``method``, after whole blocks removed by a depth method first (``depth``:
+    ``{"method", "blocks"}``) for a depth-then-width row."""
+    if not depth:
+        return method
+    return f"{depth['method']} −{depth['blocks']} block{'s' if depth['blocks'] > 1 else ''}, then {method}"
+
+
 def _aggregate(rows: list[dict]) -> list[dict]:
     """Average the seeds of each (method, ratio, allocation); keep the spread of perplexity."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -134,8 +142,7 @@ def _reconstruct_table(rows: list[dict]) -> str:
         method = r["method"] + (f" ({r['bonsai']['preset']})" if r.get("bonsai", {}).get("preset") else "")
         method += " (hidden)" if "hidden" in r.get("units", []) else ""
         method += f" (objective {r['objective']})" if r.get("objective", "auto") != "auto" else ""
-        if r.get("depth"):  # whole blocks removed by a depth method first, then this method to the same total
-            method = f"{r['depth']['method']} −{r['depth']['blocks']} block(s), then {method}"
+        method = method_label(method, r.get("depth"))  # depth first, then this method to the same total
         cells[(Path(r["model"]).name, method, r["allocation"], r["ratio"])][rec] = r
     lines = ["| model | method | allocation | target | " + " | ".join(f"ppl {m}" for m in modes)
              + " | achieved (lstsq) | prune s none / lstsq | peak RSS ÷ inference (lstsq) |",

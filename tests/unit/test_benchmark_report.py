@@ -1,5 +1,5 @@
 """The benchmark tables: aggregated seeds show each seed's parameter count; rows from another checkout still
-find their model's dense row."""
+find their model's dense row; depth-then-width rows are named alike in every table."""
 
 from benchmarks.report import _aggregate, _params, _reconstruct_table
 
@@ -27,3 +27,12 @@ def test_reconstruct_rows_from_another_checkout_use_their_models_dense_row():
     line = next(line for line in table.splitlines() if "| flap |" in line)
     assert line.endswith("| 1.20 |")  # 600 MB ÷ the dense row's 500 MB
     assert "**8.00**" in line
+
+
+def test_depth_then_width_rows_read_the_same_in_the_reconstruct_and_encoder_tables():
+    from benchmarks.encoder import label
+
+    rows = [_row(0, 100, 9.0, method="flap", depth={"method": "sleb", "blocks": blocks}) for blocks in (1, 2)]
+    table = _reconstruct_table(rows)
+    for row, text in zip(rows, ("sleb −1 block, then flap", "sleb −2 blocks, then flap")):
+        assert f"| {text} |" in table and label(row) == text
