@@ -51,16 +51,15 @@ def start(shots: Path):
 
 
 def snap(session, name: str) -> str:
-    """Screenshot, visible text and console of the current page; returns where they are, the page's toasts and
-    the console's warnings and errors (a failed API call shows there, not in the text) for a failure message."""
+    """Screenshot, visible text and console of the current page; returns where they are, the start of the text
+    and the console's warnings and errors (a failed API call shows there only) for a failure message."""
     png = session.shots / f"{name}.png"
     session.save_screenshot(str(png))
     text = session.find_element("tag name", "body").text
     console = read_console(session)
-    toasts = [toast.text for toast in session.find_elements("css selector", ".p-toast")]
     (session.shots / f"{name}.txt").write_text(f"{session.current_url}\n\n{text}\n\nconsole:\n" + "\n".join(console))
     problems = [line for line in console if not line.startswith(("INFO", "DEBUG"))]
-    return (f"screenshot {png}; page {session.current_url}: {text[:1000]!r}; toasts {toasts!r}; "
+    return (f"screenshot {png}; page {session.current_url}: {text[:1000]!r}; "
             f"console {problems[-10:]!r}")
 
 

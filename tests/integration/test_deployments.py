@@ -146,24 +146,32 @@ def _field(session, section: str | None, label: str):
                                          f"//*[self::input or self::select or self::textarea])[1]")
 
 
-def _submit(session, env, name: str, attempts: int = 3):
+def _submit(session, env, name: str, attempts: int = 4):
     """Click the run form's Submit and return the flow runs called ``name`` once the server has one. Prefect's
-    SQLite server answers 503 ("retry") when its database is momentarily locked (two workers polling each
-    second); its Python client retries, the UI shows an error toast and leaves the form as it was. Only then,
-    like a user, submit again; any other outcome fails with the page, its toasts and its console."""
+    SQLite server answers 503 ("retry") when a request meets its database locked (two workers polling each
+    second); its Python client retries, the UI shows "Oops. Something went wrong." and leaves the form as it
+    was. Only then — the browser's console shows the 503 of the form's own call — submit again, like a user;
+    any other outcome fails with the page, its console and a screenshot."""
     from tests.integration import browser
+
+    calls = ("/create_flow_run ", "/ui/schemas/validate ")  # the form's calls (validate: its schema check)
 
     def outcome(s):
         runs = api(env, "/flow_runs/filter", {"flow_runs": {"name": {"any_": [name]}}})
         if runs:
             return runs
-        retry = (s.current_url.endswith("/run") and s.find_elements("css selector", ".p-toast")
-                 and any(" 503 " in line for line in browser.read_console(s)[seen:]))
-        return "retry" if retry else None
+        failed = any(" 503 " in line and any(call in line for call in calls)
+                     for line in browser.read_console(s)[seen:])
+        return "retry" if failed and s.current_url.endswith("/run") else None
 
     for attempt in range(attempts):
         seen = len(browser.read_console(session))
-        session.find_element("xpath", "//button[@type='submit'][normalize-space()='Submit']").click()
+        submit = session.find_element("xpath", "//button[@type='submit'][normalize-space()='Submit']")
+        if attempt:  # after a backoff like Prefect's client's; the error toast may sit over the button
+            time.sleep(2 ** attempt)
+            session.execute_script("arguments[0].click()", submit)
+        else:
+            submit.click()
         result = browser.wait(session, outcome, "the flow run the form created", timeout=120)
         if result != "retry":
             return result
