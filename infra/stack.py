@@ -65,6 +65,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _port(name: str) -> str:
+    """How the user names ``name``'s port: its ``up`` option, or Ray's fixed one."""
+    fixed = {"ray": "Ray's GCS port", "ray-dashboard": "Ray's dashboard port"}
+    return fixed.get(name, f"--{name}-port")
+
+
+def _check_ports(ports: dict[str, int]) -> None:
+    """Each service its own port, a real one (0 would let the OS pick one stack.json could not name)."""
+    for name, port in ports.items():
+        if not 1 <= port <= 65535:
+            raise PruneflowError(f"{_port(name)} {port}: a port is a number from 1 to 65535")
+    taken: dict[int, str] = {}
+    for name, port in ports.items():
+        if port in taken:
+            raise PruneflowError(f"{_port(taken[port])} and {_port(name)} are both {port}: each service needs its "
+                                 f"own port")
+        taken[port] = name
+
+
 def _check_free(name: str, port: int) -> None:
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -72,7 +91,7 @@ def _check_free(name: str, port: int) -> None:
             sock.bind((HOST, port))
         except OSError:
             raise PruneflowError(f"port {port} ({name}) on {HOST} is already in use; stop what uses it or pick "
-                                 f"another port (--{name}-port)") from None
+                                 f"another port ({_port(name)})") from None
 
 
 def services(run_dir: Path, ports: dict[str, int]) -> list[Service]:
@@ -184,6 +203,7 @@ def up(run_dir: Path, ports: dict[str, int] | None = None, timeout: float = 120,
         raise PruneflowError("--ray needs Ray, which is not installed: pip install 'pruneflow[ray]'")
     if (run_dir / "stack.json").exists() and any(s["alive"] for s in status(run_dir).values()):
         raise PruneflowError(f"the stack in {run_dir} is already running (`pruneflow status`, `pruneflow down`)")
+    _check_ports(ports)
     for name, port in ports.items():
         _check_free(name, port)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)

@@ -179,6 +179,17 @@ def test_report_of_a_file_that_is_not_json(tmp_path):
     assert not (tmp_path / "cmp").exists()
 
 
+@pytest.mark.parametrize("options, message", [
+    (["--s3-port", "99999"], "--s3-port 99999: a port is a number from 1 to 65535"),
+    (["--prefect-port", "0"], "--prefect-port 0: a port is a number from 1 to 65535"),
+    (["--mlflow-port", "4200"], "--mlflow-port and --prefect-port are both 4200"),
+    (["--ray", "--s3-port", "6379"], "--s3-port and Ray's GCS port are both 6379")])
+def test_up_refuses_a_port_out_of_range_or_given_twice_before_starting_anything(options, message, tmp_path):
+    result = run("up", "--run-dir", tmp_path / "stack", *options)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert _snapshot(tmp_path) == []
+
+
 @pytest.mark.parametrize("uri", ["htp://127.0.0.1:5000", "http:///no-host", "http://host:5000/ spaces"])
 def test_malformed_mlflow_uri_fails_before_any_work(uri, project, monkeypatch):
     from prefect.logging import disable_run_logger
