@@ -245,7 +245,7 @@ def calibrate(
 ) -> None:
     """Sample seeded calibration windows from a text source and save them with a manifest."""
     from pruneflow.data import calibration as C
-    from pruneflow.model.checkpoint import load_tokenizer
+    from pruneflow.model.checkpoint import load_tokenizer, read_config
     from pruneflow.pipeline.params import load_params
 
     options = {"calibrate.source": source, "calibrate.n_windows": n_windows, "calibrate.seqlen": seqlen,
@@ -259,7 +259,9 @@ def calibrate(
         source = resolve(model_dir)
         if not (source.path / "tokenizer_config.json").exists():
             raise PruneflowError(f"{model_dir} has no tokenizer (tokenizer_config.json)")
-        windows, manifest = C.prepare(load_tokenizer(source), c.source, c.n_windows, c.seqlen, c.seed)
+        C.check_source(c.source)  # before the tokenizer loads
+        positions = read_config(source).get("max_position_embeddings")
+        windows, manifest = C.prepare(load_tokenizer(source), c.source, c.n_windows, c.seqlen, c.seed, positions)
         C.save(windows, manifest, out, overwrite=force)
     except PruneflowError as err:
         _fail(err)

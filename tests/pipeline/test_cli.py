@@ -223,6 +223,9 @@ def test_calibrate_saves_windows_and_manifest(tiny_checkpoint, calibration_txt, 
     assert windows.shape == (3, 16) and manifest.seed == 5 and manifest.source == str(calibration_txt)
     again = run("calibrate", tiny_checkpoint, "--out", out, "--source", calibration_txt)
     assert again.exit_code == 2 and "already exists" in again.output
+    longer = run("calibrate", tiny_checkpoint, "--out", tmp_path / "long", "--source", calibration_txt, "--seqlen", 513)
+    assert longer.exit_code == 2 and "seqlen 513 exceeds the model's max positions (512)" in longer.output
+    assert not (tmp_path / "long").exists()
 
 
 def test_params_file_with_unknown_key_names_it(tiny_checkpoint, calibration_txt, tmp_path):
