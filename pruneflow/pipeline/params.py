@@ -38,9 +38,15 @@ class CalibrateParams(_Section):
     seed: int = 0
 
 
+DEVICE = r"^(auto|cpu|mps|cuda(:\d+)?)$"
+WORKERS = r"^(local|auto|[1-9]\d*|ray://[\w.-]+:\d+)$"
+PATTERN_WORDS = {DEVICE: "auto, cpu, cuda, cuda:N or mps",  # what a pattern error says instead of the regex
+                 WORKERS: "local, a number of workers (1 or more), auto or ray://HOST:PORT"}
+
+
 class RuntimeParams(_Section):
     """Where the stages run: the device and the dtype models compute in (saved checkpoints keep their input's)."""
-    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+    device: str = Field("auto", pattern=DEVICE,
                         description="auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="compute dtype; auto: the checkpoint's own")
@@ -50,9 +56,15 @@ class RuntimeParams(_Section):
                           "logits, solves; methods that stream: see `pruneflow methods`); null: load the whole "
                           "model")
     workers: str = Field(
-        "local", pattern=r"^(local|auto|[1-9]\d*|ray://[\w.-]+:\d+)$",
+        "local", pattern=WORKERS,
         description="where candidate sub-models are evaluated: local (this process) | N (Ray workers, local "
                     "instance or RAY_ADDRESS) | auto (one per GPU/CPU of the cluster) | ray://HOST:PORT")
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _count(cls, value):
+        """``workers: 2`` in YAML (or ``--set runtime.workers=2``) is an int: the count it names."""
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
     @field_validator("max_memory")
     @classmethod
@@ -329,6 +341,8 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     for e in err.errors():
         key = ".".join(str(part) for part in (prefix, *e["loc"]) if part != "")
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "string_pattern_mismatch" and e["ctx"]["pattern"] in PATTERN_WORDS:
+            msg = f"use {PATTERN_WORDS[e['ctx']['pattern']]}"
         # the value, unless our own check quotes it already; a check across fields names its own fields
         quoted = e["type"] == "value_error" and repr(e["input"]) in msg
         got = f", got {e['input']!r}" if e["type"] != "missing" and not isinstance(e["input"], dict) and not quoted else ""

@@ -24,7 +24,10 @@ def test_every_shipped_params_yaml_loads():
     ("prune.allocation=random", "prune.allocation: Input should be 'auto', 'uniform', 'global' or 'search'"),
     ("prune.units=[layers]", "prune.units: method flap scores heads, channels, not layers; depth methods"),
     ("score.method=sleb", None),  # units: auto means the method's own (layers)
-    ("runtime.device=gpu", "runtime.device: String should match pattern"),
+    ("runtime.device=gpu", "runtime.device: use auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+    ("runtime.workers=0", "runtime.workers: use local, a number of workers (1 or more), auto or ray://HOST:PORT"),
+    ("runtime.workers=ray://head", "runtime.workers: use local, a number of workers"),
+    ("runtime.workers=2", None),  # YAML reads 2 as a number: the count params.yaml documents
     ("runtime.dtype=int8", "runtime.dtype: Input should be 'auto', 'bfloat16', 'float16' or 'float32'"),
     ("prune.units=[mlp, blocks]", "prune.units: units must be a non-empty subset"),
     ("prune.rato=0.3", "prune.rato: Extra inputs are not permitted"),
@@ -61,6 +64,12 @@ def test_a_message_says_its_key_and_the_value_once(override, whole):
     with pytest.raises(PruneflowError) as err:
         load_params(ROOT / "params.yaml", [override])
     assert str(err.value) == whole
+
+
+def test_a_worker_count_in_yaml_is_the_count():
+    assert load_params(ROOT / "params.yaml", ["runtime.workers=2"]).runtime.workers == "2"
+    with pytest.raises(PruneflowError, match="runtime.workers: Input should be a valid string"):
+        load_params(ROOT / "params.yaml", ["runtime.workers=true"])
 
 
 def test_method_and_units_are_checked_together_before_any_model_is_loaded():
