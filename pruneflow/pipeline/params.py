@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pruneflow.errors import PruneflowError
 from pruneflow.methods import METHODS
@@ -46,6 +46,8 @@ PATTERN_WORDS = {DEVICE: "auto, cpu, cuda, cuda:N or mps",  # what a pattern err
 
 class RuntimeParams(_Section):
     """Where the stages run: the device and the dtype models compute in (saved checkpoints keep their input's)."""
+    # YAML (params.yaml, --set) reads `workers: 2` and `max_memory: 1000000000` as numbers: the count, the bytes
+    model_config = ConfigDict(**_Section.model_config, coerce_numbers_to_str=True)
     device: str = Field("auto", pattern=DEVICE,
                         description="auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
@@ -59,12 +61,6 @@ class RuntimeParams(_Section):
         "local", pattern=WORKERS,
         description="where candidate sub-models are evaluated: local (this process) | N (Ray workers, local "
                     "instance or RAY_ADDRESS) | auto (one per GPU/CPU of the cluster) | ray://HOST:PORT")
-
-    @field_validator("workers", mode="before")
-    @classmethod
-    def _count(cls, value):
-        """``workers: 2`` in YAML (or ``--set runtime.workers=2``) is an int: the count it names."""
-        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
     @field_validator("max_memory")
     @classmethod

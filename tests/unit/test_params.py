@@ -66,8 +66,9 @@ def test_a_message_says_its_key_and_the_value_once(override, whole):
     assert str(err.value) == whole
 
 
-def test_a_worker_count_in_yaml_is_the_count():
-    assert load_params(ROOT / "params.yaml", ["runtime.workers=2"]).runtime.workers == "2"
+def test_a_worker_count_or_a_byte_count_in_yaml_is_that_number():
+    runtime = load_params(ROOT / "params.yaml", ["runtime.workers=2", "runtime.max_memory=1000000000"]).runtime
+    assert runtime.workers == "2" and runtime.max_memory == "1000000000"
     with pytest.raises(PruneflowError, match="runtime.workers: Input should be a valid string"):
         load_params(ROOT / "params.yaml", ["runtime.workers=true"])
 
