@@ -92,7 +92,7 @@ BAD = {
     "cuda without CUDA": (lambda t, c: [], ["--device", "cuda"], "device 'cuda': this torch build has no CUDA"),
     "cuda:1 without CUDA": (lambda t, c: [], ["--device", "cuda:1"], "device 'cuda:1': this torch build has no"),
     "mps elsewhere": (lambda t, c: [], ["--device", "mps"], "device 'mps': MPS (Apple GPU) is not available here"),
-    "unknown device": (lambda t, c: [], ["--device", "gpu"], "runtime.device: String should match pattern"),
+    "unknown device": (lambda t, c: [], ["--device", "gpu"], "runtime.device: use auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
     "unknown dtype": (lambda t, c: [], ["--dtype", "int8"], "runtime.dtype: Input should be 'auto', 'bfloat16'"),
     "bonsai uniform": (lambda t, c: [], ["--method", "bonsai", "--allocation", "uniform"],
                        "prune.allocation: bonsai removes units globally"),
