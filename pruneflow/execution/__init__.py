@@ -15,5 +15,11 @@ from final hidden states a chunk at a time (``losses``) and running activation m
 Layering: ``lineage`` imports nothing of pruneflow's; ``streaming`` and ``candidates`` only the model room and the
 unit masks (arch, masking, losses, runtime); ``replicas`` rebuilds models with ``checkpoint`` and ``apply``;
 ``passes`` sits on top. Nothing here imports a method module, selection or the pipeline (``estimate`` reads the
-method registry's metadata), and this file imports nothing.
+method registry's metadata), and this file imports nothing: it holds the vocabulary of ``runtime.device`` and
+``runtime.workers`` that the parameters (which load no torch) check and :mod:`.runtime` resolves.
 """
+
+DEVICES = r"^(auto|cpu|mps|cuda(:\d+)?)$"
+DEVICE_WORDS = "auto, cpu, cuda, cuda:N or mps"
+WORKERS = r"^(local|auto|[1-9]\d*|ray://[\w.-]+:\d+)$"  # pruneflow.execution.replicas
+WORKERS_WORDS = "local, a number of workers (1 or more), auto or ray://HOST:PORT"

@@ -18,12 +18,11 @@ from dataclasses import dataclass, field
 import torch
 
 from pruneflow.errors import PruneflowError
+from pruneflow.execution import DEVICE_WORDS, WORKERS, WORKERS_WORDS
 from pruneflow.sizes import format_size, parse_size
 
 log = logging.getLogger(__name__)
 
-DEVICE_CHOICES = "auto | cpu | cuda | cuda:N | mps"
-WORKERS = re.compile(r"^(local|auto|[1-9]\d*|ray://[\w.-]+:\d+)$")  # pruneflow.execution.replicas
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # a model is spread over several GPUs when its weights exceed this share of one GPU's free memory: the rest
 # is left for activations, the KV cache and statistics
@@ -43,7 +42,7 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise PruneflowError(f"device {name!r} is not a device; use {DEVICE_CHOICES}") from None
+        raise PruneflowError(f"device {name!r} is not a device; use {DEVICE_WORDS}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             reason = ("this torch build has no CUDA support" if torch.version.cuda is None
@@ -59,14 +58,14 @@ def resolve_device(name: str) -> torch.device:
         return device
     if device.type == "cpu":
         return torch.device("cpu")
-    raise PruneflowError(f"device {name!r} is not supported; use {DEVICE_CHOICES}")
+    raise PruneflowError(f"device {name!r} is not supported; use {DEVICE_WORDS}")
 
 
 def check_workers(value: str) -> str:
     """``local`` | N | ``auto`` | ``ray://HOST:PORT`` (where candidates are evaluated), or a clear error."""
     value = str(value).strip()
-    if not WORKERS.match(value):
-        raise PruneflowError(f"--workers {value!r} is not one of: local, a number of workers, auto, ray://HOST:PORT")
+    if not re.match(WORKERS, value):
+        raise PruneflowError(f"--workers {value!r}: use {WORKERS_WORDS}")
     return value
 
 

@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pruneflow.errors import PruneflowError
+from pruneflow.execution import DEVICE_WORDS, DEVICES, WORKERS, WORKERS_WORDS
 from pruneflow.methods import METHODS
 from pruneflow.methods.options import (BONSAI_PRESETS, BonsaiParams, ExpertDropParams, LacoParams,  # noqa: F401
                                        Options, SearchParams)
@@ -38,17 +39,14 @@ class CalibrateParams(_Section):
     seed: int = 0
 
 
-DEVICE = r"^(auto|cpu|mps|cuda(:\d+)?)$"
-WORKERS = r"^(local|auto|[1-9]\d*|ray://[\w.-]+:\d+)$"
-PATTERN_WORDS = {DEVICE: "auto, cpu, cuda, cuda:N or mps",  # what a pattern error says instead of the regex
-                 WORKERS: "local, a number of workers (1 or more), auto or ray://HOST:PORT"}
+PATTERN_WORDS = {DEVICES: DEVICE_WORDS, WORKERS: WORKERS_WORDS}  # what a pattern error says instead of the regex
 
 
 class RuntimeParams(_Section):
     """Where the stages run: the device and the dtype models compute in (saved checkpoints keep their input's)."""
     # YAML (params.yaml, --set) reads `workers: 2` and `max_memory: 1000000000` as numbers: the count, the bytes
     model_config = ConfigDict(**_Section.model_config, coerce_numbers_to_str=True)
-    device: str = Field("auto", pattern=DEVICE,
+    device: str = Field("auto", pattern=DEVICES,
                         description="auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="compute dtype; auto: the checkpoint's own")

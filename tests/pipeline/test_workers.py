@@ -150,7 +150,7 @@ def test_a_worker_killed_mid_run_is_restarted_and_the_plan_is_the_same(ray_worke
 def test_bad_workers_are_clear_errors_before_any_work(tmp_path, saved):
     from pruneflow.cli import app
 
-    with pytest.raises(PruneflowError, match="is not one of"):
+    with pytest.raises(PruneflowError, match="--workers .two.: use local"):
         Runtime.create("cpu", workers="two")
     result = CliRunner().invoke(app, ["prune", str(saved), "--out", str(tmp_path / "out"), "--method", "sleb",
                                       "--units", "layers", "--ratio", "0.3", "--workers", "lots"])
