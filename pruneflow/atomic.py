@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +27,7 @@ def atomic_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
         _remove_abandoned(out_dir)
         if old.exists() and not out_dir.exists():  # a swap was killed between its two renames
             old.rename(out_dir)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", dir=out_dir.parent))
+        tmp = _fresh_dir(out_dir)
     except OSError as err:
         raise PruneflowError(f"cannot write {out_dir}: {err.strerror or err}") from err
     try:
@@ -47,6 +47,28 @@ def atomic_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_output_file(out: Path, overwrite: bool, example: str = "model.gguf") -> None:
+    """A file output may be written: not a directory (whatever ``--force`` says), not an existing file unless
+    ``overwrite``."""
+    if out.is_dir():
+        raise PruneflowError(f"output {out} is a directory; give a file name such as {example}")
+    if out.exists() and not overwrite:
+        raise PruneflowError(f"output file {out} already exists; choose another or pass --force")
+
+
+def _fresh_dir(out_dir: Path) -> Path:
+    """A new sibling ``.NAME.PID.XXXXXXXX`` with the permissions ``mkdir`` gives under the umask: the output is
+    this directory renamed (``tempfile.mkdtemp``'s 0700 would keep it from a server or a teammate)."""
+    for _ in range(100):
+        tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no fresh temporary directory beside {out_dir}")
 
 
 def _remove_abandoned(out_dir: Path) -> None:

@@ -47,7 +47,7 @@ from pruneflow.model.sources import ModelSource, resolve
 from pruneflow.model import checkpoint as C
 from pruneflow.model import quantize as Q
 from pruneflow.execution.streaming import LazyWeights
-from pruneflow.atomic import atomic_dir
+from pruneflow.atomic import atomic_dir, check_output_file
 from pruneflow.execution.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -447,10 +447,7 @@ def export_gguf(checkpoint: str | Path | ModelSource, out: Path, dtype: str = "a
         quantize = Q.check_type(quantize)
         Q.llama_cpp_module()
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise PruneflowError(f"output file {out} already exists; choose another or pass --force")
-    if out.is_dir():
-        raise PruneflowError(f"output {out} is a directory; give a file name such as model.gguf")
+    check_output_file(out, overwrite)
     source = checkpoint if isinstance(checkpoint, ModelSource) else resolve(checkpoint)
     config = C.read_config(source)
     weights = LazyWeights(source.path)

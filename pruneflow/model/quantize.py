@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pruneflow.atomic import check_output_file
 from pruneflow.errors import PruneflowError
 
 # our names → llama.cpp's file types (llama_cpp.LLAMA_FTYPE_MOSTLY_<NAME>)
@@ -81,8 +82,7 @@ def quantize_gguf(source: Path, out: Path, quantize: str, threads: int | None = 
     bytes before and after, the tensors per type, and each tensor that fell back to another type, with why."""
     name = check_type(quantize)
     source, out = Path(source), Path(out)
-    if out.exists() and not overwrite:
-        raise PruneflowError(f"output file {out} already exists; choose another or pass --force")
+    check_output_file(out, overwrite)
     check_source(source)
     llama_cpp = llama_cpp_module()
     from llama_cpp import _logger
