@@ -199,15 +199,23 @@ def up(run_dir: Path, ports: dict[str, int] | None = None, timeout: float = 120,
     returns stack.json."""
     run_dir = Path(run_dir).resolve()
     ports = {**DEFAULT_PORTS, **(RAY_PORTS if ray else {}), **(ports or {})}
+    credentials()  # everything that can be refused is, before anything is created
+    if timeout <= 0:
+        raise PruneflowError(f"--timeout {timeout:g}: the seconds each service may take to answer must be positive")
     if ray and not Path(_bin("ray")).exists() and shutil.which("ray") is None:
         raise PruneflowError("--ray needs Ray, which is not installed: pip install 'pruneflow[ray]'")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PruneflowError(f"--run-dir {run_dir} is a file: the stack needs a directory for its data and logs")
     if (run_dir / "stack.json").exists() and any(s["alive"] for s in status(run_dir).values()):
         raise PruneflowError(f"the stack in {run_dir} is already running (`pruneflow status`, `pruneflow down`)")
     _check_ports(ports)
     for name, port in ports.items():
         _check_free(name, port)
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    (run_dir / "mlflow").mkdir(exist_ok=True)
+    try:
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        (run_dir / "mlflow").mkdir(exist_ok=True)
+    except OSError as err:
+        raise PruneflowError(f"cannot create the stack's directory {run_dir}: {err.strerror or err}") from None
     state: dict[str, dict] = {}
     try:
         for service in services(run_dir, ports) + ([ray_head(run_dir, ports)] if ray else []):

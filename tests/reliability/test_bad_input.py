@@ -183,11 +183,29 @@ def test_report_of_a_file_that_is_not_json(tmp_path):
     (["--s3-port", "99999"], "--s3-port 99999: a port is a number from 1 to 65535"),
     (["--prefect-port", "0"], "--prefect-port 0: a port is a number from 1 to 65535"),
     (["--mlflow-port", "4200"], "--mlflow-port and --prefect-port are both 4200"),
-    (["--ray", "--s3-port", "6379"], "--s3-port and Ray's GCS port are both 6379")])
-def test_up_refuses_a_port_out_of_range_or_given_twice_before_starting_anything(options, message, tmp_path):
-    result = run("up", "--run-dir", tmp_path / "stack", *options)
+    (["--ray", "--s3-port", "6379"], "--s3-port and Ray's GCS port are both 6379"),
+    (["--timeout", "0"], "--timeout 0: the seconds each service may take to answer must be positive"),
+    (None, "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")])  # None: no credentials in the environment
+def test_up_refuses_bad_options_before_creating_anything(options, message, tmp_path, monkeypatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "pruneflow-test") if options is not None else monkeypatch.delenv(name, raising=False)
+    result = run("up", "--run-dir", tmp_path / "stack", *(options or []))
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert _snapshot(tmp_path) == []
+
+
+def test_up_refuses_a_run_dir_it_cannot_use(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "pruneflow-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "pruneflow-test")
+    (tmp_path / "afile").write_text("mine")
+    a_file = run("up", "--run-dir", tmp_path / "afile")
+    assert a_file.exit_code == 2 and "is a file: the stack needs a directory" in a_file.output
+    from pruneflow.infra.stack import free_port
+
+    ports = [f"--{name}-port={free_port()}" for name in ("s3", "mlflow", "prefect")]  # checked before the mkdir
+    under = run("up", "--run-dir", tmp_path / "afile" / "stack", *ports)  # no directory can be made under a file
+    assert under.exit_code == 2 and "cannot create the stack's directory" in under.output
+    assert "Traceback" not in a_file.output + under.output and (tmp_path / "afile").read_text() == "mine"
 
 
 @pytest.mark.parametrize("uri", ["htp://127.0.0.1:5000", "http:///no-host", "http://host:5000/ spaces"])
