@@ -102,9 +102,9 @@ def check_prefect_api(attempts: int = 3, needed_by: str | None = None) -> None:
     try:
         _health(url, attempts)
     except (urllib.error.URLError, OSError, ValueError) as err:
+        or_else = "" if needed_by else " or unset PREFECT_API_URL to run with a temporary local one"
         raise PruneflowError(f"Prefect API {url} is unreachable after {attempts} attempts ({err}); start the "
-                             f"server (`pruneflow up`) or unset PREFECT_API_URL to run with a temporary local one"
-                             ) from None
+                             f"server (`pruneflow up`){or_else}") from None
 
 
 def _host_prefix() -> str:

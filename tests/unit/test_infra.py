@@ -164,3 +164,17 @@ def test_a_dvc_failure_is_reported_by_its_error_lines_without_the_support_footer
     assert dvc_error("plain failure\n") == "plain failure"
     long = dvc_error("ERROR: " + "x" * 2000 + " the cause")
     assert long.startswith("…") and long.endswith("the cause") and len(long) == 801
+
+
+def test_an_unreachable_prefect_api_suggests_a_temporary_server_only_where_one_would_do(monkeypatch):
+    from pruneflow.errors import PruneflowError
+    from pruneflow.infra.stack import free_port
+    from pruneflow.tasks.remote import check_prefect_api
+
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{free_port()}/api")
+    with pytest.raises(PruneflowError, match=r"unreachable after 1 attempts .*; start the server \(`pruneflow up`\) "
+                                             r"or unset PREFECT_API_URL to run with a temporary local one$"):
+        check_prefect_api(attempts=1)  # pruneflow run: Prefect starts a temporary server itself
+    with pytest.raises(PruneflowError) as err:  # deployments would be lost with a temporary one: never suggested
+        check_prefect_api(attempts=1, needed_by="pruneflow deploy")
+    assert str(err.value).endswith("start the server (`pruneflow up`)") and "unset" not in str(err.value)
