@@ -73,11 +73,10 @@ def _port(name: str) -> str:
 
 def _check_ports(ports: dict[str, int]) -> None:
     """Each service its own port, a real one (0 would let the OS pick one stack.json could not name)."""
+    taken: dict[int, str] = {}
     for name, port in ports.items():
         if not 1 <= port <= 65535:
             raise PruneflowError(f"{_port(name)} {port}: a port is a number from 1 to 65535")
-    taken: dict[int, str] = {}
-    for name, port in ports.items():
         if port in taken:
             raise PruneflowError(f"{_port(taken[port])} and {_port(name)} are both {port}: each service needs its "
                                  f"own port")

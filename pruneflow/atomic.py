@@ -61,14 +61,9 @@ def check_output_file(out: Path, overwrite: bool, example: str = "model.gguf") -
 def _fresh_dir(out_dir: Path) -> Path:
     """A new sibling ``.NAME.PID.XXXXXXXX`` with the permissions ``mkdir`` gives under the umask: the output is
     this directory renamed (``tempfile.mkdtemp``'s 0700 would keep it from a server or a teammate)."""
-    for _ in range(100):
-        tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        try:
-            tmp.mkdir()
-            return tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no fresh temporary directory beside {out_dir}")
+    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    tmp.mkdir()
+    return tmp
 
 
 def _remove_abandoned(out_dir: Path) -> None:
