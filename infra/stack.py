@@ -20,6 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,10 +60,24 @@ def credentials() -> tuple[str, str]:
     return key, secret
 
 
+def free_ports(n: int, avoid: Iterable[int] = ()) -> list[int]:
+    """``n`` different free ports, none of ``avoid``: their sockets are held open together, since the OS may hand
+    a port it just freed out again (SeaweedFS's master once got the port the same stack had given MLflow)."""
+    avoid, socks, ports = set(avoid), [], []
+    try:
+        while len(ports) < n:
+            socks.append(socket.socket())
+            socks[-1].bind((HOST, 0))
+            if (port := socks[-1].getsockname()[1]) not in avoid:
+                ports.append(port)
+    finally:
+        for sock in socks:
+            sock.close()
+    return ports
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def _port(name: str) -> str:
@@ -106,7 +121,8 @@ def services(run_dir: Path, ports: dict[str, int]) -> list[Service]:
     return [
         Service("s3", ports["s3"], [
             _bin("weed"), "server", f"-dir={run_dir / 'seaweedfs' / 'data'}", f"-ip={HOST}", f"-ip.bind={HOST}",
-            *[f"-{flag}={free_port()}" for flag in SEAWEED_INTERNAL_PORTS],
+            *[f"-{flag}={port}" for flag, port in
+              zip(SEAWEED_INTERNAL_PORTS, free_ports(len(SEAWEED_INTERNAL_PORTS), avoid=ports.values()))],
             "-s3", f"-s3.port={ports['s3']}", f"-s3.config={identities}",
             # volumes are per bucket; with the default 30 GB size an auto-sized store (free disk / size) runs
             # out after one or two buckets, so use 1 GB volumes

@@ -304,12 +304,12 @@ def stack(tmp_path_factory):
     import json
     import os
 
-    from pruneflow.infra.stack import free_port
+    from pruneflow.infra.stack import free_ports
     from tests.pipeline.test_cli import run as run_cli
 
     os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = KEY, SECRET
     run_dir = tmp_path_factory.mktemp("stack")
-    ports = {"s3": free_port(), "mlflow": free_port(), "prefect": free_port()}
+    ports = dict(zip(("s3", "mlflow", "prefect"), free_ports(3)))
     result = run_cli("up", "--run-dir", run_dir, "--s3-port", ports["s3"], "--mlflow-port", ports["mlflow"],
                      "--prefect-port", ports["prefect"])
     try:

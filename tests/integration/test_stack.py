@@ -164,7 +164,7 @@ def test_up_with_ray_starts_a_token_authenticated_head_that_runs_workers(tmp_pat
     pytest.importorskip("ray")
     from pruneflow.infra import stack
 
-    ports = {"ray": stack.free_port(), "ray-client": stack.free_port(), "ray-dashboard": stack.free_port()}
+    ports = dict(zip(("ray", "ray-client", "ray-dashboard"), stack.free_ports(3)))
     state: dict = {}
     try:
         stack.start(stack.ray_head(tmp_path, ports), tmp_path, state, timeout=120)

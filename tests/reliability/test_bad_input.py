@@ -200,9 +200,9 @@ def test_up_refuses_a_run_dir_it_cannot_use(tmp_path, monkeypatch):
     (tmp_path / "afile").write_text("mine")
     a_file = run("up", "--run-dir", tmp_path / "afile")
     assert a_file.exit_code == 2 and "is a file: the stack needs a directory" in a_file.output
-    from pruneflow.infra.stack import free_port
+    from pruneflow.infra.stack import free_ports
 
-    ports = [f"--{name}-port={free_port()}" for name in ("s3", "mlflow", "prefect")]  # checked before the mkdir
+    ports = [f"--{name}-port={port}" for name, port in zip(("s3", "mlflow", "prefect"), free_ports(3))]  # checked before the mkdir
     under = run("up", "--run-dir", tmp_path / "afile" / "stack", *ports)  # no directory can be made under a file
     assert under.exit_code == 2 and "cannot create the stack's directory" in under.output
     assert "Traceback" not in a_file.output + under.output and (tmp_path / "afile").read_text() == "mine"

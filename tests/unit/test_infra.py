@@ -178,3 +178,11 @@ def test_an_unreachable_prefect_api_suggests_a_temporary_server_only_where_one_w
     with pytest.raises(PruneflowError) as err:  # deployments would be lost with a temporary one: never suggested
         check_prefect_api(attempts=1, needed_by="pruneflow deploy")
     assert str(err.value).endswith("start the server (`pruneflow up`)") and "unset" not in str(err.value)
+
+
+def test_free_ports_are_different_and_avoid_the_ports_already_given():
+    from pruneflow.infra.stack import free_ports
+
+    given = free_ports(12)
+    assert len(set(given)) == 12
+    assert not set(free_ports(12, avoid=given)) & set(given)  # SeaweedFS's internal ports vs the stack's own
