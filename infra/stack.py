@@ -35,6 +35,8 @@ RAY_WORKER_PORTS = (20000, 20999)  # outside Ray's default 10002-19999, which wo
 # every other listener `weed server -s3` opens gets a free port, so two stacks (or a test) never collide
 SEAWEED_INTERNAL_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
                           "filer.port.grpc", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance")
+VOLUME_MB = 1024  # per volume; SeaweedFS's 30 GB default with its automatic count runs out after a bucket or two
+VOLUME_GROWTH = 7  # volumes SeaweedFS creates at once for a bucket's first write (its volume_growth copy_1)
 
 
 @dataclass
@@ -124,9 +126,11 @@ def services(run_dir: Path, ports: dict[str, int]) -> list[Service]:
             *[f"-{flag}={port}" for flag, port in
               zip(SEAWEED_INTERNAL_PORTS, free_ports(len(SEAWEED_INTERNAL_PORTS), avoid=ports.values()))],
             "-s3", f"-s3.port={ports['s3']}", f"-s3.config={identities}",
-            # volumes are per bucket; with the default 30 GB size an auto-sized store (free disk / size) runs
-            # out after one or two buckets, so use 1 GB volumes
-            "-volume.max=0", "-master.volumeSizeLimitMB=1024"], base, s3_url),
+            f"-volume.max={volume_slots(run_dir / 'seaweedfs' / 'data')}",
+            f"-master.volumeSizeLimitMB={VOLUME_MB}",
+            # after its filer's 15 s stop, the volume server's 10 s default wait (for other masters to learn it
+            # leaves: there are none) took SeaweedFS past `down`'s grace; it is SIGKILLed no more
+            "-volume.preStopSeconds=1"], base, s3_url),
         Service("mlflow", ports["mlflow"], [
             _bin("mlflow"), "server", "--host", HOST, "--port", str(ports["mlflow"]), "--workers", "1",
             "--backend-store-uri", f"sqlite:///{run_dir / 'mlflow' / 'mlflow.db'}",
@@ -141,6 +145,14 @@ def services(run_dir: Path, ports: dict[str, int]) -> list[Service]:
              "PREFECT_UI_API_URL": f"http://{HOST}:{ports['prefect']}/api"},
             f"http://{HOST}:{ports['prefect']}/api/health"),
     ]
+
+
+def volume_slots(data_dir: Path) -> int:
+    """How many volumes SeaweedFS may create: the free disk's worth, plus one first growth per bucket, so that
+    the disk is what limits the store. SeaweedFS's own automatic count (``-volume.max=0``: free disk / volume
+    size) is too few below ~14 GB free: the second bucket's first write found no room for its 7 volumes and
+    failed with InternalError (CI's stack did). Volumes are sparse files: a slot costs no disk until written."""
+    return shutil.disk_usage(data_dir).free // (VOLUME_MB << 20) + VOLUME_GROWTH * (len(BUCKETS) + 1)
 
 
 def ray_head(run_dir: Path, ports: dict[str, int]) -> Service:
@@ -199,14 +211,25 @@ def _wait(service: Service, process: subprocess.Popen, log: Path, timeout: float
     raise PruneflowError(f"{service.name} did not answer {service.health} within {timeout:.0f} s; log: {log}")
 
 
-def create_buckets(endpoint: str) -> None:
+def create_buckets(endpoint: str, log: Path | None = None) -> None:
+    """Create the buckets and write (then delete) an object in each: an S3 that answers but cannot store
+    (no volume to write to, a full disk) is refused here, not mid-push in a run."""
     import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
 
     s3 = boto3.session.Session().client("s3", endpoint_url=endpoint, region_name="us-east-1")
     existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
     for bucket in BUCKETS:
         if bucket not in existing:
             s3.create_bucket(Bucket=bucket)
+        try:
+            s3.put_object(Bucket=bucket, Key=".pruneflow-probe", Body=b"probe")
+            s3.delete_object(Bucket=bucket, Key=".pruneflow-probe")
+        except (BotoCoreError, ClientError) as err:
+            where = (f"; {shutil.disk_usage(log.parent).free >> 20} MiB free on its disk; its log: {log}"
+                     if log else "")
+            raise PruneflowError(f"the S3 store at {endpoint} answers but cannot store an object in bucket "
+                                 f"'{bucket}' ({err}){where}") from None
 
 
 def up(run_dir: Path, ports: dict[str, int] | None = None, timeout: float = 120, ray: bool = False) -> dict:
@@ -236,7 +259,7 @@ def up(run_dir: Path, ports: dict[str, int] | None = None, timeout: float = 120,
         for service in services(run_dir, ports) + ([ray_head(run_dir, ports)] if ray else []):
             start(service, run_dir, state, timeout)
             if service.name == "s3":
-                create_buckets(state["s3"]["url"])
+                create_buckets(state["s3"]["url"], Path(state["s3"]["log"]))
     except BaseException:
         down(run_dir)
         raise
@@ -282,7 +305,7 @@ def status(run_dir: Path) -> dict[str, dict]:
             for name, s in state.items()}
 
 
-def down(run_dir: Path, grace: float = 15) -> list[str]:
+def down(run_dir: Path, grace: float = 20) -> list[str]:
     """Stop every service of the stack (SIGTERM to its process group, SIGKILL after ``grace`` seconds)."""
     path = Path(run_dir) / "stack.json"
     if not path.exists():

@@ -67,6 +67,8 @@ def down(run_dir: Path = typer.Option(STACK_DIR, help="the local stack's run dir
     """Stop the local stack (data and logs stay in RUN_DIR)."""
     from pruneflow.infra import stack
 
+    if (run_dir / "stack.json").exists():
+        _step(f"stopping the stack in {run_dir} (SeaweedFS takes about 15 s)")
     stopped = stack.down(run_dir)
     _step(f"stopped {', '.join(stopped)}" if stopped else f"no local stack in {run_dir}")
 

@@ -200,3 +200,43 @@ def test_the_tests_sharing_the_stack_run_on_one_worker(request):
     silently lost, and the stack, vLLM and the Ray head ran on both workers, beside anything)."""
     if getattr(request.config.option, "loadgroup", False):
         assert request.node.nodeid.endswith("@stack")
+
+
+def test_the_store_takes_a_write_in_every_bucket_on_a_machine_with_little_free_disk(tmp_path, monkeypatch):
+    """SeaweedFS's own volume count (free disk / 1 GB) left the second bucket no room for its first 7 volumes
+    below ~14 GB free: CI's stack failed every write to it with InternalError. (The filer's own collection takes 7
+    more when it first flushes its log.)"""
+    from collections import namedtuple
+
+    from pruneflow.infra import stack
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(stack.shutil, "disk_usage", lambda path: usage(2 << 30, 1 << 30, 1 << 30))
+    run_dir, state = tmp_path / "small", {}
+    s3 = stack.services(run_dir, dict(zip(("s3", "mlflow", "prefect"), stack.free_ports(3))))[0]
+    try:
+        stack.start(s3, run_dir, state)
+        stack.create_buckets(state["s3"]["url"], Path(state["s3"]["log"]))  # writes an object in each bucket
+    finally:
+        stack.down(run_dir, grace=1)  # SeaweedFS's filer takes 15 s to give up its streams on SIGTERM
+
+
+def test_up_refuses_an_s3_that_answers_but_cannot_store_and_leaves_nothing_running(tmp_path, monkeypatch):
+    from pruneflow.infra import stack
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setattr(stack, "volume_slots", lambda data_dir: 1)  # room for one bucket's volume, not two
+    ports = dict(zip(("s3", "mlflow", "prefect"), stack.free_ports(3)))
+    run_dir = tmp_path / "full"
+    result = run("up", "--run-dir", run_dir, "--s3-port", ports["s3"], "--mlflow-port", ports["mlflow"],
+                 "--prefect-port", ports["prefect"])
+    assert result.exit_code == 2, result.output
+    assert f"the S3 store at http://127.0.0.1:{ports['s3']} answers but cannot store an object in bucket " \
+           "'mlflow'" in result.output
+    assert f"its log: {run_dir / 'logs' / 's3.log'}" in " ".join(result.output.split())
+    assert "Traceback" not in result.output and not (run_dir / "stack.json").exists()
+    assert not stack._answers(f"http://127.0.0.1:{ports['s3']}")  # stopped again
