@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,8 +20,7 @@ def atomic_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     An existing ``out_dir`` is refused unless ``overwrite``; it is swapped out only after the new one is complete.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise PruneflowError(f"output directory {out_dir} already exists; choose another or pass --force")
+    check_output_dir(out_dir, overwrite)
     old = out_dir.with_name(f".{out_dir.name}.old")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -56,6 +56,28 @@ def check_output_file(out: Path, overwrite: bool, example: str = "model.gguf") -
         raise PruneflowError(f"output {out} is a directory; give a file name such as {example}")
     if out.exists() and not overwrite:
         raise PruneflowError(f"output file {out} already exists; choose another or pass --force")
+    check_output_location(out)
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """A directory output may be written: not existing unless ``overwrite``, and its location writable."""
+    if out.exists() and not overwrite:
+        raise PruneflowError(f"output directory {out} already exists; choose another or pass --force")
+    check_output_location(out)
+
+
+def check_output_location(out: Path) -> None:
+    """``out`` can be created: its nearest existing ancestor is a directory this process can create entries in
+    (tried: ``os.access`` says yes to root everywhere). Checked before any work, not when writing."""
+    parent = Path(out).resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PruneflowError(f"cannot write {out}: {parent} is a file, not a writable directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".pruneflow-probe-", dir=parent))
+    except OSError as err:
+        raise PruneflowError(f"cannot write {out}: {parent} is not a writable directory ({err.strerror})") from None
 
 
 def _fresh_dir(out_dir: Path) -> Path:

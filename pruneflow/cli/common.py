@@ -5,12 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tempfile
-from pathlib import Path
 
 import typer
 
-from pruneflow.errors import PruneflowError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Structured pruning of LLMs.")
 reference_app = typer.Typer(no_args_is_help=True, help="The embedded reference model.")
@@ -116,20 +113,6 @@ def _fmt(value) -> str:
 def _text_title(ev) -> str:
     where = "the packaged corpus's test split" if ev.source == "corpus" else ev.source
     return f"perplexity on {where}, {ev.ppl_seqlen}-token windows"
-
-
-def _check_out_dir(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise PruneflowError(f"output directory {out} already exists; choose another or pass --force")
-    parent = out.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise PruneflowError(f"output location {parent} is not a writable directory")
-    try:  # os.access says yes to root everywhere; creating something is the real test (before any work)
-        os.rmdir(tempfile.mkdtemp(prefix=".pruneflow-probe-", dir=parent))
-    except OSError as err:
-        raise PruneflowError(f"output location {parent} is not a writable directory ({err.strerror})") from None
 
 
 DEVICE_HELP = "auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps"

@@ -9,8 +9,9 @@ from typing import Optional
 
 import typer
 
+from pruneflow.atomic import check_output_dir
 from pruneflow.errors import PruneflowError
-from pruneflow.cli.common import (_quiet_libraries, _fail, _step, _table, _text_title, _check_out_dir, DEVICE_HELP, DTYPE_HELP, app)
+from pruneflow.cli.common import (_quiet_libraries, _fail, _step, _table, _text_title, DEVICE_HELP, DTYPE_HELP, app)
 
 
 @app.command()
@@ -80,7 +81,7 @@ def prune(
     if dry_run:
         raise typer.Exit(0 if fits else 1)
     try:
-        _check_out_dir(out, force)
+        check_output_dir(out, force)
         _quiet_libraries()
         summary = _prune(params, out, force, state_dir or out.parent / f".{out.name}.state", max_shard_size)
     except PruneflowError as err:
@@ -252,7 +253,7 @@ def calibrate(
                "calibrate.seed": seed}
     try:
         c = load_params(params_file, updates={k: v for k, v in options.items() if v is not None}).calibrate
-        _check_out_dir(out, force)
+        check_output_dir(out, force)
         _quiet_libraries()
         from pruneflow.model.sources import resolve
 
@@ -323,7 +324,7 @@ def demo(
             _step("no ./params.yaml: the built-in defaults (the packaged reference model and corpus)")
     try:
         params = load_params(params_file, overrides)
-        _check_out_dir(out / "pruned", force=True)
+        check_output_dir(out / "pruned", overwrite=True)
         _quiet_libraries()
         _table("prune", _prune(params, out / "pruned", force=True))
         from pruneflow.evaluation.evaluate import evaluate_dirs

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pruneflow.atomic import atomic_dir
+from pruneflow.atomic import atomic_dir, check_output_dir
 from pruneflow.errors import PruneflowError
 from pruneflow.execution.streaming import LazyWeights, ShardWriter
 from pruneflow.model import arch as A
@@ -160,8 +160,7 @@ def export_vllm(checkpoint: str | Path | ModelSource, out_dir: Path, overwrite: 
     """Write ``checkpoint`` as a nemotron-nas directory vLLM loads (``LLM(out_dir, trust_remote_code=True)``);
     returns a summary (blocks, widths, no-op sub-blocks, bytes). Every check runs before the directory is made."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise PruneflowError(f"output directory {out_dir} already exists; choose another or pass --force")
+    check_output_dir(out_dir, overwrite)
     source = checkpoint if isinstance(checkpoint, ModelSource) else resolve(checkpoint)
     config = C.read_config(source)
     weights = LazyWeights(source.path)

@@ -47,7 +47,7 @@ from pruneflow.model.sources import ModelSource, resolve
 from pruneflow.model import checkpoint as C
 from pruneflow.model import quantize as Q
 from pruneflow.execution.streaming import LazyWeights
-from pruneflow.atomic import atomic_dir, check_output_file
+from pruneflow.atomic import atomic_dir, check_output_dir, check_output_file
 from pruneflow.execution.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -573,8 +573,7 @@ def export_onnx(checkpoint: str | Path | ModelSource, out_dir: Path, overwrite: 
                              f"({err})") from None
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise PruneflowError(f"output directory {out_dir} already exists; choose another or pass --force")
+    check_output_dir(out_dir, overwrite)
     source = checkpoint if isinstance(checkpoint, ModelSource) else resolve(checkpoint)
     check_onnx(C.read_config(source))
     model, tokenizer, spec = C.load(source, Runtime.create("cpu", "float32"))

@@ -208,7 +208,7 @@ def test_output_location_that_is_not_a_directory(tiny_checkpoint, calibration_tx
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     result = run(*prune_args(tiny_checkpoint, blocker / "pruned", calibration_txt))
-    assert result.exit_code == 2 and "is not a writable directory" in result.output
+    assert result.exit_code == 2 and f"{blocker} is a file, not a writable directory" in result.output
     assert blocker.read_text() == "not a directory"
 
 

@@ -230,7 +230,10 @@ def test_an_export_with_an_existing_output_or_no_checkpoint_fails_with_exit_2_an
     assert result.exit_code == 2 and "already exists" in result.output and out.read_text() == "mine"
     result = run("export", "gguf", tmp_path / "nothing", tmp_path / "new.gguf")
     assert result.exit_code == 2 and "does not exist" in result.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
+    for kind, name in (("gguf", "x.gguf"), ("onnx", "x"), ("vllm", "x")):  # under a file: a traceback (gguf)
+        result = run("export", kind, tiny_checkpoint, out / name)
+        assert result.exit_code == 2 and f"{out} is a file, not a writable directory" in result.output, kind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"] and out.read_text() == "mine"
 
 
 def test_a_truncated_checkpoint_fails_with_exit_2_and_leaves_no_partial_file(tmp_path, tiny_checkpoint):

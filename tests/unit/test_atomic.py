@@ -2,6 +2,7 @@
 output is checked before any work."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +51,26 @@ def test_a_file_output_is_never_a_directory_and_replaces_a_file_only_when_forced
         check_output_file(tmp_path / "model.gguf", overwrite=False)
     check_output_file(tmp_path / "model.gguf", overwrite=True)
     check_output_file(tmp_path / "new.gguf", overwrite=False)
+
+
+def test_an_output_under_a_file_or_where_nothing_can_be_made_is_refused_before_any_work(tmp_path):
+    """`export gguf M afile/x.gguf` ended in a FileExistsError traceback after the export; `export onnx M
+    /dev/null/x` said only 'File exists'."""
+    from pruneflow.atomic import check_output_dir, check_output_file
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    for check in (check_output_file, check_output_dir):
+        with pytest.raises(PruneflowError, match=f"cannot write {blocker}/sub/out: {blocker} is a file, not a "
+                                                 "writable directory"):
+            check(blocker / "sub" / "out", False)
+        # /proc takes no new entry, whoever asks (os.access says yes to root: it is tried)
+        with pytest.raises(PruneflowError, match="cannot write /proc/pruneflow/out: /proc is not a writable "
+                                                 "directory"):
+            check(Path("/proc/pruneflow/out"), False)
+    with pytest.raises(PruneflowError, match="is a file, not a writable directory"):
+        with atomic_dir(blocker / "out"):
+            pass
+    assert blocker.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    check_output_dir(tmp_path / "new" / "deeper", False)  # a location that can be made is fine
+    assert not (tmp_path / "new").exists()  # and checking it made nothing
