@@ -48,7 +48,9 @@ def test_dvc_stages_are_real_cli_commands_with_real_params():
     from pruneflow.pipeline.params import load_params
 
     commands = get_command(app).commands
-    params = load_params(ROOT / "params.yaml").model_dump()
+    load_params(ROOT / "params.yaml")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())  # what DVC reads: no defaults filled in (a key
+    # named here but only defaulted in Params failed `make demo`'s prune stage: "Parameters … are missing")
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert list(stages) == list(S.STAGES)  # one graph: the library's stages, in order
     upstream: set[str] = set()

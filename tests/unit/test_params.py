@@ -108,6 +108,28 @@ def test_shipped_params_yaml_equals_the_model_defaults():
     assert load_params(ROOT / "params.yaml") == Params()
 
 
+def test_shipped_params_yaml_spells_out_every_parameter():
+    """params.yaml is the one source of parameters, read by DVC as written: every field is in it, with its
+    value, but the bonsai keys its preset fills (given, they would override the preset)."""
+    import yaml
+
+    from pruneflow.methods.options import BONSAI_PRESETS
+
+    preset_keys = {f"score.bonsai.{key}" for preset in BONSAI_PRESETS.values() for key in preset}
+    written = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+    def missing(defaults: dict, given: dict, prefix: str = "") -> list[str]:
+        out = []
+        for key, value in defaults.items():
+            if key not in given:
+                out.append(prefix + key)
+            elif isinstance(value, dict):
+                out += missing(value, given[key], f"{prefix}{key}.")
+        return out
+
+    assert preset_keys and sorted(set(missing(Params().model_dump(), written)) - preset_keys) == []
+
+
 def test_bonsai_presets_fill_only_what_is_not_given():
     fast = load_params(ROOT / "params.yaml", ["score.bonsai.preset=fast", "score.bonsai.sub_models=100"]).score.bonsai
     assert (fast.sub_models, fast.n_windows, fast.rows_per_forward, fast.prune_frac) == (100, 8, 8, 0.05)
