@@ -23,7 +23,7 @@ from pruneflow.pipeline.graph import STAGES
 from pruneflow.evaluation.report import run_table
 from pruneflow.tasks import tracking
 from pruneflow.tasks.remote import check_tracking_uri, preflight, push, record_process
-from pruneflow.tasks.stage import dvc_status, run_stage, up_to_date
+from pruneflow.tasks.stage import dvc_status, report_failures_without_traceback, run_stage, up_to_date
 from pruneflow.tasks.workspace import close_workspace, code_version, exclusive, open_workspace, save_experiment
 
 
@@ -48,6 +48,7 @@ def pipeline(params: Params = Params(), repo: str = ".", run_name: str | None = 
     """Prune with ``params``: source → calibrate → score → prune → recover → evaluate, unchanged stages served
     from DVC's cache; tracked in MLflow, outputs pushed to the DVC remote, a report published as an artifact."""
     run_name = run_name or f"run-{flow_run.get_name() or 'local'}"
+    report_failures_without_traceback()
     record_process()  # so a later run can tell if this one died
     repo_path = Path(repo).resolve()
     stage_names(repo_path)  # a dvc.yaml out of sync with the code fails before any work

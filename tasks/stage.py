@@ -13,6 +13,7 @@ after that the next status is asked again.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -24,6 +25,8 @@ import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
+
+from pruneflow.errors import PruneflowError
 
 UP_TO_DATE = ("didn't change, skipping", "is cached - skipping")
 
@@ -39,6 +42,23 @@ class StageFailed(RuntimeError):
         # exits 2) and DVC configuration errors (missing params, bad dvc.yaml) cannot
         crashed = "failed to run:" in output and "exited with 2" not in output
         self.transient = crashed or "Unable to acquire lock" in output
+
+
+class _WithoutTraceback(logging.Filter):
+    """Prefect logs the exception a flow ends with, traceback and all. A failed stage (its own error lines are in
+    the message) and bad input are no bug: their message is the whole story, in the console and the UI's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], (StageFailed, PruneflowError)):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def report_failures_without_traceback() -> None:
+    """Install the filter on Prefect's flow-run logger (once per process: the CLI, `serve`, a worker's run)."""
+    logger = logging.getLogger("prefect.flow_runs")
+    if not any(isinstance(f, _WithoutTraceback) for f in logger.filters):
+        logger.addFilter(_WithoutTraceback())
 
 
 def _retry_if_transient(task, task_run, state) -> bool:
