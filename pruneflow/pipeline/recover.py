@@ -17,6 +17,7 @@ import copy
 import hashlib
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -210,7 +211,9 @@ def train_lora(model: nn.Module, windows: torch.Tensor, spec: ArchSpec, cfg: Rec
         dropout = 0.0
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=dropout, bias="none",
                       target_modules=target_modules(model, spec, cfg.targets), target_parameters=parameters or None)
-    student = get_peft_model(model, lora)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated alias: nothing a user can act on
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        student = get_peft_model(model, lora)
     student.train()
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)

@@ -145,3 +145,16 @@ def test_recovery_of_a_16_bit_model_learns_and_keeps_its_dtype(dtype):
     assert {p.dtype for p in result.model.parameters()} == {dtype}
     assert loss_on(result.model) < before - 0.05
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lora_training_shows_users_no_warning_of_peft_reading_a_deprecated_transformers_alias(pruned,
+                                                                                           checkpointing):
+    """Every recover stage printed transformers' FutureWarning on peft's `is_gradient_checkpointing`."""
+    import warnings
+
+    model, _, spec = pruned
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_lora(model, WINDOWS, spec, CFG.model_copy(update={"steps": 1}), checkpointing=checkpointing)
+    assert [str(w.message) for w in caught if "is_gradient_checkpointing" in str(w.message)] == []
